@@ -1,0 +1,3 @@
+from cogtune.cli.app import main
+
+main()

@@ -1,0 +1,87 @@
+"""The root `cogtune` app: registers the command groups and turns failures into one-line errors.
+
+Command modules import only typer and cogtune's light modules at the top; the engine (torch,
+diffusers) is imported inside each command, so `cogtune --help` and shell completion stay instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from cogtune import __version__
+from cogtune.cli import bench, completion, dataset, demo, encode, sample, train
+
+app = typer.Typer(
+    name="cogtune",
+    help="Fine-tune CogVideoX text-to-video and image-to-video models (LoRA or full), on one GPU or many.",
+    epilog="Start with `cogtune demo --output-dir demo`: the whole pipeline, offline, on a tiny model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(dataset.app, name="dataset")
+app.command("encode", epilog=encode.EPILOG)(encode.encode)
+app.add_typer(train.app, name="train")
+app.add_typer(bench.app, name="bench")
+app.command("sample", epilog=sample.EPILOG)(sample.sample)
+app.command("demo", epilog=demo.EPILOG)(demo.demo)
+app.command("completion", epilog=completion.EPILOG)(completion.completion)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cogtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library logs (or COGTUNE_DEBUG=1).")] = False,
+) -> None:
+    if debug:
+        os.environ["COGTUNE_DEBUG"] = "1"
+
+
+def _debug() -> bool:
+    return os.environ.get("COGTUNE_DEBUG", "") not in ("", "0")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: exit 0 on success, 1 with a one-line reason on failure, 2 on usage errors."""
+    from cogtune import report
+    from cogtune.errors import CogtuneError
+
+    try:
+        app(args=argv, prog_name="cogtune")
+    except CogtuneError as exc:
+        if _debug():
+            raise
+        report.error(exc.message, exc.hint)
+        sys.exit(1)
+    except Exception as exc:  # anything else is still a failed run, reported in one line
+        if _debug():
+            raise
+        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            report.error(f"out of memory: {_first_line(exc)}",
+                         "try gradient checkpointing, a smaller batch or clip shape; `cogtune bench memory` sizes a run")
+        else:
+            report.error(f"{type(exc).__name__}: {_first_line(exc)}", "run with --debug for the full traceback")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""`cogtune encode`: the latent and text-embedding cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cogtune.cli.common import as_tuple, dataset_overrides, examples
+from cogtune.cli.options import (
+    AllowOutsideRootOpt,
+    CaptionColumnOpt,
+    ConfigFileOpt,
+    FramesOpt,
+    HeightOpt,
+    IdTokenOpt,
+    ImageColumnOpt,
+    OptionalModelOpt,
+    RandomWeightsOpt,
+    VideoColumnOpt,
+    WidthOpt,
+)
+
+EPILOG = examples(
+    "cogtune encode --model cogvideox-5b --data-root data/disney --output-dir cache/disney "
+    "--frames 49 --height 480 --width 720",
+    "cogtune encode --model tiny --data-root demo/data --output-dir demo/cache --dry-run",
+)
+
+
+def encode(
+    model: OptionalModelOpt = None,
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Dataset root folder.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Cache folder to write.")] = None,
+    caption_column: CaptionColumnOpt = None,
+    video_column: VideoColumnOpt = None,
+    image_column: ImageColumnOpt = None,
+    allow_outside_root: AllowOutsideRootOpt = False,
+    id_token: IdTokenOpt = None,
+    frames: FramesOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    buckets: Annotated[
+        Optional[list[str]], typer.Option("--buckets", help="Clip shape FxHxW (repeatable); each clip takes the nearest.")
+    ] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Clips per VAE call.", min=1)] = None,
+    i2v: Annotated[
+        Optional[bool], typer.Option("--i2v/--no-i2v", help="Encode condition images too. [default: for I2V models]")
+    ] = None,
+    validation_prompt: Annotated[
+        Optional[list[str]], typer.Option("--validation-prompt", help="Cache this prompt's embedding (repeatable).")
+    ] = None,
+    vae_slicing: Annotated[Optional[bool], typer.Option("--vae-slicing", help="One clip at a time in the VAE.")] = None,
+    vae_tiling: Annotated[Optional[bool], typer.Option("--vae-tiling", help="Encode in spatial tiles.")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="Decoding worker processes.", min=0)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute items already cached.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (items, buckets, disk) and stop.")] = False,
+    random_weights: RandomWeightsOpt = False,
+    config_file: ConfigFileOpt = None,
+) -> None:
+    """Encode a dataset into a reusable latent cache. Re-running skips finished items."""
+    from cogtune.config import load_config
+    from cogtune.encode import EncodeConfig, encode_dataset
+
+    overrides = {
+        "model": model,
+        "output_dir": str(output_dir) if output_dir is not None else None,
+        **dataset_overrides(data_root, caption_column, video_column, image_column, allow_outside_root, id_token),
+        "buckets": as_tuple(buckets),
+        "batch_size": batch_size,
+        "i2v": i2v,
+        "validation_prompts": as_tuple(validation_prompt),
+        "vae_slicing": vae_slicing,
+        "vae_tiling": vae_tiling,
+        "num_workers": num_workers,
+        "overwrite": overwrite or None,
+        "random_weights": random_weights or None,
+    }
+    config = load_config(EncodeConfig, config_file, overrides)
+    encode_dataset(config, frames=frames, height=height, width=width, dry_run=dry_run)
+

@@ -1,0 +1,52 @@
+"""`cogtune sample`: videos from a base model or a LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cogtune.cli.common import as_tuple, examples
+from cogtune.cli.options import ConfigFileOpt, FramesOpt, HeightOpt, OptionalModelOpt, RandomWeightsOpt, SeedOpt, WidthOpt
+
+EPILOG = examples(
+    "cogtune sample --model THUDM/CogVideoX-5b --lora runs/disney --prompt 'A panda playing a guitar' --output panda.mp4",
+    "cogtune sample --model tiny --prompt 'A red circle moves left' --output red.mp4 --steps 10",
+)
+
+
+def sample(
+    model: OptionalModelOpt = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt (repeatable).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output .mp4 (or folder for several).")] = None,
+    lora: Annotated[Optional[Path], typer.Option("--lora", help="LoRA weights file or the run folder holding it.")] = None,
+    lora_scale: Annotated[Optional[float], typer.Option("--lora-scale", help="LoRA strength. [default: 1.0]")] = None,
+    image: Annotated[Optional[list[str]], typer.Option("--image", help="I2V condition image (repeatable).")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt.")] = None,
+    frames: FramesOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps. [default: 50]", min=1)] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Guidance scale. [default: 6.0]")] = None,
+    dynamic_cfg: Annotated[Optional[bool], typer.Option("--dynamic-cfg", help="CogVideoX's dynamic guidance.")] = None,
+    seed: SeedOpt = None,
+    fps: Annotated[Optional[int], typer.Option("--fps", help="Frame rate of the mp4. [default: the model's]")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    random_weights: RandomWeightsOpt = False,
+    config_file: ConfigFileOpt = None,
+) -> None:
+    """Generate videos with a base model, optionally with a trained LoRA."""
+    from cogtune import report
+    from cogtune.config import load_config
+    from cogtune.sample import SampleConfig, run_sample
+
+    config = load_config(SampleConfig, config_file, {
+        "model": model, "prompts": as_tuple(prompt), "output": str(output) if output is not None else None,
+        "lora": str(lora) if lora is not None else None, "lora_scale": lora_scale, "images": as_tuple(image),
+        "negative_prompt": negative_prompt, "frames": frames, "height": height, "width": width, "steps": steps,
+        "guidance": guidance, "dynamic_cfg": dynamic_cfg, "seed": seed, "fps": fps, "overwrite": overwrite or None,
+        "random_weights": random_weights or None,
+    })
+    for path in run_sample(config):
+        report.success(f"wrote {path}")

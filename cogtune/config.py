@@ -1,0 +1,242 @@
+"""Typed, frozen run configurations merged from defaults, a TOML file and flags (flags win).
+
+Each command's settings are a frozen dataclass (see `cogtune.train.config`, ...). A field's help
+text lives in its metadata (`setting(default, "help")`) so that the TOML written beside every
+output documents itself. `load_config` checks every key and type before any weight is loaded;
+cross-field rules live in each dataclass's `__post_init__` and raise `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cogtune.errors import ConfigError
+from cogtune.fsutil import atomic_write_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+CONFIG_FILENAME = "config.toml"
+
+
+def setting(default: Any, help: str) -> Any:
+    """A config field with a default and a one-line help text."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for list defaults so that configs stay frozen")
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:
+    """A nested group of settings (a TOML table)."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help})
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> T:
+    """Build `cls` from its defaults, then the TOML file at `path`, then `overrides`.
+
+    `overrides` maps dotted field paths (`"lora.rank"`) to values; `None` values mean "not given"
+    and are skipped, so that command-line flags left at their default never shadow the file.
+    """
+    data: dict[str, Any] = read_toml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    _check_keys(cls, data, source, prefix="")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        _set_dotted(cls, data, dotted, value)
+    return _build(cls, data, source, prefix="")
+
+
+def _check_keys(cls: type, data: Mapping[str, Any], source: str, prefix: str) -> None:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            suggestion = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown setting '{prefix}{key}'{suggestion}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: '{prefix}{key}' must be a table ([{prefix}{key}])")
+            _check_keys(hints[key], value, source, prefix=f"{prefix}{key}.")
+
+
+def _set_dotted(cls: type, data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    target = data
+    current = cls
+    for part in parts[:-1]:
+        hints = typing.get_type_hints(current)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            raise ConfigError(f"unknown setting '{dotted}'")
+        current = hints[part]
+        target = target.setdefault(part, {})
+    if parts[-1] not in {f.name for f in dataclasses.fields(current)}:
+        raise ConfigError(f"unknown setting '{dotted}'")
+    target[parts[-1]] = value
+
+
+def _build(cls: type[T], data: Mapping[str, Any], source: str, prefix: str) -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in data:
+            continue
+        where = f"{source}: {prefix}{field.name}"
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[field.name] = _build(hint, data[field.name], source, prefix=f"{prefix}{field.name}.")
+        else:
+            kwargs[field.name] = _coerce(data[field.name], hint, where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc.message}", exc.hint) from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        candidates = [arg for arg in args if arg is not type(None)]
+        errors = []
+        for candidate in candidates:
+            try:
+                return _coerce(value, candidate, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is typing.Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        return tuple(_coerce(item, item_type, where) for item in value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (lists for tuples, `None` fields left out) of a config dataclass."""
+    result: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            result[field.name] = config_to_dict(value)
+        elif value is None:
+            continue
+        elif isinstance(value, tuple):
+            result[field.name] = list(value)
+        else:
+            result[field.name] = value
+    return result
+
+
+def dump_toml(data: Mapping[str, Any], config_cls: type | None = None) -> str:
+    """Serialize a nested dict of scalars and lists as TOML, with help comments when `config_cls` is given."""
+    lines: list[str] = []
+    _dump_table(data, config_cls, [], lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _dump_table(data: Mapping[str, Any], cls: type | None, path: list[str], lines: list[str]) -> None:
+    fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+    hints = typing.get_type_hints(cls) if cls is not None else {}
+    tables = {k: v for k, v in data.items() if isinstance(v, Mapping)}
+    if path:
+        lines.append("")
+        lines.append(f"[{'.'.join(path)}]")
+    for key, value in data.items():
+        if key in tables:
+            continue
+        help_text = fields[key].metadata.get("help") if key in fields else None
+        if help_text:
+            lines.append(f"# {help_text}")
+        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in tables.items():
+        sub_cls = hints.get(key) if dataclasses.is_dataclass(hints.get(key)) else None
+        _dump_table(value, sub_cls, [*path, _toml_key(key)], lines)
+
+
+def _toml_key(key: str) -> str:
+    if key and all(c.isalnum() or c in "_-" for c in key):
+        return key
+    return json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def write_config(config: Any, directory: str | Path, filename: str = CONFIG_FILENAME) -> Path:
+    """Write the resolved config as TOML beside an output (atomically) and return its path."""
+    path = Path(directory) / filename
+    atomic_write_text(path, dump_toml(config_to_dict(config), type(config)))
+    return path

@@ -1,0 +1,1 @@
+"""Datasets: reading entries, validating them, loading clips, and synthetic clips for tests."""

@@ -1,0 +1,100 @@
+"""The clip loader: frames sampled, resized and cropped exactly as the model needs them.
+
+A `Bucket` is a clip shape `FxHxW`. Each clip goes to a bucket, its frames are sampled to the
+bucket's count uniformly over the clip, and each frame is resized keeping the aspect ratio so that
+it covers the bucket, then center-cropped (or plainly resized with `resize_mode="stretch"`).
+Pixels come out as float in [-1, 1], shape (F, 3, H, W), the VAE's input convention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from cogtune.data.video import VideoInfo, probe_video, read_frames
+from cogtune.errors import DataError
+
+ResizeMode = Literal["crop", "stretch"]
+
+_BUCKET = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Bucket:
+    frames: int
+    height: int
+    width: int
+
+    @classmethod
+    def parse(cls, text: str) -> Bucket:
+        match = _BUCKET.match(text)
+        if not match:
+            raise DataError(f"bucket '{text}' is not FRAMESxHEIGHTxWIDTH (e.g. 49x480x720)")
+        return cls(*(int(g) for g in match.groups()))
+
+    def __str__(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+
+def sample_frame_indices(available: int, wanted: int) -> list[int]:
+    """`wanted` indices spread uniformly over `available` frames (first and last included)."""
+    if available < wanted:
+        raise DataError(f"clip has {available} frames, fewer than the {wanted} needed")
+    if wanted == 1:
+        return [0]
+    return [round(i * (available - 1) / (wanted - 1)) for i in range(wanted)]
+
+
+def choose_bucket(info: VideoInfo, buckets: Sequence[Bucket]) -> Bucket | None:
+    """The bucket nearest the clip's aspect ratio, with the most frames the clip can fill."""
+    fitting = [b for b in buckets if b.frames <= info.frames]
+    if not fitting:
+        return None
+    aspect = info.width / info.height
+    best_distance = min(abs(np.log(b.aspect / aspect)) for b in fitting)
+    nearest = [b for b in fitting if abs(np.log(b.aspect / aspect)) - best_distance < 1e-9]
+    return max(nearest, key=lambda b: (b.frames, b.height * b.width))
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int, mode: ResizeMode = "crop"):
+    """uint8 (F, H, W, 3) to float (F, 3, height, width) in [-1, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    src_h, src_w = video.shape[-2:]
+    if mode == "crop":
+        scale = max(height / src_h, width / src_w)
+        new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+    else:
+        new_h, new_w = height, width
+    if (new_h, new_w) != (src_h, src_w):
+        video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    video = video[:, :, top : top + height, left : left + width]
+    return (video / 127.5 - 1.0).clamp(-1.0, 1.0)
+
+
+def load_clip(path: str | Path, bucket: Bucket, mode: ResizeMode = "crop", info: VideoInfo | None = None):
+    """The clip at `path` shaped to `bucket`: float (F, 3, H, W) in [-1, 1]."""
+    info = info or probe_video(path)
+    indices = sample_frame_indices(info.frames, bucket.frames)
+    return resize_frames(read_frames(path, indices), bucket.height, bucket.width, mode)
+
+
+def load_image(path: str | Path, height: int, width: int, mode: ResizeMode = "crop"):
+    """An RGB image as float (3, H, W) in [-1, 1], resized like a clip's frames."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return resize_frames(pixels[None], height, width, mode)[0]

@@ -1,0 +1,35 @@
+"""Errors a user can cause or fix. The CLI prints each as one line (plus a hint) and exits with 1."""
+
+from __future__ import annotations
+
+
+class CogtuneError(Exception):
+    """Base class: a failure with a message meant for the user, not a programming error."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(CogtuneError):
+    """A run configuration (TOML file or flags) is invalid."""
+
+
+class ModelError(CogtuneError):
+    """A model reference cannot be resolved or loaded, or does not fit the request."""
+
+
+class DataError(CogtuneError):
+    """A dataset or cache is missing, malformed, or does not fit the model."""
+
+
+class NotBuiltError(CogtuneError):
+    """The command exists in the contract but its engine is not built yet."""
+
+
+class TrainingError(CogtuneError):
+    """Training stopped (non-finite loss, interrupted state that cannot resume, ...)."""

@@ -1,0 +1,324 @@
+"""Resolve a MODEL argument and load its components through diffusers and transformers.
+
+A MODEL is a preset name (`cogvideox-5b`), a tiny preset (`tiny`, `tiny-i2v`, ...), a Hub id
+(`THUDM/CogVideoX-5b`) or a local diffusers folder. `resolve_model` reads only configs (from the
+registry, the folder, or the Hub), so every check happens before any weight is loaded.
+`random_weights=True` keeps the real architecture and initializes it randomly, on the meta
+device first and then directly where it runs, with nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from cogtune.errors import ModelError
+from cogtune.models.registry import (
+    ALL_PRESETS,
+    PRESETS,
+    TINY_PRESETS,
+    ModelSpec,
+    preset_for_hub_id,
+    spec_from_configs,
+)
+
+Source = Literal["tiny", "local", "hub", "random"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_OFFLINE_HINT = (
+    "download it first (`huggingface-cli download {id}`) and pass the local folder, or use "
+    "`--random-weights` with a preset for sizing and benchmarks"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    """A MODEL argument, resolved: its spec, and where its weights come from."""
+
+    reference: str
+    spec: ModelSpec
+    source: Source
+    location: str | None  # folder or Hub id; None for random weights
+    revision: str | None = None
+
+    @property
+    def is_i2v(self) -> bool:
+        return self.spec.is_i2v
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "source": self.source,
+            "location": self.location,
+            "revision": self.revision,
+            **self.spec.describe(),
+        }
+
+
+def resolve_model(reference: str, random_weights: bool = False, revision: str | None = None) -> ResolvedModel:
+    """Turn a MODEL argument into a `ResolvedModel`, reading configs only."""
+    reference = str(reference).strip()
+    if not reference:
+        raise ModelError("empty model reference")
+    if reference in TINY_PRESETS:
+        from cogtune.models.tiny import ensure_tiny_model
+
+        return ResolvedModel(reference, TINY_PRESETS[reference], "tiny", str(ensure_tiny_model(reference)))
+    if reference in PRESETS:
+        spec = PRESETS[reference]
+        if random_weights:
+            return ResolvedModel(reference, spec, "random", None)
+        return ResolvedModel(reference, spec, "hub", spec.hub_id, revision)
+    path = Path(reference).expanduser()
+    if path.exists():
+        spec = _spec_from_folder(path)
+        if random_weights:
+            return ResolvedModel(reference, spec, "random", None)
+        return ResolvedModel(reference, spec, "local", str(path.resolve()))
+    if _HUB_ID.match(reference):
+        spec = preset_for_hub_id(reference)
+        if spec is None:
+            spec = _spec_from_hub(reference, revision)
+        else:
+            spec = dataclasses.replace(spec, name=reference)
+        if random_weights:
+            return ResolvedModel(reference, spec, "random", None)
+        return ResolvedModel(reference, spec, "hub", reference, revision)
+    known = ", ".join(ALL_PRESETS)
+    raise ModelError(
+        f"unknown model '{reference}': not a preset, a Hub id (org/name) or an existing folder",
+        hint=f"presets: {known}",
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing; is this a diffusers CogVideoX folder?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _spec_from_folder(path: Path) -> ModelSpec:
+    if not path.is_dir():
+        raise ModelError(f"{path} is a file; expected a diffusers pipeline folder with model_index.json")
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"{path} has no model_index.json; expected a diffusers CogVideoX pipeline folder")
+    index = _read_json(path / "model_index.json")
+    pipeline_class = str(index.get("_class_name", ""))
+    if "CogVideoX" not in pipeline_class:
+        raise ModelError(f"{path} holds a {pipeline_class or 'unknown'} pipeline, not a CogVideoX one")
+    scheduler_entry = index.get("scheduler") or ["diffusers", "CogVideoXDDIMScheduler"]
+    text_encoder_config = None
+    if (path / "text_encoder" / "config.json").is_file():
+        text_encoder_config = _read_json(path / "text_encoder" / "config.json")
+    preset_file = path / "cogtune_preset.json"
+    name = _read_json(preset_file).get("preset", str(path)) if preset_file.is_file() else str(path)
+    return spec_from_configs(
+        name=name,
+        transformer_config=_read_json(path / "transformer" / "config.json"),
+        vae_config=_read_json(path / "vae" / "config.json"),
+        scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
+        text_encoder_config=_t5_architecture(text_encoder_config),
+        scheduler_class=str(scheduler_entry[1]),
+    )
+
+
+def _t5_architecture(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    keys = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
+            "relative_attention_max_distance", "dropout_rate", "layer_norm_epsilon", "feed_forward_proj",
+            "is_encoder_decoder", "tie_word_embeddings", "pad_token_id", "eos_token_id")
+    return {k: config[k] for k in keys if k in config}
+
+
+def _spec_from_hub(repo_id: str, revision: str | None) -> ModelSpec:
+    from huggingface_hub import hf_hub_download
+
+    def fetch(filename: str) -> dict[str, Any]:
+        try:
+            return _read_json(Path(hf_hub_download(repo_id, filename, revision=revision)))
+        except ModelError:
+            raise
+        except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+            raise ModelError(
+                f"could not read {filename} of '{repo_id}' from the Hugging Face Hub: {_first_line(exc)}",
+                hint=_OFFLINE_HINT.format(id=repo_id),
+            ) from None
+
+    index = fetch("model_index.json")
+    if "CogVideoX" not in str(index.get("_class_name", "")):
+        raise ModelError(f"'{repo_id}' is a {index.get('_class_name', 'unknown')} pipeline, not a CogVideoX one")
+    return spec_from_configs(
+        name=repo_id,
+        hub_id=repo_id,
+        transformer_config=fetch("transformer/config.json"),
+        vae_config=fetch("vae/config.json"),
+        scheduler_config=fetch("scheduler/scheduler_config.json"),
+        text_encoder_config=_t5_architecture(fetch("text_encoder/config.json")),
+        scheduler_class=str((index.get("scheduler") or ["", "CogVideoXDDIMScheduler"])[1]),
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+# --- dtypes and devices ----------------------------------------------------------------------
+
+def torch_dtype(name: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    except KeyError:
+        raise ModelError(f"unknown dtype '{name}' (use float32, float16 or bfloat16)") from None
+
+
+def default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def _from_pretrained(model: ResolvedModel, cls: Any, subfolder: str, **kwargs: Any) -> Any:
+    from cogtune.models.quiet import quiet_libraries
+
+    quiet_libraries()
+    try:
+        return cls.from_pretrained(model.location, subfolder=subfolder, revision=model.revision, **kwargs)
+    except Exception as exc:
+        hint = _OFFLINE_HINT.format(id=model.location) if model.source == "hub" else None
+        raise ModelError(f"could not load the {subfolder} of '{model.reference}': {_first_line(exc)}", hint) from None
+
+
+def materialize_random_(module, device: Any, dtype: Any, seed: int = 0):
+    """Give a module built on the meta device real, randomly initialized storage on `device`.
+
+    Parameters are allocated directly in `dtype` on `device` (no float32 copy on the host) and
+    initialized with each layer's own `reset_parameters`; non-persistent buffers that were
+    computed at construction (sincos positions) are kept.
+    """
+    import torch
+
+    buffers = {name: buf for name, buf in module.named_buffers() if buf.device.type != "meta"}
+    module.to(dtype=dtype)
+    module.to_empty(device=device)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    if torch.device(device).type == "cuda":
+        torch.cuda.manual_seed(seed)
+    with torch.no_grad():
+        initialized: set[int] = set()
+        for sub in module.modules():
+            if hasattr(sub, "reset_parameters") and sub is not module:
+                sub.reset_parameters()
+                initialized.update(id(p) for p in sub.parameters(recurse=False))
+        for param in module.parameters():
+            if id(param) not in initialized:
+                param.normal_(0.0, 0.02)
+        for name, value in buffers.items():
+            module.get_buffer(name).copy_(value)
+    torch.random.set_rng_state(generator_state)
+    return module
+
+
+def _build_random(cls_builder, device: Any, dtype: Any, seed: int):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        module = cls_builder()
+    return materialize_random_(module, device, dtype, seed)
+
+
+def load_transformer(model: ResolvedModel, dtype: Any = None, device: Any = "cpu", subfolder: str = "transformer"):
+    """The CogVideoX transformer of `model`, in `dtype` (default: the model's own) on `device`."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    dtype = dtype if dtype is not None else torch_dtype(model.spec.weight_dtype)
+    if model.source == "random":
+        return _build_random(lambda: CogVideoXTransformer3DModel(**model.spec.transformer_config), device, dtype, 0)
+    transformer = _from_pretrained(model, CogVideoXTransformer3DModel, subfolder, torch_dtype=dtype)
+    return transformer.to(device)
+
+
+def load_vae(model: ResolvedModel, dtype: Any = None, device: Any = "cpu"):
+    from diffusers import AutoencoderKLCogVideoX
+
+    dtype = dtype if dtype is not None else torch_dtype(model.spec.weight_dtype)
+    if model.source == "random":
+        return _build_random(lambda: AutoencoderKLCogVideoX(**model.spec.vae_config), device, dtype, 1)
+    return _from_pretrained(model, AutoencoderKLCogVideoX, "vae", torch_dtype=dtype).to(device)
+
+
+def load_text_encoder(model: ResolvedModel, dtype: Any = None, device: Any = "cpu"):
+    from transformers import T5Config, T5EncoderModel
+
+    dtype = dtype if dtype is not None else torch_dtype(model.spec.weight_dtype)
+    if model.source == "random":
+        config = T5Config(**model.spec.text_encoder_config)
+        return _build_random(lambda: T5EncoderModel(config), device, dtype, 2)
+    return _from_pretrained(model, T5EncoderModel, "text_encoder", torch_dtype=dtype).to(device)
+
+
+def load_tokenizer(model: ResolvedModel):
+    """The model's T5 tokenizer; random-weights models get the offline stand-in (ids are in range)."""
+    if model.source == "random":
+        from cogtune.models.tiny import build_tiny_tokenizer
+
+        return build_tiny_tokenizer(model.spec.max_text_tokens)
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(model, AutoTokenizer, "tokenizer")
+
+
+def load_scheduler(model: ResolvedModel):
+    """The training/sampling scheduler, from the model's own scheduler config."""
+    import diffusers
+
+    cls = getattr(diffusers, model.spec.scheduler_class, None) or diffusers.CogVideoXDDIMScheduler
+    return cls.from_config(dict(model.spec.scheduler_config))
+
+
+def pipeline_class(spec: ModelSpec):
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+
+    return CogVideoXImageToVideoPipeline if spec.is_i2v else CogVideoXPipeline
+
+
+def build_pipeline(model: ResolvedModel, **components: Any):
+    """The diffusers pipeline of `model` from components; those not given are loaded (or made up)."""
+    spec = model.spec
+    if "scheduler" not in components:
+        components["scheduler"] = load_scheduler(model)
+    if "tokenizer" not in components:
+        components["tokenizer"] = load_tokenizer(model)
+    for name, loader in (("transformer", load_transformer), ("vae", load_vae), ("text_encoder", load_text_encoder)):
+        if name not in components:
+            components[name] = loader(model)
+    pipe = pipeline_class(spec)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def count_parameters(spec: ModelSpec) -> int:
+    """Transformer parameter count, built on the meta device (no memory, no download)."""
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device("meta"):
+        transformer = CogVideoXTransformer3DModel(**spec.transformer_config)
+    return sum(p.numel() for p in transformer.parameters())

@@ -1,0 +1,151 @@
+"""Settings of one training run (`cogtune train t2v|i2v`), grouped as the TOML file groups them.
+
+    model = "cogvideox-5b"
+    data = "cache/"
+    output_dir = "runs/first"
+    steps = 2000
+
+    [lora]
+    rank = 64
+
+    [optimizer]
+    name = "adamw"
+    lr = 1e-4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from cogtune.config import section, setting
+from cogtune.errors import ConfigError
+
+# diffusers' CogVideoX LoRA training targets the attention projections of every block.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+OPTIMIZERS = ("adamw", "adam")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = setting(64, "LoRA rank.")
+    alpha: float | None = setting(None, "LoRA alpha (scale = alpha / rank); default: equal to the rank.")
+    dropout: float = setting(0.0, "Dropout on the LoRA branch.")
+    target_modules: tuple[str, ...] = setting(DEFAULT_LORA_TARGETS, "Module names LoRA adapts.")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module")
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = setting("adamw", f"Optimizer: {', '.join(OPTIMIZERS)}.")
+    lr: float = setting(1e-4, "Peak learning rate.")
+    weight_decay: float = setting(1e-4, "Decoupled weight decay.")
+    beta1: float = setting(0.9, "Adam beta1.")
+    beta2: float = setting(0.95, "Adam beta2.")
+    eps: float = setting(1e-8, "Adam epsilon.")
+    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this (0 turns clipping off).")
+    lr_schedule: str = setting("constant_with_warmup", f"Learning-rate schedule: {', '.join(LR_SCHEDULES)}.")
+    warmup_steps: int = setting(0, "Linear warm-up steps.")
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.name '{self.name}' is not one of {', '.join(OPTIMIZERS)}")
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"optimizer.lr_schedule '{self.lr_schedule}' is not one of {', '.join(LR_SCHEDULES)}")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ConfigError("optimizer.warmup_steps, max_grad_norm and weight_decay must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("optimizer betas must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    prompts: tuple[str, ...] = setting((), "Validation prompts (embedded at encode time or now, if the cache lacks them).")
+    images: tuple[str, ...] = setting((), "I2V: one condition image per prompt.")
+    every: int = setting(0, "Validate every N steps (0: only the final test pass).")
+    steps: int = setting(50, "Denoising steps per validation video.")
+    guidance: float = setting(6.0, "Classifier-free guidance scale.")
+    seed: int = setting(42, "Seed of the validation noise.")
+    frames: int | None = setting(None, "Frames of the validation video; default: the first bucket's.")
+    height: int | None = setting(None, "Height; default: the first bucket's.")
+    width: int | None = setting(None, "Width; default: the first bucket's.")
+    final: bool = setting(True, "Run the test pass (validation prompts) after the last step.")
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"validation.every must be >= 0, got {self.every}")
+        if self.steps < 1:
+            raise ConfigError(f"validation.steps must be >= 1, got {self.steps}")
+        if self.images and len(self.images) != len(self.prompts):
+            raise ConfigError(
+                f"{len(self.images)} validation images for {len(self.prompts)} validation prompts; give one per prompt"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = setting(0, "Save a resumable checkpoint every N steps (0: none).")
+    keep: int = setting(3, "Keep only the newest N checkpoints (0: keep all).")
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep < 0:
+            raise ConfigError("checkpointing.every and checkpointing.keep must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    task: Literal["t2v", "i2v"] = setting("t2v", "Text-to-video or image-to-video.")
+    model: str = setting("", "MODEL: a preset, tiny preset, Hub id or local diffusers folder.")
+    data: str = setting("", "The latent cache made by `cogtune encode`.")
+    output_dir: str = setting("", "Where the run writes its weights, checkpoints and reports.")
+    random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).")
+    full: bool = setting(False, "Full fine-tuning instead of LoRA.")
+    steps: int = setting(1000, "Optimizer steps.")
+    batch_size: int = setting(1, "Clips per process per micro-step.")
+    gradient_accumulation: int = setting(1, "Micro-steps per optimizer step.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = setting(
+        "auto", "Autocast dtype; auto: the model's dtype on a GPU, none on a CPU.")
+    gradient_checkpointing: bool = setting(True, "Recompute block activations in the backward pass (less memory).")
+    seed: int = setting(42, "Seed of data order, noise and timesteps.")
+    caption_dropout: float | None = setting(None, "Probability of training on the empty caption; default 0 (t2v), 0.05 (i2v).")
+    resume: str | None = setting(None, "Resume from 'latest' or a checkpoint folder.")
+    report_to: Literal["none", "tensorboard", "wandb"] = setting("none", "Experiment tracker, through accelerate.")
+    lora: LoraConfig = section(LoraConfig, "LoRA settings (ignored with full = true).")
+    optimizer: OptimizerConfig = section(OptimizerConfig, "Optimizer and learning-rate schedule.")
+    validation: ValidationConfig = section(ValidationConfig, "Validation during and after training.")
+    checkpointing: CheckpointConfig = section(CheckpointConfig, "Resumable checkpoints.")
+
+    def __post_init__(self) -> None:
+        for name in ("model", "data", "output_dir"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required")
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.gradient_accumulation < 1:
+            raise ConfigError("batch_size and gradient_accumulation must be >= 1")
+        if self.caption_dropout is not None and not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.validation.images and self.task != "i2v":
+            raise ConfigError("validation images are for i2v training only")
+
+    @property
+    def effective_caption_dropout(self) -> float:
+        if self.caption_dropout is not None:
+            return self.caption_dropout
+        return 0.05 if self.task == "i2v" else 0.0

@@ -1,0 +1,79 @@
+"""Memory figures at the four moments the seed's tables report, for GPUs and (as RSS) for CPUs."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from cogtune import report
+from cogtune.fsutil import atomic_write_text
+
+MOMENTS = ("memory_before_training", "memory_before_validation", "memory_after_validation", "memory_after_testing")
+GIB = 1024**3
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            import os
+
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _max_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def snapshot(device: Any) -> dict[str, Any]:
+    """Current and peak memory of `device` in GiB (CUDA: allocated and reserved; CPU: RSS)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return {
+            "device": torch.cuda.get_device_name(device),
+            "allocated_gib": round(torch.cuda.memory_allocated(device) / GIB, 3),
+            "reserved_gib": round(torch.cuda.memory_reserved(device) / GIB, 3),
+            "max_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 3),
+            "max_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 3),
+        }
+    return {
+        "device": device.type,
+        "rss_gib": round(_rss_bytes() / GIB, 3),
+        "max_rss_gib": round(_max_rss_bytes() / GIB, 3),
+    }
+
+
+class MemoryLog:
+    """Records the snapshots and writes them as `memory.json` and a table."""
+
+    def __init__(self, device: Any):
+        self.device = device
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def record(self, moment: str) -> dict[str, Any]:
+        self.records[moment] = snapshot(self.device)
+        return self.records[moment]
+
+    def write(self, path: str | Path) -> Path:
+        return atomic_write_text(path, json.dumps(self.records, indent=2) + "\n")
+
+    def print_table(self) -> None:
+        if not self.records:
+            return
+        first = next(iter(self.records.values()))
+        if "allocated_gib" in first:
+            columns = ["moment", "allocated GiB", "reserved GiB", "peak allocated GiB", "peak reserved GiB"]
+            keys = ("allocated_gib", "reserved_gib", "max_allocated_gib", "max_reserved_gib")
+        else:
+            columns = ["moment", "RSS GiB", "peak RSS GiB"]
+            keys = ("rss_gib", "max_rss_gib")
+        rows = [[moment, *(values.get(k) for k in keys)] for moment, values in self.records.items()]
+        report.table(f"memory ({first['device']})", columns, rows)
