@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -48,29 +49,29 @@ def _enabled() -> bool:
 
 def info(message: str) -> None:
     if _enabled():
-        stderr.print(message)
+        stderr.print(escape(message))
 
 
 def step(title: str) -> None:
     """A heading for a stage of longer work."""
     if _enabled():
-        stderr.rule(f"[bold]{title}", align="left")
+        stderr.rule(f"[bold]{escape(title)}", align="left")
 
 
 def success(message: str) -> None:
     if _enabled():
-        stderr.print(f"[green]✓[/] {message}")
+        stderr.print(f"[green]✓[/] {escape(message)}")
 
 
 def warn(message: str) -> None:
     """Warnings are shown on every process: a problem on rank 3 matters too."""
-    stderr.print(f"[yellow]warning:[/] {message}")
+    stderr.print(f"[yellow]warning:[/] {escape(message)}")
 
 
 def error(message: str, hint: str | None = None) -> None:
-    stderr.print(f"[red]error:[/] {message}", markup=True, highlight=False)
-    if hint:
-        stderr.print(f"[dim]hint: {hint}[/]")
+    """One line on stderr: the reason, then what to do about it."""
+    suffix = f" [dim](hint: {escape(hint)})[/]" if hint else ""
+    stderr.print(f"[red]error:[/] {escape(message)}{suffix}")
 
 
 class RateColumn(ProgressColumn):

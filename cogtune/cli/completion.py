@@ -11,6 +11,7 @@ generated files; a test regenerates them and fails when they are stale. Regenera
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -43,6 +44,14 @@ def _short_help(command) -> str:
     return text[0].rstrip(".") if text else ""
 
 
+def _is_path(param) -> bool:
+    # Typer 0.29 describes a parameter's Python type in `type_descriptor`; click-style params in `type`.
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is not None:
+        return getattr(descriptor, "annotation", None) is Path
+    return getattr(getattr(param, "type", None), "name", "") == "path"
+
+
 def _walk(command, path: str, nodes: list[_Node]) -> None:
     options = []
     for param in command.params:
@@ -53,7 +62,7 @@ def _walk(command, path: str, nodes: list[_Node]) -> None:
             names=names,
             help=(param.help or "").split("[default")[0].strip().rstrip("."),
             takes_value=not param.is_flag,
-            is_path=getattr(param.type, "name", "") == "path",
+            is_path=_is_path(param),
             is_model="--model" in names,
         ))
     options.append(_Option(["--help"], "Show the help and exit", False, False, False))

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from cogtune import report
 from cogtune.data.dataset import DatasetConfig, Entry, Problem, read_entries
 from cogtune.data.video import VideoInfo, VideoReadError, probe_video, read_all_frames
@@ -189,7 +191,7 @@ def print_report(result: ValidationReport) -> None:
     limit = 50
     for problem in (result.errors + result.warnings)[:limit]:
         colour = "red" if problem.severity == "error" else "yellow"
-        report.stderr.print(f"[{colour}]{problem.severity}[/] [{problem.code}] {problem.located()}", markup=True)
+        report.stderr.print(f"[{colour}]{problem.severity}[/] {escape(f'[{problem.code}] {problem.located()}')}")
     hidden = len(result.errors) + len(result.warnings) - limit
     if hidden > 0:
         report.stderr.print(f"... and {hidden} more (use --json for the full list)")

@@ -40,8 +40,25 @@ class VideoReadError(DataError):
         self.code = code
 
 
-def _open_reader(path: Path):
+_decord_quieted = False
+
+
+def _decord():
+    """decord, with ffmpeg's own stderr messages silenced (we report problems ourselves)."""
+    global _decord_quieted
     import decord
+
+    if not _decord_quieted:
+        from cogtune.models.quiet import debug_enabled
+
+        if not debug_enabled():
+            decord.logging.set_level(decord.logging.QUIET)
+        _decord_quieted = True
+    return decord
+
+
+def _open_reader(path: Path):
+    decord = _decord()
 
     if not path.is_file():
         raise VideoReadError(f"{path}: file not found", "missing-file")

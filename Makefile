@@ -1,0 +1,30 @@
+# The README's commands. Each target installs what it needs into .venv first (once).
+# TORCH_SPEC pins the torch build: 2.13.0 installs in seconds on our CPU machines and CI;
+# on a GPU machine `make demo TORCH_SPEC=torch` (or any CUDA build) keeps your GPU.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test completions clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/cogtune demo --output-dir demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+completions: $(VENV)/.installed
+	$(BIN)/cogtune completion bash > completions/cogtune.bash
+	$(BIN)/cogtune completion zsh > completions/_cogtune
+	$(BIN)/cogtune completion fish > completions/cogtune.fish
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

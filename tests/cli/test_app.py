@@ -1,0 +1,112 @@
+"""The command line: help and examples everywhere, fast start, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cogtune import __version__
+from tests.conftest import run_subprocess
+
+COMMANDS = [
+    ("dataset", "validate"), ("dataset", "download"), ("encode",), ("train", "t2v"), ("train", "i2v"),
+    ("bench", "memory"), ("sample",), ("demo",), ("completion",),
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_a_runnable_example(cli, command):
+    result = cli(*command, "--help")
+    assert result.exit_code == 0
+    assert "Usage: cogtune " + " ".join(command) in result.stdout
+    assert "Examples" in result.stdout and "$ cogtune" in result.stdout or "$ torchrun" in result.stdout
+
+
+def test_root_help_lists_the_commands(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    for name in ("dataset", "encode", "train", "bench", "sample", "demo"):
+        assert name in result.stdout
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"cogtune {__version__}"
+
+
+def test_help_imports_no_heavy_library():
+    """`cogtune --help` stays instant because the CLI imports no torch/diffusers at module top."""
+    code = (
+        "import sys\n"
+        "from cogtune.cli.app import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft', 'decord', 'numpy')"
+        " if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in result.stdout, result.stdout[-500:]
+
+
+def test_usage_error_exits_2(cli):
+    result = cli("train", "t2v", "--no-such-flag")
+    assert result.exit_code == 2
+
+
+def test_known_error_is_one_line_exit_1(cli, tmp_path):
+    result = cli("train", "t2v", "--model", "no-such-model", "--data", tmp_path, "--output-dir", tmp_path / "o")
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: unknown model 'no-such-model'")
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_required_setting_is_explained(cli):
+    result = cli("train", "t2v", "--model", "tiny")
+    assert result.exit_code == 1
+    assert "data is required" in result.stderr
+
+
+def test_config_file_error_names_the_key(cli, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('model = "tiny"\nstepz = 3\n')
+    result = cli("train", "t2v", "--config", path)
+    assert result.exit_code == 1 and "unknown setting 'stepz' (did you mean 'steps'?)" in result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    args = ("train", "t2v", "--model", "no-such-model", "--data", tmp_path, "--output-dir", tmp_path / "o")
+    quiet = run_subprocess(*args)
+    loud = run_subprocess("--debug", *args)
+    env_loud = run_subprocess(*args, env={"COGTUNE_DEBUG": "1"})
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    assert loud.returncode == 1 and "Traceback" in loud.stderr
+    assert env_loud.returncode == 1 and "Traceback" in env_loud.stderr
+
+
+def test_unexpected_exceptions_are_one_line_too(cli, monkeypatch, tmp_path):
+    import cogtune.train
+
+    def boom(config):
+        raise RuntimeError("something broke\nwith details")
+
+    monkeypatch.setattr(cogtune.train, "run_training", boom)
+    result = cli("train", "t2v", "--model", "tiny", "--data", tmp_path, "--output-dir", tmp_path / "o")
+    assert result.exit_code == 1
+    assert "error: RuntimeError: something broke (hint: run with --debug" in result.stderr
+    assert "with details" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("bench", "memory", "--model", "cogvideox-5b"),
+                                     ("dataset", "download", "some/repo", "--local-dir", "x")])
+def test_commands_not_built_yet_say_so(cli, command):
+    result = cli(*command)
+    assert result.exit_code == 1
+    assert "is not built yet" in result.stderr
+
+
+def test_python_dash_m_entry_point():
+    result = run_subprocess("--version")
+    assert result.returncode == 0 and __version__ in result.stdout

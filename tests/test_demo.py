@@ -1,0 +1,27 @@
+"""`cogtune demo` end to end, as a user runs it: files, frame count, and the LoRA in diffusers."""
+
+from __future__ import annotations
+
+import logging
+
+from cogtune.data.video import probe_video
+from tests.conftest import run_subprocess
+
+
+def test_demo_end_to_end(tmp_path, caplog):
+    from diffusers import CogVideoXPipeline
+
+    out = tmp_path / "demo"
+    result = run_subprocess("demo", "--output-dir", out, "--steps", "20")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for relative in ("model/model_index.json", "data/prompts.txt", "data/videos.txt", "cache/manifest.json",
+                     "run/pytorch_lora_weights.safetensors", "run/config.toml", "run/memory.json", "sample.mp4"):
+        assert (out / relative).is_file(), relative
+    assert probe_video(out / "sample.mp4").frames == 9
+
+    pipe = CogVideoXPipeline.from_pretrained(out / "model")
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(out / "run")
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower()]
+    assert "transformer" in pipe.get_list_adapters()

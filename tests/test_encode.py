@@ -1,0 +1,100 @@
+"""The latent cache: contents, manifest, resume, and the compatibility check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cogtune.data.dataset import DatasetConfig
+from cogtune.encode import EncodeConfig, VideoLatentCache, encode_dataset
+from cogtune.encode.cache import MANIFEST_NAME
+from cogtune.errors import DataError
+from cogtune.models.registry import PRESETS, TINY_PRESETS
+
+
+def test_cache_contents(tiny_cache):
+    manifest = json.loads((tiny_cache / MANIFEST_NAME).read_text())
+    assert manifest["complete"] and manifest["model"]["family"] == "1.0-sincos"
+    assert manifest["buckets"] == ["9x64x64"] and len(manifest["items"]) == 4
+    assert manifest["items"][0]["line"] == 1 and manifest["items"][0]["video"] == "videos/clip_000.mp4"
+    latents = load_file(tiny_cache / manifest["items"][0]["latent_file"])
+    text = load_file(tiny_cache / manifest["items"][0]["text_file"])
+    # posterior mean and logvar of 4 latent channels, 3 latent frames, 8x8
+    assert latents["latent_dist"].shape == (8, 3, 8, 8)
+    assert text["prompt_embeds"].shape == (32, 32)
+    assert (tiny_cache / "config.toml").is_file()
+
+
+def test_cache_reader(tiny_cache):
+    cache = VideoLatentCache(tiny_cache)
+    assert len(cache) == 4
+    assert cache.validation_prompts == ["A red circle moves left."]
+    assert cache.validation_prompt_embeds().shape == (1, 32, 32)
+    assert cache.empty_prompt_embeds().shape == (32, 32)
+    item = cache.load_item(2)
+    assert set(item) == {"latent_dist", "prompt_embeds"}
+
+
+def test_text_embeddings_match_the_pipeline(tiny_cache, tiny_model_dir):
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(tiny_model_dir)
+    cache = VideoLatentCache(tiny_cache)
+    caption = cache.items[0]["caption"]
+    expected, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=32)
+    torch.testing.assert_close(cache.load_item(0)["prompt_embeds"], expected[0])
+
+
+def test_rerun_skips_finished_items(tmp_path, synthetic_data):
+    config = EncodeConfig(model="tiny", output_dir=str(tmp_path / "c"), data=DatasetConfig(root=str(synthetic_data)),
+                          buckets=("9x64x64",), num_workers=0)
+    first = encode_dataset(config)
+    assert len(first.pending_latents) == 4
+    stamp = (tmp_path / "c" / "latents" / "000000.safetensors").stat().st_mtime_ns
+    second = encode_dataset(config)
+    assert second.pending_latents == [] and second.pending_text == []
+    assert (tmp_path / "c" / "latents" / "000000.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_incompatible_model_is_refused(tiny_cache):
+    cache = VideoLatentCache(tiny_cache)
+    cache.check_compatible(TINY_PRESETS["tiny"])
+    with pytest.raises(DataError, match="incompatible with cogvideox-5b"):
+        cache.check_compatible(PRESETS["cogvideox-5b"])
+    with pytest.raises(DataError, match="no condition-image latents"):
+        cache.check_compatible(TINY_PRESETS["tiny"], needs_image_latents=True)
+
+
+def test_not_a_cache(tmp_path):
+    with pytest.raises(DataError, match="not a cogtune cache"):
+        VideoLatentCache(tmp_path)
+
+
+def test_dataset_errors_stop_before_any_weight_is_loaded(tmp_path, synthetic_data):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "prompts.txt").write_text("a\nb\n")
+    (tmp_path / "d" / "videos.txt").write_text("x.mp4\n")
+    config = EncodeConfig(model="tiny", output_dir=str(tmp_path / "c"), data=DatasetConfig(root=str(tmp_path / "d")))
+    with pytest.raises(DataError, match=r"dataset has errors: videos.txt:2: .*captions"):
+        encode_dataset(config)
+    assert not (tmp_path / "c").exists()
+
+
+def test_bucket_against_model_rule(tmp_path, synthetic_data):
+    from cogtune.errors import ModelError
+
+    config = EncodeConfig(model="tiny", output_dir=str(tmp_path / "c"), data=DatasetConfig(root=str(synthetic_data)),
+                          buckets=("8x64x64",))
+    with pytest.raises(ModelError, match="frame rule"):
+        encode_dataset(config)
+
+
+def test_dry_run_writes_nothing(tmp_path, synthetic_data):
+    config = EncodeConfig(model="tiny", output_dir=str(tmp_path / "c"), data=DatasetConfig(root=str(synthetic_data)),
+                          buckets=("9x64x64",))
+    plan = encode_dataset(config, dry_run=True)
+    assert len(plan.items) == 4 and plan.estimated_bytes() > 0
+    assert not (tmp_path / "c").exists()
