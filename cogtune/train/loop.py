@@ -463,7 +463,9 @@ def _write_loss_curve(losses: list[float], output_dir: Path) -> None:
         axis.plot(range(1, len(losses) + 1), smoothed, linewidth=2, label=f"mean of {window}")
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
-    axis.set_yscale("log")
+    positive = [value for value in losses if value > 0]
+    if positive and max(positive) / min(positive) > 20:  # a log axis only when the loss spans decades
+        axis.set_yscale("log")
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
