@@ -151,7 +151,7 @@ def run_sample(config: SampleConfig) -> list[Path]:
     """Generate one mp4 per prompt; returns the written paths."""
     from cogtune.data.video import write_video
     from cogtune.models.loading import build_pipeline, default_device, load_tokenizer, resolve_model
-    from cogtune.models.quiet import quiet_libraries
+    from cogtune.quiet import quiet_libraries
     from cogtune.models.text import encode_prompts
 
     model = resolve_model(config.model, random_weights=config.random_weights)

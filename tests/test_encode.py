@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -78,9 +79,28 @@ def test_dataset_errors_stop_before_any_weight_is_loaded(tmp_path, synthetic_dat
     (tmp_path / "d" / "prompts.txt").write_text("a\nb\n")
     (tmp_path / "d" / "videos.txt").write_text("x.mp4\n")
     config = EncodeConfig(model="tiny", output_dir=str(tmp_path / "c"), data=DatasetConfig(root=str(tmp_path / "d")))
-    with pytest.raises(DataError, match=r"dataset has errors: videos.txt:2: .*captions"):
+    with pytest.raises(DataError, match=r"dataset has errors: prompts.txt:2: 2 captions in prompts.txt but 1 videos"):
         encode_dataset(config)
     assert not (tmp_path / "c").exists()
+
+
+def test_skip_invalid_encodes_the_good_entries(tmp_path, synthetic_data):
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(synthetic_data, root)
+    (root / "videos" / "bad.mp4").write_bytes(b"junk" * 100)
+    with open(root / "prompts.txt", "a") as handle:
+        handle.write("broken\n")
+    with open(root / "videos.txt", "a") as handle:
+        handle.write("videos/bad.mp4\n")
+    config = EncodeConfig(model="tiny", output_dir=str(tmp_path / "c"), data=DatasetConfig(root=str(root)),
+                          buckets=("9x64x64",), num_workers=0)
+    with pytest.raises(DataError, match=r"videos.txt:5: videos/bad.mp4") as info:
+        encode_dataset(config)
+    assert "--skip-invalid" in info.value.hint
+    plan = encode_dataset(dataclasses.replace(config, skip_invalid=True))
+    assert len(plan.items) == 4 and len(VideoLatentCache(tmp_path / "c")) == 4
 
 
 def test_bucket_against_model_rule(tmp_path, synthetic_data):

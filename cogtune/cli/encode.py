@@ -12,12 +12,16 @@ from cogtune.cli.options import (
     AllowOutsideRootOpt,
     CaptionColumnOpt,
     ConfigFileOpt,
+    DatasetFileOpt,
+    FrameSamplingOpt,
     FramesOpt,
     HeightOpt,
     IdTokenOpt,
     ImageColumnOpt,
     OptionalModelOpt,
     RandomWeightsOpt,
+    ResizeModeOpt,
+    SampleFpsOpt,
     VideoColumnOpt,
     WidthOpt,
 )
@@ -36,8 +40,12 @@ def encode(
     caption_column: CaptionColumnOpt = None,
     video_column: VideoColumnOpt = None,
     image_column: ImageColumnOpt = None,
+    dataset_file: DatasetFileOpt = None,
     allow_outside_root: AllowOutsideRootOpt = False,
     id_token: IdTokenOpt = None,
+    frame_sampling: FrameSamplingOpt = None,
+    sample_fps: SampleFpsOpt = None,
+    resize_mode: ResizeModeOpt = None,
     frames: FramesOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
@@ -55,6 +63,9 @@ def encode(
     vae_tiling: Annotated[Optional[bool], typer.Option("--vae-tiling", help="Encode in spatial tiles.")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="Decoding worker processes.", min=0)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute items already cached.")] = False,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Encode the entries without errors; list the others.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (items, buckets, disk) and stop.")] = False,
     random_weights: RandomWeightsOpt = False,
     config_file: ConfigFileOpt = None,
@@ -66,7 +77,8 @@ def encode(
     overrides = {
         "model": model,
         "output_dir": str(output_dir) if output_dir is not None else None,
-        **dataset_overrides(data_root, caption_column, video_column, image_column, allow_outside_root, id_token),
+        **dataset_overrides(data_root, caption_column, video_column, image_column, dataset_file, allow_outside_root,
+                            id_token, frame_sampling, sample_fps, resize_mode),
         "buckets": as_tuple(buckets),
         "batch_size": batch_size,
         "i2v": i2v,
@@ -75,6 +87,7 @@ def encode(
         "vae_tiling": vae_tiling,
         "num_workers": num_workers,
         "overwrite": overwrite or None,
+        "skip_invalid": skip_invalid or None,
         "random_weights": random_weights or None,
     }
     config = load_config(EncodeConfig, config_file, overrides)

@@ -37,6 +37,20 @@ VideoColumnOpt = Annotated[
 ImageColumnOpt = Annotated[
     Optional[str], typer.Option("--image-column", help="I2V condition-image file; default: each clip's first frame.")
 ]
+DatasetFileOpt = Annotated[
+    Optional[str],
+    typer.Option("--dataset-file", help="CSV, JSON or JSONL table of entries (columns named by the --*-column options)."),
+]
+FrameSamplingOpt = Annotated[
+    Optional[str],
+    typer.Option("--frame-sampling", help="uniform (over the whole clip) or fps (at --sample-fps). [default: uniform]"),
+]
+SampleFpsOpt = Annotated[
+    Optional[float], typer.Option("--sample-fps", help="Frame rate for --frame-sampling fps. [default: the model's]")
+]
+ResizeModeOpt = Annotated[
+    Optional[str], typer.Option("--resize-mode", help="crop (keep aspect, center-crop) or stretch. [default: crop]")
+]
 AllowOutsideRootOpt = Annotated[
     bool, typer.Option("--allow-outside-root", help="Accept dataset paths that are absolute or escape the root.")
 ]

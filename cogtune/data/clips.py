@@ -1,9 +1,12 @@
 """The clip loader: frames sampled, resized and cropped exactly as the model needs them.
 
-A `Bucket` is a clip shape `FxHxW`. Each clip goes to a bucket, its frames are sampled to the
-bucket's count uniformly over the clip, and each frame is resized keeping the aspect ratio so that
-it covers the bucket, then center-cropped (or plainly resized with `resize_mode="stretch"`).
-Pixels come out as float in [-1, 1], shape (F, 3, H, W), the VAE's input convention.
+A `Bucket` is a clip shape `FxHxW`. Each clip goes to the bucket nearest its aspect ratio with the
+most frames it can fill. Its frames are sampled to the bucket's count either uniformly over the
+whole clip (`uniform`), or at a target frame rate from the middle of the clip (`fps`, which keeps
+motion at the speed the model was trained on). Each frame is resized keeping the aspect ratio so
+that it covers the bucket, then center-cropped (or plainly resized with `resize_mode="stretch"`).
+Pixels come out as float in [-1, 1], shape (F, 3, H, W), the VAE's input convention. Nothing here
+is random: the same clip and settings always give the same pixels.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ class Bucket:
         return self.width / self.height
 
 
+FrameSampling = Literal["uniform", "fps"]
+
+
 def sample_frame_indices(available: int, wanted: int) -> list[int]:
     """`wanted` indices spread uniformly over `available` frames (first and last included)."""
     if available < wanted:
@@ -54,9 +60,39 @@ def sample_frame_indices(available: int, wanted: int) -> list[int]:
     return [round(i * (available - 1) / (wanted - 1)) for i in range(wanted)]
 
 
-def choose_bucket(info: VideoInfo, buckets: Sequence[Bucket]) -> Bucket | None:
-    """The bucket nearest the clip's aspect ratio, with the most frames the clip can fill."""
-    fitting = [b for b in buckets if b.frames <= info.frames]
+def _stride(info: VideoInfo, target_fps: float) -> float:
+    if info.fps <= 0:
+        raise DataError("clip has no frame rate, so it cannot be sampled at a target fps (use uniform sampling)")
+    return info.fps / target_fps
+
+
+def sampleable_frames(info: VideoInfo, sampling: FrameSampling = "uniform", target_fps: float | None = None) -> int:
+    """How many frames the clip can give under a sampling rule (all of them for `uniform`)."""
+    if sampling == "uniform" or target_fps is None:
+        return info.frames
+    return int((info.frames - 1) // _stride(info, target_fps)) + 1
+
+
+def frame_indices(info: VideoInfo, wanted: int, sampling: FrameSampling = "uniform",
+                  target_fps: float | None = None) -> list[int]:
+    """Which source frames make up a `wanted`-frame clip."""
+    if sampling == "uniform" or target_fps is None:
+        return sample_frame_indices(info.frames, wanted)
+    stride = _stride(info, target_fps)
+    span = round((wanted - 1) * stride) + 1
+    if span > info.frames:
+        raise DataError(f"clip has {info.frames} frames; {wanted} frames at {target_fps:g} fps need {span}")
+    start = (info.frames - span) // 2
+    return [start + round(i * stride) for i in range(wanted)]
+
+
+def choose_bucket(info: VideoInfo, buckets: Sequence[Bucket], available: int | None = None) -> Bucket | None:
+    """The bucket nearest the clip's aspect ratio, with the most frames the clip can fill.
+
+    `available` is the number of frames the clip can give (see `sampleable_frames`).
+    """
+    available = info.frames if available is None else available
+    fitting = [b for b in buckets if b.frames <= available]
     if not fitting:
         return None
     aspect = info.width / info.height
@@ -84,10 +120,11 @@ def resize_frames(frames: np.ndarray, height: int, width: int, mode: ResizeMode 
     return (video / 127.5 - 1.0).clamp(-1.0, 1.0)
 
 
-def load_clip(path: str | Path, bucket: Bucket, mode: ResizeMode = "crop", info: VideoInfo | None = None):
+def load_clip(path: str | Path, bucket: Bucket, mode: ResizeMode = "crop", info: VideoInfo | None = None,
+              sampling: FrameSampling = "uniform", target_fps: float | None = None):
     """The clip at `path` shaped to `bucket`: float (F, 3, H, W) in [-1, 1]."""
     info = info or probe_video(path)
-    indices = sample_frame_indices(info.frames, bucket.frames)
+    indices = frame_indices(info, bucket.frames, sampling, target_fps)
     return resize_frames(read_frames(path, indices), bucket.height, bucket.width, mode)
 
 

@@ -1,33 +1,63 @@
 """Reading a dataset's entries (caption, video, optional image) with every problem located.
 
-The layout is a data root with a caption file and a video file of line-separated entries, paths
-relative to the root (`prompts.txt` + `videos.txt` by default), and for I2V an optional image
-file. Text files may carry a UTF-8 BOM, CRLF line ends and trailing blank lines. Every problem
-is a `Problem` with a stable code, the file and the 1-based line it is about.
+Three layouts go through this one reader:
+
+- a data root with a caption file and a video file of line-separated entries, paths relative to
+  the root (`prompts.txt` + `videos.txt` by default), and for I2V an optional image file;
+- a table (`--dataset-file` CSV, JSON list of objects, or JSONL) whose columns are named by
+  `caption_column` / `video_column` / `image_column` (default `caption`, `video`, `image`, with the
+  usual aliases such as `prompt` or `file_name`);
+- a folder of clips with a same-named `.txt` caption beside each.
+
+Text may carry a UTF-8 BOM, CRLF line ends, trailing blank lines, and (CSV) quoted fields with
+commas and newlines. Every problem is a `Problem` with a stable code, the file it is about, and
+the 1-based line (or table row) of the listing that names it.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cogtune.config import setting
+from cogtune.errors import ConfigError
 
 Severity = Literal["error", "warning"]
+
+DEFAULT_CAPTION_FILE = "prompts.txt"
+DEFAULT_VIDEO_FILE = "videos.txt"
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+_CAPTION_ALIASES = ("caption", "prompt", "text", "description", "captions", "prompts")
+_VIDEO_ALIASES = ("video", "video_path", "file_name", "filename", "path", "file", "videos")
+_IMAGE_ALIASES = ("image", "image_path", "condition_image", "first_frame")
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
-    """Where a dataset lives and how its files are named."""
+    """Where a dataset lives, how its files are named, and how clips are read from it."""
 
     root: str = setting("", "Data root; entries are paths relative to it.")
-    caption_column: str = setting("prompts.txt", "File of captions, one per line (relative to the root).")
-    video_column: str = setting("videos.txt", "File of video paths, one per line (relative to the root).")
-    image_column: str | None = setting(None, "I2V: file of condition-image paths; default: each clip's first frame.")
-    allow_outside_root: bool = setting(False, "Accept entries that point outside the data root.")
+    caption_column: str = setting(DEFAULT_CAPTION_FILE, "Caption file (one per line), or the caption column of a dataset file.")
+    video_column: str = setting(DEFAULT_VIDEO_FILE, "Video-path file (one per line), or the video column of a dataset file.")
+    image_column: str | None = setting(None, "I2V: condition-image file or column; default: each clip's first frame.")
+    dataset_file: str | None = setting(None, "A CSV, JSON (list of objects) or JSONL table instead of the line files.")
+    allow_outside_root: bool = setting(False, "Accept entries that are absolute or point outside the data root.")
     id_token: str | None = setting(None, "Token prepended to every caption (e.g. a trigger word).")
+    frame_sampling: Literal["uniform", "fps"] = setting(
+        "uniform", "Spread the frames over the whole clip, or take them at `sample_fps` from the clip's middle.")
+    sample_fps: float | None = setting(None, "Frame rate for frame_sampling = 'fps'; default: the model's.")
+    resize_mode: Literal["crop", "stretch"] = setting("crop", "Keep aspect ratio and center-crop, or stretch.")
+
+    def __post_init__(self) -> None:
+        if self.sample_fps is not None and self.sample_fps <= 0:
+            raise ConfigError(f"sample_fps must be > 0, got {self.sample_fps}")
+        if self.dataset_file is not None and Path(self.dataset_file).suffix.lower() not in (".csv", ".json", ".jsonl"):
+            raise ConfigError(f"dataset file {self.dataset_file} must be .csv, .json or .jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +65,22 @@ class Problem:
     code: str
     severity: Severity
     message: str
-    path: str | None = None
-    line: int | None = None
+    path: str | None = None  # the file the problem is about: a clip, an image, or the listing itself
+    line: int | None = None  # 1-based line (or table row) of `source` that names it
+    source: str | None = None  # the listing file: prompts.txt, videos.txt, metadata.csv, clip.txt
 
-    def as_json(self) -> dict:
-        return {"code": self.code, "path": self.path, "line": self.line, "message": self.message}
+    def as_json(self) -> dict[str, Any]:
+        return {"code": self.code, "path": self.path, "line": self.line, "message": self.message,
+                "source": self.source}
 
     def located(self) -> str:
-        where = self.path or ""
-        if self.line is not None:
-            where = f"{where}:{self.line}"
-        return f"{where}: {self.message}" if where else self.message
+        """`source:line: path: message`, the form editors and terminals make clickable."""
+        parts = []
+        if self.source is not None:
+            parts.append(f"{self.source}:{self.line}" if self.line is not None else self.source)
+        if self.path is not None and self.path != self.source:
+            parts.append(self.path)
+        return ": ".join([*parts, self.message])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,20 +90,27 @@ class Entry:
     index: int
     caption: str
     video: Path  # absolute
-    video_ref: str  # as written in the dataset file
-    source: str  # the file (relative to the root) that listed the video
-    line: int  # 1-based line of that file
+    video_ref: str  # as written in the dataset
+    source: str  # the listing that names the video (relative to the root)
+    line: int | None  # its 1-based line or row there
     image: Path | None = None
     image_ref: str | None = None
+    image_source: str | None = None
+    caption_source: str | None = None  # where the caption text lives (for caption problems)
 
     def caption_with(self, id_token: str | None) -> str:
         return f"{id_token} {self.caption}" if id_token else self.caption
 
 
+def decode_text(data: bytes) -> str:
+    """UTF-8 with or without BOM, any line ending, as one string with `\\n` line ends."""
+    text = data.decode("utf-8-sig")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_text_lines(path: Path) -> list[str]:
     """Lines of a UTF-8 text file (BOM and CR stripped, trailing blank lines dropped)."""
-    text = path.read_bytes().decode("utf-8-sig")
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = decode_text(path.read_bytes()).split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
@@ -76,82 +118,286 @@ def read_text_lines(path: Path) -> list[str]:
 
 def resolve_entry_path(root: Path, reference: str, allow_outside_root: bool) -> tuple[Path, str | None]:
     """The absolute path of `reference`, and an error code when it breaks the root rule."""
-    candidate = Path(reference)
+    candidate = Path(reference).expanduser() if reference.startswith("~") else Path(reference)
     if candidate.is_absolute():
         return candidate, None if allow_outside_root else "absolute-path"
-    resolved = Path(os.path.normpath(root / candidate))
-    try:
-        resolved.relative_to(Path(os.path.normpath(root)))
-    except ValueError:
+    normalized_root = Path(os.path.normpath(root.absolute()))
+    resolved = Path(os.path.normpath(normalized_root / candidate))
+    if not resolved.is_relative_to(normalized_root):
         return resolved, None if allow_outside_root else "path-outside-root"
+    # A symlink inside the root may still lead outside it.
+    if not allow_outside_root and resolved.exists() and not resolved.resolve().is_relative_to(normalized_root.resolve()):
+        return resolved, "path-outside-root"
     return resolved, None
+
+
+def _root_message(code: str, reference: str) -> str:
+    if code == "absolute-path":
+        return f"absolute path '{reference}': paths must be relative to the data root (--allow-outside-root accepts it)"
+    return f"'{reference}' leads outside the data root (--allow-outside-root accepts it)"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """One record of any layout, before paths are resolved."""
+
+    caption: str | None
+    video: str | None
+    image: str | None
+    source: str
+    line: int | None
+    caption_source: str
+    image_source: str | None
 
 
 def read_entries(config: DatasetConfig) -> tuple[list[Entry], list[Problem]]:
     """The dataset's entries and the structural problems found while reading its files."""
     root = Path(config.root).expanduser()
-    problems: list[Problem] = []
     if not root.is_dir():
         return [], [Problem("missing-root", "error", "data root is not a folder", str(root))]
+    problems: list[Problem] = []
+    if config.dataset_file is not None:
+        rows = _read_table(root, config, problems)
+    elif _uses_line_files(root, config):
+        rows = _read_line_files(root, config, problems)
+    else:
+        rows = _read_clip_folder(root, problems)
+    if rows is None:
+        return [], problems
+    entries = _resolve_rows(root, rows, config, problems)
+    if not rows and not problems:
+        problems.append(Problem("empty-dataset", "error", "the dataset lists no entries", str(root)))
+    _check_swapped_columns(rows, problems)
+    return entries, problems
 
+
+def _uses_line_files(root: Path, config: DatasetConfig) -> bool:
+    custom = (config.caption_column, config.video_column) != (DEFAULT_CAPTION_FILE, DEFAULT_VIDEO_FILE)
+    return custom or (root / config.caption_column).exists() or (root / config.video_column).exists()
+
+
+def _read_line_files(root: Path, config: DatasetConfig, problems: list[Problem]) -> list[_Row] | None:
     def read(column: str, code: str) -> list[str] | None:
         path = root / column
         if not path.is_file():
-            problems.append(Problem(code, "error", f"{column} not found in the data root", column))
+            problems.append(Problem(code, "error", f"{column} not found in the data root", column, source=column))
             return None
         try:
             return read_text_lines(path)
         except UnicodeDecodeError as exc:
-            problems.append(Problem("bad-encoding", "error", f"not UTF-8 text (byte {exc.start})", column))
+            problems.append(Problem("bad-encoding", "error", f"not UTF-8 text (byte {exc.start})", column,
+                                    source=column))
             return None
 
     captions = read(config.caption_column, "missing-caption-file")
     videos = read(config.video_column, "missing-video-file")
     images = read(config.image_column, "missing-image-file") if config.image_column else None
     if captions is None or videos is None or (config.image_column and images is None):
-        return [], problems
+        return None
+    for other, label, column in ((captions, "captions", config.caption_column),
+                                 (images, "images", config.image_column)):
+        if other is not None and len(other) != len(videos):
+            longer = column if len(other) > len(videos) else config.video_column
+            problems.append(Problem(
+                "count-mismatch", "error",
+                f"{len(other)} {label} in {column} but {len(videos)} videos in {config.video_column}",
+                longer, min(len(other), len(videos)) + 1, longer,
+            ))
+    rows = []
+    for position in range(min(len(captions), len(videos))):
+        # A line missing from a short image file is already a count mismatch: no second error for it.
+        has_image = images is not None and position < len(images)
+        rows.append(_Row(captions[position], videos[position], images[position] if has_image else None,
+                         config.video_column, position + 1, config.caption_column,
+                         config.image_column if has_image else None))
+    return rows
 
-    if len(captions) != len(videos):
-        problems.append(Problem(
-            "count-mismatch", "error",
-            f"{len(captions)} captions in {config.caption_column} but {len(videos)} videos in {config.video_column}",
-            config.video_column, min(len(captions), len(videos)) + 1,
-        ))
-    if images is not None and len(images) != len(videos):
-        problems.append(Problem(
-            "count-mismatch", "error",
-            f"{len(images)} images in {config.image_column} but {len(videos)} videos in {config.video_column}",
-            config.image_column, min(len(images), len(videos)) + 1,
-        ))
 
+def _pick_column(columns: list[str], wanted: str | None, aliases: tuple[str, ...], default: str | None,
+                 source: str, kind: str, problems: list[Problem], required: bool) -> str | None:
+    if wanted is not None and wanted != default:
+        if wanted in columns:
+            return wanted
+        problems.append(Problem("missing-column", "error",
+                                f"no {kind} column '{wanted}' (columns: {', '.join(columns) or 'none'})", source,
+                                source=source))
+        return None
+    lowered = {c.lower(): c for c in columns}
+    for alias in aliases:
+        if alias in lowered:
+            return lowered[alias]
+    if required:
+        problems.append(Problem("missing-column", "error",
+                                f"no {kind} column (looked for {', '.join(aliases[:4])}; columns: "
+                                f"{', '.join(columns) or 'none'}); name it with --{kind}-column", source,
+                                source=source))
+    return None
+
+
+def _table_records(path: Path, name: str, problems: list[Problem]) -> list[tuple[int, dict[str, Any]]] | None:
+    """(row number, record) pairs of a CSV/JSON/JSONL file; the row is the CSV line or JSON position."""
+    try:
+        text = decode_text(path.read_bytes())
+    except UnicodeDecodeError as exc:
+        problems.append(Problem("bad-encoding", "error", f"not UTF-8 text (byte {exc.start})", name, source=name))
+        return None
+    suffix = path.suffix.lower()
+    records: list[tuple[int, dict[str, Any]]] = []
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        start = 2  # the header is line 1; a quoted field may span lines, so track where each record starts
+        try:
+            for record in reader:
+                if any((value or "").strip() for value in record.values() if isinstance(value, str)):
+                    records.append((start, record))
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            problems.append(Problem("bad-dataset-file", "error", f"CSV error: {exc}", name, reader.line_num, name))
+            return None
+        return records
+    if suffix == ".jsonl":
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(Problem("bad-dataset-file", "error", f"invalid JSON: {exc.msg}", name, number, name))
+                continue
+            if not isinstance(record, dict):
+                problems.append(Problem("bad-dataset-file", "error", "expected a JSON object", name, number, name))
+                continue
+            records.append((number, record))
+        return records
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        problems.append(Problem("bad-dataset-file", "error", f"invalid JSON: {exc.msg} (line {exc.lineno})", name,
+                                source=name))
+        return None
+    if not isinstance(document, list):
+        problems.append(Problem("bad-dataset-file", "error", "expected a JSON list of objects", name, source=name))
+        return None
+    for number, record in enumerate(document, start=1):
+        if not isinstance(record, dict):
+            problems.append(Problem("bad-dataset-file", "error", "expected a JSON object", name, number, name))
+            continue
+        records.append((number, record))
+    return records
+
+
+def _read_table(root: Path, config: DatasetConfig, problems: list[Problem]) -> list[_Row] | None:
+    assert config.dataset_file is not None
+    given = Path(config.dataset_file)
+    # Relative names are looked up in the data root first, then in the working directory.
+    candidates = [given] if given.is_absolute() else [root / given, given]
+    path = next((c for c in candidates if c.is_file()), candidates[0])
+    name = config.dataset_file
+    if not path.is_file():
+        problems.append(Problem("missing-dataset-file", "error", f"{name} not found", name, source=name))
+        return None
+    records = _table_records(path, name, problems)
+    if records is None:
+        return None
+    columns: list[str] = []
+    for _, record in records:
+        columns += [key for key in record if key not in columns]
+    caption_key = _pick_column(columns, config.caption_column, _CAPTION_ALIASES, DEFAULT_CAPTION_FILE, name,
+                               "caption", problems, required=True)
+    video_key = _pick_column(columns, config.video_column, _VIDEO_ALIASES, DEFAULT_VIDEO_FILE, name, "video",
+                             problems, required=True)
+    image_key = None
+    if config.image_column is not None:
+        image_key = _pick_column(columns, config.image_column, _IMAGE_ALIASES, None, name, "image", problems,
+                                 required=True)
+    if caption_key is None or video_key is None or (config.image_column is not None and image_key is None):
+        return None
+
+    def cell(record: dict[str, Any], key: str | None) -> str | None:
+        if key is None or record.get(key) is None:
+            return None
+        return str(record[key])
+
+    return [_Row(cell(r, caption_key), cell(r, video_key), cell(r, image_key), name, number, name,
+                 name if image_key else None) for number, r in records]
+
+
+def _read_clip_folder(root: Path, problems: list[Problem]) -> list[_Row] | None:
+    clips = sorted(
+        p for p in root.rglob("*")
+        if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not clips:
+        problems.append(Problem(
+            "no-dataset", "error",
+            f"no dataset found: expected {DEFAULT_CAPTION_FILE} + {DEFAULT_VIDEO_FILE}, a --dataset-file, "
+            "or clips with a same-named .txt caption beside each", str(root),
+        ))
+        return None
+    rows = []
+    for clip in clips:
+        relative = clip.relative_to(root).as_posix()
+        caption_file = clip.with_suffix(".txt")
+        caption_ref = caption_file.relative_to(root).as_posix()
+        if not caption_file.is_file():
+            problems.append(Problem("missing-caption", "error", f"no caption file {caption_ref} beside the clip",
+                                    relative, source=relative))
+            continue
+        try:
+            caption = " ".join(line.strip() for line in read_text_lines(caption_file) if line.strip())
+        except UnicodeDecodeError as exc:
+            problems.append(Problem("bad-encoding", "error", f"not UTF-8 text (byte {exc.start})", caption_ref,
+                                    source=caption_ref))
+            continue
+        rows.append(_Row(caption, relative, None, relative, None, caption_ref, None))
+    return rows
+
+
+def _resolve_rows(root: Path, rows: list[_Row], config: DatasetConfig, problems: list[Problem]) -> list[Entry]:
     entries: list[Entry] = []
-    for position, (caption, video_ref) in enumerate(zip(captions, videos)):
-        line = position + 1
-        caption = caption.strip()
-        video_ref = video_ref.strip()
+    for row in rows:
+        caption = (row.caption or "").strip()
+        video_ref = (row.video or "").strip()
         if not caption:
-            problems.append(Problem("empty-caption", "error", "caption is empty", config.caption_column, line))
+            problems.append(Problem("empty-caption", "error", "caption is empty", row.caption_source, row.line,
+                                    row.caption_source))
         if not video_ref:
-            problems.append(Problem("empty-path", "error", "video path is empty", config.video_column, line))
+            problems.append(Problem("empty-path", "error", "video path is empty", row.source, row.line, row.source))
             continue
         video, code = resolve_entry_path(root, video_ref, config.allow_outside_root)
         if code is not None:
-            problems.append(Problem(code, "error", _root_message(code, video_ref), config.video_column, line))
+            problems.append(Problem(code, "error", _root_message(code, video_ref), video_ref, row.line, row.source))
             continue
         image = image_ref = None
-        if images is not None and position < len(images):
-            image_ref = images[position].strip()
+        if row.image is not None:
+            image_ref = row.image.strip()
+            if not image_ref:
+                problems.append(Problem("empty-path", "error", "image path is empty", row.image_source, row.line,
+                                        row.image_source))
+                continue
             image, code = resolve_entry_path(root, image_ref, config.allow_outside_root)
             if code is not None:
-                problems.append(Problem(code, "error", _root_message(code, image_ref), config.image_column, line))
+                problems.append(Problem(code, "error", _root_message(code, image_ref), image_ref, row.line,
+                                        row.image_source))
                 continue
-        entries.append(Entry(len(entries), caption, video, video_ref, config.video_column, line, image, image_ref))
-    if not entries and not problems:
-        problems.append(Problem("empty-dataset", "error", "the dataset lists no entries", config.video_column))
-    return entries, problems
+        elif config.image_column is not None and row.image_source is not None:
+            problems.append(Problem("empty-path", "error", "image path is missing", row.image_source, row.line,
+                                    row.image_source))
+            continue
+        entries.append(Entry(len(entries), caption, video, video_ref, row.source, row.line, image, image_ref,
+                             row.image_source, row.caption_source))
+    return entries
 
 
-def _root_message(code: str, reference: str) -> str:
-    if code == "absolute-path":
-        return f"absolute path '{reference}' (paths must be relative to the data root; --allow-outside-root accepts it)"
-    return f"'{reference}' escapes the data root (--allow-outside-root accepts it)"
+def _check_swapped_columns(rows: list[_Row], problems: list[Problem]) -> None:
+    """Captions that look like video paths (and the reverse) mean the columns were swapped."""
+    if len(rows) < 2:
+        return
+    looks_like_path = sum(1 for r in rows if (r.caption or "").strip().lower().endswith(VIDEO_EXTENSIONS))
+    if looks_like_path * 2 > len(rows):
+        problems.append(Problem(
+            "columns-swapped", "error",
+            f"{looks_like_path} of {len(rows)} captions look like video paths; are the caption and video columns swapped?",
+            rows[0].caption_source, source=rows[0].caption_source,
+        ))

@@ -1,7 +1,9 @@
 """`dataset validate`: find every problem of a dataset up front, each with its file and line.
 
-Videos are probed from their container (frame count, fps, size) rather than decoded, in a thread
-pool, so that large datasets validate in seconds; `deep=True` decodes every frame.
+Videos are probed from their container (frame count, fps, size; one frame decoded) rather than
+decoded whole, in a thread pool, so that large datasets validate in seconds; `deep=True` decodes
+every frame. Problem codes are stable (see `CODES`); `path` is the file a problem is about and
+`line` the line (or table row) of the listing (`source`) that names it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,47 @@ from typing import Any
 from rich.markup import escape
 
 from cogtune import report
+from cogtune.data.clips import sampleable_frames
 from cogtune.data.dataset import DatasetConfig, Entry, Problem, read_entries
-from cogtune.data.video import VideoInfo, VideoReadError, probe_video, read_all_frames
+from cogtune.data.video import VideoInfo, VideoReadError, count_decodable_frames, probe_video
+from cogtune.errors import DataError
 from cogtune.models.registry import ModelSpec
+
+# Every code `validate` can report, and what it means.
+CODES = {
+    "missing-root": "the data root is not a folder",
+    "no-dataset": "no recognised layout in the data root",
+    "missing-caption-file": "the caption file is missing",
+    "missing-video-file": "the video-path file is missing",
+    "missing-image-file": "the image-path file is missing",
+    "missing-dataset-file": "the --dataset-file is missing",
+    "bad-dataset-file": "the dataset file is not valid CSV/JSON/JSONL",
+    "missing-column": "a named (or the default) column is not in the dataset file",
+    "bad-encoding": "a text file is not UTF-8",
+    "count-mismatch": "caption, video (and image) files list different numbers of entries",
+    "columns-swapped": "captions look like paths: caption and video columns are swapped",
+    "empty-dataset": "the dataset lists no entries",
+    "empty-caption": "a caption is empty",
+    "missing-caption": "a clip has no same-named .txt caption (folder layout)",
+    "empty-path": "a video or image path is empty",
+    "absolute-path": "a path is absolute (needs --allow-outside-root)",
+    "path-outside-root": "a path leads outside the data root (needs --allow-outside-root)",
+    "missing-file": "a listed video does not exist",
+    "not-a-file": "a listed video is a folder",
+    "empty-video": "a video file has 0 bytes",
+    "unreadable-video": "a video cannot be decoded (corrupt or unsupported)",
+    "no-video-stream": "a file has no video stream (e.g. audio only)",
+    "too-few-frames": "a clip has fewer frames than asked or than the model's minimum",
+    "frame-rule": "--frames breaks the model's frame rule",
+    "resolution-rule": "--height/--width break the model's resolution rule",
+    "missing-image": "a listed condition image does not exist",
+    "unreadable-image": "a condition image cannot be read",
+    "low-resolution": "(warning) a clip is smaller than the target and will be upscaled",
+    "missing-fps": "(warning; error with fps sampling) a clip has no frame rate",
+    "odd-fps": "(warning) a clip's frame rate is unusual (< 5 or > 120)",
+    "duplicate-entry": "(warning) the same video is listed twice",
+    "caption-truncated": "(warning) a caption has more tokens than the model reads",
+}
 
 
 @dataclasses.dataclass
@@ -30,6 +70,7 @@ class ValidationReport:
     stats: dict[str, Any]
     entries: list[Entry] = dataclasses.field(default_factory=list, repr=False)
     video_info: dict[int, VideoInfo] = dataclasses.field(default_factory=dict, repr=False)
+    bad_entries: set[int] = dataclasses.field(default_factory=set, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -46,16 +87,16 @@ class ValidationReport:
 
     def usable_entries(self) -> list[Entry]:
         """Entries with no error of their own."""
-        bad = {(p.path, p.line) for p in self.errors}
-        return [e for e in self.entries if (e.source, e.line) not in bad]
+        return [e for e in self.entries if e.index not in self.bad_entries]
 
 
 def _probe(entry: Entry, deep: bool) -> tuple[Entry, VideoInfo | None, VideoReadError | None]:
     try:
+        if entry.video.is_dir():
+            raise VideoReadError(f"{entry.video}: is a folder, not a video file", "not-a-file")
         info = probe_video(entry.video)
         if deep:
-            frames = read_all_frames(entry.video)
-            info = dataclasses.replace(info, frames=int(frames.shape[0]))
+            info = dataclasses.replace(info, frames=count_decodable_frames(entry.video))
         return entry, info, None
     except VideoReadError as exc:
         return entry, None, exc
@@ -72,7 +113,12 @@ def validate_dataset(
 ) -> ValidationReport:
     """Check a dataset against the requested clip shape and (optionally) a model's rules."""
     entries, problems = read_entries(config)
-    root = Path(config.root)
+    bad: set[int] = set()
+
+    def flag(entry: Entry, problem: Problem) -> None:
+        problems.append(problem)
+        if problem.severity == "error":
+            bad.add(entry.index)
 
     if model is not None:
         if frames is not None:
@@ -80,15 +126,19 @@ def validate_dataset(
         if height is not None and width is not None:
             problems += [Problem("resolution-rule", "error", m) for m in model.resolution_problems(height, width)]
     min_frames = max(frames or 0, model.min_frames if model is not None else 1)
+    target_fps = config.sample_fps or (model.fps if model is not None else None)
+    if config.frame_sampling == "fps" and target_fps is None:
+        raise DataError("frame_sampling 'fps' needs --sample-fps (or --model, whose fps is the default)")
 
-    seen: dict[str, int] = {}
+    first_listing: dict[str, int | None] = {}
     for entry in entries:
         key = str(entry.video)
-        if key in seen:
-            problems.append(Problem("duplicate-entry", "warning",
-                                    f"'{entry.video_ref}' is also listed on line {seen[key]}", entry.source, entry.line))
+        if key in first_listing:
+            where = f"line {first_listing[key]}" if first_listing[key] is not None else "another entry"
+            problems.append(Problem("duplicate-entry", "warning", f"also listed on {where}", entry.video_ref,
+                                    entry.line, entry.source))
         else:
-            seen[key] = entry.line
+            first_listing[key] = entry.line
 
     infos: dict[int, VideoInfo] = {}
     workers = max(1, min(8, (os.cpu_count() or 1) * 2))
@@ -98,56 +148,64 @@ def validate_dataset(
             bar.advance()
             if failure is not None:
                 message = failure.message.split(": ", 1)[-1]
-                problems.append(Problem(failure.code, "error", f"'{entry.video_ref}': {message}", entry.source, entry.line))
+                flag(entry, Problem(failure.code, "error", message, entry.video_ref, entry.line, entry.source))
                 continue
             assert info is not None
             infos[entry.index] = info
-            problems += _check_clip(entry, info, min_frames, height, width)
+            for problem in _check_clip(entry, info, min_frames, height, width, config, target_fps):
+                flag(entry, problem)
             if entry.image is not None:
-                problems += _check_image(entry, config)
+                for problem in _check_image(entry):
+                    flag(entry, problem)
 
     if tokenizer is not None and model is not None:
         problems += _check_caption_lengths(entries, tokenizer, model.max_text_tokens, config)
+    bad.update(entry.index for entry in entries if not entry.caption)
 
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity == "warning"]
-    stats = _statistics(entries, infos, root)
-    return ValidationReport(len(entries), errors, warnings, stats, entries, infos)
+    return ValidationReport(len(entries), errors, warnings, _statistics(entries, infos, Path(config.root)),
+                            entries, infos, bad)
 
 
-def _check_clip(entry: Entry, info: VideoInfo, min_frames: int, height: int | None, width: int | None) -> list[Problem]:
+def _check_clip(entry: Entry, info: VideoInfo, min_frames: int, height: int | None, width: int | None,
+                config: DatasetConfig, target_fps: float | None) -> list[Problem]:
     found = []
-    if info.frames < min_frames:
-        found.append(Problem("too-few-frames", "error",
-                             f"'{entry.video_ref}' has {info.frames} frames, fewer than the {min_frames} needed",
-                             entry.source, entry.line))
+
+    def problem(code: str, severity: str, message: str) -> None:
+        found.append(Problem(code, severity, message, entry.video_ref, entry.line, entry.source))  # type: ignore[arg-type]
+
+    if config.frame_sampling == "fps" and info.fps <= 0:
+        problem("missing-fps", "error", "clip has no frame rate, so it cannot be sampled at a target fps")
+        return found
+    available = sampleable_frames(info, config.frame_sampling, target_fps)
+    if available < min_frames:
+        detail = f" at {target_fps:g} fps" if config.frame_sampling == "fps" else ""
+        problem("too-few-frames", "error",
+                f"clip gives {available} frames{detail} ({info.frames} at {info.fps:g} fps), "
+                f"fewer than the {min_frames} needed")
     if (height is not None and info.height < height) or (width is not None and info.width < width):
-        found.append(Problem("low-resolution", "warning",
-                             f"'{entry.video_ref}' is {info.width}x{info.height}, below the target "
-                             f"{width or info.width}x{height or info.height} (it will be upscaled)",
-                             entry.source, entry.line))
+        problem("low-resolution", "warning", f"clip is {info.width}x{info.height}, below the target "
+                                             f"{width or info.width}x{height or info.height} (it will be upscaled)")
     if info.fps <= 0:
-        found.append(Problem("missing-fps", "warning", f"'{entry.video_ref}' has no frame rate", entry.source,
-                             entry.line))
+        problem("missing-fps", "warning", "clip has no frame rate")
     elif info.fps < 5 or info.fps > 120:
-        found.append(Problem("odd-fps", "warning", f"'{entry.video_ref}' runs at {info.fps:g} fps", entry.source,
-                             entry.line))
+        problem("odd-fps", "warning", f"clip runs at {info.fps:g} fps")
     return found
 
 
-def _check_image(entry: Entry, config: DatasetConfig) -> list[Problem]:
+def _check_image(entry: Entry) -> list[Problem]:
     from PIL import Image, UnidentifiedImageError
 
     assert entry.image is not None
-    column = config.image_column or ""
+    location = dict(path=entry.image_ref, line=entry.line, source=entry.image_source)
     if not entry.image.is_file():
-        return [Problem("missing-image", "error", f"image '{entry.image_ref}' not found", column, entry.line)]
+        return [Problem("missing-image", "error", "condition image not found", **location)]
     try:
         with Image.open(entry.image) as image:
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        return [Problem("unreadable-image", "error", f"image '{entry.image_ref}' cannot be read ({exc})", column,
-                        entry.line)]
+        return [Problem("unreadable-image", "error", f"condition image cannot be read ({exc})", **location)]
     return []
 
 
@@ -160,13 +218,14 @@ def _check_caption_lengths(entries: list[Entry], tokenizer: Any, limit: int, con
         if len(ids) > limit:
             found.append(Problem("caption-truncated", "warning",
                                  f"caption has {len(ids)} tokens; the model reads the first {limit}",
-                                 config.caption_column, entry.line))
+                                 entry.caption_source, entry.line, entry.caption_source))
     return found
 
 
 def _statistics(entries: list[Entry], infos: dict[int, VideoInfo], root: Path) -> dict[str, Any]:
     clips = list(infos.values())
     words = [len(entry.caption.split()) for entry in entries]
+    characters = [len(entry.caption) for entry in entries]
     resolutions = collections.Counter(f"{i.width}x{i.height}" for i in clips)
     fps_values = collections.Counter(f"{i.fps:g}" for i in clips)
     return {
@@ -174,21 +233,22 @@ def _statistics(entries: list[Entry], infos: dict[int, VideoInfo], root: Path) -
         "clips": len(clips),
         "total_duration_s": round(sum(i.duration for i in clips), 3),
         "frames": _summary([i.frames for i in clips]),
+        "duration_s": _summary([round(i.duration, 3) for i in clips]),
         "fps": dict(fps_values.most_common()),
         "resolutions": dict(resolutions.most_common()),
         "caption_words": _summary(words),
+        "caption_characters": _summary(characters),
     }
 
 
-def _summary(values: list[int]) -> dict[str, float] | None:
+def _summary(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def print_report(result: ValidationReport) -> None:
-    """The human view: problems (capped), then a statistics table."""
-    limit = 50
+def print_report(result: ValidationReport, limit: int = 50) -> None:
+    """The human view: problems (capped at `limit`), then a statistics table."""
     for problem in (result.errors + result.warnings)[:limit]:
         colour = "red" if problem.severity == "error" else "yellow"
         report.stderr.print(f"[{colour}]{problem.severity}[/] {escape(f'[{problem.code}] {problem.located()}')}")

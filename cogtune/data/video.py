@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from cogtune.errors import DataError
 from cogtune.fsutil import atomic_path
+from cogtune.quiet import debug_enabled, muted_native_stderr
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -49,8 +51,6 @@ def _decord():
     import decord
 
     if not _decord_quieted:
-        from cogtune.models.quiet import debug_enabled
-
         if not debug_enabled():
             decord.logging.set_level(decord.logging.QUIET)
         _decord_quieted = True
@@ -65,12 +65,22 @@ def _open_reader(path: Path):
     if path.stat().st_size == 0:
         raise VideoReadError(f"{path}: file is empty (0 bytes)", "empty-video")
     try:
-        return decord.VideoReader(str(path), num_threads=1)
+        with muted_native_stderr():
+            return decord.VideoReader(str(path), num_threads=1)
     except Exception as exc:  # decord raises its own DECORDError for every container problem
-        text = str(exc).lower()
-        code = "no-video-stream" if "stream" in text and "video" in text else "unreadable-video"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VideoReadError(f"{path}: cannot decode video ({first[:160]})", code) from None
+        text = str(exc)
+        if "cannot find video stream" in text or ("stream" in text.lower() and "video" in text.lower()):
+            raise VideoReadError(f"{path}: file has no video stream", "no-video-stream") from None
+        raise VideoReadError(f"{path}: cannot decode video ({_decord_reason(text)})", "unreadable-video") from None
+
+
+def _decord_reason(text: str) -> str:
+    """The useful part of a decord error: ffmpeg's reason, without log prefixes or the path."""
+    if text.strip().startswith("Error reading"):
+        return "not a readable video container (truncated, corrupt or not a video)"
+    match = re.search(r"ERROR (?:opening: [^,]*, )?(.*)$", text.strip())
+    reason = match.group(1) if match else (text.strip().splitlines() or ["unknown error"])[-1]
+    return reason.strip()[:160] or "unknown error"
 
 
 def probe_video(path: str | Path) -> VideoInfo:
@@ -101,6 +111,19 @@ def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
         return reader.get_batch(list(indices)).asnumpy()
     except Exception as exc:
         raise VideoReadError(f"{path}: cannot decode frames ({str(exc)[:160]})", "unreadable-video") from None
+
+
+def count_decodable_frames(path: str | Path, chunk: int = 32) -> int:
+    """Decode every frame (in chunks, to bound memory); a decoding failure is an error."""
+    reader = _open_reader(Path(path))
+    total = len(reader)
+    for start in range(0, total, chunk):
+        try:
+            reader.get_batch(list(range(start, min(start + chunk, total))))
+        except Exception as exc:
+            raise VideoReadError(f"{path}: frame {start} or after cannot be decoded ({str(exc)[:120]})",
+                                 "unreadable-video") from None
+    return total
 
 
 def read_all_frames(path: str | Path) -> np.ndarray:

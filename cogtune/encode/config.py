@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
-
 from cogtune.config import section, setting
 from cogtune.data.clips import Bucket
 from cogtune.data.dataset import DatasetConfig
@@ -17,7 +15,6 @@ class EncodeConfig:
     output_dir: str = setting("", "Cache folder to write (created; finished items are kept).")
     data: DatasetConfig = section(DatasetConfig, "The dataset to encode.")
     buckets: tuple[str, ...] = setting((), "Clip shapes FxHxW; default: the model's default frames x height x width.")
-    resize_mode: Literal["crop", "stretch"] = setting("crop", "Keep aspect and center-crop, or stretch to the bucket.")
     batch_size: int = setting(1, "Clips per VAE call (within one bucket).")
     i2v: bool | None = setting(None, "Also encode the condition image; default: when the model is I2V.")
     validation_prompts: tuple[str, ...] = setting((), "Prompts whose embeddings are cached for validation.")
@@ -26,6 +23,7 @@ class EncodeConfig:
     vae_tiling: bool = setting(False, "Encode frames in spatial tiles (less memory for large clips).")
     num_workers: int = setting(2, "Decoding worker processes that overlap with encoding.")
     overwrite: bool = setting(False, "Recompute items that are already cached.")
+    skip_invalid: bool = setting(False, "Encode the entries without errors instead of stopping at the first error.")
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -15,8 +15,8 @@ from typing import Any
 
 from cogtune import __version__, report
 from cogtune.config import write_config
-from cogtune.data.clips import Bucket, choose_bucket, load_clip, load_image
-from cogtune.data.dataset import Entry
+from cogtune.data.clips import Bucket, choose_bucket, load_clip, load_image, sampleable_frames
+from cogtune.data.dataset import DatasetConfig, Entry
 from cogtune.data.validate import ValidationReport, validate_dataset
 from cogtune.encode.cache import (
     CACHE_FORMAT,
@@ -56,6 +56,7 @@ class EncodePlan:
     pending_text: list[PlannedItem]
     i2v: bool
     validation: ValidationReport
+    target_fps: float
 
     def estimated_bytes(self) -> int:
         """Disk the whole cache takes (latents in the VAE dtype, text embeddings in the weight dtype)."""
@@ -92,18 +93,15 @@ def plan_encode(config: EncodeConfig, frames: int | None = None, height: int | N
     i2v = spec.is_i2v if config.i2v is None else config.i2v
 
     validation = validate_dataset(config.data, frames=min(b.frames for b in buckets), model=spec)
-    if validation.errors:
-        first = validation.errors[0]
-        more = f" (and {len(validation.errors) - 1} more)" if len(validation.errors) > 1 else ""
-        raise DataError(f"dataset has errors: {first.located()}{more}",
-                        hint=f"see them all with `cogtune dataset validate {config.data.root}`")
+    entries = _entries_to_encode(validation, config)
+    target_fps = config.data.sample_fps or spec.fps
 
     root = Path(config.output_dir)
     compat = compatibility(spec)
     items: list[PlannedItem] = []
-    for entry in validation.entries:
+    for entry in entries:
         info = validation.video_info[entry.index]
-        bucket = choose_bucket(info, buckets)
+        bucket = choose_bucket(info, buckets, sampleable_frames(info, config.data.frame_sampling, target_fps))
         if bucket is None:  # validation guarantees the smallest bucket fits; kept as a guard
             raise DataError(f"{entry.source}:{entry.line}: '{entry.video_ref}' fits no bucket")
         stat = entry.video.stat()
@@ -111,7 +109,8 @@ def plan_encode(config: EncodeConfig, frames: int | None = None, height: int | N
         caption = entry.caption_with(config.data.id_token)
         latent_key = stable_hash({
             "video": str(entry.video), "size": stat.st_size, "mtime": stat.st_mtime_ns, "bucket": str(bucket),
-            "resize": config.resize_mode, "i2v": i2v, "compat": compat, "model": model.location,
+            "resize": config.data.resize_mode, "sampling": config.data.frame_sampling, "fps": target_fps,
+            "i2v": i2v, "compat": compat, "model": model.location,
             "image": [str(entry.image), image_stat.st_size, image_stat.st_mtime_ns] if image_stat else None,
         })
         text_key = stable_hash({"caption": caption, "compat": compat, "model": model.location})
@@ -127,7 +126,32 @@ def plan_encode(config: EncodeConfig, frames: int | None = None, height: int | N
         return todo
 
     return EncodePlan(model, buckets, items, pending("latents", "latent_key"), pending("text", "text_key"), i2v,
-                      validation)
+                      validation, target_fps)
+
+
+# Errors that make the whole listing untrustworthy: skipping entries cannot fix them.
+_STRUCTURAL = {"count-mismatch", "columns-swapped", "frame-rule", "resolution-rule", "missing-root", "no-dataset",
+               "missing-caption-file", "missing-video-file", "missing-image-file", "missing-dataset-file",
+               "bad-dataset-file", "missing-column", "bad-encoding", "empty-dataset"}
+
+
+def _entries_to_encode(validation: ValidationReport, config: EncodeConfig) -> list[Entry]:
+    """All entries, or with `skip_invalid` those without errors; structural errors always stop."""
+    errors = validation.errors
+    if errors and (not config.skip_invalid or any(p.code in _STRUCTURAL for p in errors)):
+        blocking = next((p for p in errors if p.code in _STRUCTURAL), errors[0])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        hint = f"see them all with `cogtune dataset validate {config.data.root}`"
+        if blocking.code not in _STRUCTURAL:
+            hint += "; --skip-invalid encodes the entries without errors"
+        raise DataError(f"dataset has errors: {blocking.located()}{more}", hint=hint)
+    entries = validation.usable_entries()
+    if errors:
+        report.warn(f"skipping {len(validation.entries) - len(entries)} entries with errors (--skip-invalid); "
+                    f"first: {errors[0].located()}")
+    if not entries:
+        raise DataError("no usable entries left to encode")
+    return entries
 
 
 def print_plan(plan: EncodePlan) -> None:
@@ -158,9 +182,11 @@ def _human_bytes(count: int) -> str:
 class _ClipDataset:
     """Decodes the clips of planned items; runs in DataLoader workers."""
 
-    def __init__(self, items: list[PlannedItem], resize_mode: str, i2v: bool, infos: dict[int, Any]):
+    def __init__(self, items: list[PlannedItem], data: DatasetConfig, target_fps: float, i2v: bool,
+                 infos: dict[int, Any]):
         self.items = items
-        self.resize_mode = resize_mode
+        self.data = data
+        self.target_fps = target_fps
         self.i2v = i2v
         self.infos = infos
 
@@ -169,11 +195,13 @@ class _ClipDataset:
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         item = self.items[position]
-        pixels = load_clip(item.entry.video, item.bucket, self.resize_mode, self.infos.get(item.entry.index))
+        pixels = load_clip(item.entry.video, item.bucket, self.data.resize_mode, self.infos.get(item.entry.index),
+                           self.data.frame_sampling, self.target_fps)
         sample: dict[str, Any] = {"position": position, "pixels": pixels}
         if self.i2v:
             if item.entry.image is not None:
-                sample["image"] = load_image(item.entry.image, item.bucket.height, item.bucket.width, self.resize_mode)
+                sample["image"] = load_image(item.entry.image, item.bucket.height, item.bucket.width,
+                                             self.data.resize_mode)
             else:
                 sample["image"] = pixels[0]
         return sample
@@ -217,7 +245,7 @@ def encode_dataset(config: EncodeConfig, frames: int | None = None, height: int 
 
     import torch
 
-    from cogtune.models.quiet import quiet_libraries
+    from cogtune.quiet import quiet_libraries
 
     quiet_libraries()
     device = torch.device(default_device())
@@ -293,7 +321,7 @@ def _encode_latents(plan: EncodePlan, config: EncodeConfig, root: Path, device: 
     if config.vae_tiling:
         vae.enable_tiling()
     items = plan.pending_latents
-    dataset = _ClipDataset(items, config.resize_mode, plan.i2v, plan.validation.video_info)
+    dataset = _ClipDataset(items, config.data, plan.target_fps, plan.i2v, plan.validation.video_info)
     loader = DataLoader(
         dataset,
         batch_sampler=_bucket_batches(items, config.batch_size),
@@ -371,7 +399,9 @@ def _write_manifest(plan: EncodePlan, config: EncodeConfig, root: Path) -> None:
         },
         "text": {"max_tokens": spec.max_text_tokens, "embed_dim": spec.text_embed_dim},
         "buckets": [str(b) for b in plan.buckets],
-        "resize_mode": config.resize_mode,
+        "resize_mode": config.data.resize_mode,
+        "frame_sampling": config.data.frame_sampling,
+        "sample_fps": plan.target_fps if config.data.frame_sampling == "fps" else None,
         "frame_rule": spec.frame_rule,
         "id_token": config.data.id_token,
         "i2v": plan.i2v,

@@ -195,7 +195,7 @@ def default_device() -> str:
 # --- loading ---------------------------------------------------------------------------------
 
 def _from_pretrained(model: ResolvedModel, cls: Any, subfolder: str, **kwargs: Any) -> Any:
-    from cogtune.models.quiet import quiet_libraries
+    from cogtune.quiet import quiet_libraries
 
     quiet_libraries()
     try:
@@ -274,14 +274,19 @@ def load_text_encoder(model: ResolvedModel, dtype: Any = None, device: Any = "cp
     return _from_pretrained(model, T5EncoderModel, "text_encoder", torch_dtype=dtype).to(device)
 
 
-def load_tokenizer(model: ResolvedModel):
-    """The model's T5 tokenizer; random-weights models get the offline stand-in (ids are in range)."""
+def load_tokenizer(model: ResolvedModel, local_only: bool = False):
+    """The model's T5 tokenizer; random-weights models get the offline stand-in (ids are in range).
+
+    `local_only` reads a Hub model's tokenizer from the local cache only, never the network.
+    """
     if model.source == "random":
         from cogtune.models.tiny import build_tiny_tokenizer
 
         return build_tiny_tokenizer(model.spec.max_text_tokens)
     from transformers import AutoTokenizer
 
+    if local_only and model.source == "hub":
+        return _from_pretrained(model, AutoTokenizer, "tokenizer", local_files_only=True)
     return _from_pretrained(model, AutoTokenizer, "tokenizer")
 
 

@@ -113,7 +113,7 @@ def ensure_tiny_model(name: str, destination: str | Path | None = None) -> Path:
         return target
     if target.exists() and any(target.iterdir()):
         raise ModelError(f"{target} exists and is not a model folder; refusing to overwrite it")
-    from cogtune.models.quiet import quiet_libraries
+    from cogtune.quiet import quiet_libraries
 
     quiet_libraries()
     pipeline = build_tiny_pipeline(spec)

@@ -283,7 +283,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     output_dir = Path(config.output_dir)
     resume_from = find_resume_checkpoint(config)
 
-    from cogtune.models.quiet import quiet_libraries
+    from cogtune.quiet import quiet_libraries
 
     quiet_libraries()
     import torch

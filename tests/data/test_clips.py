@@ -49,3 +49,24 @@ def test_load_clip_shapes(tmp_path):
     path = write_video(tmp_path / "c.mp4", render_clip("circle", "red", "left", 17, 64, 96), fps=8)
     clip = load_clip(path, Bucket(9, 32, 32))
     assert clip.shape == (9, 3, 32, 32) and clip.dtype == torch.float32
+
+
+def test_fps_sampling_takes_the_middle_at_the_target_rate():
+    from cogtune.data.clips import frame_indices, sampleable_frames
+
+    info = VideoInfo(frames=100, fps=24, width=64, height=64)
+    # 24 fps -> 8 fps: every 3rd frame; 5 frames span 13 source frames, centred in 100
+    assert frame_indices(info, 5, "fps", 8) == [43, 46, 49, 52, 55]
+    assert sampleable_frames(info, "fps", 8) == 34
+    assert frame_indices(info, 5) == [0, 25, 50, 74, 99]  # uniform keeps first and last
+    with pytest.raises(DataError, match="need 103"):
+        frame_indices(info, 35, "fps", 8)
+    with pytest.raises(DataError, match="no frame rate"):
+        frame_indices(VideoInfo(100, 0, 64, 64), 5, "fps", 8)
+
+
+def test_clip_loading_is_deterministic(tmp_path):
+    path = write_video(tmp_path / "c.mp4", render_clip("circle", "red", "left", 17, 64, 96), fps=8)
+    first = load_clip(path, Bucket(9, 32, 48), sampling="fps", target_fps=8)
+    second = load_clip(path, Bucket(9, 32, 48), sampling="fps", target_fps=8)
+    assert torch.equal(first, second)

@@ -1,0 +1,111 @@
+"""Keep third-party chatter (torchao, bitsandbytes, torch, diffusers, decord) off the user's terminal.
+
+Messages of these libraries at import time are about optional kernels we do not use, and decord
+prints its own errors for files we already report; they bury cogtune's own output. `--debug`
+(COGTUNE_DEBUG=1) leaves them alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+
+_NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "torch._dynamo", "diffusers", "transformers",
+                  "accelerate", "peft", "huggingface_hub")
+
+_done = False
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("COGTUNE_DEBUG", "") not in ("", "0")
+
+
+def quiet_libraries() -> None:
+    """Lower the log level of chatty libraries; call before importing them. Idempotent."""
+    global _done
+    if _done or debug_enabled():
+        return
+    _done = True
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+
+
+# --- native stderr ---------------------------------------------------------------------------
+# decord and ffmpeg print their own errors straight to file descriptor 2 when a file cannot be
+# opened, whatever their log level; cogtune reports those problems itself, in one line. While a
+# video is opened, fd 2 points to /dev/null; cogtune's own output (through `StderrProxy`) keeps
+# going to the real stderr meanwhile.
+
+_mute_lock = threading.RLock()
+_mute_depth = 0
+_saved_fd: int | None = None
+
+
+@contextlib.contextmanager
+def muted_native_stderr() -> Iterator[None]:
+    """Silence what C libraries write to fd 2 inside the block (nestable, thread-safe)."""
+    global _mute_depth, _saved_fd
+    if debug_enabled():
+        yield
+        return
+    with _mute_lock:
+        if _mute_depth == 0:
+            sys.stderr.flush()
+            _saved_fd = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        _mute_depth += 1
+    try:
+        yield
+    finally:
+        with _mute_lock:
+            _mute_depth -= 1
+            if _mute_depth == 0 and _saved_fd is not None:
+                os.dup2(_saved_fd, 2)
+                os.close(_saved_fd)
+                _saved_fd = None
+
+
+class StderrProxy:
+    """A file for rich: `sys.stderr`, or the saved real stderr while fd 2 is muted."""
+
+    def _writes_to_fd2(self) -> bool:
+        try:
+            return sys.stderr.fileno() == 2
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def write(self, text: str) -> int:
+        with _mute_lock:
+            if _saved_fd is not None and self._writes_to_fd2():
+                sys.stderr.flush()
+                os.write(_saved_fd, text.encode(sys.stderr.encoding or "utf-8", errors="replace"))
+                return len(text)
+            return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stderr, "encoding", None) or "utf-8"
