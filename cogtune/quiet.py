@@ -81,31 +81,41 @@ def muted_native_stderr() -> Iterator[None]:
 
 
 class StderrProxy:
-    """A file for rich: `sys.stderr`, or the saved real stderr while fd 2 is muted."""
+    """A file for rich: the current stderr, or the saved real stderr while fd 2 is muted.
+
+    While a rich live display runs, `sys.stderr` is rich's own redirecting proxy; writing to it
+    from the console would loop back into the console, so the proxied file is used instead.
+    """
+
+    @staticmethod
+    def _stream():
+        stream = sys.stderr
+        return getattr(stream, "rich_proxied_file", stream)
 
     def _writes_to_fd2(self) -> bool:
         try:
-            return sys.stderr.fileno() == 2
+            return self._stream().fileno() == 2
         except (AttributeError, OSError, ValueError):
             return False
 
     def write(self, text: str) -> int:
         with _mute_lock:
+            stream = self._stream()
             if _saved_fd is not None and self._writes_to_fd2():
-                sys.stderr.flush()
-                os.write(_saved_fd, text.encode(sys.stderr.encoding or "utf-8", errors="replace"))
+                stream.flush()
+                os.write(_saved_fd, text.encode(getattr(stream, "encoding", None) or "utf-8", errors="replace"))
                 return len(text)
-            return sys.stderr.write(text)
+            return stream.write(text)
 
     def flush(self) -> None:
-        sys.stderr.flush()
+        self._stream().flush()
 
     def isatty(self) -> bool:
-        return sys.stderr.isatty()
+        return self._stream().isatty()
 
     def fileno(self) -> int:
-        return sys.stderr.fileno()
+        return self._stream().fileno()
 
     @property
     def encoding(self) -> str:
-        return getattr(sys.stderr, "encoding", None) or "utf-8"
+        return getattr(self._stream(), "encoding", None) or "utf-8"

@@ -29,10 +29,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from cogtune.quiet import StderrProxy
+
 # Without a terminal (CI logs, pipes) rich assumes 80 columns, which squeezes the progress fields.
 _WIDTH = None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", 120))
 stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else _WIDTH)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
+stderr = Console(file=StderrProxy(), highlight=False, soft_wrap=True, width=_WIDTH)
 
 _is_main_process = True
 
@@ -181,3 +183,27 @@ def _cell(value: Any) -> str:
 
 def is_interactive() -> bool:
     return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def byte_progress(description: str, total: int | None, completed: int = 0) -> Iterator[ProgressBar]:
+    """A transfer bar: bytes done of total, rate and ETA in human units (kB, MB, GB)."""
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    if not _enabled():
+        yield ProgressBar(None, None)
+        return
+    columns: list[ProgressColumn] = [
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        TextColumn("<"),
+        TimeRemainingColumn(compact=True),
+        TextColumn("{task.fields[fields]}"),
+    ]
+    with Progress(*columns, console=stderr, transient=False, refresh_per_second=4) as bar:
+        task_id = bar.add_task(description, total=total, completed=completed, fields="")
+        yield ProgressBar(bar, task_id)

@@ -20,10 +20,10 @@ _cogtune() {
         'bench memory') words="--model --rank --gradient-checkpointing --optimizer --batch-size --frames --height --width --estimate --measure --json --markdown --plot --help" ;;
         'completion') words="--help" ;;
         'dataset') words="download validate --help" ;;
-        'dataset download') words="--local-dir --revision --repo-type --include --exclude --help" ;;
-        'dataset validate') words="--caption-column --video-column --image-column --frames --height --width --model --allow-outside-root --id-token --deep --json --help" ;;
+        'dataset download') words="--local-dir --revision --repo-type --include --exclude --max-workers --no-validate --help" ;;
+        'dataset validate') words="--caption-column --video-column --image-column --dataset-file --frames --height --width --model --allow-outside-root --id-token --frame-sampling --sample-fps --deep --json --help" ;;
         'demo') words="--output-dir --steps --help" ;;
-        'encode') words="--model --data-root --output-dir --caption-column --video-column --image-column --allow-outside-root --id-token --frames --height --width --buckets --batch-size --i2v --no-i2v --validation-prompt --vae-slicing --vae-tiling --num-workers --overwrite --dry-run --random-weights --config --help" ;;
+        'encode') words="--model --data-root --output-dir --caption-column --video-column --image-column --dataset-file --allow-outside-root --id-token --frame-sampling --sample-fps --resize-mode --frames --height --width --buckets --batch-size --i2v --no-i2v --image-noise-samples --validation-prompt --vae-slicing --vae-tiling --num-workers --overwrite --skip-invalid --dry-run --random-weights --config --help" ;;
         'sample') words="--model --prompt --output --lora --lora-scale --image --negative-prompt --frames --height --width --steps --guidance --dynamic-cfg --seed --fps --overwrite --random-weights --config --help" ;;
         'train') words="i2v t2v --help" ;;
         'train i2v') words="--model --data --output-dir --config --rank --lora-alpha --full --steps --batch-size --gradient-accumulation --lr --optimizer --lr-schedule --warmup-steps --max-grad-norm --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --caption-dropout --checkpoint-every --keep-checkpoints --resume --seed --validation-prompt --validation-image --validation-every --validation-steps --report-to --random-weights --help" ;;

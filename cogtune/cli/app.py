@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 0 on success, 1 with a one-line reason on failure, 2 on usage errors."""
     from cogtune import report
     from cogtune.errors import CogtuneError
+    from cogtune.quiet import quiet_libraries
 
+    if "--debug" in (sys.argv[1:] if argv is None else argv):
+        os.environ["COGTUNE_DEBUG"] = "1"  # known before parsing, so that library logs stay on
+    quiet_libraries()  # before any library is imported: some read their settings at import time
     try:
         app(args=argv, prog_name="cogtune")
     except CogtuneError as exc:

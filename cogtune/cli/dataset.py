@@ -8,16 +8,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from cogtune.cli.common import examples
+from cogtune.cli.common import dataset_overrides, examples
 from cogtune.cli.options import (
     AllowOutsideRootOpt,
     CaptionColumnOpt,
     DataRootArg,
+    DatasetFileOpt,
+    FrameSamplingOpt,
     FramesOpt,
     HeightOpt,
     IdTokenOpt,
     ImageColumnOpt,
     OptionalModelOpt,
+    SampleFpsOpt,
     VideoColumnOpt,
     WidthOpt,
 )
@@ -30,6 +33,7 @@ app = typer.Typer(help="Check datasets before training, and fetch them from the 
     epilog=examples(
         "cogtune dataset validate data/ --frames 49 --height 480 --width 720 --model cogvideox-5b",
         "cogtune dataset validate data/ --json > report.json",
+        "cogtune dataset validate data/ --dataset-file metadata.csv --caption-column text --video-column file",
     ),
 )
 def validate(
@@ -37,12 +41,15 @@ def validate(
     caption_column: CaptionColumnOpt = None,
     video_column: VideoColumnOpt = None,
     image_column: ImageColumnOpt = None,
+    dataset_file: DatasetFileOpt = None,
     frames: FramesOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
     model: OptionalModelOpt = None,
     allow_outside_root: AllowOutsideRootOpt = False,
     id_token: IdTokenOpt = None,
+    frame_sampling: FrameSamplingOpt = None,
+    sample_fps: SampleFpsOpt = None,
     deep: Annotated[bool, typer.Option("--deep", help="Decode every frame of every clip (slow, thorough).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
@@ -54,18 +61,19 @@ def validate(
     from cogtune.errors import ModelError
     from cogtune.models.loading import load_tokenizer, resolve_model
 
-    config = load_config(DatasetConfig, overrides={
-        "root": str(data_root), "caption_column": caption_column, "video_column": video_column,
-        "image_column": image_column, "allow_outside_root": allow_outside_root or None, "id_token": id_token,
-    })
+    config = load_config(DatasetConfig, overrides=dataset_overrides(
+        data_root, caption_column, video_column, image_column, dataset_file, allow_outside_root, id_token,
+        frame_sampling, sample_fps, prefix=""))
     spec = tokenizer = None
     if model is not None:
         resolved = resolve_model(model)
         spec = resolved.spec
         try:
-            tokenizer = load_tokenizer(resolved)
-        except ModelError as exc:
-            report.warn(f"caption token counts skipped: {exc.message}")
+            tokenizer = load_tokenizer(resolved, local_only=True)  # validation never downloads
+        except ModelError:
+            report.warn(f"caption token counts skipped: the tokenizer of {model} is not in the local cache "
+                        f"(`cogtune encode` or `huggingface-cli download {resolved.location} --include 'tokenizer/*'`"
+                        " fetches it)")
     result = validate_dataset(config, frames=frames, height=height, width=width, model=spec, tokenizer=tokenizer,
                               deep=deep)
     if json_output:
@@ -81,18 +89,27 @@ def validate(
 
 @app.command(
     "download",
-    epilog=examples("cogtune dataset download Wild-Heart/Disney-VideoGeneration-Dataset --local-dir data/disney"),
+    epilog=examples(
+        "cogtune dataset download Wild-Heart/Disney-VideoGeneration-Dataset --local-dir data/disney",
+        "cogtune dataset download me/clips --local-dir data/clips --revision v1.0 --exclude 'raw/*'",
+    ),
 )
 def download(
     repo_id: Annotated[str, typer.Argument(help="Hub repository id, e.g. Wild-Heart/Disney-VideoGeneration-Dataset.")],
     local_dir: Annotated[Path, typer.Option("--local-dir", help="Folder to download into.")],
     revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit.")] = None,
-    repo_type: Annotated[str, typer.Option("--repo-type", help="dataset or model.")] = "dataset",
+    repo_type: Annotated[str, typer.Option("--repo-type", help="dataset, model or space.")] = "dataset",
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only files matching this glob.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Skip files matching this glob.")] = None,
+    max_workers: Annotated[int, typer.Option("--max-workers", min=1, help="Files downloaded at once.")] = 8,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip checking the downloaded dataset.")] = False,
 ) -> None:
-    """Download a dataset from the Hugging Face Hub, resumably, then validate it."""
-    from cogtune.errors import NotBuiltError
+    """Download a dataset from the Hugging Face Hub, resumably, then validate it.
 
-    raise NotBuiltError("`cogtune dataset download` is not built yet (issue 3)",
-                        hint=f"meanwhile: `huggingface-cli download {repo_id} --repo-type {repo_type} --local-dir {local_dir}`")
+    Re-running the same command resumes: files already downloaded are skipped. The token comes from
+    HF_TOKEN or `huggingface-cli login`; HF_ENDPOINT selects a mirror.
+    """
+    from cogtune.data.download import download_dataset
+
+    download_dataset(repo_id, local_dir, repo_type=repo_type, revision=revision, include=include, exclude=exclude,
+                     max_workers=max_workers, validate=not no_validate)

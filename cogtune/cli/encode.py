@@ -56,6 +56,11 @@ def encode(
     i2v: Annotated[
         Optional[bool], typer.Option("--i2v/--no-i2v", help="Encode condition images too. [default: for I2V models]")
     ] = None,
+    image_noise_samples: Annotated[
+        Optional[int],
+        typer.Option("--image-noise-samples", help="I2V: noisy encodes per condition image (augmentation). [default: 4]",
+                     min=0),
+    ] = None,
     validation_prompt: Annotated[
         Optional[list[str]], typer.Option("--validation-prompt", help="Cache this prompt's embedding (repeatable).")
     ] = None,
@@ -82,6 +87,7 @@ def encode(
         "buckets": as_tuple(buckets),
         "batch_size": batch_size,
         "i2v": i2v,
+        "image_noise_samples": image_noise_samples,
         "validation_prompts": as_tuple(validation_prompt),
         "vae_slicing": vae_slicing,
         "vae_tiling": vae_tiling,

@@ -17,6 +17,8 @@ class EncodeConfig:
     buckets: tuple[str, ...] = setting((), "Clip shapes FxHxW; default: the model's default frames x height x width.")
     batch_size: int = setting(1, "Clips per VAE call (within one bucket).")
     i2v: bool | None = setting(None, "Also encode the condition image; default: when the model is I2V.")
+    image_noise_samples: int = setting(
+        4, "I2V: noisy encodes of each condition image (CogVideoX's pixel-noise augmentation); 0: clean only.")
     validation_prompts: tuple[str, ...] = setting((), "Prompts whose embeddings are cached for validation.")
     random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).")
     vae_slicing: bool = setting(False, "Encode a batch one clip at a time inside the VAE.")
@@ -34,6 +36,8 @@ class EncodeConfig:
             raise ConfigError("data.root is required")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.image_noise_samples < 0:
+            raise ConfigError(f"image_noise_samples must be >= 0, got {self.image_noise_samples}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
         try:

@@ -4,6 +4,12 @@ Order of work: resolve the model and buckets (configs only), validate the datase
 files are missing or stale, then run the text encoder over the pending captions (and free it),
 then the VAE over the pending clips, with decoding in worker processes overlapping encoding.
 The manifest is written last; until it exists the cache is visibly incomplete.
+
+I2V: CogVideoX trains with pixel-space noise on the condition image (sigma drawn per step from
+exp(N(-3, 0.5))) and sometimes drops the image. The noise must be added before the VAE, which
+training does not load, so the cache stores, besides the clean condition latent, the posteriors
+of `image_noise_samples` noisy copies (each with its own sigma); every training step samples one
+copy and a latent from its posterior, and applies the image dropout itself.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from cogtune.encode.cache import (
 from cogtune.encode.config import EncodeConfig
 from cogtune.errors import DataError
 from cogtune.fsutil import atomic_write_text, sweep_temporaries
-from cogtune.models.loading import ResolvedModel, default_device, resolve_model
+from cogtune.models.loading import ResolvedModel, resolve_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,7 @@ class EncodePlan:
     i2v: bool
     validation: ValidationReport
     target_fps: float
+    image_noise_samples: int = 0
 
     def estimated_bytes(self) -> int:
         """Disk the whole cache takes (latents in the VAE dtype, text embeddings in the weight dtype)."""
@@ -69,7 +76,7 @@ class EncodePlan:
             w = item.bucket.width // spec.spatial_compression
             latent = 2 * spec.latent_channels * frames * h * w
             if self.i2v:
-                latent += 2 * spec.latent_channels * h * w
+                latent += 2 * spec.latent_channels * h * w * (1 + self.image_noise_samples)
             total += (latent + spec.max_text_tokens * spec.text_embed_dim) * bytes_per_value
         return total
 
@@ -110,7 +117,7 @@ def plan_encode(config: EncodeConfig, frames: int | None = None, height: int | N
         latent_key = stable_hash({
             "video": str(entry.video), "size": stat.st_size, "mtime": stat.st_mtime_ns, "bucket": str(bucket),
             "resize": config.data.resize_mode, "sampling": config.data.frame_sampling, "fps": target_fps,
-            "i2v": i2v, "compat": compat, "model": model.location,
+            "i2v": i2v, "noised": config.image_noise_samples if i2v else 0, "compat": compat, "model": model.location,
             "image": [str(entry.image), image_stat.st_size, image_stat.st_mtime_ns] if image_stat else None,
         })
         text_key = stable_hash({"caption": caption, "compat": compat, "model": model.location})
@@ -126,7 +133,7 @@ def plan_encode(config: EncodeConfig, frames: int | None = None, height: int | N
         return todo
 
     return EncodePlan(model, buckets, items, pending("latents", "latent_key"), pending("text", "text_key"), i2v,
-                      validation, target_fps)
+                      validation, target_fps, config.image_noise_samples if i2v else 0)
 
 
 # Errors that make the whole listing untrustworthy: skipping entries cannot fix them.
@@ -230,33 +237,47 @@ def _bucket_batches(items: list[PlannedItem], batch_size: int) -> list[list[int]
 
 def encode_dataset(config: EncodeConfig, frames: int | None = None, height: int | None = None,
                    width: int | None = None, dry_run: bool = False) -> EncodePlan:
-    """Encode (or finish encoding) a dataset into the cache at `config.output_dir`."""
+    """Encode (or finish encoding) a dataset into the cache at `config.output_dir`.
+
+    Under `torchrun`/`accelerate launch` every process plans the same work, takes every N-th
+    pending item, and the main process writes the manifest once all of them are done.
+    """
+    from cogtune.quiet import quiet_libraries
+
+    quiet_libraries()
+    from cogtune.distributed import process_state
+
+    state = process_state()
+    report.set_main_process(state.is_main_process)
     plan = plan_encode(config, frames, height, width)
     print_plan(plan)
     if dry_run:
         return plan
     root = Path(config.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    sweep_temporaries(root)
-    for sub in ("latents", "text"):
-        sweep_temporaries(root / sub)
-    (root / MANIFEST_NAME).unlink(missing_ok=True)  # the cache is incomplete until the end
-    write_config(config, root)
+    if state.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for folder in (root, root / "latents", root / "text"):
+            sweep_temporaries(folder)  # leftovers of a killed run; nothing else writes yet
+        (root / MANIFEST_NAME).unlink(missing_ok=True)  # the cache is incomplete until the end
+        write_config(config, root)
+    state.wait_for_everyone()
 
-    import torch
-
-    from cogtune.quiet import quiet_libraries
-
-    quiet_libraries()
-    device = torch.device(default_device())
-    _encode_text(plan, config, root, device)
-    _encode_latents(plan, config, root, device)
-    _write_manifest(plan, config, root)
-    report.success(f"cache ready: {root} ({len(plan.items)} items)")
+    rank, world = state.process_index, state.num_processes
+    if world > 1:
+        report.info(f"{world} processes: each encodes every {world}th pending item")
+    _encode_text(plan, config, root, state.device, plan.pending_text[rank::world], state.is_main_process)
+    _encode_latents(plan, config, root, state.device, plan.pending_latents[rank::world])
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _write_manifest(plan, config, root)
+        report.success(f"cache ready: {root} ({len(plan.items)} items)")
+    state.wait_for_everyone()
     return plan
 
 
-def _encode_text(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any) -> None:
+def _encode_text(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any, items: list[PlannedItem],
+                 shared: bool) -> None:
+    """Caption embeddings of `items`; with `shared`, also the empty and validation prompts."""
     import torch
 
     from cogtune.models.loading import load_text_encoder, load_tokenizer
@@ -266,19 +287,18 @@ def _encode_text(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any
     validation_key = stable_hash({"prompts": list(config.validation_prompts), "compat": compatibility(spec),
                                   "model": plan.model.location})
     empty_key = stable_hash({"prompt": "", "compat": compatibility(spec), "model": plan.model.location})
-    need_empty = (read_metadata(root / EMPTY_PROMPT_FILE) or {}).get("key") != empty_key or config.overwrite
-    need_validation = bool(config.validation_prompts) and (
-        (read_metadata(root / VALIDATION_PROMPTS_FILE) or {}).get("key") != validation_key or config.overwrite)
-    if not plan.pending_text and not need_empty and not need_validation:
+    need_empty = shared and (config.overwrite or (read_metadata(root / EMPTY_PROMPT_FILE) or {}).get("key") != empty_key)
+    need_validation = shared and bool(config.validation_prompts) and (
+        config.overwrite or (read_metadata(root / VALIDATION_PROMPTS_FILE) or {}).get("key") != validation_key)
+    if not items and not need_empty and not need_validation:
         return
     tokenizer = load_tokenizer(plan.model)
-    dtype = _encode_dtype(plan.model, device)
-    text_encoder = load_text_encoder(plan.model, dtype=dtype, device=device).eval()
+    text_encoder = load_text_encoder(plan.model, dtype=_encode_dtype(plan.model, device), device=device).eval()
     max_tokens = spec.max_text_tokens
     batch = 8
-    with report.progress("encoding captions", total=len(plan.pending_text), unit="captions") as bar:
-        for start in range(0, len(plan.pending_text), batch):
-            chunk = plan.pending_text[start : start + batch]
+    with report.progress("encoding captions", total=len(items), unit="captions") as bar:
+        for start in range(0, len(items), batch):
+            chunk = items[start : start + batch]
             embeds, counts = encode_prompts(tokenizer, text_encoder, [i.caption for i in chunk], max_tokens, device)
             for item, embed, count in zip(chunk, embeds, counts):
                 write_safetensors(root / text_file(item.index), {"prompt_embeds": embed},
@@ -292,7 +312,7 @@ def _encode_text(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any
         write_safetensors(root / VALIDATION_PROMPTS_FILE, {"prompt_embeds": embeds},
                           {"key": validation_key, "prompts": list(config.validation_prompts), "num_tokens": counts})
     del text_encoder
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
 
 
@@ -301,18 +321,41 @@ def _encode_dtype(model: ResolvedModel, device: Any):
 
     from cogtune.models.loading import torch_dtype
 
-    if device.type == "cpu":
+    if torch.device(device).type == "cpu":
         return torch.float32  # half-precision convolutions are slow or missing on CPUs
     return torch_dtype(model.spec.weight_dtype)
 
 
-def _encode_latents(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any) -> None:
+# CogVideoX's I2V training noises the condition image in pixel space: sigma ~ exp(N(-3, 0.5)).
+IMAGE_NOISE_LOG_MEAN, IMAGE_NOISE_LOG_STD = -3.0, 0.5
+
+
+def noised_condition_images(images: Any, keys: list[str], samples: int) -> tuple[Any, Any]:
+    """`samples` noisy copies of each condition image (B, 3, H, W) -> (B, K, 3, H, W) and sigmas (B, K).
+
+    The noise depends only on the item's cache key, so a resumed or sharded encode writes
+    exactly the bytes an uninterrupted one would.
+    """
+    import torch
+
+    noisy, sigmas = [], []
+    for image, key in zip(images, keys):
+        generator = torch.Generator().manual_seed(int(key[:15], 16))
+        sigma = torch.exp(torch.normal(IMAGE_NOISE_LOG_MEAN, IMAGE_NOISE_LOG_STD, (samples,), generator=generator))
+        noise = torch.randn((samples, *image.shape), generator=generator)
+        noisy.append(image.float().cpu()[None] + noise * sigma[:, None, None, None])
+        sigmas.append(sigma)
+    return torch.stack(noisy), torch.stack(sigmas)
+
+
+def _encode_latents(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any,
+                    items: list[PlannedItem]) -> None:
     import torch
     from torch.utils.data import DataLoader
 
     from cogtune.models.loading import load_vae
 
-    if not plan.pending_latents:
+    if not items:
         return
     dtype = _encode_dtype(plan.model, device)
     vae = load_vae(plan.model, dtype=dtype, device=device).eval()
@@ -320,33 +363,40 @@ def _encode_latents(plan: EncodePlan, config: EncodeConfig, root: Path, device: 
         vae.enable_slicing()
     if config.vae_tiling:
         vae.enable_tiling()
-    items = plan.pending_latents
     dataset = _ClipDataset(items, config.data, plan.target_fps, plan.i2v, plan.validation.video_info)
     loader = DataLoader(
         dataset,
         batch_sampler=_bucket_batches(items, config.batch_size),
         num_workers=min(config.num_workers, len(items)),
         collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        pin_memory=torch.device(device).type == "cuda",
     )
+
+    def encode(pixels: Any) -> Any:  # (B, F, 3, H, W) in [-1, 1] -> posterior parameters (B, 2C, F', H', W')
+        return vae.encode(pixels.to(device=device, dtype=dtype).permute(0, 2, 1, 3, 4)).latent_dist.parameters
+
+    samples = config.image_noise_samples
     with report.progress("encoding clips", total=len(items), unit="clips") as bar, torch.no_grad():
         for batch in loader:
-            pixels = batch["pixels"].to(device=device, dtype=dtype).permute(0, 2, 1, 3, 4)  # B, C, F, H, W
-            moments = vae.encode(pixels).latent_dist.parameters
-            image_moments = None
+            moments = encode(batch["pixels"])
+            keys = [items[position].latent_key for position in batch["positions"]]
+            extra: dict[str, Any] = {}
             if "image" in batch:
-                image = batch["image"].to(device=device, dtype=dtype).unsqueeze(2)  # B, C, 1, H, W
-                image_moments = vae.encode(image).latent_dist.parameters
+                extra["image_latent_dist"] = encode(batch["image"][:, None])
+                if samples:
+                    noisy, sigmas = noised_condition_images(batch["image"], keys, samples)
+                    flat = encode(noisy.flatten(0, 1)[:, None])
+                    extra["image_latent_dist_noised"] = flat.unflatten(0, (len(keys), samples))
+                    extra["image_noise_sigma"] = sigmas
             for row, position in enumerate(batch["positions"]):
                 item = items[position]
-                tensors = {"latent_dist": moments[row]}
-                if image_moments is not None:
-                    tensors["image_latent_dist"] = image_moments[row]
+                tensors = {"latent_dist": moments[row], **{name: value[row] for name, value in extra.items()}}
                 write_safetensors(root / latent_file(item.index), tensors,
                                   {"key": item.latent_key, "bucket": str(item.bucket), "video": item.entry.video_ref})
             bar.advance(len(batch["positions"]))
     del vae
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _dataset_fingerprint(plan: EncodePlan) -> str:
@@ -369,8 +419,9 @@ def _write_manifest(plan: EncodePlan, config: EncodeConfig, root: Path) -> None:
     items = []
     for item in plan.items:
         text_meta = read_metadata(root / text_file(item.index)) or {}
-        if read_metadata(root / latent_file(item.index)) is None or not text_meta:
-            raise DataError(f"cache item {item.index} was not written; re-run `cogtune encode`")
+        latent_meta = read_metadata(root / latent_file(item.index)) or {}
+        if latent_meta.get("key") != item.latent_key or text_meta.get("key") != item.text_key:
+            raise DataError(f"cache item {item.index} was not written; re-run `cogtune encode` to finish the cache")
         items.append({
             "index": item.index,
             "latent_file": latent_file(item.index),
@@ -395,6 +446,8 @@ def _write_manifest(plan: EncodePlan, config: EncodeConfig, root: Path) -> None:
             "latent_channels": spec.latent_channels,
             "spatial_compression": spec.spatial_compression,
             "temporal_compression": spec.temporal_compression,
+            "slicing": config.vae_slicing,
+            "tiling": config.vae_tiling,
             "stored": "unscaled posterior parameters (mean, logvar) on the channel axis",
         },
         "text": {"max_tokens": spec.max_text_tokens, "embed_dim": spec.text_embed_dim},
@@ -405,6 +458,11 @@ def _write_manifest(plan: EncodePlan, config: EncodeConfig, root: Path) -> None:
         "frame_rule": spec.frame_rule,
         "id_token": config.data.id_token,
         "i2v": plan.i2v,
+        "image_augmentation": {
+            "noised_samples": config.image_noise_samples,
+            "sigma": f"exp(N({IMAGE_NOISE_LOG_MEAN}, {IMAGE_NOISE_LOG_STD}))",
+            "space": "pixels in [-1, 1], before the VAE",
+        } if plan.i2v else None,
         "dataset": {"root": str(Path(config.data.root).resolve()), "fingerprint": _dataset_fingerprint(plan),
                     "items": len(plan.items)},
         "empty_prompt_file": EMPTY_PROMPT_FILE,

@@ -21,6 +21,7 @@ from typing import Any
 
 from cogtune import report
 from cogtune.config import config_to_dict, write_config
+from cogtune.distributed import force_cpu
 from cogtune.encode.cache import VideoLatentCache
 from cogtune.errors import ConfigError, TrainingError
 from cogtune.fsutil import atomic_write_text
@@ -72,6 +73,17 @@ def sample_latents(latent_dist: Any, scale: float, generator: Any) -> Any:
     return (posterior.sample(generator=generator) * scale).permute(0, 2, 1, 3, 4)
 
 
+def condition_latent_dist(batch: dict[str, Any], generator: Any) -> Any:
+    """The posterior of the condition image: one of the cached noise-augmented encodes, or the clean one."""
+    import torch
+
+    noised = batch.get("image_latent_dist_noised")
+    if noised is None:
+        return batch["image_latent_dist"]
+    pick = torch.randint(0, noised.shape[1], (noised.shape[0],), generator=generator)
+    return noised[torch.arange(noised.shape[0]), pick]
+
+
 def make_model_input(spec: ModelSpec, noisy_latents: Any, batch: dict[str, Any], generator: Any,
                      image_dropout: float) -> Any:
     """The transformer's `hidden_states`: the noisy latents, plus the condition image for I2V.
@@ -84,7 +96,7 @@ def make_model_input(spec: ModelSpec, noisy_latents: Any, batch: dict[str, Any],
 
     if not spec.is_i2v:
         return noisy_latents
-    image = sample_latents(batch["image_latent_dist"], spec.image_latent_scale, generator)
+    image = sample_latents(condition_latent_dist(batch, generator), spec.image_latent_scale, generator)
     batch_size, frames = noisy_latents.shape[:2]
     keep = (torch.rand(batch_size, generator=generator) >= image_dropout).to(image)
     image = image * keep[:, None, None, None, None]
@@ -295,6 +307,7 @@ def run_training(config: TrainConfig) -> TrainResult:
 
     mixed_precision = _mixed_precision(config, spec)
     accelerator = Accelerator(
+        cpu=force_cpu(),
         mixed_precision=mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),

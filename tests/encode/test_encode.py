@@ -118,3 +118,92 @@ def test_dry_run_writes_nothing(tmp_path, synthetic_data):
     plan = encode_dataset(config, dry_run=True)
     assert len(plan.items) == 4 and plan.estimated_bytes() > 0
     assert not (tmp_path / "c").exists()
+
+
+def test_i2v_cache_holds_clean_and_noised_condition_latents(tmp_path, synthetic_data):
+    from PIL import Image
+
+    root = tmp_path / "d"
+    import shutil
+
+    shutil.copytree(synthetic_data, root)
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(root / "red.png")
+    (root / "images.txt").write_text("red.png\n" * 4)
+    config = EncodeConfig(model="tiny-i2v", output_dir=str(tmp_path / "c"),
+                          data=DatasetConfig(root=str(root), image_column="images.txt"), buckets=("9x64x64",),
+                          image_noise_samples=3, num_workers=0)
+    encode_dataset(config)
+    cache = VideoLatentCache(tmp_path / "c")
+    item = cache.load_item(0)
+    assert item["image_latent_dist"].shape == (8, 1, 8, 8)
+    assert item["image_latent_dist_noised"].shape == (3, 8, 1, 8, 8)
+    sigmas = item["image_noise_sigma"]
+    assert sigmas.shape == (3,) and bool(((sigmas > 0.005) & (sigmas < 0.5)).all())
+    # noise is small: the noisy encodes stay close to the clean one, but differ from it
+    difference = (item["image_latent_dist_noised"][:, :4] - item["image_latent_dist"][:4]).abs().mean()
+    assert 0 < difference < 1
+    manifest = cache.manifest
+    assert manifest["i2v"] and manifest["image_augmentation"]["noised_samples"] == 3
+    cache.check_compatible(TINY_PRESETS["tiny-i2v"], needs_image_latents=True)
+
+
+def test_i2v_without_image_column_uses_the_first_frame(tmp_path, synthetic_data):
+    from cogtune.data.clips import Bucket, load_clip
+
+    config = EncodeConfig(model="tiny-i2v", output_dir=str(tmp_path / "c"), data=DatasetConfig(root=str(synthetic_data)),
+                          buckets=("9x64x64",), image_noise_samples=0, num_workers=0)
+    plan = encode_dataset(config)
+    cache = VideoLatentCache(tmp_path / "c")
+    item = cache.load_item(0)
+    assert "image_latent_dist_noised" not in item
+    from cogtune.models.loading import load_vae, resolve_model
+
+    vae = load_vae(resolve_model("tiny-i2v"), dtype=torch.float32)
+    first = load_clip(plan.items[0].entry.video, Bucket(9, 64, 64))[0]
+    with torch.no_grad():
+        expected = vae.encode(first[None, :, None]).latent_dist.parameters[0]
+    torch.testing.assert_close(item["image_latent_dist"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_loads_with_safetensors_alone(tiny_cache):
+    """Nothing of cogtune is needed to read a cache: plain JSON and plain safetensors."""
+    from safetensors import safe_open
+
+    manifest = json.loads((tiny_cache / "manifest.json").read_text())
+    for item in manifest["items"]:
+        for key in ("latent_file", "text_file"):
+            with safe_open(str(tiny_cache / item[key]), framework="pt") as handle:
+                assert handle.keys() and handle.metadata()["key"]
+    with safe_open(str(tiny_cache / manifest["empty_prompt_file"]), framework="pt") as handle:
+        assert handle.get_tensor("prompt_embeds").shape == (32, 32)
+
+
+def test_overwrite_recomputes(tmp_path, synthetic_data):
+    config = EncodeConfig(model="tiny", output_dir=str(tmp_path / "c"), data=DatasetConfig(root=str(synthetic_data)),
+                          buckets=("9x64x64",), num_workers=0)
+    encode_dataset(config)
+    again = encode_dataset(dataclasses.replace(config, overwrite=True))
+    assert len(again.pending_latents) == 4 and len(again.pending_text) == 4
+
+
+def test_changed_caption_recomputes_only_its_text(tmp_path, synthetic_data):
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(synthetic_data, root)
+    config = EncodeConfig(model="tiny", output_dir=str(tmp_path / "c"), data=DatasetConfig(root=str(root)),
+                          buckets=("9x64x64",), num_workers=0)
+    encode_dataset(config)
+    lines = (root / "prompts.txt").read_text().splitlines()
+    lines[2] = "A changed caption."
+    (root / "prompts.txt").write_text("\n".join(lines) + "\n")
+    plan = encode_dataset(config)
+    assert [i.index for i in plan.pending_text] == [2] and plan.pending_latents == []
+    assert VideoLatentCache(tmp_path / "c").items[2]["caption"] == "A changed caption."
+
+
+def test_train_refuses_an_incompatible_cache(cli, tiny_cache, tmp_path):
+    result = cli("train", "t2v", "--model", "tiny-rotary", "--data", tiny_cache, "--output-dir", tmp_path / "run")
+    assert result.exit_code == 1
+    assert "was made for tiny, which is incompatible with tiny-rotary (scaling_factor" in result.stderr
+    assert not (tmp_path / "run").exists()
