@@ -50,20 +50,33 @@ class SampleConfig:
             raise ConfigError(f"{len(self.images)} images for {len(self.prompts)} prompts; give one, or one per prompt")
 
 
-def resolve_shape(spec: ModelSpec, frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
+def resolve_shape(spec: ModelSpec, frames: int | None, height: int | None, width: int | None,
+                  learned_positions_dropped: bool = False) -> tuple[int, int, int]:
+    """The clip shape to sample, defaulted from the model and checked against its rules."""
+    from cogtune.models.positions import native_resolution
+
     frames = frames or spec.default_frames
     height = height or spec.default_height
     width = width or spec.default_width
     spec.check_clip_shape(frames, height, width)
-    if spec.learned_positional_embeddings:
-        native = (int(spec.transformer_config["sample_height"]) * spec.spatial_compression,
-                  int(spec.transformer_config["sample_width"]) * spec.spatial_compression)
-        if (height, width) != native:
+    if spec.learned_positional_embeddings and not learned_positions_dropped:
+        native_height, native_width = native_resolution(spec)
+        if (height, width) != (native_height, native_width):
             raise ModelError(
-                f"{spec.name} has learned positional embeddings for {native[1]}x{native[0]} only; "
-                f"cannot sample {width}x{height}"
+                f"{spec.name} has learned positional embeddings for {native_width}x{native_height} only; "
+                f"cannot sample {width}x{height}",
+                hint="a LoRA trained with --learned-positional-embeddings drop samples at any resolution",
             )
     return frames, height, width
+
+
+def check_lora_fits(info: dict[str, Any], spec: ModelSpec, lora_file: Path) -> None:
+    """Refuse a cogtune LoRA trained for another model family (LoRAs from elsewhere carry no record)."""
+    family = info.get("family")
+    if family and family != spec.family:
+        raise ModelError(f"the LoRA {lora_file} was trained for {info.get('model', 'another model')} ({family}); "
+                         f"{spec.name} is {spec.family}",
+                         hint="sample it with the model it was trained for")
 
 
 def output_paths(output: str | Path, count: int, overwrite: bool) -> list[Path]:
@@ -154,16 +167,23 @@ def run_sample(config: SampleConfig) -> list[Path]:
     from cogtune.quiet import quiet_libraries
     from cogtune.models.text import encode_prompts
 
+    from cogtune.models.positions import drop_learned_positional_embeddings
+    from cogtune.train.lora import read_lora_info
+
     model = resolve_model(config.model, random_weights=config.random_weights)
     spec = model.spec
-    frames, height, width = resolve_shape(spec, config.frames, config.height, config.width)
+    lora_file = resolve_lora_file(config.lora) if config.lora else None
+    lora_info = read_lora_info(lora_file) if lora_file is not None else {}
+    if lora_file is not None:
+        check_lora_fits(lora_info, spec, lora_file)
+    drop_positions = bool(lora_info.get("drop_learned_positional_embeddings"))
+    frames, height, width = resolve_shape(spec, config.frames, config.height, config.width, drop_positions)
     paths = output_paths(config.output, len(config.prompts), config.overwrite)
     if spec.is_i2v and not config.images:
         raise ConfigError(f"{spec.name} is an image-to-video model: pass --image")
     if config.images and not spec.is_i2v:
         raise ConfigError(f"{spec.name} is a text-to-video model: --image is for image-to-video models")
     images = [load_condition_image(p) for p in config.images]
-    lora_file = resolve_lora_file(config.lora) if config.lora else None
 
     quiet_libraries()
     import torch
@@ -184,6 +204,8 @@ def run_sample(config: SampleConfig) -> list[Path]:
         )
         if lora_file is not None:
             _load_lora(pipe, lora_file, spec)
+        if drop_positions:
+            drop_learned_positional_embeddings(pipe.transformer)  # as the LoRA was trained
     prompt_embeds, counts = encode_prompts(tokenizer, text_encoder, config.prompts, spec.max_text_tokens, device)
     negative, _ = encode_prompts(tokenizer, text_encoder, [config.negative_prompt] * len(config.prompts),
                                  spec.max_text_tokens, device)

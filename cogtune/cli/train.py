@@ -61,6 +61,14 @@ def _make_command(task: Literal["t2v", "i2v"]):
         caption_dropout: Annotated[
             Optional[float], typer.Option("--caption-dropout", help="Empty-caption probability. [default: 0, i2v 0.05]")
         ] = None,
+        image_dropout: Annotated[
+            Optional[float], typer.Option("--image-dropout", help="I2V: probability of dropping the image. [default: 0.05]")
+        ] = None,
+        learned_positional_embeddings: Annotated[
+            Optional[str],
+            typer.Option("--learned-positional-embeddings",
+                         help="5b-I2V: auto, keep or drop (drop trains other resolutions). [default: auto]"),
+        ] = None,
         checkpoint_every: Annotated[
             Optional[int], typer.Option("--checkpoint-every", help="Resumable checkpoint every N steps.", min=0)
         ] = None,
@@ -101,6 +109,8 @@ def _make_command(task: Literal["t2v", "i2v"]):
             "gradient_checkpointing": gradient_checkpointing,
             "seed": seed,
             "caption_dropout": caption_dropout,
+            "image_dropout": image_dropout,
+            "learned_positional_embeddings": learned_positional_embeddings,
             "resume": resume,
             "report_to": report_to,
             "lora.rank": rank,

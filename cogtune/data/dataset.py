@@ -117,7 +117,13 @@ def read_text_lines(path: Path) -> list[str]:
 
 
 def resolve_entry_path(root: Path, reference: str, allow_outside_root: bool) -> tuple[Path, str | None]:
-    """The absolute path of `reference`, and an error code when it breaks the root rule."""
+    """The absolute path of `reference`, and an error code when it breaks the root rule.
+
+    Windows separators (`videos\\a.mp4`, from datasets made on Windows) are read as `/` when the
+    literal name does not exist.
+    """
+    if "\\" in reference and not (root / reference).exists():
+        reference = reference.replace("\\", "/")
     candidate = Path(reference).expanduser() if reference.startswith("~") else Path(reference)
     if candidate.is_absolute():
         return candidate, None if allow_outside_root else "absolute-path"

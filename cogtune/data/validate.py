@@ -148,6 +148,8 @@ def validate_dataset(
             bar.advance()
             if failure is not None:
                 message = failure.message.split(": ", 1)[-1]
+                if failure.code == "missing-file" and "://" in entry.video_ref:
+                    message = "URLs are not read; download the videos into the data root first"
                 flag(entry, Problem(failure.code, "error", message, entry.video_ref, entry.line, entry.source))
                 continue
             assert info is not None

@@ -56,3 +56,32 @@ def pad_latent_frames(spec: ModelSpec, latents: Any) -> tuple[Any, int]:
         return latents, 0
     first = latents[:, :1].expand(-1, missing, -1, -1, -1)
     return torch.cat([first, latents], dim=1), missing
+
+
+def native_resolution(spec: ModelSpec) -> tuple[int, int]:
+    """(height, width) in pixels that learned positional embeddings were made for."""
+    config = spec.transformer_config
+    return (int(config["sample_height"]) * spec.spatial_compression,
+            int(config["sample_width"]) * spec.spatial_compression)
+
+
+def needs_learned_positions_dropped(spec: ModelSpec, shapes: list[tuple[int, int, int]]) -> bool:
+    """True when a model with learned positional embeddings must see another resolution (or more frames).
+
+    diffusers refuses other resolutions outright; more latent frames than the table holds would
+    read past it. (The factory's issue #26: 5b-I2V trained on several resolutions.)
+    """
+    if not spec.learned_positional_embeddings:
+        return False
+    height, width = native_resolution(spec)
+    max_frames = int(spec.transformer_config["sample_frames"])
+    return any((h, w) != (height, width) or f > max_frames for f, h, w in shapes)
+
+
+def drop_learned_positional_embeddings(transformer: Any) -> None:
+    """Stop adding 5b-I2V's learned positional embedding; the rotary embeddings still give positions.
+
+    The table stays in the module (a LoRA on top leaves the base weights alone); it is only no
+    longer added, at any resolution. A model trained this way must be sampled the same way.
+    """
+    transformer.patch_embed.use_learned_positional_embeddings = False

@@ -124,6 +124,9 @@ class TrainConfig:
     gradient_checkpointing: bool = setting(True, "Recompute block activations in the backward pass (less memory).")
     seed: int = setting(42, "Seed of data order, noise and timesteps.")
     caption_dropout: float | None = setting(None, "Probability of training on the empty caption; default 0 (t2v), 0.05 (i2v).")
+    image_dropout: float = setting(0.05, "I2V: probability of training without the condition image (as CogVideoX did).")
+    learned_positional_embeddings: Literal["auto", "keep", "drop"] = setting(
+        "auto", "5b-I2V's learned positions: drop them to train other resolutions; auto: drop when a bucket needs it.")
     resume: str | None = setting(None, "Resume from 'latest' or a checkpoint folder.")
     report_to: Literal["none", "tensorboard", "wandb"] = setting("none", "Experiment tracker, through accelerate.")
     lora: LoraConfig = section(LoraConfig, "LoRA settings (ignored with full = true).")
@@ -132,15 +135,17 @@ class TrainConfig:
     checkpointing: CheckpointConfig = section(CheckpointConfig, "Resumable checkpoints.")
 
     def __post_init__(self) -> None:
-        for name in ("model", "data", "output_dir"):
+        for name, flag in (("model", "--model"), ("data", "--data"), ("output_dir", "--output-dir")):
             if not getattr(self, name):
-                raise ConfigError(f"{name} is required")
+                raise ConfigError(f"{name} is required ({flag}, or `{name} = ...` in the --config file)")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ConfigError("batch_size and gradient_accumulation must be >= 1")
         if self.caption_dropout is not None and not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if not 0.0 <= self.image_dropout <= 1.0:
+            raise ConfigError(f"image_dropout must be in [0, 1], got {self.image_dropout}")
         if self.validation.images and self.task != "i2v":
             raise ConfigError("validation images are for i2v training only")
 

@@ -1,20 +1,24 @@
 """LoRA through peft, saved in the format diffusers' CogVideoX pipelines load.
 
-The adapter config (rank, alpha, target modules) is stored in the safetensors metadata, so that
-`pipe.load_lora_weights(OUT)` rebuilds the adapter with the trained alpha: the loaded LoRA acts at
-the scale it was trained at, with no `set_adapters` call.
+The adapter config (rank, alpha, target modules) is stored in the safetensors metadata under the
+key diffusers reads (`lora_adapter_metadata`), so `pipe.load_lora_weights(OUT)` rebuilds the
+adapter with the trained alpha and the LoRA acts at its trained scale, with no `set_adapters`
+call. A second key, `cogtune`, records what it was trained for (model family, buckets, whether
+5b-I2V's learned positional embeddings were dropped); diffusers ignores it, `cogtune sample` reads it.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import json
 from pathlib import Path
 from typing import Any
 
+from cogtune.fsutil import atomic_path
 from cogtune.train.config import LoraConfig
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key
+COGTUNE_METADATA_KEY = "cogtune"
 
 
 def add_lora(transformer: Any, config: LoraConfig) -> None:
@@ -35,22 +39,39 @@ def lora_state_dict(transformer: Any) -> dict[str, Any]:
     return get_peft_model_state_dict(transformer)
 
 
-def save_lora(directory: str | Path, transformer: Any) -> Path:
-    """Write `directory/pytorch_lora_weights.safetensors` atomically (diffusers' format)."""
+def save_lora(directory: str | Path, transformer: Any, info: dict[str, Any] | None = None) -> Path:
+    """Write `directory/pytorch_lora_weights.safetensors` atomically, in diffusers' format."""
     from diffusers import CogVideoXPipeline
+    from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / LORA_WEIGHTS_NAME
     state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(transformer).items()}
-    metadata = transformer.peft_config["default"].to_dict()
-    with tempfile.TemporaryDirectory(prefix=".tmp-lora-", dir=directory) as tmp:
+    adapter = transformer.peft_config["default"].to_dict()
+    # diffusers keys the adapter config by component ("transformer.r", ...), as its own writer does;
+    # the round-trip test (load_lora_weights gives the trained output) guards this format.
+    adapter = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in adapter.items()}
+    metadata = {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True),
+                COGTUNE_METADATA_KEY: json.dumps(info or {}, sort_keys=True)}
+    with atomic_path(target) as tmp:
+        # diffusers names the keys (`transformer.` prefix) and hands them to our save function.
         CogVideoXPipeline.save_lora_weights(
-            tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,
-            safe_serialization=True, weight_name=LORA_WEIGHTS_NAME,
+            str(tmp.parent), transformer_lora_layers=state, weight_name=tmp.name, safe_serialization=True,
+            save_function=lambda weights, filename: save_file(weights, filename, metadata=metadata),
         )
-        target = directory / LORA_WEIGHTS_NAME
-        shutil.move(str(Path(tmp) / LORA_WEIGHTS_NAME), str(target))
     return target
+
+
+def read_lora_info(path: str | Path) -> dict[str, Any]:
+    """What cogtune recorded about a LoRA file (empty for LoRAs from elsewhere)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    try:
+        return json.loads(metadata.get(COGTUNE_METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        return {}
 
 
 def load_lora_state(transformer: Any, path: str | Path) -> None:

@@ -136,7 +136,9 @@ def _run_in_terminal(*args: str, timeout: float = 60) -> tuple[int, str]:
             output += chunk
         elif process.poll() is not None:
             break
-    if process.poll() is None:
+    try:  # the terminal closes a moment before the process is gone
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
         raise AssertionError(f"cogtune {' '.join(map(str, args))} hung in a terminal:\n{output.decode()[-2000:]}")

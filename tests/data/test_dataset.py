@@ -175,3 +175,10 @@ def test_nothing_recognisable(tmp_path):
     (tmp_path / "readme.md").write_text("hi")
     _, problems = read_entries(DatasetConfig(root=str(tmp_path)))
     assert [p.code for p in problems] == ["no-dataset"]
+
+
+def test_windows_separators_are_accepted(tmp_path):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"x")
+    entries, problems = read_entries(make(tmp_path, b"a\n", b"videos\\a.mp4\n"))
+    assert problems == [] and entries[0].video == tmp_path / "videos" / "a.mp4"

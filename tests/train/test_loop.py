@@ -79,7 +79,7 @@ def test_overfitting_one_clip_drives_the_loss_down(tmp_path, tiny_cache):
     """Same clip, same noise and timestep every step: the model must fit it."""
     from cogtune.encode import VideoLatentCache
     from cogtune.models.loading import load_scheduler
-    from cogtune.train.loop import training_step
+    from cogtune.train.step import StepSettings, training_step
 
     model = resolve_model("tiny")
     cache = VideoLatentCache(tiny_cache)
@@ -92,9 +92,9 @@ def test_overfitting_one_clip_drives_the_loss_down(tmp_path, tiny_cache):
     scheduler = load_scheduler(model)
     losses = []
     for _ in range(100):
-        generator = torch.Generator().manual_seed(0)
-        loss = training_step(transformer, scheduler, model.spec, batch, cache.empty_prompt_embeds(), 0.0,
-                             generator, "cpu", torch.float32)
+        generators = [torch.Generator().manual_seed(0)]
+        loss = training_step(transformer, scheduler, model.spec, batch, cache.empty_prompt_embeds(), StepSettings(),
+                             generators, "cpu", torch.float32)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -1,0 +1,112 @@
+"""Validation videos with the in-training weights, through the same code as `cogtune sample`.
+
+Text embeddings come from the cache (no text encoder on the device); the VAE is loaded for the
+pass and freed after it. The first pass records `memory_before_validation` and
+`memory_after_validation`. Only the main process renders; the others wait, so a prompt count that
+does not divide the process count cannot deadlock anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cogtune import report
+from cogtune.encode.cache import VideoLatentCache
+from cogtune.errors import ConfigError
+from cogtune.models.loading import ResolvedModel
+from cogtune.train.config import TrainConfig
+from cogtune.train.memory import MemoryLog
+
+
+def validation_prompts(config: TrainConfig, cache: VideoLatentCache, is_i2v: bool) -> list[str]:
+    """The prompts validation renders: the configured ones, else those cached by `encode`.
+
+    Checked before any weight loads: prompts must be in the cache, and I2V needs an image per
+    prompt (cached prompts without images are skipped with a warning instead).
+    """
+    runs = config.validation.every > 0 or config.validation.final
+    explicit = list(config.validation.prompts)
+    prompts = explicit or cache.validation_prompts
+    if not runs or not prompts:
+        return []
+    if is_i2v and len(config.validation.images) != len(prompts):
+        if not explicit:
+            report.warn("validation skipped: the cache has validation prompts, but image-to-video validation needs "
+                        "one --validation-image per prompt")
+            return []
+        raise ConfigError(f"image-to-video validation needs one --validation-image per prompt "
+                          f"({len(prompts)} prompts, {len(config.validation.images)} images)")
+    missing = [p for p in prompts if p not in cache.validation_prompts]
+    if missing:
+        raise ConfigError(
+            f"validation prompt not in the cache: {missing[0]!r}",
+            hint="pass validation prompts to `cogtune encode --validation-prompt`, so that training needs no "
+                 "text encoder",
+        )
+    return prompts
+
+
+class Validator:
+    def __init__(self, config: TrainConfig, model: ResolvedModel, cache: VideoLatentCache, accelerator: Any,
+                 compute_dtype: Any, prompts: list[str]):
+        self.config = config
+        self.model = model
+        self.cache = cache
+        self.accelerator = accelerator
+        self.compute_dtype = compute_dtype
+        self.prompts = prompts
+        self.embeds = self._prompt_embeds() if prompts else None
+
+    def _prompt_embeds(self):
+        import torch
+
+        cached = dict(zip(self.cache.validation_prompts, self.cache.validation_prompt_embeds()))
+        return torch.stack([cached[p] for p in self.prompts])
+
+    def run(self, transformer: Any, name: str, memory: MemoryLog) -> None:
+        """Render the validation videos into `validation/<name>/`."""
+        if not self.prompts:
+            return
+        if "memory_before_validation" not in memory.records:
+            memory.record("memory_before_validation")
+        if self.accelerator.is_main_process:
+            self._render(transformer, Path(self.config.output_dir) / "validation" / name)
+        self.accelerator.wait_for_everyone()
+        if "memory_after_validation" not in memory.records:
+            memory.record("memory_after_validation")
+
+    def _shape(self) -> tuple[int, int, int]:
+        frames, height, width = (int(v) for v in self.cache.buckets[0].split("x"))
+        validation = self.config.validation
+        return validation.frames or frames, validation.height or height, validation.width or width
+
+    def _render(self, transformer: Any, folder: Path) -> None:
+        import torch
+
+        from cogtune.data.video import write_video
+        from cogtune.models.loading import build_pipeline, load_scheduler, load_vae
+        from cogtune.sample import generate_videos, load_condition_image
+
+        spec = self.model.spec
+        validation = self.config.validation
+        frames, height, width = self._shape()
+        unwrapped = self.accelerator.unwrap_model(transformer)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        vae = load_vae(self.model, dtype=self.compute_dtype, device=self.accelerator.device)
+        pipe = build_pipeline(self.model, transformer=unwrapped, vae=vae, text_encoder=None, tokenizer=None,
+                              scheduler=load_scheduler(self.model))
+        negative = self.cache.empty_prompt_embeds()[None].expand_as(self.embeds)
+        images = [load_condition_image(p) for p in validation.images] if validation.images else None
+        with self.accelerator.autocast():
+            videos = generate_videos(pipe, spec, self.embeds, negative, frames, height, width, validation.steps,
+                                     validation.guidance, validation.seed, images=images)
+        for index, video in enumerate(videos):
+            write_video(folder / f"{index:02d}.mp4", video, fps=spec.fps)
+        del pipe, vae
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if was_training:
+            unwrapped.train()
+        report.info(f"validation videos: {folder}")

@@ -1,0 +1,35 @@
+"""Caches for each tiny family, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def family_cache(tmp_path_factory, synthetic_data):
+    """`family_cache(model, bucket)`: a cache of the synthetic clips for a tiny preset (I2V ones with images)."""
+    from cogtune.data.dataset import DatasetConfig
+    from cogtune.encode import EncodeConfig, encode_dataset
+
+    made = {}
+
+    def build(model: str, bucket: str = "9x64x64"):
+        key = (model, bucket)
+        if key not in made:
+            root = tmp_path_factory.mktemp("family") / f"{model}-{bucket}"
+            encode_dataset(EncodeConfig(model=model, output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)),
+                                        buckets=(bucket,), validation_prompts=("A red circle moves left.",),
+                                        image_noise_samples=2, num_workers=0))
+            made[key] = root
+        return made[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def condition_image(tmp_path_factory):
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("image") / "red.png"
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(path)
+    return path
