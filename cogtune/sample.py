@@ -1,7 +1,12 @@
-"""`cogtune sample`: generate videos from a base model or a LoRA, through diffusers' pipelines.
+"""`cogtune sample`: generate videos from a base model, a LoRA or a full fine-tune.
 
-`generate_videos` is the one code path for sampling: the CLI uses it with prompts it encodes, the
-trainer's validation uses it with the cached prompt embeddings and the in-training weights.
+`generate_videos` is the one code path for sampling: the CLI uses it with the prompts it encodes,
+the trainer's validation with the cached prompt embeddings and the in-training weights.
+
+Everything is checked before a weight loads (shape rules, images, outputs, the LoRA's family).
+Prompts are encoded first and T5 is freed before the transformer loads, so the two never share the
+GPU; memory options (VAE tiling/slicing, model or sequential CPU offload, fp8 storage of the
+transformer's weights) are diffusers' own.
 """
 
 from __future__ import annotations
@@ -9,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cogtune import report
-from cogtune.config import setting
+from cogtune.config import setting, write_config
 from cogtune.errors import ConfigError, DataError, ModelError
 from cogtune.models.registry import ModelSpec
 
@@ -21,9 +26,11 @@ from cogtune.models.registry import ModelSpec
 class SampleConfig:
     model: str = setting("", "MODEL: a preset, tiny preset, Hub id or local diffusers folder.")
     prompts: tuple[str, ...] = setting((), "Prompts; one video each.")
+    prompts_file: str | None = setting(None, "A text file of prompts, one per line (added after `prompts`).")
     output: str = setting("", "Output .mp4 file (one prompt) or folder (several).")
     lora: str | None = setting(None, "LoRA weights: a pytorch_lora_weights.safetensors file or its folder.")
     lora_scale: float = setting(1.0, "Strength of the LoRA (0: the base model).")
+    transformer: str | None = setting(None, "A fully fine-tuned transformer/ folder (or the run folder holding it).")
     images: tuple[str, ...] = setting((), "I2V: condition image(s), one for all prompts or one per prompt.")
     negative_prompt: str = setting("", "Negative prompt for classifier-free guidance.")
     frames: int | None = setting(None, "Frames; default: the model's.")
@@ -32,23 +39,34 @@ class SampleConfig:
     steps: int = setting(50, "Denoising steps.")
     guidance: float = setting(6.0, "Classifier-free guidance scale (1: off).")
     dynamic_cfg: bool = setting(False, "Raise guidance over the denoising steps (CogVideoX's dynamic CFG).")
+    scheduler: Literal["model", "ddim", "dpm"] = setting(
+        "model", "Sampler: the model's own (DDIM), or CogVideoX's DPM solver (recommended for 5b).")
     seed: int = setting(42, "Seed; the i-th video uses seed + i.")
     fps: int | None = setting(None, "Frame rate of the written mp4; default: the model's.")
+    vae_tiling: bool = setting(False, "Decode in spatial tiles (less memory).")
+    vae_slicing: bool = setting(False, "Decode one video at a time.")
+    offload: Literal["none", "model", "sequential"] = setting(
+        "none", "CPU offload (GPU only): whole components (model) or layer by layer (sequential, slowest, least memory).")
+    fp8: bool = setting(False, "Store the transformer's weights in float8 and compute in bf16 (GPU; about half the memory).")
+    preview: Literal["none", "gif", "png", "both"] = setting(
+        "none", "Also write a GIF and/or a PNG contact sheet beside each mp4.")
     random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).")
     overwrite: bool = setting(False, "Replace existing output files.")
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise ConfigError("model is required")
-        if not self.prompts:
-            raise ConfigError("at least one prompt is required")
+            raise ConfigError("model is required (--model, or `model = ...` in the --config file)")
+        if not self.prompts and not self.prompts_file:
+            raise ConfigError("at least one prompt is required (--prompt or --prompts-file)")
         if not self.output:
-            raise ConfigError("output is required")
+            raise ConfigError("output is required (--output)")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.images and len(self.images) not in (1, len(self.prompts)):
-            raise ConfigError(f"{len(self.images)} images for {len(self.prompts)} prompts; give one, or one per prompt")
+        if self.lora and self.transformer:
+            raise ConfigError("--lora and --transformer exclude each other: a LoRA goes on the base transformer")
 
+
+# --- checks before loading -----------------------------------------------------------------------
 
 def resolve_shape(spec: ModelSpec, frames: int | None, height: int | None, width: int | None,
                   learned_positions_dropped: bool = False) -> tuple[int, int, int]:
@@ -79,6 +97,24 @@ def check_lora_fits(info: dict[str, Any], spec: ModelSpec, lora_file: Path) -> N
                          hint="sample it with the model it was trained for")
 
 
+def read_prompts(config: SampleConfig) -> list[str]:
+    prompts = list(config.prompts)
+    if config.prompts_file:
+        from cogtune.data.dataset import read_text_lines
+
+        path = Path(config.prompts_file)
+        try:
+            lines = read_text_lines(path)
+        except FileNotFoundError:
+            raise DataError(f"prompts file not found: {path}") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise DataError(f"{config.prompts_file} holds no prompts")
+    return prompts
+
+
 def output_paths(output: str | Path, count: int, overwrite: bool) -> list[Path]:
     output = Path(output)
     if count == 1 and output.suffix.lower() == ".mp4":
@@ -93,6 +129,97 @@ def output_paths(output: str | Path, count: int, overwrite: bool) -> list[Path]:
             raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace it")
     return paths
 
+
+def load_condition_image(path: str | Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def resolve_lora_file(lora: str | Path) -> Path:
+    path = Path(lora)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        raise DataError(f"LoRA weights not found: {path}")
+    return path
+
+
+def resolve_transformer_folder(path: str | Path, spec: ModelSpec) -> Path:
+    """A full fine-tune's `transformer/` folder, checked against the model's architecture."""
+    import json
+
+    folder = Path(path)
+    if (folder / "transformer" / "config.json").is_file():
+        folder = folder / "transformer"
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise DataError(f"no fine-tuned transformer in {path} (expected transformer/config.json)")
+    config = json.loads(config_path.read_text())
+    keys = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "patch_size",
+            "patch_size_t", "use_rotary_positional_embeddings", "ofs_embed_dim", "text_embed_dim")
+    different = [k for k in keys if config.get(k) != spec.transformer_config.get(k)]
+    if different:
+        raise ModelError(f"the transformer in {folder} does not fit {spec.name} (differs in {', '.join(different)})",
+                         hint="sample it with the model it was fine-tuned from")
+    return folder
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplePlan:
+    model: Any
+    prompts: list[str]
+    paths: list[Path]
+    shape: tuple[int, int, int]
+    images: list[Any]
+    lora_file: Path | None
+    transformer_folder: Path | None
+    drop_learned_positions: bool
+
+
+def plan_sample(config: SampleConfig) -> SamplePlan:
+    from cogtune.models.loading import resolve_model
+    from cogtune.train.lora import read_lora_info
+
+    model = resolve_model(config.model, random_weights=config.random_weights)
+    spec = model.spec
+    prompts = read_prompts(config)
+    lora_file = resolve_lora_file(config.lora) if config.lora else None
+    info = read_lora_info(lora_file) if lora_file is not None else {}
+    if lora_file is not None:
+        check_lora_fits(info, spec, lora_file)
+    transformer_folder = resolve_transformer_folder(config.transformer, spec) if config.transformer else None
+    drop = bool(info.get("drop_learned_positional_embeddings"))
+    if transformer_folder is not None and spec.learned_positional_embeddings:
+        import json
+
+        saved = json.loads((transformer_folder / "config.json").read_text())
+        drop = not saved.get("use_learned_positional_embeddings", True)  # saved without the table
+    shape = resolve_shape(spec, config.frames, config.height, config.width, drop)
+    if spec.is_i2v and not config.images:
+        raise ConfigError(f"{spec.name} is an image-to-video model: pass --image")
+    if config.images and not spec.is_i2v:
+        raise ConfigError(f"{spec.name} is a text-to-video model: --image is for image-to-video models")
+    if config.images and len(config.images) not in (1, len(prompts)):
+        raise ConfigError(f"{len(config.images)} images for {len(prompts)} prompts; give one, or one per prompt")
+    images = [load_condition_image(p) for p in config.images]
+    if config.offload != "none" or config.fp8:
+        import torch
+
+        if not torch.cuda.is_available():
+            option = "--fp8" if config.fp8 else f"--offload {config.offload}"
+            raise ConfigError(f"{option} needs a CUDA GPU")
+    paths = output_paths(config.output, len(prompts), config.overwrite)
+    return SamplePlan(model, prompts, paths, shape, images, lora_file, transformer_folder, drop)
+
+
+# --- generation ----------------------------------------------------------------------------------
 
 def generate_videos(
     pipe: Any,
@@ -139,98 +266,132 @@ def generate_videos(
     return videos
 
 
-def load_condition_image(path: str | Path):
-    from PIL import Image, UnidentifiedImageError
+def _encode_all_prompts(model: Any, prompts: list[str], negative: str, device: Any, dtype: Any) -> tuple[Any, Any]:
+    """Prompt and negative embeddings; T5 is freed before the transformer loads."""
+    import torch
 
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
+    from cogtune.models.loading import load_text_encoder, load_tokenizer
+    from cogtune.models.text import encode_prompts
+
+    spec = model.spec
+    tokenizer = load_tokenizer(model)
+    text_encoder = load_text_encoder(model, dtype=dtype, device=device)
+    embeds, counts = encode_prompts(tokenizer, text_encoder, prompts, spec.max_text_tokens, device)
+    negatives, _ = encode_prompts(tokenizer, text_encoder, [negative] * len(prompts), spec.max_text_tokens, device)
+    for prompt, count in zip(prompts, counts):
+        if count > spec.max_text_tokens:
+            report.warn(f"prompt has {count} tokens; {spec.name} reads the first {spec.max_text_tokens}: "
+                        f"{prompt[:60]}...")
+    del text_encoder
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return embeds.cpu(), negatives.cpu()
 
 
-def resolve_lora_file(lora: str | Path) -> Path:
-    path = Path(lora)
-    if path.is_dir():
-        path = path / "pytorch_lora_weights.safetensors"
-    if not path.is_file():
-        raise DataError(f"LoRA weights not found: {path}")
-    return path
+def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtype: Any):
+    import torch
+    from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+
+    from cogtune.models.loading import build_pipeline, load_scheduler, load_transformer, load_vae, torch_dtype
+    from cogtune.models.positions import drop_learned_positional_embeddings
+
+    model, spec = plan.model, plan.model.spec
+    dtype = dtype or torch_dtype(spec.weight_dtype)
+    place = "cpu" if config.offload != "none" else device  # offload hooks move components themselves
+    if plan.transformer_folder is not None:
+        transformer = CogVideoXTransformer3DModel.from_pretrained(plan.transformer_folder, torch_dtype=dtype).to(place)
+    else:
+        transformer = load_transformer(model, dtype=dtype, device=place)
+    if config.fp8:
+        # Before the LoRA: its own layers then stay in bf16, only the base weights are stored in fp8.
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    scheduler = load_scheduler(model)
+    if config.scheduler == "dpm":
+        scheduler = CogVideoXDPMScheduler.from_config(scheduler.config)
+    elif config.scheduler == "ddim" and type(scheduler).__name__ != "CogVideoXDDIMScheduler":
+        from diffusers import CogVideoXDDIMScheduler
+
+        scheduler = CogVideoXDDIMScheduler.from_config(scheduler.config)
+    pipe = build_pipeline(model, transformer=transformer, vae=load_vae(model, dtype=dtype, device=place),
+                          text_encoder=None, tokenizer=None, scheduler=scheduler)
+    if plan.lora_file is not None:
+        try:
+            pipe.load_lora_weights(str(plan.lora_file.parent), weight_name=plan.lora_file.name, adapter_name="cogtune")
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load the LoRA {plan.lora_file} into {spec.name}: {first[:200]}",
+                             hint="was it trained for another model?") from None
+    if plan.drop_learned_positions:
+        drop_learned_positional_embeddings(pipe.transformer)  # as it was trained
+    if config.vae_tiling:
+        pipe.vae.enable_tiling()
+    if config.vae_slicing:
+        pipe.vae.enable_slicing()
+    if config.offload == "model":
+        pipe.enable_model_cpu_offload()
+    elif config.offload == "sequential":
+        pipe.enable_sequential_cpu_offload()
+    return pipe
+
+
+def write_previews(path: Path, video: Any, fps: float, kind: str) -> list[Path]:
+    """A GIF and/or a PNG contact sheet (up to 8 frames in a row) beside the mp4."""
+    import numpy as np
+    from PIL import Image
+
+    from cogtune.fsutil import atomic_path
+
+    frames = (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
+    written = []
+    if kind in ("gif", "both"):
+        gif = path.with_suffix(".gif")
+        with atomic_path(gif) as tmp:
+            images = [Image.fromarray(frame) for frame in frames]
+            images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                           duration=max(1, round(1000 / fps)), loop=0)
+        written.append(gif)
+    if kind in ("png", "both"):
+        sheet = path.with_suffix(".png")
+        picks = np.linspace(0, len(frames) - 1, min(8, len(frames))).round().astype(int)
+        strip = np.concatenate([frames[i] for i in picks], axis=1)
+        with atomic_path(sheet) as tmp:
+            Image.fromarray(strip).save(tmp, format="PNG")
+        written.append(sheet)
+    return written
 
 
 def run_sample(config: SampleConfig) -> list[Path]:
-    """Generate one mp4 per prompt; returns the written paths."""
+    """Generate one mp4 per prompt (and previews); returns the written mp4 paths."""
     from cogtune.data.video import write_video
-    from cogtune.models.loading import build_pipeline, default_device, load_tokenizer, resolve_model
+    from cogtune.models.loading import default_device
     from cogtune.quiet import quiet_libraries
-    from cogtune.models.text import encode_prompts
 
-    from cogtune.models.positions import drop_learned_positional_embeddings
-    from cogtune.train.lora import read_lora_info
-
-    model = resolve_model(config.model, random_weights=config.random_weights)
-    spec = model.spec
-    lora_file = resolve_lora_file(config.lora) if config.lora else None
-    lora_info = read_lora_info(lora_file) if lora_file is not None else {}
-    if lora_file is not None:
-        check_lora_fits(lora_info, spec, lora_file)
-    drop_positions = bool(lora_info.get("drop_learned_positional_embeddings"))
-    frames, height, width = resolve_shape(spec, config.frames, config.height, config.width, drop_positions)
-    paths = output_paths(config.output, len(config.prompts), config.overwrite)
-    if spec.is_i2v and not config.images:
-        raise ConfigError(f"{spec.name} is an image-to-video model: pass --image")
-    if config.images and not spec.is_i2v:
-        raise ConfigError(f"{spec.name} is a text-to-video model: --image is for image-to-video models")
-    images = [load_condition_image(p) for p in config.images]
-
+    plan = plan_sample(config)
+    spec = plan.model.spec
+    frames, height, width = plan.shape
     quiet_libraries()
     import torch
 
     device = default_device()
-    dtype = torch.float32 if device == "cpu" else None
-    from cogtune.models.loading import load_text_encoder, load_transformer, load_vae
-
-    with report.status(f"loading {model.reference}"):
-        tokenizer = load_tokenizer(model)
-        text_encoder = load_text_encoder(model, dtype=dtype, device=device)
-        pipe = build_pipeline(
-            model,
-            tokenizer=tokenizer,
-            text_encoder=text_encoder,
-            transformer=load_transformer(model, dtype=dtype, device=device),
-            vae=load_vae(model, dtype=dtype, device=device),
-        )
-        if lora_file is not None:
-            _load_lora(pipe, lora_file, spec)
-        if drop_positions:
-            drop_learned_positional_embeddings(pipe.transformer)  # as the LoRA was trained
-    prompt_embeds, counts = encode_prompts(tokenizer, text_encoder, config.prompts, spec.max_text_tokens, device)
-    negative, _ = encode_prompts(tokenizer, text_encoder, [config.negative_prompt] * len(config.prompts),
-                                 spec.max_text_tokens, device)
-    for prompt, count in zip(config.prompts, counts):
-        if count > spec.max_text_tokens:
-            report.warn(f"prompt has {count} tokens; {spec.name} reads the first {spec.max_text_tokens}: {prompt[:60]}...")
-    attention_kwargs = {"scale": config.lora_scale} if lora_file is not None else None
+    dtype = torch.float32 if device == "cpu" else None  # half precision is slow or missing on CPUs
+    with report.status(f"encoding {len(plan.prompts)} prompt(s)"):
+        embeds, negatives = _encode_all_prompts(plan.model, plan.prompts, config.negative_prompt, device, dtype)
+    with report.status(f"loading {plan.model.reference}"):
+        pipe = _sampling_pipeline(plan, config, device, dtype)
+    attention_kwargs = {"scale": config.lora_scale} if plan.lora_file is not None else None
+    fps = config.fps or spec.fps
     written = []
-    with report.progress("sampling", total=len(paths), unit="videos") as bar:
-        for index, path in enumerate(paths):
-            video = generate_videos(
-                pipe, spec, prompt_embeds[index : index + 1], negative[index : index + 1], frames, height, width,
-                config.steps, config.guidance, config.seed + index,
-                images=[images[index] if len(images) > 1 else images[0]] if images else None,
-                dynamic_cfg=config.dynamic_cfg, attention_kwargs=attention_kwargs,
-            )[0]
-            written.append(write_video(path, video, fps=config.fps or spec.fps))
+    with report.progress("sampling", total=len(plan.paths), unit="videos") as bar:
+        for index, path in enumerate(plan.paths):
+            image = [plan.images[index] if len(plan.images) > 1 else plan.images[0]] if plan.images else None
+            video = generate_videos(pipe, spec, embeds[index : index + 1], negatives[index : index + 1], frames,
+                                    height, width, config.steps, config.guidance, config.seed + index, images=image,
+                                    dynamic_cfg=config.dynamic_cfg, attention_kwargs=attention_kwargs)[0]
+            written.append(write_video(path, video, fps=fps))
+            if config.preview != "none":
+                write_previews(path, video, fps, config.preview)
             bar.advance()
+    folder = plan.paths[0].parent
+    config_name = "config.toml" if len(plan.paths) > 1 else f"{plan.paths[0].stem}.config.toml"
+    write_config(dataclasses.replace(config, prompts=tuple(plan.prompts), prompts_file=None), folder, config_name)
     return written
-
-
-def _load_lora(pipe: Any, lora_file: Path, spec: ModelSpec) -> None:
-    try:
-        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="cogtune")
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load the LoRA {lora_file} into {spec.name}: {first[:200]}",
-                         hint="was it trained for another model family?") from None

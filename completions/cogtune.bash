@@ -10,7 +10,7 @@ _cogtune() {
         for k in "${known[@]}"; do [[ "$k" == "$candidate" ]] && cmdpath="$candidate"; done
     done
     case "$prev" in
-        --config|--data|--data-root|--json|--local-dir|--lora|--markdown|--output|--output-dir|--plot) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --config|--data|--data-root|--json|--local-dir|--lora|--markdown|--output|--output-dir|--plot|--prompts-file|--transformer) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --model|-m) COMPREPLY=($(compgen -W "cogvideox-2b cogvideox-5b cogvideox-5b-i2v cogvideox1.5-5b cogvideox1.5-5b-i2v tiny tiny-rotary tiny-i2v tiny-1.5 tiny-1.5-i2v" -- "$cur") $(compgen -d -- "$cur")); return ;;
     esac
     local words=""
@@ -24,7 +24,7 @@ _cogtune() {
         'dataset validate') words="--caption-column --video-column --image-column --dataset-file --frames --height --width --model --allow-outside-root --id-token --frame-sampling --sample-fps --deep --json --help" ;;
         'demo') words="--output-dir --steps --help" ;;
         'encode') words="--model --data-root --output-dir --caption-column --video-column --image-column --dataset-file --allow-outside-root --id-token --frame-sampling --sample-fps --resize-mode --frames --height --width --buckets --batch-size --i2v --no-i2v --image-noise-samples --validation-prompt --vae-slicing --vae-tiling --num-workers --overwrite --skip-invalid --dry-run --random-weights --config --help" ;;
-        'sample') words="--model --prompt --output --lora --lora-scale --image --negative-prompt --frames --height --width --steps --guidance --dynamic-cfg --seed --fps --overwrite --random-weights --config --help" ;;
+        'sample') words="--model --prompt --prompts-file --output --lora --lora-scale --transformer --image --negative-prompt --frames --height --width --steps --guidance --dynamic-cfg --scheduler --seed --fps --vae-tiling --vae-slicing --offload --fp8 --preview --overwrite --random-weights --config --help" ;;
         'train') words="i2v t2v --help" ;;
         'train i2v') words="--model --data --output-dir --config --rank --lora-alpha --full --steps --batch-size --gradient-accumulation --lr --optimizer --lr-schedule --warmup-steps --max-grad-norm --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --caption-dropout --image-dropout --learned-positional-embeddings --checkpoint-every --keep-checkpoints --resume --seed --validation-prompt --validation-image --validation-every --validation-steps --report-to --random-weights --help" ;;
         'train t2v') words="--model --data --output-dir --config --rank --lora-alpha --full --steps --batch-size --gradient-accumulation --lr --optimizer --lr-schedule --warmup-steps --max-grad-norm --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --caption-dropout --image-dropout --learned-positional-embeddings --checkpoint-every --keep-checkpoints --resume --seed --validation-prompt --validation-image --validation-every --validation-steps --report-to --random-weights --help" ;;

@@ -1,34 +1,118 @@
-"""`cogtune sample`: frame count and size, seeds, LoRA scale."""
+"""`cogtune sample`: shape, seeds, LoRA scale, full fine-tunes, I2V, prompt files, previews, errors."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 
 from cogtune.data.video import probe_video, read_all_frames
-from cogtune.errors import ConfigError
+from cogtune.errors import ConfigError, DataError, ModelError
 from cogtune.sample import SampleConfig, run_sample
+
+PROMPT = "A red circle moves left."
+
+
+def _config(tmp_path, name, **kwargs):
+    return SampleConfig(model=kwargs.pop("model", "tiny"), prompts=kwargs.pop("prompts", (PROMPT,)),
+                        output=str(tmp_path / name), steps=3, frames=9, height=64, width=64, **kwargs)
 
 
 def _sample(tmp_path, name, **kwargs):
-    config = SampleConfig(model="tiny", prompts=("A red circle moves left.",), output=str(tmp_path / name),
-                          steps=3, frames=9, height=64, width=64, **kwargs)
-    (path,) = run_sample(config)
+    (path,) = run_sample(_config(tmp_path, name, **kwargs))
     return path
+
+
+def _frames(path):
+    return read_all_frames(path).astype(int)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_cache):
+    """A LoRA and a full fine-tune of `tiny`, trained hard enough to change the output visibly."""
+    from cogtune.train import TrainConfig, run_training
+    from cogtune.train.config import LoraConfig, OptimizerConfig, ValidationConfig
+
+    root = tmp_path_factory.mktemp("trained")
+    common = dict(model="tiny", data=str(tiny_cache), steps=15, optimizer=OptimizerConfig(lr=2e-2),
+                  validation=ValidationConfig(final=False))
+    lora = run_training(TrainConfig(output_dir=str(root / "lora"), lora=LoraConfig(rank=8), **common))
+    full = run_training(TrainConfig(output_dir=str(root / "full"), full=True, **common))
+    return lora.output_dir, full.output_dir
 
 
 def test_sample_has_the_asked_shape(tmp_path):
     path = _sample(tmp_path, "a.mp4")
     info = probe_video(path)
     assert (info.frames, info.height, info.width, info.fps) == (9, 64, 64, 8.0)
+    assert (tmp_path / "a.config.toml").is_file()
 
 
 def test_same_seed_same_video_other_seed_other_video(tmp_path):
-    a = read_all_frames(_sample(tmp_path, "a.mp4", seed=1)).astype(int)
-    b = read_all_frames(_sample(tmp_path, "b.mp4", seed=1)).astype(int)
-    c = read_all_frames(_sample(tmp_path, "c.mp4", seed=2)).astype(int)
+    a = _frames(_sample(tmp_path, "a.mp4", seed=1))
+    b = _frames(_sample(tmp_path, "b.mp4", seed=1))
+    c = _frames(_sample(tmp_path, "c.mp4", seed=2))
     assert np.array_equal(a, b)
     assert np.abs(a - c).mean() > 1
+
+
+def test_lora_scale_zero_is_the_base_model_and_the_lora_changes_it(tmp_path, trained):
+    lora, _ = trained
+    base = _frames(_sample(tmp_path, "base.mp4"))
+    off = _frames(_sample(tmp_path, "off.mp4", lora=str(lora), lora_scale=0.0))
+    on = _frames(_sample(tmp_path, "on.mp4", lora=str(lora)))
+    assert np.array_equal(base, off)
+    assert np.abs(base - on).mean() > 1
+
+
+def test_full_fine_tune_via_transformer_folder(tmp_path, trained):
+    _, full = trained
+    base = _frames(_sample(tmp_path, "base.mp4"))
+    tuned = _frames(_sample(tmp_path, "tuned.mp4", transformer=str(full)))
+    assert np.abs(base - tuned).mean() > 1
+    with pytest.raises(ModelError, match="does not fit tiny-rotary"):
+        run_sample(_config(tmp_path, "x.mp4", model="tiny-rotary", transformer=str(full)))
+
+
+def test_image_to_video(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (80, 48), (30, 200, 30)).save(tmp_path / "green.png")
+    path = _sample(tmp_path, "i2v.mp4", model="tiny-i2v", images=(str(tmp_path / "green.png"),))
+    assert probe_video(path).frames == 9
+    with pytest.raises(ConfigError, match="image-to-video model: pass --image"):
+        run_sample(_config(tmp_path, "no-image.mp4", model="tiny-i2v"))
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    with pytest.raises(DataError, match="cannot read image"):
+        run_sample(_config(tmp_path, "bad.mp4", model="tiny-i2v", images=(str(tmp_path / "broken.png"),)))
+    with pytest.raises(ConfigError, match="text-to-video model: --image"):
+        run_sample(_config(tmp_path, "t2v.mp4", images=(str(tmp_path / "green.png"),)))
+
+
+def test_prompts_file_writes_one_video_each(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\ufeffA red circle.\r\n\r\nA blue square.\r\nA green ball.\r\n")
+    paths = run_sample(dataclasses.replace(_config(tmp_path, "out"), prompts=(), prompts_file=str(prompts)))
+    assert [p.name for p in paths] == ["sample_000.mp4", "sample_001.mp4", "sample_002.mp4"]
+    assert (tmp_path / "out" / "config.toml").is_file()
+    with pytest.raises(ConfigError, match="need an output folder"):
+        run_sample(dataclasses.replace(_config(tmp_path, "x.mp4"), prompts=(), prompts_file=str(prompts)))
+
+
+def test_previews(tmp_path):
+    from PIL import Image
+
+    path = _sample(tmp_path, "p.mp4", preview="both")
+    with Image.open(path.with_suffix(".gif")) as gif:
+        assert gif.n_frames == 9 and gif.size == (64, 64)
+    with Image.open(path.with_suffix(".png")) as sheet:
+        assert sheet.size == (64 * 8, 64)
+
+
+def test_dpm_scheduler_and_dynamic_cfg(tmp_path):
+    path = _sample(tmp_path, "dpm.mp4", scheduler="dpm", dynamic_cfg=True)
+    assert probe_video(path).frames == 9
 
 
 def test_refuses_to_overwrite(tmp_path):
@@ -38,8 +122,22 @@ def test_refuses_to_overwrite(tmp_path):
     _sample(tmp_path, "a.mp4", overwrite=True)
 
 
-def test_impossible_frame_count_is_caught_before_loading(tmp_path):
-    from cogtune.errors import ModelError
-
+def test_checks_happen_before_loading(tmp_path):
     with pytest.raises(ModelError, match="frame rule"):
         run_sample(SampleConfig(model="tiny", prompts=("x",), output=str(tmp_path / "x.mp4"), frames=10))
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        run_sample(_config(tmp_path, "x.mp4", offload="model"))
+    with pytest.raises(DataError, match="LoRA weights not found"):
+        run_sample(_config(tmp_path, "x.mp4", lora=str(tmp_path / "nope")))
+
+
+def test_cli_errors_are_one_line(cli, tmp_path):
+    result = cli("sample", "--model", "tiny-i2v", "--prompt", PROMPT, "--output", tmp_path / "x.mp4")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == ["error: tiny-i2v is an image-to-video model: pass --image"]
+
+
+@pytest.mark.gpu
+def test_memory_options_on_a_gpu(tmp_path):
+    path = _sample(tmp_path, "gpu.mp4", fp8=True, offload="model", vae_tiling=True, vae_slicing=True)
+    assert probe_video(path).frames == 9
