@@ -47,7 +47,8 @@ class SampleConfig:
     vae_slicing: bool = setting(False, "Decode one video at a time.")
     offload: Literal["none", "model", "sequential"] = setting(
         "none", "CPU offload (GPU only): whole components (model) or layer by layer (sequential, slowest, least memory).")
-    fp8: bool = setting(False, "Store the transformer's weights in float8 and compute in bf16 (GPU; about half the memory).")
+    fp8: bool = setting(False, "Store the transformer's Linear weights in float8 and compute in bf16 (GPU; about half "
+                               "the transformer's memory).")
     preview: Literal["none", "gif", "png", "both"] = setting(
         "none", "Also write a GIF and/or a PNG contact sheet beside each mp4.")
     random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).")
@@ -289,9 +290,9 @@ def _encode_all_prompts(model: Any, prompts: list[str], negative: str, device: A
 
 
 def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtype: Any):
-    import torch
     from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 
+    from cogtune.models.fp8 import store_frozen_linears_in_float8
     from cogtune.models.loading import build_pipeline, load_scheduler, load_transformer, load_vae, torch_dtype
     from cogtune.models.positions import drop_learned_positional_embeddings
 
@@ -302,9 +303,7 @@ def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtyp
         transformer = CogVideoXTransformer3DModel.from_pretrained(plan.transformer_folder, torch_dtype=dtype).to(place)
     else:
         transformer = load_transformer(model, dtype=dtype, device=place)
-    if config.fp8:
-        # Before the LoRA: its own layers then stay in bf16, only the base weights are stored in fp8.
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    transformer.requires_grad_(False)
     scheduler = load_scheduler(model)
     if config.scheduler == "dpm":
         scheduler = CogVideoXDPMScheduler.from_config(scheduler.config)
@@ -321,6 +320,9 @@ def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtyp
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"cannot load the LoRA {plan.lora_file} into {spec.name}: {first[:200]}",
                              hint="was it trained for another model?") from None
+    if config.fp8:
+        # After the LoRA: peft creates its layers in the base weight's dtype, so they must exist first.
+        store_frozen_linears_in_float8(pipe.transformer, dtype)
     if plan.drop_learned_positions:
         drop_learned_positional_embeddings(pipe.transformer)  # as it was trained
     if config.vae_tiling:

@@ -45,7 +45,11 @@ def _make_command(task: Literal["t2v", "i2v"]):
             Optional[int], typer.Option("--gradient-accumulation", help="Micro-steps per step. [default: 1]", min=1)
         ] = None,
         lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate. [default: 1e-4]")] = None,
-        optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="adamw or adam. [default: adamw]")] = None,
+        optimizer: Annotated[
+            Optional[str],
+            typer.Option("--optimizer", help="adamw, adam, adamw-8bit, adamw-8bit-paged, adamw-8bit-ao, adamw-4bit-ao, "
+                                             "adamw-cpu-offload or prodigy. [default: adamw]"),
+        ] = None,
         lr_schedule: Annotated[
             Optional[str], typer.Option("--lr-schedule", help="constant, constant_with_warmup, linear, cosine, ...")
         ] = None,
@@ -90,6 +94,18 @@ def _make_command(task: Literal["t2v", "i2v"]):
             Optional[int], typer.Option("--validation-steps", help="Denoising steps of validation videos.", min=1)
         ] = None,
         report_to: Annotated[Optional[str], typer.Option("--report-to", help="none, tensorboard or wandb.")] = None,
+        fp8: Annotated[
+            Optional[bool], typer.Option("--fp8", help="LoRA: frozen weights stored in float8, computed in bf16.")
+        ] = None,
+        offload_blocks: Annotated[
+            Optional[bool], typer.Option("--offload-blocks", help="LoRA: frozen weights in CPU memory, streamed in.")
+        ] = None,
+        offload_activations: Annotated[
+            Optional[bool], typer.Option("--offload-activations", help="Saved activations in pinned CPU memory.")
+        ] = None,
+        compile_blocks: Annotated[
+            Optional[bool], typer.Option("--compile", help="torch.compile each transformer block.")
+        ] = None,
         random_weights: RandomWeightsOpt = False,
     ) -> None:
         from cogtune.config import load_config
@@ -124,6 +140,10 @@ def _make_command(task: Literal["t2v", "i2v"]):
             "validation.images": as_tuple(validation_image),
             "validation.every": validation_every,
             "validation.steps": validation_steps,
+            "memory.fp8_weights": fp8,
+            "memory.offload_blocks": offload_blocks,
+            "memory.offload_activations": offload_activations,
+            "memory.compile": compile_blocks,
             "checkpointing.every": checkpoint_every,
             "checkpointing.keep": keep_checkpoints,
         }

@@ -394,9 +394,6 @@ def _encode_latents(plan: EncodePlan, config: EncodeConfig, root: Path, device: 
                 write_safetensors(root / latent_file(item.index), tensors,
                                   {"key": item.latent_key, "bucket": str(item.bucket), "video": item.entry.video_ref})
             bar.advance(len(batch["positions"]))
-    del vae
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _dataset_fingerprint(plan: EncodePlan) -> str:

@@ -372,8 +372,9 @@ _TINY_VAE = {
     "latent_channels": 4,
     "layers_per_block": 1,
     "norm_num_groups": 2,
-    "sample_height": 64,
-    "sample_width": 64,
+    # Tiling splits frames larger than half these sizes; tiny clips (64x64) stay whole.
+    "sample_height": 256,
+    "sample_width": 256,
     "scaling_factor": 1.15258426,
 }
 _TINY_T5 = {

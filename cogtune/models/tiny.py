@@ -21,7 +21,7 @@ from cogtune.fsutil import atomic_directory
 from cogtune.models.registry import TINY_PRESETS, ModelSpec
 
 # Bump when the builder or a tiny config changes, so that cached folders are rebuilt.
-TINY_BUILD_VERSION = 1
+TINY_BUILD_VERSION = 2
 
 # Words of the synthetic captions (and common English) get their own tokens; everything else
 # falls back to single characters, so any printable ASCII caption tokenizes without <unk>.

@@ -20,10 +20,10 @@ from typing import Literal
 
 from cogtune.config import section, setting
 from cogtune.errors import ConfigError
+from cogtune.train.optimizers import OPTIMIZERS, default_learning_rate
 
 # diffusers' CogVideoX LoRA training targets the attention projections of every block.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-OPTIMIZERS = ("adamw", "adam")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -52,7 +52,7 @@ class LoraConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     name: str = setting("adamw", f"Optimizer: {', '.join(OPTIMIZERS)}.")
-    lr: float = setting(1e-4, "Peak learning rate.")
+    lr: float | None = setting(None, "Peak learning rate; default 1e-4 (prodigy: 1.0, a multiplier of its own estimate).")
     weight_decay: float = setting(1e-4, "Decoupled weight decay.")
     beta1: float = setting(0.9, "Adam beta1.")
     beta2: float = setting(0.95, "Adam beta2.")
@@ -64,7 +64,7 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ConfigError(f"optimizer.name '{self.name}' is not one of {', '.join(OPTIMIZERS)}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"optimizer.lr_schedule '{self.lr_schedule}' is not one of {', '.join(LR_SCHEDULES)}")
@@ -72,6 +72,10 @@ class OptimizerConfig:
             raise ConfigError("optimizer.warmup_steps, max_grad_norm and weight_decay must be >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("optimizer betas must be in [0, 1)")
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else default_learning_rate(self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +113,18 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    fp8_weights: bool = setting(False, "LoRA: store the frozen transformer's Linear weights in float8, compute in bf16.")
+    offload_blocks: bool = setting(
+        False, "LoRA: keep the frozen weights in CPU memory and bring each layer to the GPU when it runs "
+               "(prefetched on a side stream); needs gradient checkpointing.")
+    offload_activations: bool = setting(False, "Keep the activations saved for backward (the checkpointed block inputs) "
+                                               "in pinned CPU memory.")
+    compile: bool = setting(False, "torch.compile each transformer block (regional compilation).")
+    validation_vae_tiling: bool = setting(True, "Decode validation videos in tiles, so validation adds little memory.")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     task: Literal["t2v", "i2v"] = setting("t2v", "Text-to-video or image-to-video.")
     model: str = setting("", "MODEL: a preset, tiny preset, Hub id or local diffusers folder.")
@@ -133,6 +149,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = section(OptimizerConfig, "Optimizer and learning-rate schedule.")
     validation: ValidationConfig = section(ValidationConfig, "Validation during and after training.")
     checkpointing: CheckpointConfig = section(CheckpointConfig, "Resumable checkpoints.")
+    memory: MemoryConfig = section(MemoryConfig, "Memory and speed options.")
 
     def __post_init__(self) -> None:
         for name, flag in (("model", "--model"), ("data", "--data"), ("output_dir", "--output-dir")):
@@ -148,6 +165,12 @@ class TrainConfig:
             raise ConfigError(f"image_dropout must be in [0, 1], got {self.image_dropout}")
         if self.validation.images and self.task != "i2v":
             raise ConfigError("validation images are for i2v training only")
+        if self.full and (self.memory.fp8_weights or self.memory.offload_blocks):
+            raise ConfigError("memory.fp8_weights and memory.offload_blocks are for the frozen weights of LoRA training, "
+                              "not full fine-tuning")
+        if self.memory.offload_blocks and not self.gradient_checkpointing:
+            raise ConfigError("memory.offload_blocks needs gradient checkpointing: without it every layer's weights "
+                              "stay on the GPU until backward")
 
     @property
     def effective_caption_dropout(self) -> float:

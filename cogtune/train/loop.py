@@ -33,6 +33,14 @@ from cogtune.train.data import BatchLoader, BatchSchedule
 from cogtune.train.full import TRANSFORMER_DIR, load_full_transformer_into, save_full_transformer
 from cogtune.train.lora import LORA_WEIGHTS_NAME, add_lora, load_lora_state, save_lora
 from cogtune.train.memory import MemoryLog
+from cogtune.train.optimizers import (
+    CUDA_ONLY,
+    clip_gradients,
+    current_learning_rate,
+    keep_tensor_learning_rates,
+    make_optimizer,
+    remember_tensor_learning_rates,
+)
 from cogtune.train.step import StepSettings, derive_seed, sample_generators, training_step
 from cogtune.train.validation import Validator, validation_prompts
 
@@ -68,6 +76,11 @@ def plan_run(config: TrainConfig) -> RunPlan:
     if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
         raise ConfigError(f"--report-to {config.report_to} needs the {config.report_to} package",
                           hint=f"pip install {config.report_to}")
+    if config.optimizer.name in CUDA_ONLY:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"optimizer {config.optimizer.name} needs a CUDA GPU")
     cache = VideoLatentCache(config.data)
     cache.check_compatible(spec, needs_image_latents=config.task == "i2v")
     shapes = [tuple(int(v) for v in bucket.split("x")) for bucket in cache.buckets]
@@ -98,32 +111,26 @@ def _mixed_precision(config: TrainConfig, spec: ModelSpec) -> str:
     return {"float16": "fp16", "bfloat16": "bf16"}.get(spec.weight_dtype, "no")
 
 
-def _make_optimizer(config: TrainConfig, parameters: list[Any]):
-    import torch
-
-    opt = config.optimizer
-    if opt.name == "adamw":
-        return torch.optim.AdamW(parameters, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
-                                 weight_decay=opt.weight_decay)
-    if opt.name == "adam":
-        return torch.optim.Adam(parameters, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-    raise ConfigError(f"unknown optimizer '{opt.name}'")
-
-
 def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, mixed_precision: str):
     """The transformer with the right parameters trainable, in the right dtypes, and its compute dtype.
 
-    LoRA: frozen base weights in the model's dtype (float32 on a CPU), LoRA weights in float32.
-    Full: float32 master weights; autocast (mixed precision) runs the matmuls in bf16/fp16.
+    LoRA: frozen base weights in the model's dtype (float32 on a CPU; float8 storage with
+    `memory.fp8_weights`), LoRA weights in float32. Full: float32 master weights; autocast (mixed
+    precision) runs the matmuls in bf16/fp16. Order matters: block offloading hooks go on before
+    the LoRA layers exist (so that they stay on the GPU), float8 storage after (so that peft does not
+    create the LoRA layers in float8), compilation last.
     """
     import torch
     from diffusers.training_utils import cast_training_params
 
+    from cogtune.models.fp8 import store_frozen_linears_in_float8
     from cogtune.models.loading import load_transformer, torch_dtype
 
+    memory = config.memory
     on_cpu = torch.device(device).type == "cpu"
     base_dtype = torch.float32 if config.full or on_cpu else torch_dtype(plan.model.spec.weight_dtype)
-    transformer = load_transformer(plan.model, dtype=base_dtype, device=device)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, base_dtype)
+    transformer = load_transformer(plan.model, dtype=base_dtype, device="cpu" if memory.offload_blocks else device)
     if plan.drop_learned_positions:
         drop_learned_positional_embeddings(transformer)
     if config.full:
@@ -132,13 +139,33 @@ def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, 
             transformer.patch_embed.pos_embedding.requires_grad_(False)  # unused, so it gets no gradient
     else:
         transformer.requires_grad_(False)
+        if memory.offload_blocks:
+            transformer.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                             offload_type="leaf_level", use_stream=not on_cpu)
         torch.manual_seed(derive_seed(config.seed, "lora-init"))  # the LoRA's A matrices start random
         add_lora(transformer, config.lora)
+        if memory.offload_blocks:
+            for name, parameter in transformer.named_parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.to(device)  # only the frozen weights travel
+        if memory.fp8_weights:
+            store_frozen_linears_in_float8(transformer, compute_dtype)
         cast_training_params(transformer, dtype=torch.float32)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, base_dtype)
+    if memory.compile:
+        for block in transformer.transformer_blocks:
+            block.compile()
     return transformer, compute_dtype
+
+
+def ignore_frozen_weights_in_ddp(transformer: Any) -> None:
+    """DDP need not broadcast or reduce what does not train (and cannot broadcast float8 over some backends)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [name for name, p in transformer.named_parameters() if not p.requires_grad]
+    frozen += [name for name, _ in transformer.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
 
 
 def lora_info(config: TrainConfig, plan: RunPlan) -> dict[str, Any]:
@@ -192,11 +219,16 @@ def run_training(config: TrainConfig) -> TrainResult:
     scheduler = load_scheduler(plan.model)
     transformer, compute_dtype = load_trainable_transformer(config, plan, device, mixed_precision)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(config, trainable)
+    opt = config.optimizer
+    optimizer = make_optimizer(opt.name, trainable, opt.effective_lr, (opt.beta1, opt.beta2), opt.eps,
+                               opt.weight_decay, config.gradient_accumulation)
+    if not config.full:
+        ignore_frozen_weights_in_ddp(transformer)
     # Stepped once per optimizer step by this loop (not prepared: accelerate would step it per process).
     lr_scheduler = get_scheduler(config.optimizer.lr_schedule, optimizer=optimizer,
                                  num_warmup_steps=config.optimizer.warmup_steps, num_training_steps=config.steps)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    tensor_learning_rates = remember_tensor_learning_rates(optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     info = lora_info(config, plan)
 
@@ -235,6 +267,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     memory.record("memory_before_training")
     validator = Validator(config, plan.model, cache, accelerator, compute_dtype, plan.validation_prompts)
     accumulation = config.gradient_accumulation
+    learning_rates: list[float] = []  # of this session's steps (after the schedule step)
 
     transformer.train()
     try:
@@ -251,14 +284,16 @@ def run_training(config: TrainConfig) -> TrainResult:
                     last_micro = micro == accumulation - 1
                     sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(transformer)
                     with sync, accelerator.autocast():
-                        loss = training_step(transformer, scheduler, spec, batch, empty_embeds, settings, generators,
-                                             device, compute_dtype)
+                        with activations_offloaded(config.memory.offload_activations, device):
+                            loss = training_step(transformer, scheduler, spec, batch, empty_embeds, settings,
+                                                 generators, device, compute_dtype)
                         accelerator.backward(loss / accumulation)
                     step_loss += loss.detach().float().item() / accumulation
                 if config.optimizer.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, config.optimizer.max_grad_norm)
+                    clip_gradients(accelerator, optimizer, trainable, config.optimizer.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
+                keep_tensor_learning_rates(optimizer, tensor_learning_rates)
                 optimizer.zero_grad(set_to_none=True)
 
                 step_loss = _mean_across_processes(accelerator, step_loss)
@@ -269,7 +304,8 @@ def run_training(config: TrainConfig) -> TrainResult:
                                         hint="lower --lr or check the data; resume with --resume latest")
                 losses.append(step_loss)
                 done = step + 1
-                lr = lr_scheduler.get_last_lr()[0]
+                lr = current_learning_rate(optimizer)
+                learning_rates.append(lr)
                 if config.report_to != "none":
                     accelerator.log({"loss": step_loss, "lr": lr}, step=done)
                 bar.advance(1, loss=step_loss, lr=lr, **{"s/step": time.perf_counter() - started},
@@ -292,12 +328,22 @@ def run_training(config: TrainConfig) -> TrainResult:
         memory.print_table()
         _write_loss_curve(losses, output_dir)
         summary = {"steps": config.steps, "final_loss": losses[-1] if losses else None, "losses": losses,
+                   "learning_rates": learning_rates,
                    "weights": str(weights), "learned_positional_embeddings_dropped": plan.drop_learned_positions}
         atomic_write_text(output_dir / "training_summary.json", json.dumps(summary, indent=2) + "\n")
     if config.report_to != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return TrainResult(output_dir, config.steps, losses, weights, memory.records)
+
+
+def activations_offloaded(enabled: bool, device: Any):
+    """Keep tensors saved for backward in (pinned) CPU memory; with checkpointing, the block inputs."""
+    import torch
+
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.device(device).type == "cuda")
 
 
 def _mean_across_processes(accelerator: Any, value: float) -> float:
@@ -391,9 +437,15 @@ def _print_run_summary(config: TrainConfig, plan: RunPlan, accelerator: Any, mix
         ("batch", f"{config.batch_size} per process x {world} processes x {config.gradient_accumulation} "
                   f"accumulation = {config.batch_size * world * config.gradient_accumulation} per step"),
         ("steps", config.steps),
-        ("optimizer", f"{config.optimizer.name}, lr {config.optimizer.lr:g}, {config.optimizer.lr_schedule}"),
+        ("optimizer", f"{config.optimizer.name}, lr {config.optimizer.effective_lr:g}, {config.optimizer.lr_schedule}"),
         ("output", config.output_dir),
     ]
     if plan.drop_learned_positions:
         rows.append(("positions", "learned positional embeddings dropped (rotary only)"))
+    memory = config.memory
+    options = [name for name, on in (("gradient checkpointing", config.gradient_checkpointing),
+                                     ("fp8 weights", memory.fp8_weights), ("offloaded blocks", memory.offload_blocks),
+                                     ("offloaded activations", memory.offload_activations),
+                                     ("compiled blocks", memory.compile)) if on]
+    rows.append(("memory", ", ".join(options) or "none"))
     report.key_values("training run", rows, to_stderr=True)

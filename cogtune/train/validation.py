@@ -95,6 +95,8 @@ class Validator:
         was_training = unwrapped.training
         unwrapped.eval()
         vae = load_vae(self.model, dtype=self.compute_dtype, device=self.accelerator.device)
+        if self.config.memory.validation_vae_tiling:
+            vae.enable_tiling()
         pipe = build_pipeline(self.model, transformer=unwrapped, vae=vae, text_encoder=None, tokenizer=None,
                               scheduler=load_scheduler(self.model))
         negative = self.cache.empty_prompt_embeds()[None].expand_as(self.embeds)

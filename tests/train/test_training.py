@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cogtune.errors import ConfigError, TrainingError
+from cogtune.errors import ConfigError
 from cogtune.models.loading import load_transformer, resolve_model
 from cogtune.train import TrainConfig, run_training
 from cogtune.train.config import CheckpointConfig, LoraConfig, OptimizerConfig, ValidationConfig
