@@ -27,9 +27,5 @@ class DataError(CogtuneError):
     """A dataset or cache is missing, malformed, or does not fit the model."""
 
 
-class NotBuiltError(CogtuneError):
-    """The command exists in the contract but its engine is not built yet."""
-
-
 class TrainingError(CogtuneError):
     """Training stopped (non-finite loss, interrupted state that cannot resume, ...)."""

@@ -41,6 +41,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    # FSDP2 warns that the root module returns a view (the transformer's output); cogtune never edits it in place.
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 
 
 # --- native stderr ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def _commands() -> list[str]:
     commands = []
     for block in _shell_blocks():
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip()
+            line = line.split(" #")[0].split(" > ")[0].strip()  # comments and redirections are the shell's
             if line.startswith("cogtune "):
                 commands.append(line)
             elif " -m cogtune " in line:
@@ -50,6 +50,7 @@ def test_the_readme_has_runnable_commands():
 
 @pytest.mark.parametrize("command", _commands())
 def test_readme_command_parses(command, cli, monkeypatch, tmp_path):
+    import cogtune.accelerate_config
     import cogtune.data.download
     import cogtune.data.validate
     import cogtune.demo
@@ -76,6 +77,7 @@ def test_readme_command_parses(command, cli, monkeypatch, tmp_path):
     monkeypatch.setattr(cogtune.data.download, "download_dataset", recorder("download"))
     monkeypatch.setattr(cogtune.data.validate, "validate_dataset", lambda *a, **k: calls.append("validate") or Valid())
     monkeypatch.setattr(cogtune.data.validate, "print_report", lambda *a, **k: None)
+    monkeypatch.setattr(cogtune.accelerate_config, "accelerate_config_yaml", lambda *a, **k: calls.append("config") or "")
     (tmp_path / "run.toml").write_text('model = "tiny"\ndata = "cache"\noutput_dir = "out"\n')
     monkeypatch.chdir(tmp_path)
     result = cli(*shlex.split(command)[1:])

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from cogtune import __version__
-from cogtune.cli import bench, completion, dataset, demo, encode, sample, train
+from cogtune.cli import bench, completion, config, dataset, demo, encode, sample, train
 
 app = typer.Typer(
     name="cogtune",
@@ -31,6 +31,7 @@ app.add_typer(train.app, name="train")
 app.add_typer(bench.app, name="bench")
 app.command("sample", epilog=sample.EPILOG)(sample.sample)
 app.command("demo", epilog=demo.EPILOG)(demo.demo)
+app.add_typer(config.app, name="config")
 app.command("completion", epilog=completion.EPILOG)(completion.completion)
 
 

@@ -8,32 +8,88 @@ from typing import Annotated, Optional
 import typer
 
 from cogtune.cli.common import examples
-from cogtune.cli.options import FramesOpt, HeightOpt, OptionalModelOpt, WidthOpt
+from cogtune.cli.options import ConfigFileOpt, FramesOpt, HeightOpt, WidthOpt
 
 app = typer.Typer(help="Size and time training runs before you start them.", no_args_is_help=True)
+
+ListOpt = Optional[str]
 
 
 @app.command(
     "memory",
-    epilog=examples("cogtune bench memory --model cogvideox-5b --rank 16,64,256 --estimate --markdown memory.md"),
+    epilog=examples(
+        "cogtune bench memory --model cogvideox-5b --rank 16,64,256 --gradient-checkpointing on,off --estimate "
+        "--gpu-memory 24 --markdown memory.md --plot memory.png",
+        "cogtune bench memory --model cogvideox-5b --method full --optimizer adamw-8bit,adamw-4bit-ao --estimate",
+        "cogtune bench memory --model cogvideox-2b,cogvideox-5b --fp8 on,off --offload-activations on,off --estimate",
+        "cogtune bench memory --model cogvideox-5b --rank 64 --measure --json measured.json",
+    ),
 )
 def memory(
-    model: OptionalModelOpt = None,
-    rank: Annotated[Optional[str], typer.Option("--rank", help="LoRA ranks, comma-separated.")] = None,
-    gradient_checkpointing: Annotated[Optional[str], typer.Option("--gradient-checkpointing", help="on,off")] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="Optimizers, comma-separated.")] = None,
-    batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="Batch sizes, comma-separated.")] = None,
+    model: Annotated[ListOpt, typer.Option("--model", "-m", help="Presets, comma-separated. [default: cogvideox-5b]")]
+    = None,
+    method: Annotated[ListOpt, typer.Option("--method", help="lora and/or full, comma-separated. [default: lora]")]
+    = None,
+    rank: Annotated[ListOpt, typer.Option("--rank", help="LoRA ranks, comma-separated. [default: 64]")] = None,
+    gradient_checkpointing: Annotated[
+        ListOpt, typer.Option("--gradient-checkpointing", help="on, off or on,off. [default: on]")
+    ] = None,
+    optimizer: Annotated[ListOpt, typer.Option("--optimizer", help="Optimizers, comma-separated. [default: adamw]")]
+    = None,
+    batch_size: Annotated[ListOpt, typer.Option("--batch-size", help="Batch sizes, comma-separated. [default: 1]")]
+    = None,
     frames: FramesOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
-    estimate: Annotated[bool, typer.Option("--estimate", help="Estimate without a GPU or a download.")] = False,
+    shape: Annotated[ListOpt, typer.Option("--shape", help="Clip shapes FxHxW, comma-separated (a resolution grid).")]
+    = None,
+    fp8: Annotated[ListOpt, typer.Option("--fp8", help="on, off or on,off (LoRA). [default: off]")] = None,
+    offload_blocks: Annotated[ListOpt, typer.Option("--offload-blocks", help="on, off or on,off (LoRA).")] = None,
+    offload_activations: Annotated[ListOpt, typer.Option("--offload-activations", help="on, off or on,off.")] = None,
+    no_validation: Annotated[bool, typer.Option("--no-validation", help="Leave out the validation pass.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Estimate without a GPU or a download (default).")]
+    = False,
     measure: Annotated[bool, typer.Option("--measure", help="Run real steps on the present GPU.")] = False,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the table as JSON.")] = None,
-    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as markdown.")] = None,
+    gpu_memory: Annotated[
+        Optional[float], typer.Option("--gpu-memory", help="GPU size in GiB: which fit, and how to fit the others.")
+    ] = None,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU for rough step times (H100, A100, RTX 4090...).")]
+    = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Steps per measured configuration. [default: 4]")]
+    = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a markdown table (the seed's format).")]
+    = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG chart.")] = None,
+    config_file: ConfigFileOpt = None,
 ) -> None:
-    """Peak GPU memory (and step time) of training configurations."""
-    from cogtune.errors import NotBuiltError
+    """Peak GPU memory at the trainer's four moments (and step time) of a grid of configurations."""
+    from cogtune.bench.cases import parse_list
+    from cogtune.bench.run import BenchConfig, run_bench
+    from cogtune.config import load_config
+    from cogtune.errors import ConfigError
 
-    raise NotBuiltError("`cogtune bench memory` is not built yet (issue 8)",
-                        hint="`cogtune train` reports measured memory in OUT/memory.json meanwhile")
+    if estimate and measure:
+        raise ConfigError("--estimate and --measure exclude each other")
+    shapes = [s for s in (shape or "").split(",") if s.strip()]
+    if frames or height or width:
+        if shapes:
+            raise ConfigError("--shape and --frames/--height/--width exclude each other")
+        if not (frames and height and width):
+            raise ConfigError("--frames, --height and --width go together")
+        shapes = [f"{frames}x{height}x{width}"]
+
+    def listed(text: str | None, kind: type, name: str) -> tuple | None:
+        return tuple(parse_list(text, kind, name)) or None
+
+    config = load_config(BenchConfig, config_file, {
+        "models": listed(model, str, "model"), "methods": listed(method, str, "method"),
+        "ranks": listed(rank, int, "rank"), "optimizers": listed(optimizer, str, "optimizer"),
+        "gradient_checkpointing": listed(gradient_checkpointing, bool, "gradient-checkpointing"),
+        "batch_sizes": listed(batch_size, int, "batch-size"), "shapes": tuple(shapes) or None,
+        "fp8": listed(fp8, bool, "fp8"), "offload_blocks": listed(offload_blocks, bool, "offload-blocks"),
+        "offload_activations": listed(offload_activations, bool, "offload-activations"),
+        "validation": False if no_validation else None, "mode": "measure" if measure else None,
+        "gpu_memory": gpu_memory, "gpu": gpu, "steps": steps,
+    })
+    run_bench(config, json_path=json_file, markdown_path=markdown, plot_path=plot)

@@ -103,6 +103,11 @@ def _make_command(task: Literal["t2v", "i2v"]):
         offload_activations: Annotated[
             Optional[bool], typer.Option("--offload-activations", help="Saved activations in pinned CPU memory.")
         ] = None,
+        memory_profile: Annotated[
+            Optional[str],
+            typer.Option("--memory-profile", help="12gb, 16gb, 24gb, 48gb, 80gb or auto: the fastest options that fit "
+                                                  "(estimated). [default: none]"),
+        ] = None,
         compile_blocks: Annotated[
             Optional[bool], typer.Option("--compile", help="torch.compile each transformer block.")
         ] = None,
@@ -144,6 +149,7 @@ def _make_command(task: Literal["t2v", "i2v"]):
             "memory.offload_blocks": offload_blocks,
             "memory.offload_activations": offload_activations,
             "memory.compile": compile_blocks,
+            "memory.profile": memory_profile,
             "checkpointing.every": checkpoint_every,
             "checkpointing.keep": keep_checkpoints,
         }

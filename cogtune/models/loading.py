@@ -25,7 +25,8 @@ from cogtune.models.registry import (
     spec_from_configs,
 )
 
-Source = Literal["tiny", "local", "hub", "random"]
+# "fake": the architecture with uninitialized storage, for tracing memory under a FakeTensorMode.
+Source = Literal["tiny", "local", "hub", "random", "fake"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _OFFLINE_HINT = (
@@ -205,21 +206,33 @@ def _from_pretrained(model: ResolvedModel, cls: Any, subfolder: str, **kwargs: A
         raise ModelError(f"could not load the {subfolder} of '{model.reference}': {_first_line(exc)}", hint) from None
 
 
-def materialize_random_(module, device: Any, dtype: Any, seed: int = 0):
+def materialize_random_(module, device: Any, dtype: Any, seed: int = 0, initialize: bool = True):
     """Give a module built on the meta device real, randomly initialized storage on `device`.
 
-    Parameters are allocated directly in `dtype` on `device` (no float32 copy on the host) and
-    initialized with each layer's own `reset_parameters`; non-persistent buffers that were
-    computed at construction (sincos positions) are kept.
+    Each parameter is allocated directly in `dtype` on `device` (no float32 copy on the host) and
+    initialized by its layer's own `reset_parameters`; non-persistent buffers computed at
+    construction (sincos positions) are kept. Tensors are replaced rather than converted in place,
+    so this also works under a `FakeTensorMode` (the memory estimator's tracing).
     """
     import torch
 
-    buffers = {name: buf for name, buf in module.named_buffers() if buf.device.type != "meta"}
-    module.to(dtype=dtype)
-    module.to_empty(device=device)
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            target = dtype if param.is_floating_point() else param.dtype
+            sub._parameters[name] = torch.nn.Parameter(torch.empty(param.shape, dtype=target, device=device),
+                                                       requires_grad=param.requires_grad)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is None:
+                continue
+            target = dtype if buffer.is_floating_point() else buffer.dtype
+            sub._buffers[name] = buffer.to(device=device, dtype=target)
+    if not initialize:
+        return module
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
         torch.cuda.manual_seed(seed)
     with torch.no_grad():
         initialized: set[int] = set()
@@ -230,18 +243,16 @@ def materialize_random_(module, device: Any, dtype: Any, seed: int = 0):
         for param in module.parameters():
             if id(param) not in initialized:
                 param.normal_(0.0, 0.02)
-        for name, value in buffers.items():
-            module.get_buffer(name).copy_(value)
     torch.random.set_rng_state(generator_state)
     return module
 
 
-def _build_random(cls_builder, device: Any, dtype: Any, seed: int):
+def _build_random(model: ResolvedModel, cls_builder, device: Any, dtype: Any, seed: int):
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         module = cls_builder()
-    return materialize_random_(module, device, dtype, seed)
+    return materialize_random_(module, device, dtype, seed, initialize=model.source == "random")
 
 
 def load_transformer(model: ResolvedModel, dtype: Any = None, device: Any = "cpu", subfolder: str = "transformer"):
@@ -249,8 +260,9 @@ def load_transformer(model: ResolvedModel, dtype: Any = None, device: Any = "cpu
     from diffusers import CogVideoXTransformer3DModel
 
     dtype = dtype if dtype is not None else torch_dtype(model.spec.weight_dtype)
-    if model.source == "random":
-        return _build_random(lambda: CogVideoXTransformer3DModel(**model.spec.transformer_config), device, dtype, 0)
+    if model.source in ("random", "fake"):
+        return _build_random(model, lambda: CogVideoXTransformer3DModel(**model.spec.transformer_config), device,
+                             dtype, 0)
     transformer = _from_pretrained(model, CogVideoXTransformer3DModel, subfolder, torch_dtype=dtype)
     return transformer.to(device)
 
@@ -259,8 +271,8 @@ def load_vae(model: ResolvedModel, dtype: Any = None, device: Any = "cpu"):
     from diffusers import AutoencoderKLCogVideoX
 
     dtype = dtype if dtype is not None else torch_dtype(model.spec.weight_dtype)
-    if model.source == "random":
-        return _build_random(lambda: AutoencoderKLCogVideoX(**model.spec.vae_config), device, dtype, 1)
+    if model.source in ("random", "fake"):
+        return _build_random(model, lambda: AutoencoderKLCogVideoX(**model.spec.vae_config), device, dtype, 1)
     return _from_pretrained(model, AutoencoderKLCogVideoX, "vae", torch_dtype=dtype).to(device)
 
 
@@ -268,9 +280,9 @@ def load_text_encoder(model: ResolvedModel, dtype: Any = None, device: Any = "cp
     from transformers import T5Config, T5EncoderModel
 
     dtype = dtype if dtype is not None else torch_dtype(model.spec.weight_dtype)
-    if model.source == "random":
+    if model.source in ("random", "fake"):
         config = T5Config(**model.spec.text_encoder_config)
-        return _build_random(lambda: T5EncoderModel(config), device, dtype, 2)
+        return _build_random(model, lambda: T5EncoderModel(config), device, dtype, 2)
     return _from_pretrained(model, T5EncoderModel, "text_encoder", torch_dtype=dtype).to(device)
 
 
@@ -279,7 +291,7 @@ def load_tokenizer(model: ResolvedModel, local_only: bool = False):
 
     `local_only` reads a Hub model's tokenizer from the local cache only, never the network.
     """
-    if model.source == "random":
+    if model.source in ("random", "fake"):
         from cogtune.models.tiny import build_tiny_tokenizer
 
         return build_tiny_tokenizer(model.spec.max_text_tokens)

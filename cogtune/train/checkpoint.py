@@ -3,6 +3,8 @@
 A checkpoint is `OUT/checkpoints/step-NNNNNN/`: accelerate's state (optimizer, LR schedule, RNG),
 the trainable weights (a diffusers LoRA file, or a `transformer/` folder for full fine-tuning; never
 the frozen base), the run's `config.toml`, and `trainer_state.json` (step and losses), written last.
+Under FSDP and DeepSpeed, accelerate's state also holds the model's own shards (`pytorch_model_fsdp_0/`,
+or DeepSpeed's folder), base weights included; resuming reads those.
 It is assembled under a temporary name and renamed, so a checkpoint folder is complete or absent.
 """
 
@@ -54,12 +56,21 @@ def read_trainer_state(checkpoint: Path) -> tuple[int, list[float]]:
 
 
 def register_hooks(accelerator: Any, config: TrainConfig, save_trainable: Any, load_trainable: Any) -> None:
-    """Make accelerate save/load only the trainable weights, through the given functions."""
+    """Make accelerate save/load only the trainable weights, through the given functions.
+
+    `save_trainable(model, folder, state_dict)` runs on the main process with the weights gathered
+    from every process. Under FSDP and DeepSpeed accelerate saves and loads the model's sharded
+    state itself (frozen weights included) and hands the hooks no weights to replace; the
+    trainable weights are still written in diffusers format beside it, and resuming reads the
+    sharded state.
+    """
+    from cogtune.distributed import gather_state_dict
 
     def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
         for model in models:
+            state = gather_state_dict(accelerator, model, trainable_only=not config.full)  # collective when sharded
             if accelerator.is_main_process:
-                save_trainable(accelerator.unwrap_model(model), Path(output_dir))
+                save_trainable(accelerator.unwrap_model(model), Path(output_dir), state)
             if weights:
                 weights.pop()
 

@@ -122,6 +122,9 @@ class MemoryConfig:
                                                "in pinned CPU memory.")
     compile: bool = setting(False, "torch.compile each transformer block (regional compilation).")
     validation_vae_tiling: bool = setting(True, "Decode validation videos in tiles, so validation adds little memory.")
+    profile: Literal["none", "auto", "12gb", "16gb", "24gb", "48gb", "80gb"] = setting(
+        "none", "Pick the fastest memory options that fit this GPU size (auto: the present GPU), from the estimator.")
+    check: bool = setting(True, "On a GPU, estimate the run's peak memory first and warn if it will not fit.")
 
 
 @dataclasses.dataclass(frozen=True)

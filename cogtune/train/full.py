@@ -16,15 +16,18 @@ from cogtune.fsutil import atomic_directory
 TRANSFORMER_DIR = "transformer"
 
 
-def save_full_transformer(transformer: Any, target: Path, dtype: Any, dropped_learned_positions: bool) -> None:
+def save_full_transformer(transformer: Any, target: Path, dtype: Any, dropped_learned_positions: bool,
+                          state_dict: dict[str, Any] | None = None) -> None:
     """A diffusers `transformer/` folder in `dtype`, written atomically.
 
     A model trained without its learned positional embeddings is saved without them (config and
-    weights), so that diffusers loads it at any resolution.
+    weights), so that diffusers loads it at any resolution. `state_dict`: the weights gathered on
+    this process, when the transformer's own are sharded (FSDP, ZeRO-3).
     """
     from huggingface_hub import save_torch_state_dict
 
-    state = {name: tensor.detach().to("cpu", dtype=dtype) for name, tensor in transformer.state_dict().items()}
+    source = transformer.state_dict() if state_dict is None else state_dict
+    state = {name: tensor.detach().to("cpu", dtype=dtype) for name, tensor in source.items()}
     if dropped_learned_positions:
         state.pop("patch_embed.pos_embedding", None)
     with atomic_directory(target, replace=True) as tmp:

@@ -14,13 +14,13 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from cogtune import __version__, report
+from cogtune import __version__, distributed, report
 from cogtune.config import config_to_dict, write_config
-from cogtune.distributed import force_cpu
 from cogtune.encode.cache import VideoLatentCache
 from cogtune.errors import ConfigError, TrainingError
 from cogtune.fsutil import atomic_write_text
@@ -81,6 +81,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
 
         if not torch.cuda.is_available():
             raise ConfigError(f"optimizer {config.optimizer.name} needs a CUDA GPU")
+    _check_strategy(config)
     cache = VideoLatentCache(config.data)
     cache.check_compatible(spec, needs_image_latents=config.task == "i2v")
     shapes = [tuple(int(v) for v in bucket.split("x")) for bucket in cache.buckets]
@@ -99,6 +100,23 @@ def plan_run(config: TrainConfig) -> RunPlan:
     return RunPlan(model, cache, drop, validation_prompts(config, cache, spec.is_i2v))
 
 
+def _check_strategy(config: TrainConfig) -> None:
+    """The launch's strategy (DDP, FSDP, DeepSpeed) can run here and combines with the memory options."""
+    distributed.check_launch()
+    strategy = distributed.requested_strategy()
+    if strategy not in ("fsdp", "deepspeed"):
+        return
+    clashes = [flag for flag, on in (("--fp8", config.memory.fp8_weights),
+                                     ("--offload-blocks", config.memory.offload_blocks),
+                                     ("--optimizer adamw-cpu-offload", config.optimizer.name == "adamw-cpu-offload"))
+               if on]
+    if clashes:
+        name = "FSDP" if strategy == "fsdp" else "DeepSpeed"
+        raise ConfigError(f"{clashes[0]} does not combine with {name}, which shards and offloads weights itself",
+                          hint="drop the option, or use a config with CPU offload "
+                               "(`cogtune config accelerate --strategy zero3-offload`)")
+
+
 # --- setup ---------------------------------------------------------------------------------------
 
 def _mixed_precision(config: TrainConfig, spec: ModelSpec) -> str:
@@ -111,14 +129,16 @@ def _mixed_precision(config: TrainConfig, spec: ModelSpec) -> str:
     return {"float16": "fp16", "bfloat16": "bf16"}.get(spec.weight_dtype, "no")
 
 
-def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, mixed_precision: str):
+def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, mixed_precision: str,
+                               checkpoint_blocks: bool | None = None):
     """The transformer with the right parameters trainable, in the right dtypes, and its compute dtype.
 
     LoRA: frozen base weights in the model's dtype (float32 on a CPU; float8 storage with
     `memory.fp8_weights`), LoRA weights in float32. Full: float32 master weights; autocast (mixed
     precision) runs the matmuls in bf16/fp16. Order matters: block offloading hooks go on before
     the LoRA layers exist (so that they stay on the GPU), float8 storage after (so that peft does not
-    create the LoRA layers in float8), compilation last.
+    create the LoRA layers in float8), compilation last. `checkpoint_blocks` overrides
+    `config.gradient_checkpointing` (off when FSDP checkpoints the blocks itself).
     """
     import torch
     from diffusers.training_utils import cast_training_params
@@ -151,7 +171,7 @@ def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, 
         if memory.fp8_weights:
             store_frozen_linears_in_float8(transformer, compute_dtype)
         cast_training_params(transformer, dtype=torch.float32)
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing if checkpoint_blocks is None else checkpoint_blocks:
         transformer.enable_gradient_checkpointing()
     if memory.compile:
         for block in transformer.transformer_blocks:
@@ -186,8 +206,44 @@ def lora_info(config: TrainConfig, plan: RunPlan) -> dict[str, Any]:
 
 # --- the recipe ----------------------------------------------------------------------------------
 
+def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
+    """`--memory-profile`: the fastest memory options that fit; otherwise warn on a GPU that will not fit.
+
+    Both use the estimator (`cogtune.bench`), which sizes one-GPU runs; every process of a DDP
+    launch computes the same choice, since the estimate is deterministic.
+    """
+    import torch
+
+    from cogtune.bench import fit
+
+    strategy = distributed.requested_strategy()
+    if config.memory.profile != "none":
+        if strategy not in ("single", "ddp"):
+            raise ConfigError(f"memory profiles size one GPU's run; under {strategy} choose the options yourself")
+        budget = fit.profile_budget(config.memory.profile)
+        requested = fit.case_for_training(config, plan.cache.buckets)
+        case, estimate = fit.choose_profile(requested, budget)
+        changes = case.changes(requested) or ["no change"]
+        report.info(f"memory profile {config.memory.profile}: {', '.join(changes)} "
+                    f"(estimated peak {estimate.memory.after_testing:.1f} GiB of {budget:.1f} GiB)")
+        return fit.apply_case(config, case)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if config.memory.check and torch.cuda.is_available() and strategy in ("single", "ddp") and main:
+        from cogtune.bench.estimate import estimate_case
+
+        budget = fit.budget_gib(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3)
+        estimate = estimate_case(fit.case_for_training(config, plan.cache.buckets))
+        if not fit.fits(estimate, budget):
+            suggestion = fit.cheapest_fit(estimate, budget)
+            advice = ", ".join(suggestion.changes) if suggestion else "a smaller clip shape or batch"
+            report.warn(f"this run is estimated to peak at {estimate.memory.after_testing:.1f} GiB; this GPU gives "
+                        f"{budget:.1f} GiB: it will likely run out of memory (try {advice}, or --memory-profile auto)")
+    return config
+
+
 def run_training(config: TrainConfig) -> TrainResult:
     plan = plan_run(config)
+    config = fit_memory(config, plan)
     spec, cache = plan.model.spec, plan.cache
     output_dir = Path(config.output_dir)
     resume_from = checkpoint.find_resume_checkpoint(config)
@@ -196,16 +252,15 @@ def run_training(config: TrainConfig) -> TrainResult:
 
     quiet_libraries()
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
 
     from cogtune.models.loading import load_scheduler, torch_dtype
 
     mixed_precision = _mixed_precision(config, spec)
-    accelerator = Accelerator(
-        cpu=force_cpu(),
+    accelerator = distributed.make_accelerator(
         mixed_precision=mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
@@ -215,28 +270,36 @@ def run_training(config: TrainConfig) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_config(config, output_dir)
     _print_run_summary(config, plan, accelerator, mixed_precision)
+    launched_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # what the launch's config file says
+    if launched_precision not in ("no", mixed_precision):
+        report.warn(f"the accelerate config says mixed precision {launched_precision}; cogtune trains with "
+                    f"{mixed_precision} (--mixed-precision {config.mixed_precision})")
 
     scheduler = load_scheduler(plan.model)
-    transformer, compute_dtype = load_trainable_transformer(config, plan, device, mixed_precision)
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    # With FSDP's own activation checkpointing (its config's choice) the model's would recompute twice.
+    checkpoint_blocks = config.gradient_checkpointing and not distributed.fsdp_checkpoints_activations(accelerator)
+    transformer, compute_dtype = load_trainable_transformer(config, plan, device, mixed_precision, checkpoint_blocks)
     opt = config.optimizer
-    optimizer = make_optimizer(opt.name, trainable, opt.effective_lr, (opt.beta1, opt.beta2), opt.eps,
-                               opt.weight_decay, config.gradient_accumulation)
-    if not config.full:
+    optimizer = make_optimizer(opt.name, [p for p in transformer.parameters() if p.requires_grad], opt.effective_lr,
+                               (opt.beta1, opt.beta2), opt.eps, opt.weight_decay, config.gradient_accumulation)
+    if not config.full and distributed.requested_strategy() in ("ddp", "single"):
         ignore_frozen_weights_in_ddp(transformer)
     # Stepped once per optimizer step by this loop (not prepared: accelerate would step it per process).
     lr_scheduler = get_scheduler(config.optimizer.lr_schedule, optimizer=optimizer,
                                  num_warmup_steps=config.optimizer.warmup_steps, num_training_steps=config.steps)
+    distributed.configure_deepspeed(accelerator, config.batch_size, config.gradient_accumulation,
+                                    config.optimizer.max_grad_norm)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    trainable = [p for p in transformer.parameters() if p.requires_grad]  # FSDP replaces them with shards
     tensor_learning_rates = remember_tensor_learning_rates(optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     info = lora_info(config, plan)
 
-    def save_trainable(model: Any, folder: Path) -> None:
+    def save_trainable(model: Any, folder: Path, state: dict[str, Any]) -> None:
         if config.full:
-            save_full_transformer(model, folder / TRANSFORMER_DIR, torch.float32, plan.drop_learned_positions)
+            save_full_transformer(model, folder / TRANSFORMER_DIR, torch.float32, plan.drop_learned_positions, state)
         else:
-            save_lora(folder, model, info)
+            save_lora(folder, model, info, state)
 
     def load_trainable(model: Any, folder: Path) -> None:
         if config.full:
@@ -268,6 +331,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     validator = Validator(config, plan.model, cache, accelerator, compute_dtype, plan.validation_prompts)
     accumulation = config.gradient_accumulation
     learning_rates: list[float] = []  # of this session's steps (after the schedule step)
+    step_seconds: list[float] = []
 
     transformer.train()
     try:
@@ -281,13 +345,14 @@ def run_training(config: TrainConfig) -> TrainResult:
                     batch = loader.get(step * accumulation + micro)
                     generators = sample_generators(config.seed, step, micro, rank * config.batch_size,
                                                    len(batch["indices"]))
-                    last_micro = micro == accumulation - 1
-                    sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(transformer)
-                    with sync, accelerator.autocast():
-                        with activations_offloaded(config.memory.offload_activations, device):
+                    # accumulate(): gradients synchronise on the last micro-step only (DeepSpeed steps there).
+                    with accelerator.accumulate(transformer):
+                        # Backward runs outside autocast, so that its cache of low-precision weight copies is
+                        # freed first (checkpointed blocks re-enter autocast when they recompute).
+                        with accelerator.autocast(), activations_offloaded(config.memory.offload_activations, device):
                             loss = training_step(transformer, scheduler, spec, batch, empty_embeds, settings,
                                                  generators, device, compute_dtype)
-                        accelerator.backward(loss / accumulation)
+                        accelerator.backward(loss)  # divided by the accumulation steps
                     step_loss += loss.detach().float().item() / accumulation
                 if config.optimizer.max_grad_norm > 0:
                     clip_gradients(accelerator, optimizer, trainable, config.optimizer.max_grad_norm)
@@ -306,6 +371,7 @@ def run_training(config: TrainConfig) -> TrainResult:
                 done = step + 1
                 lr = current_learning_rate(optimizer)
                 learning_rates.append(lr)
+                step_seconds.append(time.perf_counter() - started)
                 if config.report_to != "none":
                     accelerator.log({"loss": step_loss, "lr": lr}, step=done)
                 bar.advance(1, loss=step_loss, lr=lr, **{"s/step": time.perf_counter() - started},
@@ -328,7 +394,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         memory.print_table()
         _write_loss_curve(losses, output_dir)
         summary = {"steps": config.steps, "final_loss": losses[-1] if losses else None, "losses": losses,
-                   "learning_rates": learning_rates,
+                   "learning_rates": learning_rates, "step_seconds": [round(t, 4) for t in step_seconds],
                    "weights": str(weights), "learned_positional_embeddings_dropped": plan.drop_learned_positions}
         atomic_write_text(output_dir / "training_summary.json", json.dumps(summary, indent=2) + "\n")
     if config.report_to != "none":
@@ -364,16 +430,21 @@ def _memory_field(device: Any) -> dict[str, str]:
 
 
 def _save_final_weights(accelerator: Any, config: TrainConfig, plan: RunPlan, transformer: Any, dtype: Any) -> Path:
-    """OUT/pytorch_lora_weights.safetensors, or OUT/transformer/ in the model's dtype."""
+    """OUT/pytorch_lora_weights.safetensors, or OUT/transformer/ in the model's dtype.
+
+    Under FSDP and ZeRO the weights are gathered from every process first, so the files are the
+    same plain diffusers files as a one-process run's (no `zero_to_fp32` step).
+    """
     accelerator.wait_for_everyone()
     output_dir = Path(config.output_dir)
+    state = distributed.gather_state_dict(accelerator, transformer, trainable_only=not config.full)
     unwrapped = accelerator.unwrap_model(transformer)
     target = output_dir / TRANSFORMER_DIR if config.full else output_dir / LORA_WEIGHTS_NAME
     if accelerator.is_main_process:
         if config.full:
-            save_full_transformer(unwrapped, target, dtype, plan.drop_learned_positions)
+            save_full_transformer(unwrapped, target, dtype, plan.drop_learned_positions, state)
         else:
-            save_lora(output_dir, unwrapped, lora_info(config, plan))
+            save_lora(output_dir, unwrapped, lora_info(config, plan), state)
         report.success(f"weights saved: {target}")
     accelerator.wait_for_everyone()
     return target
@@ -434,6 +505,7 @@ def _print_run_summary(config: TrainConfig, plan: RunPlan, accelerator: Any, mix
          f"LoRA rank {config.lora.rank}, alpha {config.lora.effective_alpha:g}"),
         ("cache", f"{config.data} ({len(plan.cache)} items; buckets {', '.join(plan.cache.buckets)})"),
         ("device", f"{accelerator.device} x {world} process(es), mixed precision {mixed_precision}"),
+        ("strategy", distributed.strategy_name(accelerator)),
         ("batch", f"{config.batch_size} per process x {world} processes x {config.gradient_accumulation} "
                   f"accumulation = {config.batch_size * world * config.gradient_accumulation} per step"),
         ("steps", config.steps),
@@ -443,7 +515,8 @@ def _print_run_summary(config: TrainConfig, plan: RunPlan, accelerator: Any, mix
     if plan.drop_learned_positions:
         rows.append(("positions", "learned positional embeddings dropped (rotary only)"))
     memory = config.memory
-    options = [name for name, on in (("gradient checkpointing", config.gradient_checkpointing),
+    options = [name for name, on in (("gradient checkpointing", config.gradient_checkpointing
+                                      and not distributed.fsdp_checkpoints_activations(accelerator)),
                                      ("fp8 weights", memory.fp8_weights), ("offloaded blocks", memory.offload_blocks),
                                      ("offloaded activations", memory.offload_activations),
                                      ("compiled blocks", memory.compile)) if on]

@@ -33,20 +33,26 @@ def add_lora(transformer: Any, config: LoraConfig) -> None:
     ))
 
 
-def lora_state_dict(transformer: Any) -> dict[str, Any]:
+def lora_state_dict(transformer: Any, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The LoRA weights, from the live transformer or from a state dict of it (gathered from shards)."""
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(transformer)
+    return get_peft_model_state_dict(transformer, state_dict=state_dict)
 
 
-def save_lora(directory: str | Path, transformer: Any, info: dict[str, Any] | None = None) -> Path:
-    """Write `directory/pytorch_lora_weights.safetensors` atomically, in diffusers' format."""
+def save_lora(directory: str | Path, transformer: Any, info: dict[str, Any] | None = None,
+              state_dict: dict[str, Any] | None = None) -> Path:
+    """Write `directory/pytorch_lora_weights.safetensors` atomically, in diffusers' format.
+
+    `state_dict`: the transformer's weights gathered on this process, when its own are sharded
+    (FSDP, ZeRO-3); the transformer then only supplies the adapter config.
+    """
     from diffusers import CogVideoXPipeline
     from safetensors.torch import save_file
 
     directory = Path(directory)
     target = directory / LORA_WEIGHTS_NAME
-    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(transformer).items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(transformer, state_dict).items()}
     adapter = transformer.peft_config["default"].to_dict()
     # diffusers keys the adapter config by component ("transformer.r", ...), as its own writer does;
     # the round-trip test (load_lora_weights gives the trained output) guards this format.

@@ -80,7 +80,7 @@ def make_model_input(spec: ModelSpec, noisy_latents: Any, batch: dict[str, Any],
     keep = torch.tensor([float(torch.rand(1, generator=g) >= image_dropout) for g in generators])
     image = image * keep[:, None, None, None, None]
     condition = torch.zeros_like(noisy_latents)
-    condition[:, : padding + 1] = image
+    condition[:, : padding + 1] = image.to(noisy_latents.device)
     return torch.cat([noisy_latents, condition], dim=2)
 
 
@@ -95,6 +95,8 @@ def training_step(transformer: Any, scheduler: Any, spec: ModelSpec, batch: dict
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
     timesteps = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
                            for g in generators])
+    # Draws happen on the CPU (reproducible anywhere); the arithmetic on the device.
+    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
 
     prompt_embeds = batch["prompt_embeds"].float()
@@ -106,7 +108,7 @@ def training_step(transformer: Any, scheduler: Any, spec: ModelSpec, batch: dict
     output = transformer(
         hidden_states=model_input.to(device=device, dtype=dtype),
         encoder_hidden_states=prompt_embeds.to(device=device, dtype=dtype),
-        timestep=timesteps.to(device),
+        timestep=timesteps,
         ofs=torch.full((batch_size,), OFS_VALUE, device=device, dtype=dtype) if spec.uses_ofs else None,
         image_rotary_emb=rotary_embeddings(spec, frames, height, width, device=device),
         return_dict=False,
@@ -116,5 +118,4 @@ def training_step(transformer: Any, scheduler: Any, spec: ModelSpec, batch: dict
     if padding:
         frame_mask = torch.ones(batch_size, frames, device=device)
         frame_mask[:, :padding] = 0
-    return compute_v_prediction_loss(output, noisy.to(device), latents.to(device), timesteps.to(device), scheduler,
-                                     frame_mask=frame_mask)
+    return compute_v_prediction_loss(output, noisy, latents, timesteps, scheduler, frame_mask=frame_mask)

@@ -2,8 +2,14 @@
 
 Text embeddings come from the cache (no text encoder on the device); the VAE is loaded for the
 pass and freed after it. The first pass records `memory_before_validation` and
-`memory_after_validation`. Only the main process renders; the others wait, so a prompt count that
-does not divide the process count cannot deadlock anything.
+`memory_after_validation`.
+
+Every process renders: process r takes prompts r, r + N, r + 2N, ... (video i always uses seed + i,
+so the videos are those one process would render), and the main process gathers and writes them.
+Under FSDP and ZeRO-3 each forward needs every process, so all of them must run the same number
+of forwards: processes with fewer prompts render padding videos (their last prompt again) and
+throw them away. A prompt count that does not divide the process count therefore cannot hang
+(finetrainers documents that it does there).
 """
 
 from __future__ import annotations
@@ -70,11 +76,21 @@ class Validator:
             return
         if "memory_before_validation" not in memory.records:
             memory.record("memory_before_validation")
-        if self.accelerator.is_main_process:
-            self._render(transformer, Path(self.config.output_dir) / "validation" / name)
+        self._render(transformer, Path(self.config.output_dir) / "validation" / name)
         self.accelerator.wait_for_everyone()
         if "memory_after_validation" not in memory.records:
             memory.record("memory_after_validation")
+
+    def _my_prompts(self) -> tuple[list[int], int]:
+        """The prompt indices this process renders, and how many of them are real (the rest pad)."""
+        from cogtune.distributed import is_sharded
+
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        mine = list(range(rank, len(self.prompts), world))
+        if not is_sharded(self.accelerator):
+            return mine, len(mine)
+        rounds = -(-len(self.prompts) // world)
+        return mine + [mine[-1] if mine else 0] * (rounds - len(mine)), len(mine)
 
     def _shape(self) -> tuple[int, int, int]:
         frames, height, width = (int(v) for v in self.cache.buckets[0].split("x"))
@@ -82,9 +98,24 @@ class Validator:
         return validation.frames or frames, validation.height or height, validation.width or width
 
     def _render(self, transformer: Any, folder: Path) -> None:
+        from cogtune.data.video import write_video
+
+        indices, real = self._my_prompts()
+        rendered = self._generate(transformer, indices)[:real] if indices else []
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rendered = gather_object(rendered)
+        if self.accelerator.is_main_process:
+            for index, video in sorted(rendered, key=lambda item: item[0]):
+                write_video(folder / f"{index:02d}.mp4", video, fps=self.model.spec.fps)
+            report.info(f"validation videos: {folder}")
+
+    def _generate(self, transformer: Any, indices: list[int]) -> list[tuple[int, Any]]:
+        """(prompt index, uint8 video) for each index; video i with seed + i, as `cogtune sample` does."""
+        import numpy as np
         import torch
 
-        from cogtune.data.video import write_video
         from cogtune.models.loading import build_pipeline, load_scheduler, load_vae
         from cogtune.sample import generate_videos, load_condition_image
 
@@ -93,22 +124,25 @@ class Validator:
         frames, height, width = self._shape()
         unwrapped = self.accelerator.unwrap_model(transformer)
         was_training = unwrapped.training
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # training's cached blocks would not fit the VAE's tensors: give them back
         unwrapped.eval()
         vae = load_vae(self.model, dtype=self.compute_dtype, device=self.accelerator.device)
         if self.config.memory.validation_vae_tiling:
             vae.enable_tiling()
         pipe = build_pipeline(self.model, transformer=unwrapped, vae=vae, text_encoder=None, tokenizer=None,
                               scheduler=load_scheduler(self.model))
-        negative = self.cache.empty_prompt_embeds()[None].expand_as(self.embeds)
-        images = [load_condition_image(p) for p in validation.images] if validation.images else None
-        with self.accelerator.autocast():
-            videos = generate_videos(pipe, spec, self.embeds, negative, frames, height, width, validation.steps,
-                                     validation.guidance, validation.seed, images=images)
-        for index, video in enumerate(videos):
-            write_video(folder / f"{index:02d}.mp4", video, fps=spec.fps)
+        negative = self.cache.empty_prompt_embeds()[None]
+        videos = []
+        for index in indices:
+            image = [load_condition_image(validation.images[index])] if validation.images else None
+            with self.accelerator.autocast():
+                (video,) = generate_videos(pipe, spec, self.embeds[index : index + 1], negative, frames, height, width,
+                                           validation.steps, validation.guidance, validation.seed + index, images=image)
+            videos.append((index, (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)))
         del pipe, vae
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if was_training:
             unwrapped.train()
-        report.info(f"validation videos: {folder}")
+        return videos

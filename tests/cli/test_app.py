@@ -12,7 +12,7 @@ from tests.conftest import run_subprocess
 
 COMMANDS = [
     ("dataset", "validate"), ("dataset", "download"), ("encode",), ("train", "t2v"), ("train", "i2v"),
-    ("bench", "memory"), ("sample",), ("demo",), ("completion",),
+    ("bench", "memory"), ("sample",), ("demo",), ("completion",), ("config", "accelerate"),
 ]
 
 
@@ -27,7 +27,7 @@ def test_every_command_has_help_with_a_runnable_example(cli, command):
 def test_root_help_lists_the_commands(cli):
     result = cli("--help")
     assert result.exit_code == 0
-    for name in ("dataset", "encode", "train", "bench", "sample", "demo"):
+    for name in ("dataset", "encode", "train", "bench", "sample", "demo", "config"):
         assert name in result.stdout
 
 
@@ -97,13 +97,6 @@ def test_unexpected_exceptions_are_one_line_too(cli, monkeypatch, tmp_path):
     assert result.exit_code == 1
     assert "error: RuntimeError: something broke (hint: run with --debug" in result.stderr
     assert "with details" not in result.stderr
-
-
-@pytest.mark.parametrize("command", [("bench", "memory", "--model", "cogvideox-5b")])
-def test_commands_not_built_yet_say_so(cli, command):
-    result = cli(*command)
-    assert result.exit_code == 1
-    assert "is not built yet" in result.stderr
 
 
 def test_python_dash_m_entry_point():

@@ -1,0 +1,1 @@
+"""`cogtune bench`: size training runs without a GPU (`estimate`) and measure them on one (`measure`)."""

@@ -1,0 +1,120 @@
+"""Bench results as a rich table, a markdown table in the seed's format, JSON, and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cogtune import report
+from cogtune.fsutil import atomic_path, atomic_write_text
+
+MOMENTS = ("memory_before_training", "memory_before_validation", "memory_after_validation", "memory_after_testing")
+
+
+def row_values(row: dict[str, Any]) -> list[float]:
+    memory = row["memory_gib"]
+    return [memory["before_training"], memory["before_validation"], memory["after_validation"],
+            memory["after_testing"]]
+
+
+def print_rows(rows: Sequence[dict[str, Any]], title: str, budget: float | None) -> None:
+    columns = ["configuration", "before training", "before validation", "after validation", "after testing"]
+    if any("seconds_per_step" in r for r in rows):
+        columns.append("s/step")
+    if budget is not None:
+        columns.append(f"fits {budget:g} GiB")
+    table_rows = []
+    for row in rows:
+        cells: list[Any] = [row["label"], *row_values(row)]
+        if "s/step" in columns:
+            cells.append(row.get("seconds_per_step"))
+        if budget is not None:
+            cells.append(_fit_text(row))
+        table_rows.append(cells)
+    report.table(title, columns, table_rows)
+    for row in rows:
+        if row.get("suggestion"):
+            report.info(f"to fit {row['label']}: {row['suggestion']}")
+
+
+def _fit_text(row: dict[str, Any]) -> str:
+    if row.get("fits") is None:
+        return "-"
+    return "yes" if row["fits"] else "no"
+
+
+def markdown(rows: Sequence[dict[str, Any]], title: str, budget: float | None, notes: Sequence[str] = ()) -> str:
+    """The seed's table layout: one row per configuration, the four moments in GiB."""
+    header = ["model", "method", "rank", "optimizer", "gradient checkpointing", "options", "batch", "frames x H x W",
+              *MOMENTS]
+    if any("seconds_per_step" in r for r in rows):
+        header.append("s/step")
+    if budget is not None:
+        header.append(f"fits {budget:g} GiB")
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        case = row["case"]
+        options = ", ".join(name for name, key in (("fp8", "fp8"), ("offload blocks", "offload_blocks"),
+                                                   ("offload activations", "offload_activations")) if case[key]) or "-"
+        shape = "x".join(str(v) for v in row["shape"])
+        cells = [case["model"], case["method"], str(case["rank"]) if case["method"] == "lora" else "-",
+                 case["optimizer"], "on" if case["gradient_checkpointing"] else "off", options, str(case["batch_size"]),
+                 shape, *(f"{value:.2f}" for value in row_values(row))]
+        if "s/step" in header:
+            cells.append(f"{row['seconds_per_step']:.2f}" if row.get("seconds_per_step") is not None else "-")
+        if budget is not None:
+            cells.append(_fit_text(row))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_json(path: str | Path, document: dict[str, Any]) -> Path:
+    return atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+
+
+def write_markdown(path: str | Path, text: str) -> Path:
+    return atomic_write_text(path, text)
+
+
+def write_chart(path: str | Path, rows: Sequence[dict[str, Any]], title: str, budget: float | None) -> Path:
+    """Grouped bars (the four moments) per configuration, with a line at the GPU's budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [row["label"] for row in rows]
+    values = np.array([row_values(row) for row in rows])
+    width = 0.2
+    positions = np.arange(len(rows))
+    figure, axis = plt.subplots(figsize=(max(7.0, 1.2 * len(rows) + 3), 4.8), dpi=120)
+    for index, moment in enumerate(MOMENTS):
+        axis.bar(positions + (index - 1.5) * width, values[:, index], width, label=moment.replace("memory_", ""))
+    if budget is not None:
+        axis.axhline(budget, color="crimson", linestyle="--", linewidth=1.5, label=f"budget {budget:g} GiB")
+    axis.set_xticks(positions, [_wrap(label) for label in labels], fontsize=7)
+    axis.set_ylabel("GiB (peak reserved)")
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=7)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return Path(path)
+
+
+def _wrap(label: str, width: int = 22) -> str:
+    words, lines, current = label.split(), [], ""
+    for word in words:
+        if current and len(current) + len(word) + 1 > width:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}".strip()
+    lines.append(current)
+    return "\n".join(lines)

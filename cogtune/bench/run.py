@@ -1,0 +1,150 @@
+"""`cogtune bench memory`: a grid of configurations, estimated or measured, reported four ways."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from cogtune import report
+from cogtune.bench.cases import BenchCase, grid
+from cogtune.config import setting, write_config
+from cogtune.data.clips import Bucket
+from cogtune.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    models: tuple[str, ...] = setting(("cogvideox-5b",), "Presets to size.")
+    methods: tuple[str, ...] = setting(("lora",), "lora and/or full.")
+    ranks: tuple[int, ...] = setting((64,), "LoRA ranks.")
+    optimizers: tuple[str, ...] = setting(("adamw",), "Optimizers.")
+    gradient_checkpointing: tuple[bool, ...] = setting((True,), "Gradient checkpointing on and/or off.")
+    batch_sizes: tuple[int, ...] = setting((1,), "Batch sizes.")
+    shapes: tuple[str, ...] = setting((), "Clip shapes FxHxW; default: each model's default clip.")
+    fp8: tuple[bool, ...] = setting((False,), "Float8 storage of the frozen weights (LoRA).")
+    offload_blocks: tuple[bool, ...] = setting((False,), "Frozen weights offloaded to the CPU (LoRA).")
+    offload_activations: tuple[bool, ...] = setting((False,), "Saved activations offloaded to the CPU.")
+    validation: bool = setting(True, "Include a validation pass (memory_after_validation/testing).")
+    mode: Literal["estimate", "measure"] = setting("estimate", "Estimate without a GPU, or measure on the present one.")
+    gpu_memory: float | None = setting(None, "GPU size in GiB to fit; default: the present GPU's, if any.")
+    gpu: str | None = setting(None, "GPU name for rough step times of estimates (H100, A100, RTX 4090, ...).")
+    steps: int = setting(4, "Training steps per measured configuration.")
+
+    def __post_init__(self) -> None:
+        for value in self.methods:
+            if value not in ("lora", "full"):
+                raise ConfigError(f"method '{value}' is not lora or full")
+        try:
+            for shape in self.shapes:
+                Bucket.parse(shape)
+        except Exception as exc:
+            raise ConfigError(str(exc)) from None
+        if self.gpu_memory is not None and self.gpu_memory <= 0:
+            raise ConfigError(f"gpu_memory must be > 0 GiB, got {self.gpu_memory}")
+        if self.steps < 2:
+            raise ConfigError("steps must be >= 2 (the first step is warm-up)")
+
+    def cases(self) -> list[BenchCase]:
+        shapes = [tuple(dataclasses.astuple(Bucket.parse(s))) for s in self.shapes] or [(None, None, None)]
+        return grid(self.models, self.methods, self.ranks, self.optimizers, self.gradient_checkpointing,
+                    self.batch_sizes, shapes, self.fp8, self.offload_blocks, self.offload_activations, self.validation)
+
+
+def present_gpu() -> tuple[str, float] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    properties = torch.cuda.get_device_properties(0)
+    return properties.name, properties.total_memory / 1024**3
+
+
+def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
+              plot_path: str | Path | None = None) -> list[dict[str, Any]]:
+    from cogtune.bench import output
+    from cogtune.bench.fit import budget_gib, cheapest_fit, fits, seconds_per_step
+
+    cases = config.cases()
+    if not cases:
+        raise ConfigError("the grid is empty (fp8 and block offloading apply to LoRA only)")
+    gpu = present_gpu()
+    gpu_memory = config.gpu_memory if config.gpu_memory is not None else (gpu[1] if gpu else None)
+    budget = budget_gib(gpu_memory) if gpu_memory is not None else None
+    gpu_name = config.gpu or (gpu[0].replace("NVIDIA ", "").split(" ")[0] if gpu else "H100")
+    if config.mode == "measure" and gpu is None and not all(case.spec.tiny for case in cases):
+        raise ConfigError("--measure runs real training steps and needs a GPU for the real models",
+                          hint="--estimate sizes them on any machine")
+
+    rows: list[dict[str, Any]] = []
+    with report.progress(f"{config.mode} memory", total=len(cases), unit="configs") as bar:
+        for case in cases:
+            if config.mode == "estimate":
+                from cogtune.bench.estimate import estimate_case
+
+                estimate = estimate_case(case)
+                row = estimate.as_dict()
+                row["seconds_per_step"] = seconds_per_step(estimate, gpu_name)
+                if budget is not None:
+                    row["fits"] = fits(estimate, budget)
+                    if not row["fits"]:
+                        suggestion = cheapest_fit(estimate, budget)
+                        row["suggestion"] = ", ".join(suggestion.changes) + \
+                            f" ({suggestion.estimate.memory.after_testing:.1f} GiB)" if suggestion else \
+                            "nothing short of a smaller clip or batch"
+            else:
+                from cogtune.bench.measure import measure_case
+
+                measurement = measure_case(case, steps=config.steps)
+                row = measurement.as_dict()
+                if budget is not None:
+                    row["fits"] = row["memory_gib"]["after_testing"] <= budget
+            row["shape"] = list(case.shape)
+            rows.append(row)
+            bar.advance()
+
+    title = _title(config, gpu, gpu_name, gpu_memory)
+    output.print_rows(rows, title, budget)
+    notes = _notes(config, gpu, gpu_name)
+    document = {"mode": config.mode, "gpu": gpu[0] if gpu else None, "gpu_memory_gib": gpu_memory,
+                "budget_gib": budget, "rows": rows, "notes": notes}
+    for path in (json_path, markdown_path, plot_path):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if json_path is not None:
+        output.write_json(json_path, document)
+    if markdown_path is not None:
+        output.write_markdown(markdown_path, output.markdown(rows, title, budget, notes))
+    if plot_path is not None:
+        output.write_chart(plot_path, rows, title, budget)
+    written = [p for p in (json_path, markdown_path, plot_path) if p is not None]
+    if written:
+        write_config(config, Path(written[0]).parent, "bench-config.toml")
+        report.success("wrote " + ", ".join(str(p) for p in written))
+    return rows
+
+
+def _title(config: BenchConfig, gpu: tuple[str, float] | None, gpu_name: str, gpu_memory: float | None) -> str:
+    if config.mode == "measure":
+        return f"measured on {gpu[0] if gpu else 'the CPU (RSS)'}"
+    size = f", fitting {gpu_memory:g} GiB" if gpu_memory is not None else ""
+    return f"estimated peak reserved GPU memory (GiB){size}; s/step rough for {gpu_name}"
+
+
+def _notes(config: BenchConfig, gpu: tuple[str, float] | None, gpu_name: str) -> list[str]:
+    import diffusers
+    import torch
+
+    from cogtune import __version__
+    from cogtune.bench.fit import ASSUMED_UTILIZATION
+
+    notes = [f"cogtune {__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}"
+             + (f", CUDA {torch.version.cuda}, {gpu[0]}" if gpu else "")]
+    if config.mode == "estimate":
+        notes.append("Estimated by tracing cogtune's training step on the meta device through a model of the CUDA "
+                     "caching allocator (peak reserved memory; the CUDA context is not included). Step times assume "
+                     f"{ASSUMED_UTILIZATION:.0%} of the {gpu_name}'s peak bf16 throughput.")
+    else:
+        notes.append("Measured with `cogtune train` on random weights: peak reserved memory at each moment, median "
+                     "step time without the first step.")
+    return notes

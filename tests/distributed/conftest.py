@@ -1,0 +1,81 @@
+"""Multi-process runs on the CPU: `accelerate launch` with cogtune's generated configs, over gloo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+VALIDATION_PROMPTS = ("A red circle moves left.", "A blue square moves right.", "A green ball bounces.")
+
+
+@pytest.fixture(scope="session")
+def three_prompt_cache(tmp_path_factory, synthetic_data, cogtune_home):
+    """A t2v cache for `tiny` with three validation prompts (more prompts than the 2 processes)."""
+    from cogtune.data.dataset import DatasetConfig
+    from cogtune.encode import EncodeConfig, encode_dataset
+
+    root = tmp_path_factory.mktemp("cache") / "tiny-3-prompts"
+    encode_dataset(EncodeConfig(model="tiny", output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)),
+                                buckets=("9x64x64",), validation_prompts=VALIDATION_PROMPTS, num_workers=0))
+    return root
+
+
+@pytest.fixture(scope="session")
+def i2v_cache(tmp_path_factory, synthetic_data, cogtune_home):
+    """An i2v cache for `tiny-i2v` (condition latents with 2 noise-augmented copies each)."""
+    from cogtune.data.dataset import DatasetConfig
+    from cogtune.encode import EncodeConfig, encode_dataset
+
+    root = tmp_path_factory.mktemp("cache") / "tiny-i2v"
+    encode_dataset(EncodeConfig(model="tiny-i2v", output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)),
+                                buckets=("9x64x64",), image_noise_samples=2, num_workers=0))
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_accelerate_config(folder: Path, strategy: str, **settings) -> Path:
+    """The file `cogtune config accelerate` prints, for CPU processes (no mixed precision)."""
+    from cogtune.accelerate_config import LaunchSettings, accelerate_config_yaml
+
+    settings.setdefault("main_process_port", free_port())
+    path = folder / f"{strategy}.yaml"
+    path.write_text(accelerate_config_yaml(LaunchSettings(strategy, mixed_precision="no", **settings)))
+    return path
+
+
+def accelerate_launch(config_file: Path, *args: str, machine_rank: int | None = None) -> subprocess.Popen:
+    """`accelerate launch --config_file FILE -m cogtune ARGS`, started in the background.
+
+    `python -m accelerate.commands.launch` is what the `accelerate launch` command runs; calling it
+    through this Python keeps the test independent of the PATH.
+    """
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    if machine_rank is not None:
+        command += ["--machine_rank", str(machine_rank)]
+    command += ["-m", "cogtune", *[str(a) for a in args]]
+    # A session of its own, so that a hung launch is killed with all its worker processes.
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> str:
+    """Wait for a launch (killing it past `timeout`: a hang fails the test) and return its output."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"the launch hung for {timeout} s:\n{output[-3000:]}") from None
+    assert process.returncode == 0, output[-4000:]
+    return output

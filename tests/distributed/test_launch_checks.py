@@ -1,0 +1,73 @@
+"""A launch whose strategy cannot run is refused in one line before any weight loads."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+
+def _train(cli, cache, tmp_path, *extra):
+    return cli("train", "t2v", "--model", "tiny", "--data", cache, "--output-dir", tmp_path / "run", "--steps", "1",
+               *extra)
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_deepspeed_without_the_package(cli, tiny_cache, tmp_path, monkeypatch):
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
+    line = _one_error_line(_train(cli, tiny_cache, tmp_path))
+    assert line.startswith("error: this launch uses DeepSpeed") and "(hint: pip install deepspeed)" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_deepspeed_without_cuda(cli, tiny_cache, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "deepspeed" else real_find_spec(name, *a))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert "DeepSpeed needs CUDA GPUs" in _one_error_line(_train(cli, tiny_cache, tmp_path))
+
+
+def test_fsdp1_is_refused(cli, tiny_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    line = _one_error_line(_train(cli, tiny_cache, tmp_path))
+    assert "cogtune trains with FSDP2 only" in line and "fsdp_version: 2" in line
+
+
+def test_fp8_storage_does_not_combine_with_fsdp(cli, tiny_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    line = _one_error_line(_train(cli, tiny_cache, tmp_path, "--fp8"))
+    assert "--fp8 does not combine with FSDP" in line
+
+
+def test_the_launch_config_cannot_change_gradient_accumulation(cli, tiny_cache, tmp_path, monkeypatch):
+    """`accelerate launch` exports a config's gradient_accumulation_steps; `--gradient-accumulation` still decides."""
+    from safetensors.torch import load_file
+
+    args = ("--rank", "4", "--lr", "1e-3", "--steps", "2", "--gradient-accumulation", "2")
+    assert _train(cli, tiny_cache, tmp_path / "plain", *args).exit_code == 0
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    assert _train(cli, tiny_cache, tmp_path / "launched", *args).exit_code == 0
+    plain = load_file(tmp_path / "plain" / "run" / "pytorch_lora_weights.safetensors")
+    launched = load_file(tmp_path / "launched" / "run" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(plain[k], launched[k]) for k in plain)
+
+
+def test_a_launch_config_naming_another_precision_is_warned_about(cli, tiny_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # the file's mixed_precision; a CPU run trains in float32
+    result = _train(cli, tiny_cache, tmp_path)
+    assert result.exit_code == 0
+    assert "warning: the accelerate config says mixed precision bf16; cogtune trains with no" in result.stderr

@@ -1,0 +1,193 @@
+"""DDP and FSDP2 through `accelerate launch` on 2 CPU processes (gloo) equal one process with the same global batch.
+
+Each launch uses the file `cogtune config accelerate` writes, and accumulates gradients over 2
+micro-steps (so the skipped synchronisation of the first one is tested too).
+
+Tolerances: the processes sum gradients in another order than one process does, so float32
+results differ by rounding, which Adam's normalisation amplifies for weights whose gradients are
+near zero. Measured on 2 CPU cores (4 steps, lr 1e-3), largest weight difference: LoRA 5e-8
+(i2v LoRA 1.5e-8), full fine-tuning 1.4e-5 (Adam moves a weight by up to 4e-3 over these steps),
+DDP and FSDP alike.
+The tests allow LoRA 1e-6 and full 1e-4 absolute, losses 1e-5 relative. Resuming under FSDP is
+exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.distributed.conftest import VALIDATION_PROMPTS, accelerate_launch, finish, write_accelerate_config
+
+TOLERANCE = {"lora": 1e-6, "i2v": 1e-6, "full": 1e-4}
+ARGS = ("--model", "tiny", "--steps", "4", "--rank", "4", "--lr", "1e-3", "--lr-schedule", "cosine",
+        "--warmup-steps", "1", "--gradient-accumulation", "2", "--checkpoint-every", "2", "--keep-checkpoints", "0",
+        "--validation-steps", "2")
+
+
+@dataclasses.dataclass
+class Run:
+    output_dir: Path
+    log: str
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        lora = self.output_dir / "pytorch_lora_weights.safetensors"
+        if lora.is_file():
+            return load_file(lora)
+        return load_file(self.output_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    @property
+    def losses(self) -> list[float]:
+        return json.loads((self.output_dir / "training_summary.json").read_text())["losses"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, three_prompt_cache, i2v_cache):
+    """Runs by (strategy, method, resumed), each made once per module: 'one' is one process with batch 2.
+
+    Methods: 'lora' and 'full' (t2v on `tiny`), 'i2v' (a LoRA on `tiny-i2v`). FSDP full fine-tuning
+    lets FSDP checkpoint the block activations (`fsdp_activation_checkpointing: true`); the other
+    runs use cogtune's own checkpointing.
+    """
+    root = tmp_path_factory.mktemp("runs")
+    made: dict[tuple[str, str, bool], Run] = {}
+
+    def get(strategy: str, method: str, resumed: bool = False) -> Run:
+        key = (strategy, method, resumed)
+        if key in made:
+            return made[key]
+        output = root / f"{strategy}-{method}{'-resumed' if resumed else ''}"
+        args = ["train", "t2v", *ARGS, "--data", three_prompt_cache, "--output-dir", output]
+        if method == "full":
+            args.append("--full")
+        if method == "i2v":
+            args = ["train", "i2v", *ARGS, "--model", "tiny-i2v", "--data", i2v_cache, "--output-dir", output]
+        if resumed:
+            args += ["--resume", get(strategy, method).output_dir / "checkpoints" / "step-000002"]
+        if strategy == "one":
+            log = _in_process(*args, "--batch-size", "2")
+        else:
+            config = write_accelerate_config(root, strategy, gpus=2)
+            if (strategy, method) == ("fsdp", "full"):
+                config = root / "fsdp-activation-checkpointing.yaml"
+                config.write_text(write_accelerate_config(root, strategy, gpus=2).read_text().replace(
+                    "fsdp_activation_checkpointing: false", "fsdp_activation_checkpointing: true"))
+            log = finish(accelerate_launch(config, *args, "--batch-size", "1"))
+        made[key] = Run(output, log)
+        return made[key]
+
+    return get
+
+
+def _in_process(*args) -> str:
+    """`cogtune ARGS` in this process (one process: no launcher), through the real entry point."""
+    from cogtune.cli.app import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        assert exc.code in (0, None), f"cogtune {' '.join(map(str, args))} failed"
+    return ""
+
+
+def _max_difference(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> float:
+    assert left.keys() == right.keys()
+    return max(float((left[k].float() - right[k].float()).abs().max()) for k in left)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "method"), [("ddp", "lora"), ("ddp", "full"), ("fsdp", "lora"), ("fsdp", "full"),
+                                                  ("fsdp", "i2v")])
+def test_two_processes_equal_one_with_the_same_global_batch(runs, strategy, method):
+    two, one = runs(strategy, method), runs("one", method)
+    assert "1 per process x 2 processes x 2 accumulation = 4 per step" in two.log
+    assert {"ddp": "DDP", "fsdp": "FSDP2, full shard"}[strategy] in two.log
+    if (strategy, method) == ("fsdp", "full"):
+        assert "FSDP activation checkpointing" in two.log
+    difference = _max_difference(two.weights, one.weights)
+    print(f"{strategy} {method}: largest weight difference {difference:.2e}")
+    assert difference <= TOLERANCE[method]
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_saves_the_same_files_as_one_process(runs):
+    """Gathered on the main process: a diffusers LoRA with the same metadata, a loadable transformer/ folder."""
+    from diffusers import CogVideoXTransformer3DModel
+    from safetensors import safe_open
+
+    lora_two, lora_one = runs("fsdp", "lora").output_dir, runs("one", "lora").output_dir
+    with safe_open(str(lora_two / "pytorch_lora_weights.safetensors"), "pt") as two, \
+            safe_open(str(lora_one / "pytorch_lora_weights.safetensors"), "pt") as one:
+        assert two.metadata() == one.metadata()
+    full_two, full_one = runs("fsdp", "full").output_dir, runs("one", "full").output_dir
+    assert sorted(p.name for p in (full_two / "transformer").iterdir()) == \
+        sorted(p.name for p in (full_one / "transformer").iterdir())
+    CogVideoXTransformer3DModel.from_pretrained(full_two / "transformer")
+    checkpoint = lora_two / "checkpoints" / "step-000002"
+    assert (checkpoint / "pytorch_lora_weights.safetensors").is_file()  # diffusers format beside the shards
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_resume_continues_exactly(runs, method):
+    """2 steps, then a resume from that checkpoint for 2 more, equal 4 steps straight (accelerate's sharded state)."""
+    straight, resumed = runs("fsdp", method), runs("fsdp", method, resumed=True)
+    assert "resumed from" in resumed.log and "at step 2" in resumed.log
+    left, right = straight.weights, resumed.weights
+    assert left.keys() == right.keys()
+    assert all(torch.equal(left[k], right[k]) for k in left)
+    assert resumed.losses == straight.losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_three_validation_prompts_on_two_processes(runs, strategy):
+    """3 prompts, 2 processes: no hang (FSDP pads the second process's turn), and the videos one process renders."""
+    import imageio.v3 as iio
+
+    two, one = runs(strategy, "lora"), runs("one", "lora")
+    names = sorted(p.name for p in (two.output_dir / "validation" / "final").iterdir())
+    assert names == [f"{i:02d}.mp4" for i in range(len(VALIDATION_PROMPTS))]
+    for name in names:
+        left = iio.imread(two.output_dir / "validation" / "final" / name).astype(float)
+        right = iio.imread(one.output_dir / "validation" / "final" / name).astype(float)
+        assert left.shape == right.shape and abs(left - right).mean() < 1.0
+
+
+@pytest.mark.slow
+def test_hybrid_shard_over_two_machines_equals_one_process(tmp_path, three_prompt_cache):
+    """The README's multi-machine command on one host: 2 launches (machine ranks 0 and 1) x 2 processes,
+    FSDP2 hybrid (2 replicas x 2 shards), equal one process with batch 4."""
+    config = write_accelerate_config(tmp_path, "fsdp-hybrid", gpus=2, machines=2, main_process_ip="127.0.0.1")
+    args = ["train", "t2v", *ARGS, "--data", three_prompt_cache]
+    launches = [accelerate_launch(config, *args, "--batch-size", "1", "--output-dir", tmp_path / "hybrid",
+                                  machine_rank=rank) for rank in (0, 1)]
+    log = [finish(launch) for launch in launches][0]  # both must finish; machine 0's main process reports
+    assert "FSDP2, hybrid: 2 replicas x 2 shards" in log
+    assert "1 per process x 4 processes x 2 accumulation = 8 per step" in log
+    _in_process(*args, "--batch-size", "4", "--output-dir", tmp_path / "one")
+    hybrid, single = Run(tmp_path / "hybrid", log), Run(tmp_path / "one", "")
+    assert _max_difference(hybrid.weights, single.weights) <= TOLERANCE["lora"]
+    assert hybrid.losses == pytest.approx(single.losses, rel=1e-5)
+    assert len(list((tmp_path / "hybrid" / "validation" / "final").iterdir())) == len(VALIDATION_PROMPTS)
+
+
+@pytest.mark.slow
+def test_encode_under_the_same_launch_makes_the_same_cache(tmp_path, synthetic_data, tiny_cache):
+    """`encode` under the training's FSDP config: each process encodes its share, the cache equals one process's."""
+    from tests.encode.compare import assert_same_cache
+
+    config = write_accelerate_config(tmp_path, "fsdp", gpus=2)
+    log = finish(accelerate_launch(config, "encode", "--model", "tiny", "--data-root", synthetic_data, "--buckets",
+                                   "9x64x64", "--num-workers", "0", "--validation-prompt", "A red circle moves left.",
+                                   "--output-dir", tmp_path / "two"))
+    assert "2 processes" in log
+    assert_same_cache(tiny_cache, tmp_path / "two")
