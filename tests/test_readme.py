@@ -51,6 +51,7 @@ def test_the_readme_has_runnable_commands():
 @pytest.mark.parametrize("command", _commands())
 def test_readme_command_parses(command, cli, monkeypatch, tmp_path):
     import cogtune.accelerate_config
+    import cogtune.bench.run
     import cogtune.data.download
     import cogtune.data.validate
     import cogtune.demo
@@ -78,6 +79,7 @@ def test_readme_command_parses(command, cli, monkeypatch, tmp_path):
     monkeypatch.setattr(cogtune.data.validate, "validate_dataset", lambda *a, **k: calls.append("validate") or Valid())
     monkeypatch.setattr(cogtune.data.validate, "print_report", lambda *a, **k: None)
     monkeypatch.setattr(cogtune.accelerate_config, "accelerate_config_yaml", lambda *a, **k: calls.append("config") or "")
+    monkeypatch.setattr(cogtune.bench.run, "run_bench", recorder("bench"))
     (tmp_path / "run.toml").write_text('model = "tiny"\ndata = "cache"\noutput_dir = "out"\n')
     monkeypatch.chdir(tmp_path)
     result = cli(*shlex.split(command)[1:])
