@@ -17,6 +17,17 @@ from pathlib import Path
 TEMP_PREFIX = ".tmp-"
 
 
+def _default_modes() -> tuple[int, int]:
+    """The modes `open()` and `mkdir()` would give (mkstemp and mkdtemp make private ones, fit for
+    secrets, not for outputs other people or containers read)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask, 0o777 & ~mask
+
+
+FILE_MODE, DIR_MODE = _default_modes()
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -39,6 +50,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
@@ -68,6 +80,7 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}.", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, DIR_MODE)
         if target.exists():
             if not replace:
                 return

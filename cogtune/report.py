@@ -121,8 +121,8 @@ def _format_fields(fields: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def progress(description: str, total: int | None, unit: str = "it", completed: int = 0) -> Iterator[ProgressBar]:
-    """A progress bar with count, rate and ETA; extra fields (loss, lr, ...) via `update`."""
+def _bar(description: str, total: int | None, completed: int, counters: list[ProgressColumn]) -> Iterator[ProgressBar]:
+    """A rich progress bar: spinner, description, bar, `counters`, elapsed time, ETA, extra fields."""
     if not _enabled():
         yield ProgressBar(None, None)
         return
@@ -130,8 +130,7 @@ def progress(description: str, total: int | None, unit: str = "it", completed: i
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(unit),
+        *counters,
         TimeElapsedColumn(),
         TextColumn("<"),
         TimeRemainingColumn(compact=True),
@@ -140,6 +139,18 @@ def progress(description: str, total: int | None, unit: str = "it", completed: i
     with Progress(*columns, console=stderr, transient=False, refresh_per_second=4) as bar:
         task_id = bar.add_task(description, total=total, completed=completed, fields="")
         yield ProgressBar(bar, task_id)
+
+
+def progress(description: str, total: int | None, unit: str = "it", completed: int = 0):
+    """A progress bar with count, rate and ETA; extra fields (loss, lr, ...) via `update`."""
+    return _bar(description, total, completed, [MofNCompleteColumn(), RateColumn(unit)])
+
+
+def byte_progress(description: str, total: int | None, completed: int = 0):
+    """A transfer bar: bytes done of total, rate and ETA in human units (kB, MB, GB)."""
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    return _bar(description, total, completed, [DownloadColumn(), TransferSpeedColumn()])
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]], to_stderr: bool = False,
@@ -181,29 +192,3 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def is_interactive() -> bool:
-    return sys.stderr.isatty()
-
-
-@contextlib.contextmanager
-def byte_progress(description: str, total: int | None, completed: int = 0) -> Iterator[ProgressBar]:
-    """A transfer bar: bytes done of total, rate and ETA in human units (kB, MB, GB)."""
-    from rich.progress import DownloadColumn, TransferSpeedColumn
-
-    if not _enabled():
-        yield ProgressBar(None, None)
-        return
-    columns: list[ProgressColumn] = [
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeElapsedColumn(),
-        TextColumn("<"),
-        TimeRemainingColumn(compact=True),
-        TextColumn("{task.fields[fields]}"),
-    ]
-    with Progress(*columns, console=stderr, transient=False, refresh_per_second=4) as bar:
-        task_id = bar.add_task(description, total=total, completed=completed, fields="")
-        yield ProgressBar(bar, task_id)

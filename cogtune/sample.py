@@ -11,8 +11,9 @@ transformer's weights) are diffusers' own.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,13 +237,20 @@ def generate_videos(
     images: Sequence[Any] | None = None,
     dynamic_cfg: bool = False,
     attention_kwargs: dict[str, Any] | None = None,
+    denoising_context: Callable[[], Any] = contextlib.nullcontext,
 ) -> list[Any]:
-    """One video (F, H, W, 3 float in [0, 1]) per row of `prompt_embeds`; video i uses seed + i."""
+    """One video (F, H, W, 3 float in [0, 1]) per row of `prompt_embeds`; video i uses seed + i.
+
+    The pipeline denoises inside `denoising_context` (training's validation passes its autocast) and
+    the VAE decodes outside it: under autocast the decoder's group norms would run, and keep their
+    outputs, in float32.
+    """
     import torch
 
     videos = []
     device = pipe._execution_device
     dtype = pipe.transformer.dtype
+    padding = spec.padded_latent_frames(frames) - spec.latent_frames(frames)  # 1.5's, dropped as the pipeline does
     for index in range(prompt_embeds.shape[0]):
         kwargs: dict[str, Any] = {
             "prompt_embeds": prompt_embeds[index : index + 1].to(device=device, dtype=dtype),
@@ -254,7 +262,7 @@ def generate_videos(
             "guidance_scale": guidance,
             "use_dynamic_cfg": dynamic_cfg,
             "generator": torch.Generator(device="cpu").manual_seed(seed + index),
-            "output_type": "np",
+            "output_type": "latent",
             "max_sequence_length": spec.max_text_tokens,
             "attention_kwargs": attention_kwargs,
         }
@@ -263,7 +271,12 @@ def generate_videos(
                 raise DataError(f"{spec.name} is an image-to-video model: give a condition image")
             kwargs["image"] = images[index] if len(images) > 1 else images[0]
         with torch.no_grad():
-            videos.append(pipe(**kwargs).frames[0])
+            with denoising_context():
+                latents = pipe(**kwargs).frames[:, padding:]
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the decode's tensors have other sizes than the denoiser's cached blocks
+            decoded = pipe.decode_latents(latents.to(pipe.vae.dtype))
+            videos.append(pipe.video_processor.postprocess_video(video=decoded, output_type="np")[0])
     return videos
 
 

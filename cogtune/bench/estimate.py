@@ -153,9 +153,12 @@ def estimate_case(case: BenchCase, steps: int = 2) -> CaseEstimate:
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     offloaded = _offloaded_weight_bytes(transformer) if case.offload_blocks else 0
 
-    vae = _validation_vae(model, compute_dtype) if case.validation else None  # built untracked, counted when loaded
+    vae = _validation_vae(model, compute_dtype, config.memory.validation_tile_size) if case.validation else None  # built untracked, counted when loaded
     tracker = AllocationTracker()
-    tracker.adopt(list(transformer.parameters()) + list(transformer.buffers()))
+    # In the order a run allocates them: the loaded weights, then the LoRA layers peft adds.
+    named = list(transformer.named_parameters())
+    tracker.adopt([p for name, p in named if "lora_" not in name] + list(transformer.buffers()))
+    tracker.adopt([p for name, p in named if "lora_" in name])
     allocator = tracker.allocator
     before_training_reserved, before_training_allocated = allocator.reserved, allocator.allocated
 
@@ -194,7 +197,7 @@ def estimate_case(case: BenchCase, steps: int = 2) -> CaseEstimate:
         validation_peak_reserved, validation_peak_allocated = training_peak_reserved, training_peak_allocated
         if case.validation:
             allocator.reset_peaks()
-            _trace_validation(model, transformer, vae, case, compute_dtype, tracker)
+            _trace_validation(model, transformer, vae, case, compute_dtype, tracker, cast_cache)
             validation_peak_reserved = max(training_peak_reserved, allocator.peak_reserved)
             validation_peak_allocated = max(training_peak_allocated, allocator.peak_allocated)
 
@@ -219,12 +222,12 @@ def estimate_case(case: BenchCase, steps: int = 2) -> CaseEstimate:
     )
 
 
-def _validation_vae(model: ResolvedModel, compute_dtype: Any):
+def _validation_vae(model: ResolvedModel, compute_dtype: Any, tile: tuple[int, int]):
     from cogtune.bench.trace import DEVICE
     from cogtune.models.loading import load_vae
 
     vae = load_vae(model, dtype=compute_dtype, device=DEVICE)
-    vae.enable_tiling()  # memory.validation_vae_tiling, the trainer's default
+    vae.enable_tiling(tile_sample_min_height=tile[0], tile_sample_min_width=tile[1])  # as the trainer's validation
     return vae
 
 
@@ -243,13 +246,15 @@ def _shape_only_scheduler(model: ResolvedModel):
 
 
 def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, case: BenchCase, compute_dtype: Any,
-                      tracker: Any) -> None:
-    """One denoising step of the real pipeline (classifier-free guidance batch) and the VAE decode."""
+                      tracker: Any, cast_cache: Any) -> None:
+    """One denoising step of the real pipeline (classifier-free guidance batch, under autocast) and
+    the VAE decode (outside it), as `generate_videos` runs them."""
     import torch
     from PIL import Image
 
     from cogtune.bench.trace import DEVICE
     from cogtune.models.loading import build_pipeline
+    from cogtune.train.validation import chunked_feed_forward
 
     spec = model.spec
     tracker.allocator.release_cached()  # the validator empties the cache before the pass
@@ -263,6 +268,10 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, case: Be
                                   output_type="latent", max_sequence_length=spec.max_text_tokens)
     if spec.is_i2v:
         kwargs["image"] = Image.new("RGB", (width, height))
+    chunks = contextlib.nullcontext() if case.offload_blocks else chunked_feed_forward(transformer)
     with torch.no_grad():
-        latents = pipe(**kwargs).frames
-        pipe.decode_latents(latents)
+        with chunks:  # as the validator
+            latents = pipe(**kwargs).frames[:, spec.padded_latent_frames(frames) - spec.latent_frames(frames):]
+        tracker.allocator.release_cached()  # generate_videos empties the cache before the decode
+        with cast_cache.outside_autocast():
+            pipe.decode_latents(latents.to(vae.dtype))

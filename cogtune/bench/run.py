@@ -119,7 +119,7 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
         output.write_chart(plot_path, rows, title, budget)
     written = [p for p in (json_path, markdown_path, plot_path) if p is not None]
     if written:
-        write_config(config, Path(written[0]).parent, "bench-config.toml")
+        write_config(config, Path(written[0]).parent, f"{Path(written[0]).stem}.config.toml")
         report.success("wrote " + ", ".join(str(p) for p in written))
     return rows
 

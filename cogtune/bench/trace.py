@@ -88,19 +88,35 @@ class AllocationTracker(TorchDispatchMode):
         return out
 
 
+class CastCache(dict):
+    """Autocast's cache of float32 weights' low-precision copies, and whether autocast is on."""
+
+    autocast = True
+
+    @contextlib.contextmanager
+    def outside_autocast(self) -> Iterator[None]:
+        """Code that runs without autocast (the VAE decode): ops keep their inputs' dtypes."""
+        self.clear()  # leaving an autocast region drops its cache
+        self.autocast = False
+        try:
+            yield
+        finally:
+            self.autocast = True
+
+
 @contextlib.contextmanager
-def gpu_semantics(compute_dtype: torch.dtype) -> Iterator[dict[int, torch.Tensor]]:
+def gpu_semantics(compute_dtype: torch.dtype) -> Iterator[CastCache]:
     """Make meta tensors take the dtypes and kernels they would take on a GPU under autocast.
 
-    Yields the cast cache (float32 weights' low-precision copies); clear it where autocast's cache
-    would be cleared (when the forward's autocast region ends).
+    Yields the cast cache; clear it where autocast's cache would be cleared (when the forward's
+    autocast region ends), and use its `outside_autocast` for code that runs without autocast.
     """
-    cache: dict[int, torch.Tensor] = {}
+    cache = CastCache()
     original = {name: getattr(F, name) for name in ("linear", "conv2d", "conv3d", "layer_norm", "group_norm",
                                                      "scaled_dot_product_attention")}
 
     def low(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        if tensor is None or not tensor.is_floating_point() or tensor.dtype == compute_dtype:
+        if tensor is None or not cache.autocast or not tensor.is_floating_point() or tensor.dtype == compute_dtype:
             return tensor
         if tensor.is_leaf and tensor.requires_grad:  # autocast caches casts of such weights
             if id(tensor) not in cache:
@@ -109,7 +125,9 @@ def gpu_semantics(compute_dtype: torch.dtype) -> Iterator[dict[int, torch.Tensor
         return tensor.to(compute_dtype)
 
     def high(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.float()
+        if tensor is None or not cache.autocast:
+            return tensor
+        return tensor.float()
 
     def linear(input, weight, bias=None):
         return original["linear"](low(input), low(weight), low(bias))
@@ -121,10 +139,10 @@ def gpu_semantics(compute_dtype: torch.dtype) -> Iterator[dict[int, torch.Tensor
         return original["conv3d"](low(input), low(weight), low(bias), *args, **kwargs)
 
     def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-        return original["layer_norm"](input.float(), normalized_shape, high(weight), high(bias), eps)
+        return original["layer_norm"](high(input), normalized_shape, high(weight), high(bias), eps)
 
     def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
-        return original["group_norm"](input.float(), num_groups, high(weight), high(bias), eps)
+        return original["group_norm"](high(input), num_groups, high(weight), high(bias), eps)
 
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, enable_gqa=False):

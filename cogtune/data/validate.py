@@ -23,7 +23,7 @@ from cogtune.data.clips import sampleable_frames
 from cogtune.data.dataset import DatasetConfig, Entry, Problem, read_entries
 from cogtune.data.video import VideoInfo, VideoReadError, count_decodable_frames, probe_video
 from cogtune.errors import DataError
-from cogtune.models.registry import ModelSpec
+from cogtune.models.registry import PRESETS, ModelSpec
 
 # Every code `validate` can report, and what it means.
 CODES = {
@@ -125,7 +125,8 @@ def validate_dataset(
             problems += [Problem("frame-rule", "error", message) for message in model.frame_problems(frames)]
         if height is not None and width is not None:
             problems += [Problem("resolution-rule", "error", m) for m in model.resolution_problems(height, width)]
-    min_frames = max(frames or 0, model.min_frames if model is not None else 1)
+    # Without a model, the fewest frames any CogVideoX accepts: a 1-frame "video" (an image renamed .mp4) is no clip.
+    min_frames = max(frames or 0, model.min_frames if model is not None else min(p.min_frames for p in PRESETS.values()))
     target_fps = config.sample_fps or (model.fps if model is not None else None)
     if config.frame_sampling == "fps" and target_fps is None:
         raise DataError("frame_sampling 'fps' needs --sample-fps (or --model, whose fps is the default)")

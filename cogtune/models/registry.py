@@ -144,12 +144,22 @@ class ModelSpec:
         return latent
 
     @property
+    def frame_step(self) -> int:
+        """Clip lengths go in steps of twice the temporal compression.
+
+        The VAE decodes latents in pairs: an odd latent count (its first frame alone, then pairs)
+        gives back `4(n-1)+1` frames, while an even count gives `4n`. A 4k+1 clip with an even
+        latent count (13, 29, ...) therefore does not round-trip, so only 8k+1 lengths are accepted.
+        """
+        return 2 * self.temporal_compression
+
+    @property
     def min_frames(self) -> int:
-        return self.temporal_compression + 1
+        return self.frame_step + 1
 
     @property
     def frame_rule(self) -> str:
-        return f"{self.temporal_compression}k+1 frames (e.g. {self.default_frames})"
+        return f"{self.frame_step}k+1 frames (e.g. {self.default_frames})"
 
     @property
     def resolution_multiple(self) -> int:
@@ -159,10 +169,10 @@ class ModelSpec:
         problems = []
         if frames < self.min_frames:
             problems.append(f"{frames} frames is fewer than the minimum of {self.min_frames} for {self.name}")
-        elif (frames - 1) % self.temporal_compression:
-            lower = frames - (frames - 1) % self.temporal_compression
+        elif (frames - 1) % self.frame_step:
+            lower = frames - (frames - 1) % self.frame_step
             problems.append(
-                f"{frames} frames breaks {self.name}'s frame rule {self.temporal_compression}k+1 "
+                f"{frames} frames breaks {self.name}'s frame rule {self.frame_step}k+1 "
                 f"(nearest below: {lower})"
             )
         return problems

@@ -1,8 +1,10 @@
 """Resumable checkpoints through accelerate, holding only what trains.
 
-A checkpoint is `OUT/checkpoints/step-NNNNNN/`: accelerate's state (optimizer, LR schedule, RNG),
-the trainable weights (a diffusers LoRA file, or a `transformer/` folder for full fine-tuning; never
-the frozen base), the run's `config.toml`, and `trainer_state.json` (step and losses), written last.
+A checkpoint is `OUT/checkpoints/step-NNNNNN/`: accelerate's state (optimizer, RNG), the trainable
+weights (a diffusers LoRA file, or a `transformer/` folder for full fine-tuning; never the frozen
+base), the run's `config.toml`, and `trainer_state.json` (step, losses and the LR schedule's state),
+written last. The schedule's state is JSON rather than accelerate's custom-object pickle, which
+accelerate loads with `weights_only=False`: resuming runs no code from the checkpoint.
 Under FSDP and DeepSpeed, accelerate's state also holds the model's own shards (`pytorch_model_fsdp_0/`,
 or DeepSpeed's folder), base weights included; resuming reads those.
 It is assembled under a temporary name and renamed, so a checkpoint folder is complete or absent.
@@ -50,9 +52,14 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
     return path
 
 
-def read_trainer_state(checkpoint: Path) -> tuple[int, list[float]]:
-    state = json.loads((checkpoint / TRAINER_STATE).read_text())
-    return int(state["step"]), [float(v) for v in state["losses"]]
+def read_trainer_state(checkpoint: Path) -> tuple[int, list[float], dict[str, Any]]:
+    """(step, losses, LR schedule state) of a checkpoint."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text())
+        return int(state["step"]), [float(v) for v in state["losses"]], dict(state["lr_scheduler"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{path}: not a trainer state this version of cogtune can resume ({error})") from None
 
 
 def register_hooks(accelerator: Any, config: TrainConfig, save_trainable: Any, load_trainable: Any) -> None:
@@ -82,7 +89,8 @@ def register_hooks(accelerator: Any, config: TrainConfig, save_trainable: Any, l
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: list[float]) -> Path:
+def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: list[float],
+                    lr_scheduler_state: dict[str, Any]) -> Path:
     """Write checkpoint `step` (all processes call this) and prune old ones beyond the retention limit."""
     root = Path(config.output_dir) / CHECKPOINTS_DIR
     final = root / f"step-{step:06d}"
@@ -94,7 +102,8 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: li
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_config(config, staging)
-        atomic_write_text(staging / TRAINER_STATE, json.dumps({"step": step, "losses": losses}) + "\n")
+        state = {"step": step, "losses": losses, "lr_scheduler": lr_scheduler_state}
+        atomic_write_text(staging / TRAINER_STATE, json.dumps(state) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         if config.checkpointing.keep:

@@ -292,7 +292,6 @@ def run_training(config: TrainConfig) -> TrainResult:
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     trainable = [p for p in transformer.parameters() if p.requires_grad]  # FSDP replaces them with shards
     tensor_learning_rates = remember_tensor_learning_rates(optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
     info = lora_info(config, plan)
 
     def save_trainable(model: Any, folder: Path, state: dict[str, Any]) -> None:
@@ -314,7 +313,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     start_step, losses = 0, []
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        start_step, losses = checkpoint.read_trainer_state(resume_from)
+        start_step, losses, scheduler_state = checkpoint.read_trainer_state(resume_from)
+        lr_scheduler.load_state_dict(scheduler_state)
         report.info(f"resumed from {resume_from} at step {start_step}")
     if start_step >= config.steps:
         raise ConfigError(f"the checkpoint is at step {start_step}; --steps {config.steps} leaves nothing to train",
@@ -377,7 +377,7 @@ def run_training(config: TrainConfig) -> TrainResult:
                 bar.advance(1, loss=step_loss, lr=lr, **{"s/step": time.perf_counter() - started},
                             **_memory_field(device))
                 if config.checkpointing.every and done % config.checkpointing.every == 0 and done < config.steps:
-                    checkpoint.save_checkpoint(accelerator, config, done, losses)
+                    checkpoint.save_checkpoint(accelerator, config, done, losses, lr_scheduler.state_dict())
                 if config.validation.every and done % config.validation.every == 0 and done < config.steps:
                     validator.run(transformer, f"step-{done:06d}", memory)
     finally:
@@ -385,7 +385,7 @@ def run_training(config: TrainConfig) -> TrainResult:
 
     weights = _save_final_weights(accelerator, config, plan, transformer, torch_dtype(spec.weight_dtype))
     if config.checkpointing.every:
-        checkpoint.save_checkpoint(accelerator, config, config.steps, losses)
+        checkpoint.save_checkpoint(accelerator, config, config.steps, losses, lr_scheduler.state_dict())
     if config.validation.final:
         validator.run(transformer, "final", memory)
     memory.record("memory_after_testing")

@@ -19,7 +19,7 @@ def test_estimate_grid_writes_every_output(cli, tmp_path):
         in markdown
     assert markdown.count("\n| tiny") == 8
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "bench-config.toml").is_file()
+    assert (tmp_path / "m.config.toml").is_file()
 
 
 def test_gpu_memory_says_what_fits_and_how_to_fit_the_rest(tmp_path):

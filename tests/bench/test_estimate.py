@@ -9,7 +9,7 @@ import torch
 
 from cogtune.bench.cases import BenchCase
 from cogtune.bench.estimate import estimate_case
-from cogtune.bench.trace import DEVICE, AllocationTracker, gpu_semantics
+from cogtune.bench.trace import DEVICE, AllocationTracker
 from cogtune.models.loading import count_parameters
 from cogtune.models.registry import PRESETS, TINY_PRESETS
 
@@ -74,7 +74,10 @@ def test_more_never_estimates_less(change, field, bigger):
     small = BenchCase("tiny", rank=4, frames=9)
     large = dataclasses.replace(small, **{field: bigger})
     a, b = estimate_case(small).memory, estimate_case(large).memory
-    for moment in ("before_validation", "after_validation", "allocated_peak_training"):
+    # Reserved memory at load can dip when larger tensors fill the caching allocator's holes (as on a GPU);
+    # what is live, and the peaks a run needs, never do.
+    for moment in ("allocated_before_training", "allocated_peak_training", "before_validation", "after_validation",
+                   "after_testing"):
         assert getattr(b, moment) >= getattr(a, moment), moment
 
 
@@ -100,3 +103,19 @@ def test_cogvideox_5b_lora_estimate_on_the_real_architecture():
     assert estimate.teraflops_per_step == pytest.approx(1250, rel=0.05)
     assert weights_gib < estimate.memory.before_validation < 3 * weights_gib
     assert estimate.seconds < 60
+
+
+@pytest.mark.slow
+def test_cogvideox_2b_validation_does_not_raise_the_training_peak():
+    """Decoding in the default validation tiles fits in the memory training already reserved; the VAE's
+    own default tile (half the video) does not, which is why cogtune sets a smaller one."""
+    import cogtune.bench.estimate as estimate_module
+
+    default = estimate_case(BenchCase("cogvideox-2b")).memory
+    assert default.after_validation == default.before_validation
+    original = estimate_module._validation_vae
+    half_video = lambda model, dtype, tile: original(model, dtype, (240, 360))  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(estimate_module, "_validation_vae", half_video)
+        larger = estimate_case(BenchCase("cogvideox-2b")).memory
+    assert larger.after_validation > default.after_validation

@@ -184,3 +184,16 @@ def test_cli_dataset_file_option(cli, tmp_path, synthetic_data):
     result = cli("dataset", "validate", root, "--dataset-file", "metadata.csv", "--json")
     assert result.exit_code == 0, result.stdout
     assert json.loads(result.stdout)["items"] == 4
+
+
+def test_an_image_renamed_as_a_video_is_too_short(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "videos").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "videos" / "still.png")
+    (tmp_path / "videos" / "still.png").rename(tmp_path / "videos" / "still.mp4")
+    (tmp_path / "prompts.txt").write_text("a still\n")
+    (tmp_path / "videos.txt").write_text("videos/still.mp4\n")
+    result = validate_dataset(DatasetConfig(root=str(tmp_path)))
+    assert [(p.code, p.path, p.line) for p in result.errors] in (
+        [("too-few-frames", "videos/still.mp4", 1)], [("unreadable-video", "videos/still.mp4", 1)])

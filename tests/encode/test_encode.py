@@ -107,7 +107,7 @@ def test_bucket_against_model_rule(tmp_path, synthetic_data):
     from cogtune.errors import ModelError
 
     config = EncodeConfig(model="tiny", output_dir=str(tmp_path / "c"), data=DatasetConfig(root=str(synthetic_data)),
-                          buckets=("8x64x64",))
+                          buckets=("12x64x64",))
     with pytest.raises(ModelError, match="frame rule"):
         encode_dataset(config)
 

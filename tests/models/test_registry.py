@@ -53,7 +53,9 @@ def test_defaults_and_channels():
 def test_frame_rule():
     spec = PRESETS["cogvideox-5b"]
     assert spec.frame_problems(49) == []
-    assert "4k+1" in spec.frame_problems(48)[0] and "nearest below: 45" in spec.frame_problems(48)[0]
+    assert "8k+1" in spec.frame_problems(48)[0] and "nearest below: 41" in spec.frame_problems(48)[0]
+    # 4k+1 is not enough: 13 frames encode to 4 latents, which the VAE decodes to 16 frames
+    assert "nearest below: 9" in spec.frame_problems(13)[0]
     assert "fewer than the minimum" in spec.frame_problems(3)[0]
     assert spec.latent_frames(49) == 13
 

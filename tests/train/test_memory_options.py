@@ -180,3 +180,47 @@ def test_fp8_weights_work_with_data_parallelism(tiny_cache, tmp_path):
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("tile", ["192x290", "32x64", "192", "axb"])
+def test_validation_tile_must_be_a_size_in_multiples_of_8(tile):
+    with pytest.raises(ConfigError, match="validation_vae_tile"):
+        MemoryConfig(validation_vae_tile=tile)
+    assert MemoryConfig(validation_vae_tile=" 160 x 240 ").validation_tile_size == (160, 240)
+
+
+def test_validation_decodes_in_the_configured_tiles(tiny_cache, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKLCogVideoX
+
+    calls = []
+    real = AutoencoderKLCogVideoX.enable_tiling
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKLCogVideoX, "enable_tiling", spy)
+    config = _config(tiny_cache, tmp_path / "run", steps=1, memory=MemoryConfig(validation_vae_tile="64x96"),
+                     validation=ValidationConfig(prompts=("A red circle moves left.",), steps=1))
+    result = run_training(config)
+    assert calls == [{"tile_sample_min_height": 64, "tile_sample_min_width": 96}]
+    assert (result.output_dir / "validation" / "final" / "00.mp4").is_file()
+
+
+def test_chunked_feed_forward_gives_the_same_output_and_leaves_no_trace(tiny_cache, tmp_path):
+    from cogtune.train.validation import chunked_feed_forward
+
+    transformer = _trainable(_config(tiny_cache, tmp_path / "run")).eval()
+    block = transformer.transformer_blocks[0]
+    hidden = torch.randn(2, 37, block.ff.net[0].proj.in_features)
+    calls = []
+    hook = block.ff.net[0].register_forward_hook(lambda module, args, output: calls.append(args[0].shape[1]))
+    with torch.no_grad():
+        whole = block.ff(hidden)
+        with chunked_feed_forward(transformer, chunk_tokens=16):
+            chunked = block.ff(hidden)
+        after = block.ff(hidden)
+    hook.remove()
+    assert calls == [37, 16, 16, 5, 37]  # chunked inside the context only
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert torch.equal(after, whole) and "forward" not in block.ff.__dict__
