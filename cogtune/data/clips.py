@@ -106,7 +106,10 @@ def resize_frames(frames: np.ndarray, height: int, width: int, mode: ResizeMode 
     import torch
     import torch.nn.functional as F
 
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    frames = np.ascontiguousarray(frames)
+    if not frames.flags.writeable:  # decord's arrays are read-only; torch warns on sharing those
+        frames = frames.copy()
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     src_h, src_w = video.shape[-2:]
     if mode == "crop":
         scale = max(height / src_h, width / src_w)
