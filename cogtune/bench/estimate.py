@@ -153,7 +153,8 @@ def estimate_case(case: BenchCase, steps: int = 2) -> CaseEstimate:
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     offloaded = _offloaded_weight_bytes(transformer) if case.offload_blocks else 0
 
-    vae = _validation_vae(model, compute_dtype, config.memory.validation_tile_size) if case.validation else None  # built untracked, counted when loaded
+    tile = config.memory.validation_tile_size
+    vae = _validation_vae(model, compute_dtype, tile) if case.validation else None  # built untracked, counted when loaded
     tracker = AllocationTracker()
     # In the order a run allocates them: the loaded weights, then the LoRA layers peft adds.
     named = list(transformer.named_parameters())
@@ -254,7 +255,7 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, case: Be
 
     from cogtune.bench.trace import DEVICE
     from cogtune.models.loading import build_pipeline
-    from cogtune.train.validation import chunked_feed_forward
+    from cogtune.train.validation import validation_feed_forward_chunks
 
     spec = model.spec
     tracker.allocator.release_cached()  # the validator empties the cache before the pass
@@ -268,9 +269,8 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, case: Be
                                   output_type="latent", max_sequence_length=spec.max_text_tokens)
     if spec.is_i2v:
         kwargs["image"] = Image.new("RGB", (width, height))
-    chunks = contextlib.nullcontext() if case.offload_blocks else chunked_feed_forward(transformer)
     with torch.no_grad():
-        with chunks:  # as the validator
+        with validation_feed_forward_chunks(transformer, case.offload_blocks):  # as the validator
             latents = pipe(**kwargs).frames[:, spec.padded_latent_frames(frames) - spec.latent_frames(frames):]
         tracker.allocator.release_cached()  # generate_videos empties the cache before the decode
         with cast_cache.outside_autocast():

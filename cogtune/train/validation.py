@@ -64,6 +64,12 @@ def chunked_feed_forward(transformer: Any, chunk_tokens: int = FEED_FORWARD_CHUN
             del ff.forward  # the instance attribute; the class's forward shows through again
 
 
+def validation_feed_forward_chunks(transformer: Any, offload_blocks: bool) -> Any:
+    """`chunked_feed_forward`, except with offloaded blocks, whose layers would be brought to the
+    device once per chunk (their weights, not the activations, are that run's memory)."""
+    return contextlib.nullcontext() if offload_blocks else chunked_feed_forward(transformer)
+
+
 def validation_prompts(config: TrainConfig, cache: VideoLatentCache, is_i2v: bool) -> list[str]:
     """The prompts validation renders: the configured ones, else those cached by `encode`.
 
@@ -150,13 +156,6 @@ class Validator:
                 write_video(folder / f"{index:02d}.mp4", video, fps=self.model.spec.fps)
             report.info(f"validation videos: {folder}")
 
-    def _feed_forward_chunks(self, transformer: Any) -> Any:
-        """`chunked_feed_forward`, except with offloaded blocks, whose layers would be brought to the
-        device once per chunk (their weights, not the activations, are that run's memory)."""
-        if self.config.memory.offload_blocks:
-            return contextlib.nullcontext()
-        return chunked_feed_forward(transformer)
-
     def _generate(self, transformer: Any, indices: list[int]) -> list[tuple[int, Any]]:
         """(prompt index, uint8 video) for each index; video i with seed + i, as `cogtune sample` does."""
         import numpy as np
@@ -183,7 +182,7 @@ class Validator:
         videos = []
         for index in indices:
             image = [load_condition_image(validation.images[index])] if validation.images else None
-            with self._feed_forward_chunks(unwrapped):
+            with validation_feed_forward_chunks(unwrapped, self.config.memory.offload_blocks):
                 (video,) = generate_videos(pipe, spec, self.embeds[index : index + 1], negative, frames, height,
                                            width, validation.steps, validation.guidance, validation.seed + index,
                                            images=image, denoising_context=self.accelerator.autocast)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 VALIDATION_PROMPTS = ("A red circle moves left.", "A blue square moves right.", "A green ball bounces.")
 
@@ -36,12 +37,6 @@ def i2v_cache(tmp_path_factory, synthetic_data, cogtune_home):
     encode_dataset(EncodeConfig(model="tiny-i2v", output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)),
                                 buckets=("9x64x64",), image_noise_samples=2, num_workers=0))
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_accelerate_config(folder: Path, strategy: str, **settings) -> Path:

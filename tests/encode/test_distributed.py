@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from tests.encode.compare import assert_same_cache
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_port
 
 
 @pytest.mark.slow
@@ -24,7 +18,7 @@ def test_two_processes_make_the_same_cache_as_one(tmp_path, synthetic_data, tiny
     two = tmp_path / "two"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "cogtune", *common, "--output-dir", str(two)],
+         "--master_port", str(free_port()), "-m", "cogtune", *common, "--output-dir", str(two)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -17,6 +16,7 @@ from cogtune.models.loading import resolve_model
 from cogtune.train import TrainConfig, run_training
 from cogtune.train.config import LoraConfig, MemoryConfig, OptimizerConfig, ValidationConfig
 from cogtune.train.optimizers import clip_gradients, keep_tensor_learning_rates, remember_tensor_learning_rates
+from tests.ports import free_port
 
 
 def _config(cache, output, **changes):
@@ -164,18 +164,12 @@ def test_compiled_training_matches_eager(tiny_cache, tmp_path):
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_fp8_weights_work_with_data_parallelism(tiny_cache, tmp_path):
     """finetrainers #316: fp8 storage broke DDP. Frozen weights are left out of DDP's synchronisation."""
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "cogtune", "train", "t2v", "--model", "tiny", "--data",
+         "--master_port", str(free_port()), "-m", "cogtune", "train", "t2v", "--model", "tiny", "--data",
          str(tiny_cache), "--output-dir", str(tmp_path / "run"), "--steps", "2", "--rank", "4", "--fp8"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

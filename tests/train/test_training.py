@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ from cogtune.models.loading import load_transformer, resolve_model
 from cogtune.train import TrainConfig, run_training
 from cogtune.train.config import CheckpointConfig, LoraConfig, OptimizerConfig, ValidationConfig
 from cogtune.train.lora import add_lora, load_lora_state, read_lora_info
+from tests.ports import free_port
 
 FAMILIES = [("tiny", "t2v"), ("tiny-rotary", "t2v"), ("tiny-1.5", "t2v"), ("tiny-i2v", "i2v"), ("tiny-1.5-i2v", "i2v")]
 
@@ -202,18 +202,12 @@ def test_report_to_needs_its_package(tiny_cache, tmp_path):
         run_training(_config("tiny", "t2v", tiny_cache, tmp_path / "run", report_to="wandb"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_cache, tmp_path):
     args = ["train", "t2v", "--model", "tiny", "--data", str(tiny_cache), "--steps", "4", "--rank", "4", "--lr", "1e-3"]
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "cogtune", *args, "--batch-size", "1", "--output-dir",
+         "--master_port", str(free_port()), "-m", "cogtune", *args, "--batch-size", "1", "--output-dir",
          str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "1 per process x 2 processes x 1 accumulation = 2 per step" in two.stderr
@@ -250,3 +244,15 @@ def test_a_lora_for_another_family_is_refused(family_cache, tmp_path):
     with pytest.raises(ModelError, match=r"trained for tiny-rotary \(1.0-rotary\); tiny is 1.0-sincos"):
         run_sample(SampleConfig(model="tiny", prompts=("x",), output=str(tmp_path / "x.mp4"),
                                 lora=str(result.output_dir), frames=9, height=64, width=64, steps=1))
+
+
+def test_resume_from_an_unreadable_trainer_state_is_one_line(cli, tiny_cache, tmp_path):
+    args = ("train", "t2v", "--model", "tiny", "--data", tiny_cache, "--output-dir", tmp_path / "run", "--rank", "4")
+    assert cli(*args, "--steps", "1", "--checkpoint-every", "1").exit_code == 0
+    state = tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json"
+    state.write_text('{"step": 1, "losses": [0.5]}\n')  # no LR schedule state
+    result = cli(*args, "--steps", "2", "--resume", "latest")
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in result.stderr
+    assert "trainer_state.json: not a trainer state this version of cogtune can resume" in last
