@@ -44,6 +44,22 @@ def section(cls: type, help: str) -> Any:
     return dataclasses.field(default_factory=cls, metadata={"help": help})
 
 
+def check_number(name: str, value: float | int | None, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ConfigError naming `name` unless `value` (None: not set) is finite and within the bounds.
+
+    Bounds are inclusive unless `low_open`/`high_open`; NaN and infinities are always refused.
+    """
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ConfigError(f"{name} must be {'<' if high_open else '<='} {high:g}, got {value:g}")
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -161,6 +177,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # TOML writes nan and inf; no setting means them
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, Path)):

@@ -32,7 +32,12 @@ def run_demo(output_dir: str | Path, steps: int = 100, clips: int = 6) -> dict[s
     from cogtune.train import TrainConfig, run_training
     from cogtune.train.config import CheckpointConfig, LoraConfig, OptimizerConfig, ValidationConfig
 
+    from cogtune.errors import ConfigError
+
     root = Path(output_dir)
+    if root.is_dir() and any(root.iterdir()):
+        raise ConfigError(f"{root} is not empty (a previous demo?); the demo writes into a new folder",
+                          hint=f"delete {root}, or pass another --output-dir")
     paths = {
         "model": root / "model",
         "data": root / "data",

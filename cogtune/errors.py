@@ -29,3 +29,7 @@ class DataError(CogtuneError):
 
 class TrainingError(CogtuneError):
     """Training stopped (non-finite loss, interrupted state that cannot resume, ...)."""
+
+
+class StorageError(CogtuneError):
+    """An output cannot be written: the disk is full, the folder is not writable, or another run holds it."""

@@ -4,9 +4,10 @@
 the trainer's validation with the cached prompt embeddings and the in-training weights.
 
 Everything is checked before a weight loads (shape rules, images, outputs, the LoRA's family).
-Prompts are encoded first and T5 is freed before the transformer loads, so the two never share the
-GPU; memory options (VAE tiling/slicing, model or sequential CPU offload, fp8 storage of the
-transformer's weights) are diffusers' own.
+Prompts are encoded a chunk (`PROMPT_CHUNK`) at a time, just before they are generated; a run of
+one chunk encodes first and frees T5 before the transformer loads, so the two never share the GPU
+(longer runs park T5 in CPU memory between chunks). Memory options (VAE tiling/slicing, model or
+sequential CPU offload, fp8 storage of the transformer's weights) are diffusers' own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Literal
 from cogtune import report
 from cogtune.config import setting, write_config
 from cogtune.errors import ConfigError, DataError, ModelError
+from cogtune.fsutil import OutputLock, check_writable
 from cogtune.models.registry import ModelSpec
 
 
@@ -64,6 +66,11 @@ class SampleConfig:
             raise ConfigError("output is required (--output)")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        from cogtune.config import check_number
+
+        check_number("lora_scale", self.lora_scale)  # negative scales are allowed: they subtract the LoRA
+        check_number("guidance", self.guidance, low=0)
+        check_number("fps", self.fps, low=1)
         if self.lora and self.transformer:
             raise ConfigError("--lora and --transformer exclude each other: a LoRA goes on the base transformer")
 
@@ -100,7 +107,13 @@ def check_lora_fits(info: dict[str, Any], spec: ModelSpec, lora_file: Path) -> N
 
 
 def read_prompts(config: SampleConfig) -> list[str]:
+    return read_prompts_with_origins(config)[0]
+
+
+def read_prompts_with_origins(config: SampleConfig) -> tuple[list[str], list[str]]:
+    """The prompts, and where each came from (`--prompt 2`, `line 7 of prompts.txt`) for messages."""
     prompts = list(config.prompts)
+    origins = [f"--prompt {number}" for number in range(1, len(prompts) + 1)]
     if config.prompts_file:
         from cogtune.data.dataset import read_text_lines
 
@@ -111,10 +124,13 @@ def read_prompts(config: SampleConfig) -> list[str]:
             raise DataError(f"prompts file not found: {path}") from None
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-        prompts += [line.strip() for line in lines if line.strip()]
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                prompts.append(line.strip())
+                origins.append(f"line {number} of {path.name}")
     if not prompts:
         raise DataError(f"{config.prompts_file} holds no prompts")
-    return prompts
+    return prompts, origins
 
 
 def output_paths(output: str | Path, count: int, overwrite: bool) -> list[Path]:
@@ -183,6 +199,7 @@ class SamplePlan:
     lora_file: Path | None
     transformer_folder: Path | None
     drop_learned_positions: bool
+    prompt_origins: tuple[str, ...] = ()  # `line 7 of prompts.txt`, per prompt
 
 
 def plan_sample(config: SampleConfig) -> SamplePlan:
@@ -191,7 +208,7 @@ def plan_sample(config: SampleConfig) -> SamplePlan:
 
     model = resolve_model(config.model, random_weights=config.random_weights)
     spec = model.spec
-    prompts = read_prompts(config)
+    prompts, origins = read_prompts_with_origins(config)
     lora_file = resolve_lora_file(config.lora) if config.lora else None
     info = read_lora_info(lora_file) if lora_file is not None else {}
     if lora_file is not None:
@@ -218,7 +235,8 @@ def plan_sample(config: SampleConfig) -> SamplePlan:
             option = "--fp8" if config.fp8 else f"--offload {config.offload}"
             raise ConfigError(f"{option} needs a CUDA GPU")
     paths = output_paths(config.output, len(prompts), config.overwrite)
-    return SamplePlan(model, prompts, paths, shape, images, lora_file, transformer_folder, drop)
+    check_writable(paths[0].parent)  # before minutes of generation, not after
+    return SamplePlan(model, prompts, paths, shape, images, lora_file, transformer_folder, drop, tuple(origins))
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -280,26 +298,67 @@ def generate_videos(
     return videos
 
 
-def _encode_all_prompts(model: Any, prompts: list[str], negative: str, device: Any, dtype: Any) -> tuple[Any, Any]:
-    """Prompt and negative embeddings; T5 is freed before the transformer loads."""
-    import torch
+# Prompts embedded at a time: memory holds one chunk's embeddings, not every prompt's (100k prompts
+# of a 5b model would take hundreds of GB, 6.7 GB even on the tiny model). A run of up to this many
+# prompts encodes them all first and frees T5 before the transformer loads.
+PROMPT_CHUNK = 16
 
-    from cogtune.models.loading import load_text_encoder, load_tokenizer
-    from cogtune.models.text import encode_prompts
 
-    spec = model.spec
-    tokenizer = load_tokenizer(model)
-    text_encoder = load_text_encoder(model, dtype=dtype, device=device)
-    embeds, counts = encode_prompts(tokenizer, text_encoder, prompts, spec.max_text_tokens, device)
-    negatives, _ = encode_prompts(tokenizer, text_encoder, [negative] * len(prompts), spec.max_text_tokens, device)
-    for prompt, count in zip(prompts, counts):
-        if count > spec.max_text_tokens:
-            report.warn(f"prompt has {count} tokens; {spec.name} reads the first {spec.max_text_tokens}: "
-                        f"{prompt[:60]}...")
-    del text_encoder
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-    return embeds.cpu(), negatives.cpu()
+class _PromptEncoder:
+    """Embeds prompts a chunk at a time, just before they are generated.
+
+    With more than one chunk, T5 stays loaded: parked in CPU memory between chunks and brought to
+    the device for each chunk (it shares the GPU with the pipeline only while it encodes).
+    """
+
+    def __init__(self, model: Any, negative: str, device: Any, dtype: Any, chunks: int):
+        from cogtune.models.loading import load_text_encoder, load_tokenizer
+        from cogtune.models.text import encode_prompts
+
+        self.spec = model.spec
+        self.device = device
+        self.last_chunk = chunks <= 1
+        self.tokenizer = load_tokenizer(model)
+        self.text_encoder = load_text_encoder(model, dtype=dtype, device=device)
+        negatives, _ = encode_prompts(self.tokenizer, self.text_encoder, [negative], self.spec.max_text_tokens, device)
+        self.negative = negatives.cpu()  # (1, L, D): the same for every prompt
+
+    def warn_truncated(self, prompts: list[str], origins: Sequence[str]) -> None:
+        """One line for all prompts longer than the model reads (the tokenizer alone counts them)."""
+        limit = self.spec.max_text_tokens
+        cut = []
+        for start in range(0, len(prompts), 1024):
+            ids = self.tokenizer(prompts[start : start + 1024], add_special_tokens=True).input_ids
+            counts = [len(row) for row in ids]
+            cut += [start + i for i, count in enumerate(counts) if count > limit]
+        if cut:
+            first = origins[cut[0]] if cut[0] < len(origins) else f"prompt {cut[0] + 1}"
+            many = len(cut) > 1
+            report.warn(f"{len(cut)} prompt{'s were' if many else ' was'} longer than {limit} tokens and "
+                        f"{'were' if many else 'was'} truncated (first: {first})")
+
+    def encode(self, prompts: list[str]) -> Any:
+        """(N, L, D) embeddings on the CPU; T5 is freed after the last chunk, parked on the CPU otherwise."""
+        import torch
+
+        from cogtune.models.text import encode_prompts
+
+        if self.text_encoder is None:
+            raise RuntimeError("the prompt encoder was already freed")
+        self.text_encoder.to(self.device)
+        embeds, _ = encode_prompts(self.tokenizer, self.text_encoder, prompts, self.spec.max_text_tokens, self.device)
+        embeds = embeds.cpu()
+        if self.last_chunk:
+            self.text_encoder = None
+        else:
+            self.text_encoder.to("cpu")
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
+        return embeds
+
+    def last(self) -> None:
+        """The next `encode` is the last: free T5 after it."""
+        self.last_chunk = True
 
 
 def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtype: Any):
@@ -376,7 +435,17 @@ def write_previews(path: Path, video: Any, fps: float, kind: str) -> list[Path]:
 
 
 def run_sample(config: SampleConfig) -> list[Path]:
-    """Generate one mp4 per prompt (and previews); returns the written mp4 paths."""
+    """Generate one mp4 per prompt (and previews); returns the written mp4 paths.
+
+    One run at a time per output: an output file (its own lock beside it, so that samples into other
+    files of the folder run at once), or an output folder.
+    """
+    output = Path(config.output)
+    with OutputLock(output, kind="file" if output.suffix else "folder"):
+        return _run_sample(config)
+
+
+def _run_sample(config: SampleConfig) -> list[Path]:
     from cogtune.data.video import write_video
     from cogtune.models.loading import default_device
     from cogtune.quiet import quiet_libraries
@@ -389,8 +458,11 @@ def run_sample(config: SampleConfig) -> list[Path]:
 
     device = default_device()
     dtype = torch.float32 if device == "cpu" else None  # half precision is slow or missing on CPUs
-    with report.status(f"encoding {len(plan.prompts)} prompt(s)"):
-        embeds, negatives = _encode_all_prompts(plan.model, plan.prompts, config.negative_prompt, device, dtype)
+    chunks = -(-len(plan.prompts) // PROMPT_CHUNK)
+    with report.status(f"encoding {min(len(plan.prompts), PROMPT_CHUNK)} of {len(plan.prompts)} prompt(s)"):
+        encoder = _PromptEncoder(plan.model, config.negative_prompt, device, dtype, chunks)
+        encoder.warn_truncated(plan.prompts, plan.prompt_origins)
+        embeds = encoder.encode(plan.prompts[:PROMPT_CHUNK])  # with one chunk, T5 is freed here
     with report.status(f"loading {plan.model.reference}"):
         pipe = _sampling_pipeline(plan, config, device, dtype)
     attention_kwargs = {"scale": config.lora_scale} if plan.lora_file is not None else None
@@ -398,8 +470,13 @@ def run_sample(config: SampleConfig) -> list[Path]:
     written = []
     with report.progress("sampling", total=len(plan.paths), unit="videos") as bar:
         for index, path in enumerate(plan.paths):
+            if index and index % PROMPT_CHUNK == 0:  # the next chunk, just before it is generated
+                if index + PROMPT_CHUNK >= len(plan.prompts):
+                    encoder.last()
+                embeds = encoder.encode(plan.prompts[index : index + PROMPT_CHUNK])
+            row = index % PROMPT_CHUNK
             image = [plan.images[index] if len(plan.images) > 1 else plan.images[0]] if plan.images else None
-            video = generate_videos(pipe, spec, embeds[index : index + 1], negatives[index : index + 1], frames,
+            video = generate_videos(pipe, spec, embeds[row : row + 1], encoder.negative, frames,
                                     height, width, config.steps, config.guidance, config.seed + index, images=image,
                                     dynamic_cfg=config.dynamic_cfg, attention_kwargs=attention_kwargs)[0]
             written.append(write_video(path, video, fps=fps))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +41,7 @@ class BenchConfig:
                 Bucket.parse(shape)
         except Exception as exc:
             raise ConfigError(str(exc)) from None
-        if self.gpu_memory is not None and self.gpu_memory <= 0:
+        if self.gpu_memory is not None and not (math.isfinite(self.gpu_memory) and self.gpu_memory > 0):
             raise ConfigError(f"gpu_memory must be > 0 GiB, got {self.gpu_memory}")
         if self.steps < 2:
             raise ConfigError("steps must be >= 2 (the first step is warm-up)")

@@ -80,7 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # anything else is still a failed run, reported in one line
         if _debug():
             raise
-        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        from cogtune.fsutil import disk_full_error, is_disk_full
+
+        if is_disk_full(exc):  # a writer that did not say which file: the error may know
+            filename = getattr(exc, "filename", None)
+            message = disk_full_error(filename).message if filename else "no space left on device while writing an output"
+            report.error(message, "free some space on that disk (or write somewhere else) and run again")
+        elif type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
             report.error(f"out of memory: {_first_line(exc)}",
                          "try gradient checkpointing, a smaller batch or clip shape; `cogtune bench memory` sizes a run")
         else:

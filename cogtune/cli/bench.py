@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cogtune.cli.common import examples
-from cogtune.cli.options import ConfigFileOpt, FramesOpt, HeightOpt, WidthOpt
+from cogtune.cli.options import ConfigFileOpt, FramesOpt, HeightOpt, WidthOpt, number
 
 app = typer.Typer(help="Size and time training runs before you start them.", no_args_is_help=True)
 
@@ -51,7 +51,8 @@ def memory(
     = False,
     measure: Annotated[bool, typer.Option("--measure", help="Run real steps on the present GPU.")] = False,
     gpu_memory: Annotated[
-        Optional[float], typer.Option("--gpu-memory", help="GPU size in GiB: which fit, and how to fit the others.")
+        Optional[float], typer.Option("--gpu-memory", help="GPU size in GiB: which fit, and how to fit the others.",
+                                      callback=number(low=0, low_open=True))
     ] = None,
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU for rough step times (H100, A100, RTX 4090...).")]
     = None,

@@ -6,10 +6,35 @@ from the `--config` TOML file or the config's own default, so flags win only whe
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Callable[[Any], Any]:
+    """An option callback: the value (None: not given) must be finite and within the bounds.
+
+    Click's own ranges let NaN through (every comparison with NaN is false), so float options use
+    this: `--lr nan` is a usage error naming the option, before anything loads.
+    """
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"must be a finite number, got {value}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise typer.BadParameter(f"must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise typer.BadParameter(f"must be {'<' if high_open else '<='} {high:g}, got {value:g}")
+        return value
+
+    return check
+
 
 MODEL_HELP = (
     "Preset (cogvideox-2b, cogvideox-5b, cogvideox-5b-i2v, cogvideox1.5-5b, cogvideox1.5-5b-i2v, or the offline "
@@ -46,7 +71,8 @@ FrameSamplingOpt = Annotated[
     typer.Option("--frame-sampling", help="uniform (over the whole clip) or fps (at --sample-fps). [default: uniform]"),
 ]
 SampleFpsOpt = Annotated[
-    Optional[float], typer.Option("--sample-fps", help="Frame rate for --frame-sampling fps. [default: the model's]")
+    Optional[float], typer.Option("--sample-fps", help="Frame rate for --frame-sampling fps. [default: the model's]",
+                                  callback=number(low=0, low_open=True))
 ]
 ResizeModeOpt = Annotated[
     Optional[str], typer.Option("--resize-mode", help="crop (keep aspect, center-crop) or stretch. [default: crop]")

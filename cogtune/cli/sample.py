@@ -8,7 +8,16 @@ from typing import Annotated, Optional
 import typer
 
 from cogtune.cli.common import as_tuple, examples
-from cogtune.cli.options import ConfigFileOpt, FramesOpt, HeightOpt, OptionalModelOpt, RandomWeightsOpt, SeedOpt, WidthOpt
+from cogtune.cli.options import (
+    ConfigFileOpt,
+    FramesOpt,
+    HeightOpt,
+    OptionalModelOpt,
+    RandomWeightsOpt,
+    SeedOpt,
+    WidthOpt,
+    number,
+)
 
 EPILOG = examples(
     "cogtune sample --model THUDM/CogVideoX-5b --lora runs/disney --prompt 'A panda playing a guitar' "
@@ -27,7 +36,8 @@ def sample(
     ] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output .mp4 (or folder for several).")] = None,
     lora: Annotated[Optional[Path], typer.Option("--lora", help="LoRA weights file or the run folder holding it.")] = None,
-    lora_scale: Annotated[Optional[float], typer.Option("--lora-scale", help="LoRA strength. [default: 1.0]")] = None,
+    lora_scale: Annotated[Optional[float], typer.Option("--lora-scale", help="LoRA strength. [default: 1.0]",
+                                                                callback=number())] = None,
     transformer: Annotated[
         Optional[Path], typer.Option("--transformer", help="A full fine-tune: its transformer/ folder or run folder.")
     ] = None,
@@ -37,13 +47,14 @@ def sample(
     height: HeightOpt = None,
     width: WidthOpt = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps. [default: 50]", min=1)] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Guidance scale. [default: 6.0]")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Guidance scale. [default: 6.0]",
+                                                              callback=number(low=0))] = None,
     dynamic_cfg: Annotated[Optional[bool], typer.Option("--dynamic-cfg", help="CogVideoX's dynamic guidance.")] = None,
     scheduler: Annotated[
         Optional[str], typer.Option("--scheduler", help="model (its own DDIM) or dpm. [default: model]")
     ] = None,
     seed: SeedOpt = None,
-    fps: Annotated[Optional[int], typer.Option("--fps", help="Frame rate of the mp4. [default: the model's]")] = None,
+    fps: Annotated[Optional[int], typer.Option("--fps", help="Frame rate of the mp4. [default: the model's]", min=1)] = None,
     vae_tiling: Annotated[Optional[bool], typer.Option("--vae-tiling", help="Decode in tiles (less memory).")] = None,
     vae_slicing: Annotated[Optional[bool], typer.Option("--vae-slicing", help="Decode one video at a time.")] = None,
     offload: Annotated[

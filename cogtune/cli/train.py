@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from cogtune.cli.common import as_tuple, examples
-from cogtune.cli.options import ConfigFileOpt, OptionalModelOpt, RandomWeightsOpt, SeedOpt
+from cogtune.cli.options import ConfigFileOpt, OptionalModelOpt, RandomWeightsOpt, SeedOpt, number
 
 app = typer.Typer(help="Train a LoRA or a full fine-tune on a latent cache.", no_args_is_help=True)
 
@@ -37,14 +37,16 @@ def _make_command(task: Literal["t2v", "i2v"]):
         output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run output folder.")] = None,
         config_file: ConfigFileOpt = None,
         rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank. [default: 64]", min=1)] = None,
-        lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha. [default: the rank]")] = None,
+        lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha. [default: the rank]",
+                                                                 callback=number(low=0, low_open=True))] = None,
         full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
         steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps. [default: 1000]", min=1)] = None,
         batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Clips per process. [default: 1]", min=1)] = None,
         gradient_accumulation: Annotated[
             Optional[int], typer.Option("--gradient-accumulation", help="Micro-steps per step. [default: 1]", min=1)
         ] = None,
-        lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate. [default: 1e-4]")] = None,
+        lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate. [default: 1e-4]",
+                                                        callback=number(low=0, low_open=True))] = None,
         optimizer: Annotated[
             Optional[str],
             typer.Option("--optimizer", help="adamw, adam, adamw-8bit, adamw-8bit-paged, adamw-8bit-ao, adamw-4bit-ao, "
@@ -54,7 +56,8 @@ def _make_command(task: Literal["t2v", "i2v"]):
             Optional[str], typer.Option("--lr-schedule", help="constant, constant_with_warmup, linear, cosine, ...")
         ] = None,
         warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help="Warm-up steps. [default: 0]")] = None,
-        max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping; 0 off.")] = None,
+        max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping; 0 off.",
+                                                                   callback=number(low=0))] = None,
         mixed_precision: Annotated[
             Optional[str], typer.Option("--mixed-precision", help="auto, no, fp16 or bf16. [default: auto]")
         ] = None,
@@ -63,10 +66,12 @@ def _make_command(task: Literal["t2v", "i2v"]):
             typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations. [default: on]"),
         ] = None,
         caption_dropout: Annotated[
-            Optional[float], typer.Option("--caption-dropout", help="Empty-caption probability. [default: 0, i2v 0.05]")
+            Optional[float], typer.Option("--caption-dropout", help="Empty-caption probability. [default: 0, i2v 0.05]",
+                                     callback=number(low=0, high=1))
         ] = None,
         image_dropout: Annotated[
-            Optional[float], typer.Option("--image-dropout", help="I2V: probability of dropping the image. [default: 0.05]")
+            Optional[float], typer.Option("--image-dropout", help="I2V: probability of dropping the image. [default: 0.05]",
+                                     callback=number(low=0, high=1))
         ] = None,
         learned_positional_embeddings: Annotated[
             Optional[str],

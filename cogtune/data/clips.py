@@ -3,8 +3,10 @@
 A `Bucket` is a clip shape `FxHxW`. Each clip goes to the bucket nearest its aspect ratio with the
 most frames it can fill. Its frames are sampled to the bucket's count either uniformly over the
 whole clip (`uniform`), or at a target frame rate from the middle of the clip (`fps`, which keeps
-motion at the speed the model was trained on). Each frame is resized keeping the aspect ratio so
-that it covers the bucket, then center-cropped (or plainly resized with `resize_mode="stretch"`).
+motion at the speed the model was trained on; variable-frame-rate clips are sampled by their frames'
+timestamps). Each frame is resized keeping the displayed aspect ratio (anamorphic clips' sample
+aspect ratio included) so that it covers the bucket, then center-cropped (or plainly resized with
+`resize_mode="stretch"`).
 Pixels come out as float in [-1, 1], shape (F, 3, H, W), the VAE's input convention. Nothing here
 is random: the same clip and settings always give the same pixels.
 """
@@ -70,7 +72,26 @@ def sampleable_frames(info: VideoInfo, sampling: FrameSampling = "uniform", targ
     """How many frames the clip can give under a sampling rule (all of them for `uniform`)."""
     if sampling == "uniform" or target_fps is None:
         return info.frames
+    if info.timestamps:  # variable frame rate: what fits in the clip's time span
+        return int((info.timestamps[-1] - info.timestamps[0]) * target_fps + 1e-6) + 1
     return int((info.frames - 1) // _stride(info, target_fps)) + 1
+
+
+def _timed_indices(timestamps: Sequence[float], wanted: int, target_fps: float) -> list[int]:
+    """Variable frame rate: the frames nearest `wanted` instants `1/target_fps` apart, centred in the clip."""
+    times = np.asarray(timestamps, dtype=float)
+    needed = (wanted - 1) / target_fps
+    span = float(times[-1] - times[0])
+    if needed > span + 1e-6:
+        raise DataError(f"clip lasts {span:.3g} s; {wanted} frames at {target_fps:g} fps need {needed:.3g} s")
+    start = float(times[0]) + (span - needed) / 2
+    indices = []
+    for i in range(wanted):
+        instant = start + i / target_fps
+        right = int(np.searchsorted(times, instant))
+        candidates = [c for c in (right - 1, right) if 0 <= c < len(times)]
+        indices.append(min(candidates, key=lambda c: (abs(times[c] - instant), c)))
+    return indices
 
 
 def frame_indices(info: VideoInfo, wanted: int, sampling: FrameSampling = "uniform",
@@ -78,6 +99,8 @@ def frame_indices(info: VideoInfo, wanted: int, sampling: FrameSampling = "unifo
     """Which source frames make up a `wanted`-frame clip."""
     if sampling == "uniform" or target_fps is None:
         return sample_frame_indices(info.frames, wanted)
+    if info.timestamps:
+        return _timed_indices(info.timestamps, wanted, target_fps)
     stride = _stride(info, target_fps)
     span = round((wanted - 1) * stride) + 1
     if span > info.frames:
@@ -95,14 +118,18 @@ def choose_bucket(info: VideoInfo, buckets: Sequence[Bucket], available: int | N
     fitting = [b for b in buckets if b.frames <= available]
     if not fitting:
         return None
-    aspect = info.width / info.height
+    aspect = info.aspect  # as displayed: anamorphic clips have non-square pixels
     best_distance = min(abs(np.log(b.aspect / aspect)) for b in fitting)
     nearest = [b for b in fitting if abs(np.log(b.aspect / aspect)) - best_distance < 1e-9]
     return max(nearest, key=lambda b: (b.frames, b.height * b.width))
 
 
-def resize_frames(frames: np.ndarray, height: int, width: int, mode: ResizeMode = "crop"):
-    """uint8 (F, H, W, 3) to float (F, 3, height, width) in [-1, 1]."""
+def resize_frames(frames: np.ndarray, height: int, width: int, mode: ResizeMode = "crop", sar: float = 1.0):
+    """uint8 (F, H, W, 3) to float (F, 3, height, width) in [-1, 1].
+
+    `sar` is the source's sample aspect ratio: anamorphic pixels are `sar` times as wide as tall,
+    so the picture is cropped as displayed (its width times `sar`), not squeezed.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -112,8 +139,9 @@ def resize_frames(frames: np.ndarray, height: int, width: int, mode: ResizeMode 
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     src_h, src_w = video.shape[-2:]
     if mode == "crop":
-        scale = max(height / src_h, width / src_w)
-        new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+        shown_w = src_w * (sar if sar > 0 else 1.0)
+        scale = max(height / src_h, width / shown_w)
+        new_h, new_w = max(height, round(src_h * scale)), max(width, round(shown_w * scale))
     else:
         new_h, new_w = height, width
     if (new_h, new_w) != (src_h, src_w):
@@ -128,7 +156,7 @@ def load_clip(path: str | Path, bucket: Bucket, mode: ResizeMode = "crop", info:
     """The clip at `path` shaped to `bucket`: float (F, 3, H, W) in [-1, 1]."""
     info = info or probe_video(path)
     indices = frame_indices(info, bucket.frames, sampling, target_fps)
-    return resize_frames(read_frames(path, indices), bucket.height, bucket.width, mode)
+    return resize_frames(read_frames(path, indices, info), bucket.height, bucket.width, mode, info.sar)
 
 
 def load_image(path: str | Path, height: int, width: int, mode: ResizeMode = "crop"):

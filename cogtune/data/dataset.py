@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -54,8 +55,8 @@ class DatasetConfig:
     resize_mode: Literal["crop", "stretch"] = setting("crop", "Keep aspect ratio and center-crop, or stretch.")
 
     def __post_init__(self) -> None:
-        if self.sample_fps is not None and self.sample_fps <= 0:
-            raise ConfigError(f"sample_fps must be > 0, got {self.sample_fps}")
+        if self.sample_fps is not None and not (math.isfinite(self.sample_fps) and self.sample_fps > 0):
+            raise ConfigError(f"sample_fps must be a finite number > 0, got {self.sample_fps}")
         if self.dataset_file is not None and Path(self.dataset_file).suffix.lower() not in (".csv", ".json", ".jsonl"):
             raise ConfigError(f"dataset file {self.dataset_file} must be .csv, .json or .jsonl")
 
@@ -328,12 +329,32 @@ def _read_table(root: Path, config: DatasetConfig, problems: list[Problem]) -> l
                  name if image_key else None) for number, r in records]
 
 
+def _skip_reason(path: Path) -> str | None:
+    """Why the folder layout does not take a video-named `path` as a clip (None: it does)."""
+    if path.is_symlink() and not path.exists():
+        return "skipped: a dangling symlink (its target does not exist)"
+    if path.is_dir():
+        return "skipped: a folder named like a video"
+    if path.suffix.lower() == ".gif":
+        return ("skipped: the folder layout does not take GIFs (often previews); "
+                "list it in videos.txt or a --dataset-file to train on it")
+    if not path.is_file():
+        return "skipped: not a regular file"
+    return None
+
+
 def _read_clip_folder(root: Path, problems: list[Problem]) -> list[_Row] | None:
-    clips = sorted(
-        p for p in root.rglob("*")
-        if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    clips = []
+    for path in sorted(root.rglob("*")):
+        relative_parts = path.relative_to(root).parts
+        if path.suffix.lower() not in (*VIDEO_EXTENSIONS, ".gif") or any(p.startswith(".") for p in relative_parts):
+            continue
+        reason = _skip_reason(path)
+        if reason is None:
+            clips.append(path)
+        else:
+            relative = path.relative_to(root).as_posix()
+            problems.append(Problem("skipped-file", "warning", reason, relative, source=relative))
     if not clips:
         problems.append(Problem(
             "no-dataset", "error",

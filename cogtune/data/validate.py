@@ -1,9 +1,10 @@
 """`dataset validate`: find every problem of a dataset up front, each with its file and line.
 
-Videos are probed from their container (frame count, fps, size; one frame decoded) rather than
-decoded whole, in a thread pool, so that large datasets validate in seconds; `deep=True` decodes
-every frame. Problem codes are stable (see `CODES`); `path` is the file a problem is about and
-`line` the line (or table row) of the listing (`source`) that names it.
+Videos are probed from their container (frame count, fps, size, sample aspect ratio; the first and
+last frames decoded, which catches files cut short) rather than decoded whole, in a thread pool,
+so that large datasets validate in seconds; `deep=True` decodes every frame. Problem codes are
+stable (see `CODES`); `path` is the file a problem is about and `line` the line (or table row) of
+the listing (`source`) that names it.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ CODES = {
     "empty-path": "a video or image path is empty",
     "absolute-path": "a path is absolute (needs --allow-outside-root)",
     "path-outside-root": "a path leads outside the data root (needs --allow-outside-root)",
-    "missing-file": "a listed video does not exist",
+    "missing-file": "a listed video does not exist (or is a dangling symlink)",
     "not-a-file": "a listed video is a folder",
+    "permission-denied": "a video cannot be read: permission denied",
     "empty-video": "a video file has 0 bytes",
-    "unreadable-video": "a video cannot be decoded (corrupt or unsupported)",
+    "unreadable-video": "a video cannot be decoded (corrupt, truncated or unsupported)",
     "no-video-stream": "a file has no video stream (e.g. audio only)",
     "too-few-frames": "a clip has fewer frames than asked or than the model's minimum",
     "frame-rule": "--frames breaks the model's frame rule",
@@ -59,6 +61,7 @@ CODES = {
     "odd-fps": "(warning) a clip's frame rate is unusual (< 5 or > 120)",
     "duplicate-entry": "(warning) the same video is listed twice",
     "caption-truncated": "(warning) a caption has more tokens than the model reads",
+    "skipped-file": "(warning) the folder layout skipped a file: a GIF, a dangling symlink, a folder named like a video",
 }
 
 
@@ -92,11 +95,9 @@ class ValidationReport:
 
 def _probe(entry: Entry, deep: bool) -> tuple[Entry, VideoInfo | None, VideoReadError | None]:
     try:
-        if entry.video.is_dir():
-            raise VideoReadError(f"{entry.video}: is a folder, not a video file", "not-a-file")
         info = probe_video(entry.video)
         if deep:
-            info = dataclasses.replace(info, frames=count_decodable_frames(entry.video))
+            info = dataclasses.replace(info, frames=count_decodable_frames(entry.video, info=info))
         return entry, info, None
     except VideoReadError as exc:
         return entry, None, exc
@@ -148,7 +149,7 @@ def validate_dataset(
         for entry, info, failure in pool.map(lambda e: _probe(e, deep), entries):
             bar.advance()
             if failure is not None:
-                message = failure.message.split(": ", 1)[-1]
+                message = failure.message.removeprefix(f"{entry.video}: ")
                 if failure.code == "missing-file" and "://" in entry.video_ref:
                     message = "URLs are not read; download the videos into the data root first"
                 flag(entry, Problem(failure.code, "error", message, entry.video_ref, entry.line, entry.source))

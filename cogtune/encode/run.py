@@ -28,9 +28,11 @@ from cogtune.encode.cache import (
     CACHE_FORMAT,
     CACHE_VERSION,
     EMPTY_PROMPT_FILE,
+    INTEGRITY_KEY,
     MANIFEST_NAME,
     VALIDATION_PROMPTS_FILE,
     compatibility,
+    file_record,
     latent_file,
     read_metadata,
     stable_hash,
@@ -39,7 +41,7 @@ from cogtune.encode.cache import (
 )
 from cogtune.encode.config import EncodeConfig
 from cogtune.errors import DataError
-from cogtune.fsutil import atomic_write_text, sweep_temporaries
+from cogtune.fsutil import OutputLock, atomic_write_text, is_main_launch_process, sweep_temporaries
 from cogtune.models.loading import ResolvedModel, resolve_model
 
 
@@ -95,8 +97,7 @@ def plan_encode(config: EncodeConfig, frames: int | None = None, height: int | N
     model = resolve_model(config.model, random_weights=config.random_weights)
     spec = model.spec
     buckets = default_buckets(config, model, frames, height, width)
-    for bucket in buckets:
-        spec.check_clip_shape(bucket.frames, bucket.height, bucket.width)
+    spec.check_clip_shapes({f"bucket {b}": (b.frames, b.height, b.width) for b in buckets})
     i2v = spec.is_i2v if config.i2v is None else config.i2v
 
     validation = validate_dataset(config.data, frames=min(b.frames for b in buckets), model=spec)
@@ -119,6 +120,9 @@ def plan_encode(config: EncodeConfig, frames: int | None = None, height: int | N
             "resize": config.data.resize_mode, "sampling": config.data.frame_sampling, "fps": target_fps,
             "i2v": i2v, "noised": config.image_noise_samples if i2v else 0, "compat": compat, "model": model.location,
             "image": [str(entry.image), image_stat.st_size, image_stat.st_mtime_ns] if image_stat else None,
+            # anamorphic clips are cropped as displayed, VFR clips sampled by timestamp: new keys for those only
+            **({"sar": info.sar} if info.sar != 1.0 else {}),
+            **({"timed": True} if info.timestamps and config.data.frame_sampling == "fps" else {}),
         })
         text_key = stable_hash({"caption": caption, "compat": compat, "model": model.location})
         items.append(PlannedItem(entry.index, entry, bucket, caption, latent_key, text_key))
@@ -201,27 +205,75 @@ class _ClipDataset:
         return len(self.items)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
+        # A clip that fails here (cut short, damaged) comes back as a failure, not an exception: raised in a
+        # DataLoader worker, it would reach the user as "Caught VideoReadError in DataLoader worker process 1",
+        # without the file; the main process names it (with --skip-invalid, skips it).
+        try:
+            return self._load(position)
+        except Exception as exc:  # anything a decoder or resize can raise
+            return {"position": position, "error": _failure_reason(exc, self.items[position].entry)}
+
+    def _load(self, position: int) -> dict[str, Any]:
         item = self.items[position]
         pixels = load_clip(item.entry.video, item.bucket, self.data.resize_mode, self.infos.get(item.entry.index),
                            self.data.frame_sampling, self.target_fps)
         sample: dict[str, Any] = {"position": position, "pixels": pixels}
         if self.i2v:
             if item.entry.image is not None:
-                sample["image"] = load_image(item.entry.image, item.bucket.height, item.bucket.width,
-                                             self.data.resize_mode)
+                try:
+                    sample["image"] = load_image(item.entry.image, item.bucket.height, item.bucket.width,
+                                                 self.data.resize_mode)
+                except OSError as exc:
+                    raise DataError(f"condition image {item.entry.image_ref} cannot be read ({exc})") from None
             else:
                 sample["image"] = pixels[0]
         return sample
 
 
+def _failure_reason(exc: Exception, entry: Entry) -> str:
+    """One line for the user, without the path (the caller adds listing, line and path)."""
+    from cogtune.errors import CogtuneError
+    from cogtune.quiet import debug_enabled
+
+    if isinstance(exc, CogtuneError):
+        return exc.message.removeprefix(f"{entry.video}: ")
+    detail = f" [{type(exc).__name__}: {' '.join(str(exc).split())[:200]}]" if debug_enabled() else ""
+    return f"the clip cannot be decoded or resized{detail}"
+
+
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
-    batch: dict[str, Any] = {"positions": [s["position"] for s in samples]}
-    batch["pixels"] = torch.stack([s["pixels"] for s in samples])
-    if "image" in samples[0]:
-        batch["image"] = torch.stack([s["image"] for s in samples])
+    good = [s for s in samples if "error" not in s]
+    batch: dict[str, Any] = {"positions": [s["position"] for s in good],
+                             "failures": [(s["position"], s["error"]) for s in samples if "error" in s]}
+    batch["pixels"] = torch.stack([s["pixels"] for s in good]) if good else None
+    if good and "image" in good[0]:
+        batch["image"] = torch.stack([s["image"] for s in good])
     return batch
+
+
+def _skip_marker(root: Path, index: int) -> Path:
+    """Left by `--skip-invalid` for a clip that failed while encoding, so the manifest leaves it out."""
+    return root / "latents" / f"{index:06d}.skipped.json"
+
+
+def _handle_failures(failures: list[tuple[int, str]], items: list[PlannedItem], config: EncodeConfig,
+                     root: Path) -> None:
+    import json
+
+    from cogtune.data.dataset import Problem
+
+    for position, reason in failures:
+        item = items[position]
+        entry = item.entry
+        where = Problem("unreadable-video", "error", reason, entry.video_ref, entry.line, entry.source).located()
+        if not config.skip_invalid:
+            raise DataError(f"cannot encode {where}",
+                            hint="--skip-invalid skips clips that fail and encodes the rest")
+        report.warn(f"skipped (--skip-invalid): {where}")
+        atomic_write_text(_skip_marker(root, item.index),
+                          json.dumps({"key": item.latent_key, "video": entry.video_ref, "reason": reason}) + "\n")
 
 
 def _bucket_batches(items: list[PlannedItem], batch_size: int) -> list[list[int]]:
@@ -237,6 +289,16 @@ def _bucket_batches(items: list[PlannedItem], batch_size: int) -> list[list[int]
 
 def encode_dataset(config: EncodeConfig, frames: int | None = None, height: int | None = None,
                    width: int | None = None, dry_run: bool = False) -> EncodePlan:
+    """Encode (or finish encoding) a dataset into the cache at `config.output_dir`, one run at a time."""
+    if dry_run:
+        return _encode_dataset(config, frames, height, width, dry_run)
+    # A second encode into the same cache is refused, naming the first; only a launch's main process locks.
+    with OutputLock(config.output_dir, main=is_main_launch_process()):
+        return _encode_dataset(config, frames, height, width, dry_run)
+
+
+def _encode_dataset(config: EncodeConfig, frames: int | None = None, height: int | None = None,
+                    width: int | None = None, dry_run: bool = False) -> EncodePlan:
     """Encode (or finish encoding) a dataset into the cache at `config.output_dir`.
 
     Under `torchrun`/`accelerate launch` every process plans the same work, takes every N-th
@@ -270,7 +332,9 @@ def encode_dataset(config: EncodeConfig, frames: int | None = None, height: int 
     state.wait_for_everyone()
     if state.is_main_process:
         _write_manifest(plan, config, root)
-        report.success(f"cache ready: {root} ({len(plan.items)} items)")
+        skipped = sum(1 for item in plan.items if _skipped_while_encoding(root, item))
+        report.success(f"cache ready: {root} ({len(plan.items) - skipped} items"
+                       + (f"; {skipped} skipped because they failed to decode" if skipped else "") + ")")
     state.wait_for_everyone()
     return plan
 
@@ -378,6 +442,10 @@ def _encode_latents(plan: EncodePlan, config: EncodeConfig, root: Path, device: 
     samples = config.image_noise_samples
     with report.progress("encoding clips", total=len(items), unit="clips") as bar, torch.no_grad():
         for batch in loader:
+            _handle_failures(batch["failures"], items, config, root)
+            bar.advance(len(batch["failures"]))
+            if not batch["positions"]:
+                continue
             moments = encode(batch["pixels"])
             keys = [items[position].latent_key for position in batch["positions"]]
             extra: dict[str, Any] = {}
@@ -393,7 +461,18 @@ def _encode_latents(plan: EncodePlan, config: EncodeConfig, root: Path, device: 
                 tensors = {"latent_dist": moments[row], **{name: value[row] for name, value in extra.items()}}
                 write_safetensors(root / latent_file(item.index), tensors,
                                   {"key": item.latent_key, "bucket": str(item.bucket), "video": item.entry.video_ref})
+                _skip_marker(root, item.index).unlink(missing_ok=True)
             bar.advance(len(batch["positions"]))
+
+
+def _skipped_while_encoding(root: Path, item: PlannedItem) -> bool:
+    """Whether `--skip-invalid` skipped this very clip (same cache key) because it failed to decode."""
+    import json
+
+    try:
+        return json.loads(_skip_marker(root, item.index).read_text()).get("key") == item.latent_key
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _dataset_fingerprint(plan: EncodePlan) -> str:
@@ -417,6 +496,8 @@ def _write_manifest(plan: EncodePlan, config: EncodeConfig, root: Path) -> None:
     for item in plan.items:
         text_meta = read_metadata(root / text_file(item.index)) or {}
         latent_meta = read_metadata(root / latent_file(item.index)) or {}
+        if latent_meta.get("key") != item.latent_key and _skipped_while_encoding(root, item):
+            continue
         if latent_meta.get("key") != item.latent_key or text_meta.get("key") != item.text_key:
             raise DataError(f"cache item {item.index} was not written; re-run `cogtune encode` to finish the cache")
         items.append({
@@ -429,7 +510,11 @@ def _write_manifest(plan: EncodePlan, config: EncodeConfig, root: Path) -> None:
             "source": item.entry.source,
             "line": item.entry.line,
             "num_tokens": int(text_meta.get("num_tokens", 0)),
+            # size, digest, dtypes and shapes: checked when training first loads each file
+            INTEGRITY_KEY: {name: file_record(root / name) for name in (latent_file(item.index), text_file(item.index))},
         })
+    if not items:
+        raise DataError("no clip could be encoded: every one failed to decode (see the warnings above)")
     manifest = {
         "format": CACHE_FORMAT,
         "format_version": CACHE_VERSION,
@@ -464,6 +549,8 @@ def _write_manifest(plan: EncodePlan, config: EncodeConfig, root: Path) -> None:
                     "items": len(plan.items)},
         "empty_prompt_file": EMPTY_PROMPT_FILE,
         "validation_prompts": list(config.validation_prompts),
+        INTEGRITY_KEY: {name: file_record(root / name) for name in (EMPTY_PROMPT_FILE, VALIDATION_PROMPTS_FILE)
+                        if (root / name).is_file() and (name != VALIDATION_PROMPTS_FILE or config.validation_prompts)},
         "items": items,
     }
     atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

@@ -339,3 +339,20 @@ def count_parameters(spec: ModelSpec) -> int:
     with torch.device("meta"):
         transformer = CogVideoXTransformer3DModel(**spec.transformer_config)
     return sum(p.numel() for p in transformer.parameters())
+
+
+def transformer_architecture(spec: ModelSpec) -> dict[str, Any]:
+    """The transformer's full constructor arguments: its config with diffusers' defaults filled in.
+
+    A preset lists only what the published config lists, while a folder written by a newer
+    diffusers lists every argument; both describe the same transformer when these agree.
+    """
+    import inspect
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    defaults = {name: parameter.default
+                for name, parameter in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    given = {k: v for k, v in spec.transformer_config.items() if not k.startswith("_")}
+    return json.loads(json.dumps({**defaults, **given}, default=list))

@@ -48,10 +48,7 @@ def pad_latent_frames(spec: ModelSpec, latents: Any) -> tuple[Any, int]:
     """
     import torch
 
-    p_t = spec.patch_size_t
-    if p_t is None:
-        return latents, 0
-    missing = (-latents.shape[1]) % p_t
+    missing = spec.padded_latent_count(latents.shape[1]) - latents.shape[1]
     if missing == 0:
         return latents, 0
     first = latents[:, :1].expand(-1, missing, -1, -1, -1)

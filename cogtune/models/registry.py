@@ -137,11 +137,13 @@ class ModelSpec:
         return (frames - 1) // self.temporal_compression + 1
 
     def padded_latent_frames(self, frames: int) -> int:
-        """Latent frames after 1.5's padding to a multiple of the temporal patch (first frame repeated)."""
-        latent = self.latent_frames(frames)
-        if self.patch_size_t is not None:
-            latent += (-latent) % self.patch_size_t
-        return latent
+        """Latent frames of a `frames`-frame clip after 1.5's padding to a multiple of the temporal patch."""
+        return self.padded_latent_count(self.latent_frames(frames))
+
+    def padded_latent_count(self, latent_frames: int) -> int:
+        """`latent_frames` raised to a multiple of 1.5's temporal patch (unchanged for 1.0)."""
+        p_t = self.patch_size_t
+        return latent_frames if p_t is None else latent_frames + (-latent_frames) % p_t
 
     @property
     def frame_step(self) -> int:
@@ -185,8 +187,37 @@ class ModelSpec:
                 problems.append(f"{label} {value} must be a positive multiple of {multiple} for {self.name}")
         return problems
 
-    def check_clip_shape(self, frames: int, height: int, width: int) -> None:
+    @property
+    def max_resolution(self) -> tuple[int, int] | None:
+        """(height, width) in pixels above which the model cannot place a clip, or None (no limit).
+
+        1.5's rotary embeddings are sliced from a grid of `sample_height x sample_width` latent
+        pixels (diffusers' `grid_type="slice"`); a larger clip would get too few positions, and the
+        pipelines fail the same way.
+        """
+        if self.positional_embedding != "rotary" or self.patch_size_t is None:
+            return None
+        config = self.transformer_config
+        return (int(config["sample_height"]) * self.spatial_compression,
+                int(config["sample_width"]) * self.spatial_compression)
+
+    def shape_problems(self, frames: int, height: int, width: int) -> list[str]:
+        """Every rule a clip shape breaks: the frame rule, resolution multiples and size limits."""
         problems = self.frame_problems(frames) + self.resolution_problems(height, width)
+        limit = self.max_resolution
+        if limit is not None and (height > limit[0] or width > limit[1]):
+            problems.append(f"{height}x{width} exceeds {self.name}'s largest size {limit[0]}x{limit[1]} "
+                            f"(HxW; its rotary position grid ends there)")
+        return problems
+
+    def check_clip_shape(self, frames: int, height: int, width: int) -> None:
+        problems = self.shape_problems(frames, height, width)
+        if problems:
+            raise ModelError("; ".join(problems))
+
+    def check_clip_shapes(self, shapes: dict[str, tuple[int, int, int]]) -> None:
+        """All named shapes (`{"bucket 49x480x720": (49, 480, 720), ...}`) at once, as one line."""
+        problems = [f"{name}: {problem}" for name, shape in shapes.items() for problem in self.shape_problems(*shape)]
         if problems:
             raise ModelError("; ".join(problems))
 

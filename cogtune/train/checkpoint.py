@@ -8,20 +8,36 @@ accelerate loads with `weights_only=False`: resuming runs no code from the check
 Under FSDP and DeepSpeed, accelerate's state also holds the model's own shards (`pytorch_model_fsdp_0/`,
 or DeepSpeed's folder), base weights included; resuming reads those.
 It is assembled under a temporary name and renamed, so a checkpoint folder is complete or absent.
+
+`trainer_state.json` also records every other file of the checkpoint with its size and SHA-256.
+Resuming verifies them (and that the step is the folder's): a truncated, replaced or missing file is
+named, and `--resume latest` falls back to the newest checkpoint that verifies, with a warning. A
+checkpoint whose weights are not finite is never published. Pruning renames a checkpoint away
+before deleting it, so a half-deleted one never counts as complete.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
 from cogtune import report
-from cogtune.config import write_config
-from cogtune.errors import ConfigError
-from cogtune.fsutil import atomic_write_text
+from cogtune.config import CONFIG_FILENAME, config_to_dict, read_toml, write_config
+from cogtune.errors import CogtuneError, ConfigError, StorageError, TrainingError
+from cogtune.fsutil import (
+    atomic_write_text,
+    disk_full_error,
+    is_disk_full,
+    newest_file,
+    remove_tree,
+    sha256_file,
+    sweep_temporaries,
+)
 from cogtune.train.config import TrainConfig
+from cogtune.train.full import TRANSFORMER_DIR
+from cogtune.train.lora import LORA_WEIGHTS_NAME
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -36,8 +52,139 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _folder_step(checkpoint: Path) -> int | None:
+    try:
+        return int(checkpoint.name.split("-")[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def record_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under `folder` except the trainer state, by relative path."""
+    records = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            path = Path(root) / name
+            relative = path.relative_to(folder).as_posix()
+            if relative != TRAINER_STATE:
+                records[relative] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return dict(sorted(records.items()))
+
+
+def verify_checkpoint(checkpoint: Path) -> str | None:
+    """None if `checkpoint` is what was written; otherwise why not, naming the file at fault."""
+    state_path = checkpoint / TRAINER_STATE
+    if not state_path.is_file():
+        return f"{state_path} is missing"
+    try:
+        step, _, _ = read_trainer_state(checkpoint)
+    except ConfigError as error:
+        return error.message
+    state = json.loads(state_path.read_text())
+    folder_step = _folder_step(checkpoint)
+    if folder_step is not None and step != folder_step:
+        return f"{state_path} says step {step}, but it is in the checkpoint of step {folder_step}"
+    files = state.get("files")
+    if files is None:  # written before cogtune recorded its files: nothing to check them against
+        return None
+    if not isinstance(files, dict):
+        return f"{state_path}: its file records are malformed"
+    for relative, record in files.items():
+        path = checkpoint / relative
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{path} is missing"
+        try:
+            if size != record["size"]:
+                return f"{path} has {size} bytes, but {record['size']} were written (truncated or replaced)"
+            if sha256_file(path) != record["sha256"]:
+                return f"{path} is not the file that was written (its SHA-256 differs)"
+        except (TypeError, KeyError):
+            return f"{state_path}: the record of {relative} is malformed"
+        except OSError as error:
+            return f"{path} cannot be read ({error.strerror or error})"
+    return None
+
+
+def last_good_checkpoint(output_dir: Path, warn: bool = False) -> Path | None:
+    """The newest checkpoint of a run that verifies (with `warn`, a warning for each newer one that does not)."""
+    found = checkpoint_dirs(output_dir)
+    for position, candidate in enumerate(reversed(found)):
+        reason = verify_checkpoint(candidate)
+        if reason is None:
+            return candidate
+        if warn:
+            older = [p.name for p in found[: len(found) - position - 1]]
+            fallback = f"trying {older[-1]}" if older else "no older checkpoint is left"
+            report.warn(f"checkpoint {candidate.name} is damaged: {reason}; {fallback}")
+    return None
+
+
+# What a finished or interrupted run leaves in its output folder.
+RUN_MARKERS = (CONFIG_FILENAME, CHECKPOINTS_DIR, LORA_WEIGHTS_NAME, TRANSFORMER_DIR, "training_summary.json")
+# The settings that make a checkpoint's weights mean something; resuming with others would mix runs.
+RUN_IDENTITY = ("task", "model", "full", "lora.rank", "lora.alpha", "lora.target_modules")
+
+
+def check_new_run_folder(config: TrainConfig) -> None:
+    """A run without `--resume` never writes into a folder that holds another run's outputs."""
+    output_dir = Path(config.output_dir)
+    if config.resume is not None or not output_dir.is_dir():
+        return
+    found = [name for name in RUN_MARKERS if (output_dir / name).exists()]
+    if found:
+        raise ConfigError(f"{output_dir} already holds a training run ({', '.join(found)}); refusing to write over it",
+                          hint="continue it with --resume latest, or train into a new --output-dir")
+
+
+def _identity(values: dict[str, Any]) -> dict[str, Any]:
+    found = {}
+    for dotted in RUN_IDENTITY:
+        value: Any = values
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        found[dotted] = list(value) if isinstance(value, (list, tuple)) else value
+    if found["full"]:
+        for key in [k for k in found if k.startswith("lora.")]:
+            del found[key]
+    elif found["lora.alpha"] is None:
+        found["lora.alpha"] = found["lora.rank"]
+    return found
+
+
+def check_same_run(config: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint that another run (another model, task or LoRA shape) wrote."""
+    path = checkpoint / CONFIG_FILENAME
+    if not path.is_file():
+        return  # older checkpoints: their weights' shapes are still checked when they load
+    theirs = _identity(read_toml(path))
+    ours = _identity(config_to_dict(config))
+    differences = [f"{key} {theirs[key]!r} there, {ours[key]!r} now" for key in ours
+                   if key in theirs and theirs[key] != ours[key] and key != "model"]
+    if ours.get("model") != theirs.get("model") and not _same_architecture(ours["model"], theirs["model"]):
+        differences.insert(0, f"model {theirs['model']!r} there, {ours['model']!r} now")
+    if differences:
+        raise ConfigError(f"{checkpoint} belongs to another run ({'; '.join(differences)})",
+                          hint="resume with the settings that run used, or train without --resume")
+
+
+def _same_architecture(ours: Any, theirs: Any) -> bool:
+    """Two model references that name the same transformer (a preset and its local copy, say)."""
+    from cogtune.models.loading import resolve_model, transformer_architecture
+
+    try:
+        return (transformer_architecture(resolve_model(str(ours)).spec)
+                == transformer_architecture(resolve_model(str(theirs)).spec))
+    except CogtuneError:
+        return False
+
+
 def find_resume_checkpoint(config: TrainConfig) -> Path | None:
-    """The checkpoint `--resume` names: 'latest' in the run's folder, or an explicit folder."""
+    """The checkpoint `--resume` names: 'latest' in the run's folder, or an explicit folder; verified.
+
+    'latest' is the newest checkpoint that verifies; one that is named explicitly must verify.
+    """
     if config.resume is None:
         return None
     if config.resume == "latest":
@@ -45,10 +192,24 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
         if not found:
             report.warn(f"--resume latest: no checkpoint in {config.output_dir}; starting from step 0")
             return None
-        return found[-1]
+        good = last_good_checkpoint(Path(config.output_dir), warn=True)
+        if good is None:
+            raise TrainingError(f"no checkpoint in {Path(config.output_dir) / CHECKPOINTS_DIR} can be resumed; "
+                                f"the newest: {verify_checkpoint(found[-1])}",
+                                hint="train without --resume into a new --output-dir to start over")
+        if good != found[-1]:
+            report.warn(f"resuming from {good}, the newest checkpoint that verifies")
+        check_same_run(config, good)
+        return good
     path = Path(config.resume)
     if not (path / TRAINER_STATE).is_file():
         raise ConfigError(f"{path} is not a complete cogtune checkpoint (no {TRAINER_STATE})")
+    reason = verify_checkpoint(path)
+    if reason is not None:
+        others = last_good_checkpoint(path.parent.parent) if path.parent.name == CHECKPOINTS_DIR else None
+        raise TrainingError(f"cannot resume from {path}: {reason}",
+                            hint=f"resume from {others} instead" if others else "train without --resume to start over")
+    check_same_run(config, path)
     return path
 
 
@@ -60,6 +221,22 @@ def read_trainer_state(checkpoint: Path) -> tuple[int, list[float], dict[str, An
         return int(state["step"]), [float(v) for v in state["losses"]], dict(state["lr_scheduler"])
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{path}: not a trainer state this version of cogtune can resume ({error})") from None
+
+
+def check_optimizer_steps(optimizer: Any, step: int, checkpoint: Path) -> None:
+    """The optimizer state loaded from `checkpoint` has taken `step` steps, as its trainer state says.
+
+    Adam-like optimizers count their steps per parameter; an optimizer that counts none is not checked.
+    """
+    counts = set()
+    for state in optimizer.state_dict().get("state", {}).values():
+        value = state.get("step") if isinstance(state, dict) else None
+        if value is not None:
+            counts.add(int(float(value.item() if hasattr(value, "item") else value)))
+    if counts and counts != {step}:
+        raise TrainingError(f"{checkpoint / TRAINER_STATE} says step {step}, but the optimizer state in {checkpoint} "
+                            f"has taken {max(counts)} steps: the checkpoint's files do not belong together",
+                            hint="resume from another checkpoint, or train without --resume")
 
 
 def register_hooks(accelerator: Any, config: TrainConfig, save_trainable: Any, load_trainable: Any) -> None:
@@ -77,6 +254,7 @@ def register_hooks(accelerator: Any, config: TrainConfig, save_trainable: Any, l
         for model in models:
             state = gather_state_dict(accelerator, model, trainable_only=not config.full)  # collective when sharded
             if accelerator.is_main_process:
+                _NON_FINITE[:] = _non_finite_names(accelerator.unwrap_model(model), state)
                 save_trainable(accelerator.unwrap_model(model), Path(output_dir), state)
             if weights:
                 weights.pop()
@@ -89,25 +267,79 @@ def register_hooks(accelerator: Any, config: TrainConfig, save_trainable: Any, l
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+_NON_FINITE: list[str] = []  # trainable weights that were not finite at the last save (main process)
+
+
+def _non_finite_names(model: Any, state: dict[str, Any]) -> list[str]:
+    """Names of the trainable weights in `state` holding NaN or infinity."""
+    import torch
+
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    bad = []
+    for name, value in state.items():
+        if (name in trainable or not trainable) and torch.is_tensor(value) and value.is_floating_point():
+            if not bool(torch.isfinite(value).all()):
+                bad.append(name)
+    return bad
+
+
+def _on_any_process(accelerator: Any, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+
+    tensor = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return float(accelerator.reduce(tensor, reduction="sum").item()) > 0
+
+
 def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: list[float],
                     lr_scheduler_state: dict[str, Any]) -> Path:
-    """Write checkpoint `step` (all processes call this) and prune old ones beyond the retention limit."""
+    """Write checkpoint `step` (all processes call this) and prune old ones beyond the retention limit.
+
+    A full disk is a `StorageError` naming the file that was being written (the partial checkpoint
+    is removed); weights that are not finite are a `TrainingError` naming the last good checkpoint.
+    """
     root = Path(config.output_dir) / CHECKPOINTS_DIR
     final = root / f"step-{step:06d}"
     staging = root / f".tmp-step-{step:06d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
+    main = accelerator.is_main_process
+    if main:
+        sweep_temporaries(root)  # leftovers of killed saves and prunes (this run holds the folder's lock)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_config(config, staging)
-        state = {"step": step, "losses": losses, "lr_scheduler": lr_scheduler_state}
-        atomic_write_text(staging / TRAINER_STATE, json.dumps(state) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
+    _NON_FINITE.clear()
+    try:
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        non_finite = _on_any_process(accelerator, bool(_NON_FINITE))
+        if main and not non_finite:
+            write_config(config, staging)
+            state = {"step": step, "losses": losses, "lr_scheduler": lr_scheduler_state,
+                     "files": record_files(staging)}
+            atomic_write_text(staging / TRAINER_STATE, json.dumps(state) + "\n")
+    except Exception as error:
+        if not main:
+            raise
+        full = isinstance(error, StorageError) and error.message.startswith("no space left")
+        if not full and (isinstance(error, CogtuneError) or not is_disk_full(error, staging)):
+            raise
+        written = newest_file(staging) if staging.is_dir() else None
+        remove_tree(staging)  # gives back the space it took
+        named = final / written.relative_to(staging) if written is not None else final
+        raise disk_full_error(named) from error
+    if non_finite:
+        if main:
+            remove_tree(staging)
+        good = last_good_checkpoint(Path(config.output_dir))
+        first = f" ({_NON_FINITE[0]})" if _NON_FINITE else ""
+        where = f"; the last good checkpoint is {good}" if good else "; no good checkpoint was saved"
+        raise TrainingError(f"the weights became non-finite (NaN or infinity) at step {step}{first}{where}",
+                            hint="lower --lr or check the data; resume with --resume latest")
+    if main:
+        if final.exists():
+            remove_tree(final)
         staging.rename(final)
         if config.checkpointing.keep:
             for old in checkpoint_dirs(Path(config.output_dir))[: -config.checkpointing.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_tree(old)
     accelerator.wait_for_everyone()
     return final

@@ -19,7 +19,7 @@ import dataclasses
 import re
 from typing import Literal
 
-from cogtune.config import section, setting
+from cogtune.config import check_number, section, setting
 from cogtune.errors import ConfigError
 from cogtune.train.optimizers import OPTIMIZERS, default_learning_rate
 
@@ -38,10 +38,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
-        if self.alpha is not None and self.alpha <= 0:
-            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        check_number("lora.alpha", self.alpha, low=0, low_open=True)
+        check_number("lora.dropout", self.dropout, low=0, high=1, high_open=True)
         if not self.target_modules:
             raise ConfigError("lora.target_modules must name at least one module")
 
@@ -65,8 +63,12 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ConfigError(f"optimizer.name '{self.name}' is not one of {', '.join(OPTIMIZERS)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        check_number("optimizer.lr", self.lr, low=0, low_open=True)
+        check_number("optimizer.weight_decay", self.weight_decay, low=0)
+        check_number("optimizer.beta1", self.beta1, low=0, high=1, high_open=True)
+        check_number("optimizer.beta2", self.beta2, low=0, high=1, high_open=True)
+        check_number("optimizer.eps", self.eps, low=0, low_open=True)
+        check_number("optimizer.max_grad_norm", self.max_grad_norm, low=0)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"optimizer.lr_schedule '{self.lr_schedule}' is not one of {', '.join(LR_SCHEDULES)}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
@@ -97,6 +99,7 @@ class ValidationConfig:
             raise ConfigError(f"validation.every must be >= 0, got {self.every}")
         if self.steps < 1:
             raise ConfigError(f"validation.steps must be >= 1, got {self.steps}")
+        check_number("validation.guidance", self.guidance, low=0)
         if self.images and len(self.images) != len(self.prompts):
             raise ConfigError(
                 f"{len(self.images)} validation images for {len(self.prompts)} validation prompts; give one per prompt"
@@ -179,10 +182,8 @@ class TrainConfig:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ConfigError("batch_size and gradient_accumulation must be >= 1")
-        if self.caption_dropout is not None and not 0.0 <= self.caption_dropout <= 1.0:
-            raise ConfigError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        if not 0.0 <= self.image_dropout <= 1.0:
-            raise ConfigError(f"image_dropout must be in [0, 1], got {self.image_dropout}")
+        check_number("caption_dropout", self.caption_dropout, low=0, high=1)
+        check_number("image_dropout", self.image_dropout, low=0, high=1)
         if self.validation.images and self.task != "i2v":
             raise ConfigError("validation images are for i2v training only")
         if self.full and (self.memory.fp8_weights or self.memory.offload_blocks):

@@ -64,6 +64,20 @@ def load_batch(cache: VideoLatentCache, indices: list[int]) -> dict[str, Any]:
     return batch
 
 
+def describe_items(cache: VideoLatentCache, indices: list[int], limit: int = 3) -> str:
+    """The cache files (and source clips and lines) of `indices`, once each, for a one-line message."""
+    unique = list(dict.fromkeys(indices))
+    named = [cache.describe_item(i) for i in unique[:limit]]
+    if len(unique) > limit:
+        named.append(f"and {len(unique) - limit} more")
+    return ", ".join(named)
+
+
+def step_items(schedule: BatchSchedule, step: int, accumulation: int) -> list[int]:
+    """Every item of optimizer step `step`, over all its micro-steps and all processes."""
+    return [i for micro in range(accumulation) for i in schedule.global_batch(step * accumulation + micro)]
+
+
 class BatchLoader:
     """Loads the batch of step N+1 in a background thread while step N trains."""
 

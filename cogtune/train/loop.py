@@ -23,13 +23,13 @@ from cogtune import __version__, distributed, report
 from cogtune.config import config_to_dict, write_config
 from cogtune.encode.cache import VideoLatentCache
 from cogtune.errors import ConfigError, TrainingError
-from cogtune.fsutil import atomic_write_text
+from cogtune.fsutil import OutputLock, atomic_write_text, is_main_launch_process
 from cogtune.models.loading import ResolvedModel, resolve_model
 from cogtune.models.positions import drop_learned_positional_embeddings, needs_learned_positions_dropped
 from cogtune.models.registry import ModelSpec
 from cogtune.train import checkpoint
 from cogtune.train.config import TrainConfig
-from cogtune.train.data import BatchLoader, BatchSchedule
+from cogtune.train.data import BatchLoader, BatchSchedule, describe_items, step_items
 from cogtune.train.full import TRANSFORMER_DIR, load_full_transformer_into, save_full_transformer
 from cogtune.train.lora import LORA_WEIGHTS_NAME, add_lora, load_lora_state, save_lora
 from cogtune.train.memory import MemoryLog
@@ -42,7 +42,7 @@ from cogtune.train.optimizers import (
     remember_tensor_learning_rates,
 )
 from cogtune.train.step import StepSettings, derive_seed, sample_generators, training_step
-from cogtune.train.validation import Validator, validation_prompts
+from cogtune.train.validation import Validator, validation_prompts, validation_shape
 
 
 @dataclasses.dataclass
@@ -84,20 +84,22 @@ def plan_run(config: TrainConfig) -> RunPlan:
     _check_strategy(config)
     cache = VideoLatentCache(config.data)
     cache.check_compatible(spec, needs_image_latents=config.task == "i2v")
-    shapes = [tuple(int(v) for v in bucket.split("x")) for bucket in cache.buckets]
-    for frames, height, width in shapes:
-        spec.check_clip_shape(frames, height, width)
-    needed = needs_learned_positions_dropped(spec, shapes)  # type: ignore[arg-type]
+    checked = {f"bucket {bucket}": tuple(int(v) for v in bucket.split("x")) for bucket in cache.buckets}
+    prompts = validation_prompts(config, cache, spec.is_i2v)
+    if prompts:
+        checked["validation"] = validation_shape(config, cache)
+    spec.check_clip_shapes(checked)  # type: ignore[arg-type]
+    needed = needs_learned_positions_dropped(spec, list(checked.values()))  # type: ignore[arg-type]
     if needed and config.learned_positional_embeddings == "keep":
         raise ConfigError(
-            f"{spec.name} has learned positional embeddings for its native resolution only; buckets "
-            f"{', '.join(cache.buckets)} need them dropped",
+            f"{spec.name} has learned positional embeddings for its native resolution only; "
+            f"{', '.join(checked)} need them dropped",
             hint="--learned-positional-embeddings drop (or auto)",
         )
     drop = config.learned_positional_embeddings == "drop" or (needed and config.learned_positional_embeddings == "auto")
     if drop and not spec.learned_positional_embeddings:
         drop = False
-    return RunPlan(model, cache, drop, validation_prompts(config, cache, spec.is_i2v))
+    return RunPlan(model, cache, drop, prompts)
 
 
 def _check_strategy(config: TrainConfig) -> None:
@@ -242,10 +244,19 @@ def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
 
 
 def run_training(config: TrainConfig) -> TrainResult:
+    # One run per output folder: a second one is refused, naming the first. Only the launch's main
+    # process locks; the run's other processes write into the folder by design.
+    with OutputLock(config.output_dir, main=is_main_launch_process()):
+        return _run_training(config)
+
+
+def _run_training(config: TrainConfig) -> TrainResult:
     plan = plan_run(config)
     config = fit_memory(config, plan)
     spec, cache = plan.model.spec, plan.cache
     output_dir = Path(config.output_dir)
+    if is_main_launch_process():  # only the main one: the others may start after it has written config.toml
+        checkpoint.check_new_run_folder(config)
     resume_from = checkpoint.find_resume_checkpoint(config)
 
     from cogtune.quiet import quiet_libraries
@@ -312,8 +323,15 @@ def run_training(config: TrainConfig) -> TrainResult:
 
     start_step, losses = 0, []
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except Exception as exc:  # verified, yet unreadable: name the checkpoint, not just the library's reason
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise TrainingError(f"cannot load the checkpoint {resume_from}: {reason}",
+                                hint="resume from another checkpoint, or train without --resume") from exc
         start_step, losses, scheduler_state = checkpoint.read_trainer_state(resume_from)
+        if distributed.requested_strategy() in ("single", "ddp") and accelerator.scaler is None:
+            checkpoint.check_optimizer_steps(optimizer, start_step, resume_from)  # fp16 scaling skips steps
         lr_scheduler.load_state_dict(scheduler_state)
         report.info(f"resumed from {resume_from} at step {start_step}")
     if start_step >= config.steps:
@@ -363,10 +381,11 @@ def run_training(config: TrainConfig) -> TrainResult:
 
                 step_loss = _mean_across_processes(accelerator, step_loss)
                 if not math.isfinite(step_loss):
-                    kept = checkpoint.checkpoint_dirs(output_dir)
-                    where = f"; the last good checkpoint is {kept[-1]}" if kept else "; no checkpoint was saved"
-                    raise TrainingError(f"loss became {step_loss} at step {step + 1}{where}",
-                                        hint="lower --lr or check the data; resume with --resume latest")
+                    good = checkpoint.last_good_checkpoint(output_dir)
+                    where = f"; the last good checkpoint is {good}" if good else "; no good checkpoint was saved"
+                    items = describe_items(cache, step_items(schedule, step, accumulation))
+                    raise TrainingError(f"loss became {step_loss} at step {step + 1}{where}; the step's items: {items}",
+                                        hint="lower --lr or check those items; resume with --resume latest")
                 losses.append(step_loss)
                 done = step + 1
                 lr = current_learning_rate(optimizer)

@@ -4,7 +4,11 @@ Each sample of a micro-batch has its own generator, seeded by (seed, step, micro
 sample index). One process with a batch of 2 therefore draws exactly what two processes with a
 batch of 1 draw, and a resumed run draws what the uninterrupted one would have drawn.
 
-Text-to-video and image-to-video differ only in `make_model_input`, in plain sight.
+A step is two halves: `draw_step_inputs` makes every random draw (clean latents from the cached
+posteriors, noise, timesteps, caption and image dropout), and `make_transformer_inputs` builds
+the transformer's keyword arguments from them exactly as diffusers' pipelines do when sampling
+(tests/train/test_pipeline_oracle.py holds the two side by side, call by call). Text-to-video and
+image-to-video differ only in the condition channels, in plain sight in `make_transformer_inputs`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from typing import Any
+
+import torch
 
 from cogtune.models.positions import pad_latent_frames, rotary_embeddings
 from cogtune.models.registry import ModelSpec
@@ -29,6 +35,34 @@ class StepSettings:
     image_dropout: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """Everything random about one micro-batch, drawn on the CPU (reproducible anywhere).
+
+    latents: clean, scaled video latents (B, F, C, H, W), before 1.5's padding.
+    noise: (B, F', C, H, W), F' the padded frame count.
+    timesteps: (B,) int64.
+    prompt_embeds: (B, L, D), after caption dropout.
+    image_latents: I2V only: the scaled condition latent (B, 1, C, H, W), after image dropout.
+    """
+
+    latents: Any
+    noise: Any
+    timesteps: Any
+    prompt_embeds: Any
+    image_latents: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerInputs:
+    """The transformer's keyword arguments, plus what the loss needs."""
+
+    kwargs: dict[str, Any]
+    noisy_latents: Any  # (B, F', C, H, W): the first `latent_channels` channels of hidden_states
+    target_latents: Any  # the clean latents, padded like the noisy ones
+    padding: int  # frames prepended for 1.5's temporal patch (not trained on)
+
+
 def derive_seed(*parts: Any) -> int:
     """A seed that depends only on `parts` (Python's `hash` of strings changes between processes)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
@@ -37,15 +71,12 @@ def derive_seed(*parts: Any) -> int:
 
 def sample_generators(seed: int, step: int, micro: int, first_index: int, count: int) -> list[Any]:
     """One CPU generator per sample, keyed by the sample's global position in the step's batch."""
-    import torch
-
     return [torch.Generator().manual_seed(derive_seed(seed, step, micro, first_index + i, "sample"))
             for i in range(count)]
 
 
 def sample_latents(latent_dist: Any, scale: float, generators: list[Any]) -> Any:
     """Latents drawn from cached posteriors (B, 2C, F, H, W) -> scaled (B, F, C, H, W)."""
-    import torch
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     draws = [DiagonalGaussianDistribution(latent_dist[i : i + 1].float()).sample(generator=g)
@@ -55,8 +86,6 @@ def sample_latents(latent_dist: Any, scale: float, generators: list[Any]) -> Any
 
 def condition_latent_dist(batch: dict[str, Any], generators: list[Any]) -> Any:
     """The condition image's posterior: one of the cached noise-augmented encodes per sample, or the clean one."""
-    import torch
-
     noised = batch.get("image_latent_dist_noised")
     if noised is None:
         return batch["image_latent_dist"]
@@ -64,58 +93,68 @@ def condition_latent_dist(batch: dict[str, Any], generators: list[Any]) -> Any:
     return torch.stack([noised[i, pick] for i, pick in enumerate(picks)])
 
 
-def make_model_input(spec: ModelSpec, noisy_latents: Any, batch: dict[str, Any], generators: list[Any],
-                     padding: int, image_dropout: float) -> Any:
-    """The transformer's `hidden_states`: the noisy latents, plus the condition image for I2V.
+def draw_step_inputs(spec: ModelSpec, scheduler: Any, batch: dict[str, Any], empty_embeds: Any,
+                     settings: StepSettings, generators: list[Any]) -> StepInputs:
+    """Every random draw of a micro-batch, each from its sample's own generator."""
+    latents = sample_latents(batch["latent_dist"], spec.video_latent_scale, generators)
+    noise_shape = (spec.padded_latent_count(latents.shape[1]), *latents.shape[2:])
+    noise = torch.stack([torch.randn(noise_shape, generator=g) for g in generators])
+    timesteps = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
+                           for g in generators])
+    prompt_embeds = batch["prompt_embeds"].float()
+    if settings.caption_dropout > 0:
+        drop = torch.tensor([bool(torch.rand(1, generator=g) < settings.caption_dropout) for g in generators])
+        prompt_embeds = torch.where(drop[:, None, None], empty_embeds.float()[None], prompt_embeds)
+    image_latents = None
+    if spec.is_i2v:
+        image_latents = sample_latents(condition_latent_dist(batch, generators), spec.image_latent_scale, generators)
+        keep = torch.tensor([float(torch.rand(1, generator=g) >= settings.image_dropout) for g in generators])
+        image_latents = image_latents * keep[:, None, None, None, None]
+    return StepInputs(latents, noise, timesteps, prompt_embeds, image_latents)
 
-    I2V, as the I2V pipeline builds it: the condition latent sits in the first frame of a zero tensor
-    shaped like the video latents, concatenated on channels; 1.5's padding frame (prepended) repeats
-    the condition latent. The image is dropped (zeroed) with probability `image_dropout`.
+
+def make_transformer_inputs(spec: ModelSpec, scheduler: Any, inputs: StepInputs, device: Any,
+                            dtype: Any) -> TransformerInputs:
+    """The transformer's inputs for a training step, laid out as the pipelines lay them out.
+
+    1.5 pads the latents to a multiple of its temporal patch by prepending frames; the pipelines
+    prepend noise and drop those frames after sampling, so training prepends copies of the first
+    frame (as THUDM's finetune does) and leaves them out of the loss.
+
+    I2V: the condition is a zero tensor shaped like the (padded) video latents with the image
+    latent in its first frame only, concatenated on channels. The I2V pipeline builds exactly this,
+    also for 1.5: the image sits in frame 0, which is a padding frame there.
     """
-    import torch
-
-    if not spec.is_i2v:
-        return noisy_latents
-    image = sample_latents(condition_latent_dist(batch, generators), spec.image_latent_scale, generators)
-    keep = torch.tensor([float(torch.rand(1, generator=g) >= image_dropout) for g in generators])
-    image = image * keep[:, None, None, None, None]
-    condition = torch.zeros_like(noisy_latents)
-    condition[:, : padding + 1] = image.to(noisy_latents.device)
-    return torch.cat([noisy_latents, condition], dim=2)
+    latents, padding = pad_latent_frames(spec, inputs.latents.to(device))
+    noise, timesteps = inputs.noise.to(device), inputs.timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    hidden_states = noisy
+    if spec.is_i2v:
+        condition = torch.zeros_like(noisy)
+        condition[:, :1] = inputs.image_latents.to(device)
+        hidden_states = torch.cat([noisy, condition], dim=2)
+    batch_size, frames, _, height, width = noisy.shape
+    kwargs = {
+        "hidden_states": hidden_states.to(dtype=dtype),
+        "encoder_hidden_states": inputs.prompt_embeds.to(device=device, dtype=dtype),
+        "timestep": timesteps,
+        "ofs": torch.full((batch_size,), OFS_VALUE, device=device, dtype=dtype) if spec.uses_ofs else None,
+        "image_rotary_emb": rotary_embeddings(spec, frames, height, width, device=device),
+    }
+    return TransformerInputs(kwargs, noisy, latents, padding)
 
 
 def training_step(transformer: Any, scheduler: Any, spec: ModelSpec, batch: dict[str, Any], empty_embeds: Any,
                   settings: StepSettings, generators: list[Any], device: Any, dtype: Any) -> Any:
     """Loss of one micro-batch; every random draw comes from the sample's own generator (on the CPU)."""
-    import torch
-
-    latents = sample_latents(batch["latent_dist"], spec.video_latent_scale, generators)
-    latents, padding = pad_latent_frames(spec, latents)
-    batch_size, frames, _, height, width = latents.shape
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
-    timesteps = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
-                           for g in generators])
-    # Draws happen on the CPU (reproducible anywhere); the arithmetic on the device.
-    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-
-    prompt_embeds = batch["prompt_embeds"].float()
-    if settings.caption_dropout > 0:
-        drop = torch.tensor([bool(torch.rand(1, generator=g) < settings.caption_dropout) for g in generators])
-        prompt_embeds = torch.where(drop[:, None, None], empty_embeds.float()[None], prompt_embeds)
-
-    model_input = make_model_input(spec, noisy, batch, generators, padding, settings.image_dropout)
-    output = transformer(
-        hidden_states=model_input.to(device=device, dtype=dtype),
-        encoder_hidden_states=prompt_embeds.to(device=device, dtype=dtype),
-        timestep=timesteps,
-        ofs=torch.full((batch_size,), OFS_VALUE, device=device, dtype=dtype) if spec.uses_ofs else None,
-        image_rotary_emb=rotary_embeddings(spec, frames, height, width, device=device),
-        return_dict=False,
-    )[0]
-    # 1.5's padding frame is dropped after sampling, so it is not trained on either.
+    inputs = make_transformer_inputs(spec, scheduler, draw_step_inputs(spec, scheduler, batch, empty_embeds,
+                                                                       settings, generators), device, dtype)
+    output = transformer(**inputs.kwargs, return_dict=False)[0]
+    # 1.5's padding frames are dropped after sampling, so they are not trained on either.
     frame_mask = None
-    if padding:
-        frame_mask = torch.ones(batch_size, frames, device=device)
-        frame_mask[:, :padding] = 0
-    return compute_v_prediction_loss(output, noisy, latents, timesteps, scheduler, frame_mask=frame_mask)
+    if inputs.padding:
+        batch_size, frames = inputs.noisy_latents.shape[:2]
+        frame_mask = torch.ones(batch_size, frames, device=inputs.noisy_latents.device)
+        frame_mask[:, : inputs.padding] = 0
+    return compute_v_prediction_loss(output, inputs.noisy_latents, inputs.target_latents, inputs.kwargs["timestep"],
+                                     scheduler, frame_mask=frame_mask)

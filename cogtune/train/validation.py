@@ -98,6 +98,13 @@ def validation_prompts(config: TrainConfig, cache: VideoLatentCache, is_i2v: boo
     return prompts
 
 
+def validation_shape(config: TrainConfig, cache: VideoLatentCache) -> tuple[int, int, int]:
+    """(frames, height, width) of validation videos: the configured ones, else the first bucket's."""
+    frames, height, width = (int(v) for v in cache.buckets[0].split("x"))
+    validation = config.validation
+    return validation.frames or frames, validation.height or height, validation.width or width
+
+
 class Validator:
     def __init__(self, config: TrainConfig, model: ResolvedModel, cache: VideoLatentCache, accelerator: Any,
                  compute_dtype: Any, prompts: list[str]):
@@ -138,9 +145,7 @@ class Validator:
         return mine + [mine[-1] if mine else 0] * (rounds - len(mine)), len(mine)
 
     def _shape(self) -> tuple[int, int, int]:
-        frames, height, width = (int(v) for v in self.cache.buckets[0].split("x"))
-        validation = self.config.validation
-        return validation.frames or frames, validation.height or height, validation.width or width
+        return validation_shape(self.config, self.cache)
 
     def _render(self, transformer: Any, folder: Path) -> None:
         from cogtune.data.video import write_video

@@ -1,0 +1,244 @@
+"""Checkpoints record their files (sizes and hashes); resuming verifies them and names the bad file.
+
+Also: weights that are not finite are never published as a checkpoint, pruning never leaves a
+half-deleted checkpoint that counts as complete, and a full disk while saving is one line naming
+the file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from cogtune.train import checkpoint
+
+STEP = "step-{:06d}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_cache):
+    """A run of 4 steps with checkpoints at steps 2 and 4 (copied by each test before damaging it)."""
+    from cogtune.train import TrainConfig, run_training
+    from cogtune.train.config import CheckpointConfig, LoraConfig, ValidationConfig
+
+    out = tmp_path_factory.mktemp("integrity") / "run"
+    run_training(TrainConfig(model="tiny", data=str(tiny_cache), output_dir=str(out), steps=4,
+                             lora=LoraConfig(rank=4), checkpointing=CheckpointConfig(every=2, keep=0),
+                             validation=ValidationConfig(final=False)))
+    return out
+
+
+def _args(cache, out, *more):
+    return ("train", "t2v", "--model", "tiny", "--data", cache, "--output-dir", out, "--rank", "4",
+            "--checkpoint-every", "2", "--keep-checkpoints", "0", "--validation-every", "0", *more)
+
+
+def _copy(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
+def _ckpt(out, step):
+    return out / "checkpoints" / STEP.format(step)
+
+
+def test_each_checkpoint_records_its_files(trained):
+    state = json.loads((_ckpt(trained, 4) / "trainer_state.json").read_text())
+    assert {"optimizer.bin", "pytorch_lora_weights.safetensors", "config.toml"} <= set(state["files"])
+    assert all(set(record) == {"size", "sha256"} for record in state["files"].values())
+    assert checkpoint.verify_checkpoint(_ckpt(trained, 4)) is None
+
+
+def test_resume_latest_falls_back_from_a_truncated_optimizer_state(cli, trained, tiny_cache, tmp_path):
+    out = _copy(trained, tmp_path)
+    damaged = _ckpt(out, 4) / "optimizer.bin"
+    size = damaged.stat().st_size
+    with open(damaged, "r+b") as handle:
+        handle.truncate(100)
+    result = cli(*_args(tiny_cache, out, "--steps", "5", "--resume", "latest"))
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings[0] == (f"warning: checkpoint step-000004 is damaged: {damaged} has 100 bytes, but {size} were "
+                           "written (truncated or replaced); trying step-000002")
+    assert f"resumed from {_ckpt(out, 2)} at step 2" in result.stderr
+
+
+def test_an_explicit_damaged_checkpoint_is_refused_naming_the_file(cli, trained, tiny_cache, tmp_path):
+    out = _copy(trained, tmp_path)
+    damaged = _ckpt(out, 4) / "pytorch_lora_weights.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-10] + b"\0" * 10)  # same size, other content
+    result = cli(*_args(tiny_cache, out, "--steps", "5", "--resume", _ckpt(out, 4)))
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (f"error: cannot resume from {_ckpt(out, 4)}: {damaged} is not the file that was written "
+                         f"(its SHA-256 differs) (hint: resume from {_ckpt(out, 2)} instead)")
+    assert "Traceback" not in result.stderr and "Error" not in lines[-1]
+
+
+def test_a_trainer_state_whose_step_disagrees_is_refused(cli, trained, tiny_cache, tmp_path):
+    out = _copy(trained, tmp_path)
+    state_file = _ckpt(out, 4) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "step": 3}))
+    assert checkpoint.verify_checkpoint(_ckpt(out, 4)) == (
+        f"{state_file} says step 3, but it is in the checkpoint of step 4")
+
+    # Step 2's files under step 4's name, its trainer state saying step 4: only the optimizer knows.
+    shutil.rmtree(_ckpt(out, 4))
+    shutil.copytree(_ckpt(out, 2), _ckpt(out, 4))
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "step": 4}))
+    result = cli(*_args(tiny_cache, out, "--steps", "5", "--resume", _ckpt(out, 4)))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: {state_file} says step 4, but the optimizer state in {_ckpt(out, 4)} has taken 2 steps")
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_a_checkpoint_half_deleted_by_pruning_does_not_count(cli, trained, tiny_cache, tmp_path, monkeypatch):
+    out = _copy(trained, tmp_path)
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if "step-000002" in str(path) and (path := type(out)(path)).exists():
+            (path / "optimizer.bin").unlink()
+            raise _Killed()
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(_Killed):
+        cli(*_args(tiny_cache, out, "--steps", "6", "--resume", "latest", "--keep-checkpoints", "2"))
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    listed = checkpoint.checkpoint_dirs(out)
+    assert [p.name for p in listed] == ["step-000004", "step-000006"]
+    assert all((p / "optimizer.bin").is_file() for p in listed)
+    result = cli(*_args(tiny_cache, out, "--steps", "7", "--resume", "latest"))
+    assert result.exit_code == 0 and f"resumed from {_ckpt(out, 6)} at step 6" in result.stderr
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the leftover is swept
+
+
+def test_non_finite_weights_are_never_the_last_good_checkpoint(cli, tiny_cache, tmp_path, monkeypatch):
+    import torch
+
+    from cogtune.train import loop
+
+    real_keep = loop.keep_tensor_learning_rates
+    steps = []
+
+    def poison_after_step_3(optimizer, rates):
+        real_keep(optimizer, rates)
+        steps.append(1)
+        if len(steps) == 3:  # the weights break in step 3's update; step 3's loss was still finite
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("nan"))
+
+    monkeypatch.setattr(loop, "keep_tensor_learning_rates", poison_after_step_3)
+    out = tmp_path / "run"
+    result = cli(*_args(tiny_cache, out, "--steps", "5", "--checkpoint-every", "1"))
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the weights became non-finite (NaN or infinity) at step 3 (")
+    assert f"the last good checkpoint is {_ckpt(out, 2)}" in last
+    assert [p.name for p in checkpoint.checkpoint_dirs(out)] == ["step-000001", "step-000002"]
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_file(cli, tiny_cache, tmp_path, monkeypatch):
+    """torch.save's own words for a full disk name neither the file nor the cause."""
+    import torch
+
+    from cogtune import fsutil
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.bin"):
+            with open(f, "wb") as handle:
+                handle.write(b"PK\x03\x04" + b"\0" * 100)
+            monkeypatch.setattr(fsutil, "free_bytes", lambda path: 0)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8512 vs 8406")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    result = cli(*_args(tiny_cache, out, "--steps", "4"))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no space left on device while writing {_ckpt(out, 2)}/optimizer.bin "
+        "(hint: free some space on that disk (or write somewhere else) and run again)")
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+
+
+def test_training_on_a_really_full_disk(cli, tiny_cache, tmp_path):
+    disk = tmp_path / f"disk-{uuid.uuid4().hex[:8]}"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        result = cli(*_args(tiny_cache, disk / "run", "--steps", "4"))
+        assert result.exit_code == 1
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: no space left on device while writing {disk / 'run'}/"), last
+        assert not list((disk / "run" / "checkpoints").glob(".tmp-*"))
+        assert all(checkpoint.verify_checkpoint(p) is None for p in checkpoint.checkpoint_dirs(disk / "run"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_new_run_never_writes_over_another(cli, trained, tiny_cache, tmp_path):
+    out = _copy(trained, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    result = cli(*_args(tiny_cache, out, "--steps", "2"))
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{out} already holds a training run (config.toml, checkpoints, pytorch_lora_weights.safetensors" in line
+    assert "--resume latest" in line
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_empty_or_new_folder_is_fine(cli, tiny_cache, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine\n")
+    result = cli(*_args(tiny_cache, tmp_path / "run", "--steps", "1"))
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (("--rank", "8"), "lora.rank 4 there, 8 now"),
+    (("--lora-alpha", "2"), "lora.alpha 4 there, 2.0 now"),
+])
+def test_resume_refuses_a_checkpoint_of_another_run(cli, trained, tiny_cache, tmp_path, flags, named):
+    out = _copy(trained, tmp_path)
+    result = cli(*_args(tiny_cache, out, "--steps", "6", "--resume", "latest"), *flags)
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{_ckpt(out, 4)} belongs to another run (" in line and named in line
+
+
+def test_resume_refuses_another_models_checkpoint(trained, tiny_cache):
+    from cogtune.errors import ConfigError
+    from cogtune.train import TrainConfig
+    from cogtune.train.config import LoraConfig
+
+    config = TrainConfig(model="tiny-rotary", data=str(tiny_cache), output_dir=str(trained), lora=LoraConfig(rank=4))
+    with pytest.raises(ConfigError, match="model 'tiny' there, 'tiny-rotary' now"):
+        checkpoint.check_same_run(config, _ckpt(trained, 4))
+
+
+def test_resume_accepts_the_same_model_under_another_name(trained, tiny_cache):
+    """The tiny preset and its own folder name the same transformer: that is the same run."""
+    from cogtune.models.tiny import ensure_tiny_model
+    from cogtune.train import TrainConfig
+    from cogtune.train.config import LoraConfig
+
+    config = TrainConfig(model=str(ensure_tiny_model("tiny")), data=str(tiny_cache), output_dir=str(trained),
+                         lora=LoraConfig(rank=4))
+    checkpoint.check_same_run(config, _ckpt(trained, 4))
