@@ -1,9 +1,12 @@
 """Typed, frozen run configurations merged from defaults, a TOML file and flags (flags win).
 
-Each command's settings are a frozen dataclass (see `cogtune.train.config`, ...). A field's help
-text lives in its metadata (`setting(default, "help")`) so that the TOML written beside every
-output documents itself. `load_config` checks every key and type before any weight is loaded;
-cross-field rules live in each dataclass's `__post_init__` and raise `ConfigError`.
+Each command's settings are a frozen dataclass (see `cogtune.train.config`, ...), and each setting
+is declared once, as a field: `setting(default, "help", flag="--lr", low=0, low_open=True)` holds
+its default, its help (written as a comment in the TOML beside every output), its command-line
+flag and alias (`cogtune.cli.settings` builds the options from them) and its bounds or choices,
+which `check_settings` enforces in the dataclass and the option's callback on the command line.
+`load_config` checks every key and type before any weight is loaded; cross-field rules live in
+each dataclass's `__post_init__` and raise `ConfigError`.
 """
 
 from __future__ import annotations
@@ -31,12 +34,112 @@ T = TypeVar("T")
 
 CONFIG_FILENAME = "config.toml"
 
+MODEL_HELP = (
+    "Preset (cogvideox-2b, cogvideox-5b, cogvideox-5b-i2v, cogvideox1.5-5b, cogvideox1.5-5b-i2v, or the offline "
+    "tiny, tiny-i2v), Hub id, or local diffusers folder."
+)
 
-def setting(default: Any, help: str) -> Any:
-    """A config field with a default and a one-line help text."""
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The range a numeric setting must lie in: inclusive unless `low_open`/`high_open`; never NaN or inf."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is refused ('must be >= 1, got 0'), or None when it is fine."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        low, high = self.low, self.high
+        if low is not None and (value <= low if self.low_open else value < low):
+            return f"must be {'>' if self.low_open else '>='} {low:g}, got {value:g}"
+        if high is not None and (value >= high if self.high_open else value > high):
+            return f"must be {'<' if self.high_open else '<='} {high:g}, got {value:g}"
+        return None
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    short: str | None = None,
+    metavar: str | None = None,
+    path: bool = False,
+    choices: tuple[str, ...] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
+    """A config field: its default and one-line help, and how the command line and checks see it.
+
+    flag, short: the command-line option (`"--lr"`) and its alias (`"-r"`); fields without a flag
+        are set in the TOML file only. Booleans also get `--no-...`.
+    metavar: the value's name in `--help`; path: the value is a file or folder (shell completion).
+    choices: the allowed strings (a `Literal` type gives them by itself).
+    low, high, low_open, high_open: numeric bounds (inclusive unless open); NaN and inf are refused.
+    """
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for list defaults so that configs stay frozen")
-    return dataclasses.field(default=default, metadata={"help": help})
+    if flag is not None and not flag.startswith("--"):
+        raise ValueError(f"flag {flag!r} must start with --")
+    bounds = Bounds(low, high, low_open, high_open) if (low, high) != (None, None) else None
+    metadata = {"help": help, "flag": flag, "short": short, "metavar": metavar, "path": path, "choices": choices,
+                "bounds": bounds}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def setting_choices(field: dataclasses.Field, hint: Any) -> tuple[str, ...] | None:
+    """The strings a field accepts: its declared `choices`, or the values of its `Literal` type."""
+    if field.metadata.get("choices"):
+        return tuple(field.metadata["choices"])
+    hint = strip_optional(hint)
+    return tuple(typing.get_args(hint)) if typing.get_origin(hint) is typing.Literal else None
+
+
+def strip_optional(hint: Any) -> Any:
+    """`T` of `T | None`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def check_settings(config: Any, prefix: str = "") -> None:
+    """Raise ConfigError, naming `prefix + field`, for a value outside its declared bounds or choices.
+
+    Each config dataclass calls this first in `__post_init__`; the command line checks the same
+    declarations in the options' callbacks, so the two cannot drift apart.
+    """
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is None:
+            continue
+        bounds = field.metadata.get("bounds")
+        if bounds is None and isinstance(value, float):
+            bounds = Bounds()  # every number must at least be finite
+        problem = bounds.problem(value) if bounds is not None else None
+        if problem:
+            raise ConfigError(f"{prefix}{field.name} {problem}")
+        choices = setting_choices(field, hints[field.name])
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{prefix}{field.name} '{value}' is not one of {', '.join(choices)}")
+
+
+def require(config: Any, *names: str) -> None:
+    """Raise ConfigError for the first of `names` left empty, saying how to give it."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for name in names:
+        if not getattr(config, name):
+            flag = fields[name].metadata.get("flag")
+            how = f"{flag}, or `{name} = ...` in the --config file" if flag else f"`{name} = ...` in the config file"
+            raise ConfigError(f"{name} is required ({how})")
 
 
 def section(cls: type, help: str) -> Any:
@@ -44,31 +147,15 @@ def section(cls: type, help: str) -> Any:
     return dataclasses.field(default_factory=cls, metadata={"help": help})
 
 
-def check_number(name: str, value: float | int | None, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ConfigError naming `name` unless `value` (None: not set) is finite and within the bounds.
-
-    Bounds are inclusive unless `low_open`/`high_open`; NaN and infinities are always refused.
-    """
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise ConfigError(f"{name} must be {'<' if high_open else '<='} {high:g}, got {value:g}")
-
-
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
 def load_config(
@@ -79,14 +166,13 @@ def load_config(
     """Build `cls` from its defaults, then the TOML file at `path`, then `overrides`.
 
     `overrides` maps dotted field paths (`"lora.rank"`) to values; `None` values mean "not given"
-    and are skipped, so that command-line flags left at their default never shadow the file.
+    and are skipped, so that command-line flags left at their default never shadow the file. Every
+    key must name a setting, even with a None value: a stale key fails on every run, not just when given.
     """
     data: dict[str, Any] = read_toml(path) if path is not None else {}
     source = str(path) if path is not None else "config"
     _check_keys(cls, data, source, prefix="")
     for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
         _set_dotted(cls, data, dotted, value)
     return _build(cls, data, source, prefix="")
 
@@ -106,18 +192,22 @@ def _check_keys(cls: type, data: Mapping[str, Any], source: str, prefix: str) ->
 
 
 def _set_dotted(cls: type, data: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    target = data
+    """Set the setting `dotted` in `data`; with `value` None only check that the setting exists."""
+    *sections, name = dotted.split(".")
     current = cls
-    for part in parts[:-1]:
+    for part in sections:
         hints = typing.get_type_hints(current)
         if part not in hints or not dataclasses.is_dataclass(hints[part]):
             raise ConfigError(f"unknown setting '{dotted}'")
         current = hints[part]
-        target = target.setdefault(part, {})
-    if parts[-1] not in {f.name for f in dataclasses.fields(current)}:
+    if name not in {f.name for f in dataclasses.fields(current)}:
         raise ConfigError(f"unknown setting '{dotted}'")
-    target[parts[-1]] = value
+    if value is None:
+        return
+    target = data
+    for part in sections:
+        target = target.setdefault(part, {})
+    target[name] = value
 
 
 def _build(cls: type[T], data: Mapping[str, Any], source: str, prefix: str) -> T:
@@ -135,7 +225,7 @@ def _build(cls: type[T], data: Mapping[str, Any], source: str, prefix: str) -> T
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc.message}", exc.hint) from None
+        raise ConfigError(f"{source}: {exc.message}", exc.hint) from exc
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -185,6 +275,37 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def replace_settings(config: T, changes: Mapping[str, Any]) -> T:
+    """`config` with dotted settings changed (`{"memory.fp8_weights": True}`), every rule checked again.
+
+    A combination the config's own rules refuse raises `ConfigError`, so callers that explore
+    variations (the bench grid, the memory ladder) state no rules of their own.
+    """
+    grouped: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    for dotted, value in changes.items():
+        head, _, rest = dotted.partition(".")
+        if rest:
+            grouped.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, nested in grouped.items():
+        direct[head] = replace_settings(getattr(config, head), nested)
+    return dataclasses.replace(config, **direct)  # type: ignore[type-var]
+
+
+def flatten_settings(config: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"lora.rank": 64, ...}`: every setting of a config by its dotted name."""
+    flat: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(flatten_settings(value, f"{prefix}{field.name}."))
+        else:
+            flat[f"{prefix}{field.name}"] = value
+    return flat
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

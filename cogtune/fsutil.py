@@ -147,9 +147,9 @@ def check_writable(folder: str | Path, needed_bytes: int = 0) -> None:
     except OSError as exc:
         if exc.errno in DISK_FULL_ERRNOS:
             raise StorageError(f"no space left on device in {folder}",
-                               hint="free some space on that disk (or write somewhere else)") from None
+                               hint="free some space on that disk (or write somewhere else)") from exc
         reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
-        raise StorageError(f"cannot write to {folder}: {reason}") from None
+        raise StorageError(f"cannot write to {folder}: {reason}") from exc
     free = free_bytes(folder)
     if needed_bytes and free is not None and free < needed_bytes:
         raise StorageError(f"no space left on device in {folder}: {free} bytes free, about {needed_bytes} needed",
@@ -349,20 +349,20 @@ class OutputLock:
         with reporting_disk_full(self.path):
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-            except PermissionError:
-                raise StorageError(f"cannot create {self.folder}: permission denied") from None
+            except PermissionError as exc:
+                raise StorageError(f"cannot create {self.folder}: permission denied") from exc
             while True:
                 try:
                     fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-                except PermissionError:
-                    raise StorageError(f"cannot write to {self.folder}: permission denied") from None
+                except PermissionError as exc:
+                    raise StorageError(f"cannot write to {self.folder}: permission denied") from exc
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                except BlockingIOError as exc:
                     holder = _read_holder(fd)
                     os.close(fd)
                     raise StorageError(f"{self.output} is in use by another cogtune run: {describe_holder(holder)}",
-                                       hint="wait for it to finish, or write somewhere else") from None
+                                       hint="wait for it to finish, or write somewhere else") from exc
                 except OSError as exc:  # a file system without locks
                     os.close(fd)
                     report.warn(f"cannot lock {self.path} ({exc.strerror}); make sure no other run writes into "

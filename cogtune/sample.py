@@ -1,7 +1,7 @@
 """`cogtune sample`: generate videos from a base model, a LoRA or a full fine-tune.
 
-`generate_videos` is the one code path for sampling: the CLI uses it with the prompts it encodes,
-the trainer's validation with the cached prompt embeddings and the in-training weights.
+Video generation itself is `cogtune.generate`, the one code path for sampling, shared with the
+trainer's validation.
 
 Everything is checked before a weight loads (shape rules, images, outputs, the LoRA's family).
 Prompts are encoded a chunk (`PROMPT_CHUNK`) at a time, just before they are generated; a run of
@@ -12,67 +12,18 @@ sequential CPU offload, fp8 storage of the transformer's weights) are diffusers'
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from cogtune import report
-from cogtune.config import setting, write_config
+from cogtune.config import write_config
 from cogtune.errors import ConfigError, DataError, ModelError
 from cogtune.fsutil import OutputLock, check_writable
+from cogtune.generate import generate_videos, load_condition_image
 from cogtune.models.registry import ModelSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleConfig:
-    model: str = setting("", "MODEL: a preset, tiny preset, Hub id or local diffusers folder.")
-    prompts: tuple[str, ...] = setting((), "Prompts; one video each.")
-    prompts_file: str | None = setting(None, "A text file of prompts, one per line (added after `prompts`).")
-    output: str = setting("", "Output .mp4 file (one prompt) or folder (several).")
-    lora: str | None = setting(None, "LoRA weights: a pytorch_lora_weights.safetensors file or its folder.")
-    lora_scale: float = setting(1.0, "Strength of the LoRA (0: the base model).")
-    transformer: str | None = setting(None, "A fully fine-tuned transformer/ folder (or the run folder holding it).")
-    images: tuple[str, ...] = setting((), "I2V: condition image(s), one for all prompts or one per prompt.")
-    negative_prompt: str = setting("", "Negative prompt for classifier-free guidance.")
-    frames: int | None = setting(None, "Frames; default: the model's.")
-    height: int | None = setting(None, "Height; default: the model's.")
-    width: int | None = setting(None, "Width; default: the model's.")
-    steps: int = setting(50, "Denoising steps.")
-    guidance: float = setting(6.0, "Classifier-free guidance scale (1: off).")
-    dynamic_cfg: bool = setting(False, "Raise guidance over the denoising steps (CogVideoX's dynamic CFG).")
-    scheduler: Literal["model", "ddim", "dpm"] = setting(
-        "model", "Sampler: the model's own (DDIM), or CogVideoX's DPM solver (recommended for 5b).")
-    seed: int = setting(42, "Seed; the i-th video uses seed + i.")
-    fps: int | None = setting(None, "Frame rate of the written mp4; default: the model's.")
-    vae_tiling: bool = setting(False, "Decode in spatial tiles (less memory).")
-    vae_slicing: bool = setting(False, "Decode one video at a time.")
-    offload: Literal["none", "model", "sequential"] = setting(
-        "none", "CPU offload (GPU only): whole components (model) or layer by layer (sequential, slowest, least memory).")
-    fp8: bool = setting(False, "Store the transformer's Linear weights in float8 and compute in bf16 (GPU; about half "
-                               "the transformer's memory).")
-    preview: Literal["none", "gif", "png", "both"] = setting(
-        "none", "Also write a GIF and/or a PNG contact sheet beside each mp4.")
-    random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).")
-    overwrite: bool = setting(False, "Replace existing output files.")
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ConfigError("model is required (--model, or `model = ...` in the --config file)")
-        if not self.prompts and not self.prompts_file:
-            raise ConfigError("at least one prompt is required (--prompt or --prompts-file)")
-        if not self.output:
-            raise ConfigError("output is required (--output)")
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        from cogtune.config import check_number
-
-        check_number("lora_scale", self.lora_scale)  # negative scales are allowed: they subtract the LoRA
-        check_number("guidance", self.guidance, low=0)
-        check_number("fps", self.fps, low=1)
-        if self.lora and self.transformer:
-            raise ConfigError("--lora and --transformer exclude each other: a LoRA goes on the base transformer")
+from cogtune.sample_config import SampleConfig
 
 
 # --- checks before loading -----------------------------------------------------------------------
@@ -120,10 +71,10 @@ def read_prompts_with_origins(config: SampleConfig) -> tuple[list[str], list[str
         path = Path(config.prompts_file)
         try:
             lines = read_text_lines(path)
-        except FileNotFoundError:
-            raise DataError(f"prompts file not found: {path}") from None
+        except FileNotFoundError as exc:
+            raise DataError(f"prompts file not found: {path}") from exc
         except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+            raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
         for number, line in enumerate(lines, start=1):
             if line.strip():
                 prompts.append(line.strip())
@@ -146,18 +97,6 @@ def output_paths(output: str | Path, count: int, overwrite: bool) -> list[Path]:
         if existing:
             raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace it")
     return paths
-
-
-def load_condition_image(path: str | Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
 
 
 def resolve_lora_file(lora: str | Path) -> Path:
@@ -204,7 +143,7 @@ class SamplePlan:
 
 def plan_sample(config: SampleConfig) -> SamplePlan:
     from cogtune.models.loading import resolve_model
-    from cogtune.train.lora import read_lora_info
+    from cogtune.lora.format import read_lora_info
 
     model = resolve_model(config.model, random_weights=config.random_weights)
     spec = model.spec
@@ -237,65 +176,6 @@ def plan_sample(config: SampleConfig) -> SamplePlan:
     paths = output_paths(config.output, len(prompts), config.overwrite)
     check_writable(paths[0].parent)  # before minutes of generation, not after
     return SamplePlan(model, prompts, paths, shape, images, lora_file, transformer_folder, drop, tuple(origins))
-
-
-# --- generation ----------------------------------------------------------------------------------
-
-def generate_videos(
-    pipe: Any,
-    spec: ModelSpec,
-    prompt_embeds: Any,
-    negative_prompt_embeds: Any,
-    frames: int,
-    height: int,
-    width: int,
-    steps: int,
-    guidance: float,
-    seed: int,
-    images: Sequence[Any] | None = None,
-    dynamic_cfg: bool = False,
-    attention_kwargs: dict[str, Any] | None = None,
-    denoising_context: Callable[[], Any] = contextlib.nullcontext,
-) -> list[Any]:
-    """One video (F, H, W, 3 float in [0, 1]) per row of `prompt_embeds`; video i uses seed + i.
-
-    The pipeline denoises inside `denoising_context` (training's validation passes its autocast) and
-    the VAE decodes outside it: under autocast the decoder's group norms would run, and keep their
-    outputs, in float32.
-    """
-    import torch
-
-    videos = []
-    device = pipe._execution_device
-    dtype = pipe.transformer.dtype
-    padding = spec.padded_latent_frames(frames) - spec.latent_frames(frames)  # 1.5's, dropped as the pipeline does
-    for index in range(prompt_embeds.shape[0]):
-        kwargs: dict[str, Any] = {
-            "prompt_embeds": prompt_embeds[index : index + 1].to(device=device, dtype=dtype),
-            "negative_prompt_embeds": negative_prompt_embeds[index : index + 1].to(device=device, dtype=dtype),
-            "num_frames": frames,
-            "height": height,
-            "width": width,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-            "use_dynamic_cfg": dynamic_cfg,
-            "generator": torch.Generator(device="cpu").manual_seed(seed + index),
-            "output_type": "latent",
-            "max_sequence_length": spec.max_text_tokens,
-            "attention_kwargs": attention_kwargs,
-        }
-        if spec.is_i2v:
-            if not images:
-                raise DataError(f"{spec.name} is an image-to-video model: give a condition image")
-            kwargs["image"] = images[index] if len(images) > 1 else images[0]
-        with torch.no_grad():
-            with denoising_context():
-                latents = pipe(**kwargs).frames[:, padding:]
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # the decode's tensors have other sizes than the denoiser's cached blocks
-            decoded = pipe.decode_latents(latents.to(pipe.vae.dtype))
-            videos.append(pipe.video_processor.postprocess_video(video=decoded, output_type="np")[0])
-    return videos
 
 
 # Prompts embedded at a time: memory holds one chunk's embeddings, not every prompt's (100k prompts
@@ -391,7 +271,7 @@ def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtyp
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"cannot load the LoRA {plan.lora_file} into {spec.name}: {first[:200]}",
-                             hint="was it trained for another model?") from None
+                             hint="was it trained for another model?") from exc
     if config.fp8:
         # After the LoRA: peft creates its layers in the base weight's dtype, so they must exist first.
         store_frozen_linears_in_float8(pipe.transformer, dtype)
@@ -476,9 +356,11 @@ def _run_sample(config: SampleConfig) -> list[Path]:
                 embeds = encoder.encode(plan.prompts[index : index + PROMPT_CHUNK])
             row = index % PROMPT_CHUNK
             image = [plan.images[index] if len(plan.images) > 1 else plan.images[0]] if plan.images else None
-            video = generate_videos(pipe, spec, embeds[row : row + 1], encoder.negative, frames,
-                                    height, width, config.steps, config.guidance, config.seed + index, images=image,
-                                    dynamic_cfg=config.dynamic_cfg, attention_kwargs=attention_kwargs)[0]
+            video = generate_videos(pipe, spec, prompt_embeds=embeds[row : row + 1],
+                                    negative_prompt_embeds=encoder.negative, frames=frames, height=height,
+                                    width=width, steps=config.steps, guidance=config.guidance,
+                                    seed=config.seed + index, images=image, dynamic_cfg=config.dynamic_cfg,
+                                    attention_kwargs=attention_kwargs)[0]
             written.append(write_video(path, video, fps=fps))
             if config.preview != "none":
                 write_previews(path, video, fps, config.preview)

@@ -10,26 +10,26 @@ _cogtune() {
         for k in "${known[@]}"; do [[ "$k" == "$candidate" ]] && cmdpath="$candidate"; done
     done
     case "$prev" in
-        --config|--data|--data-root|--json|--local-dir|--lora|--markdown|--output|--output-dir|--plot|--prompts-file|--transformer) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --config|--data|--data-root|--dataset-file|--json|--local-dir|--lora|--markdown|--output|--output-dir|--plot|--prompts-file|--transformer) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --model|-m) COMPREPLY=($(compgen -W "cogvideox-2b cogvideox-5b cogvideox-5b-i2v cogvideox1.5-5b cogvideox1.5-5b-i2v tiny tiny-rotary tiny-i2v tiny-1.5 tiny-1.5-i2v" -- "$cur") $(compgen -d -- "$cur")); return ;;
     esac
     local words=""
     case "$cmdpath" in
         '') words="bench completion config dataset demo encode sample train --version --debug --help" ;;
         'bench') words="memory --help" ;;
-        'bench memory') words="--model --method --rank --gradient-checkpointing --optimizer --batch-size --frames --height --width --shape --fp8 --offload-blocks --offload-activations --no-validation --estimate --measure --gpu-memory --gpu --steps --json --markdown --plot --config --help" ;;
+        'bench memory') words="--model --method --rank --gradient-checkpointing --optimizer --batch-size --frames --height --width --shape --fp8 --offload-blocks --offload-activations --no-validation --estimate --measure --gpu-memory --gpu --steps --json --markdown --plot --random-weights --config --data --help" ;;
         'completion') words="--help" ;;
         'config') words="accelerate --help" ;;
         'config accelerate') words="--strategy --gpus --machines --machine-rank --main-process-ip --main-process-port --mixed-precision --help" ;;
         'dataset') words="download validate --help" ;;
         'dataset download') words="--local-dir --revision --repo-type --include --exclude --max-workers --no-validate --help" ;;
-        'dataset validate') words="--caption-column --video-column --image-column --dataset-file --frames --height --width --model --allow-outside-root --id-token --frame-sampling --sample-fps --deep --json --help" ;;
+        'dataset validate') words="--caption-column --video-column --image-column --dataset-file --allow-outside-root --no-allow-outside-root --id-token --frame-sampling --sample-fps --frames --height --width --model --deep --json --help" ;;
         'demo') words="--output-dir --steps --help" ;;
-        'encode') words="--model --data-root --output-dir --caption-column --video-column --image-column --dataset-file --allow-outside-root --id-token --frame-sampling --sample-fps --resize-mode --frames --height --width --buckets --batch-size --i2v --no-i2v --image-noise-samples --validation-prompt --vae-slicing --vae-tiling --num-workers --overwrite --skip-invalid --dry-run --random-weights --config --help" ;;
-        'sample') words="--model --prompt --prompts-file --output --lora --lora-scale --transformer --image --negative-prompt --frames --height --width --steps --guidance --dynamic-cfg --scheduler --seed --fps --vae-tiling --vae-slicing --offload --fp8 --preview --overwrite --random-weights --config --help" ;;
+        'encode') words="--model --output-dir --data-root --caption-column --video-column --image-column --dataset-file --allow-outside-root --no-allow-outside-root --id-token --frame-sampling --sample-fps --resize-mode --buckets --frames --height --width --batch-size --i2v --no-i2v --image-noise-samples --validation-prompt --random-weights --no-random-weights --vae-slicing --no-vae-slicing --vae-tiling --no-vae-tiling --num-workers --overwrite --no-overwrite --skip-invalid --no-skip-invalid --dry-run --config --help" ;;
+        'sample') words="--model --prompt --prompts-file --output --lora --lora-scale --transformer --image --negative-prompt --frames --height --width --steps --guidance --dynamic-cfg --no-dynamic-cfg --scheduler --seed --fps --vae-tiling --no-vae-tiling --vae-slicing --no-vae-slicing --offload --fp8 --no-fp8 --preview --random-weights --no-random-weights --overwrite --no-overwrite --config --help" ;;
         'train') words="i2v t2v --help" ;;
-        'train i2v') words="--model --data --output-dir --config --rank --lora-alpha --full --steps --batch-size --gradient-accumulation --lr --optimizer --lr-schedule --warmup-steps --max-grad-norm --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --caption-dropout --image-dropout --learned-positional-embeddings --checkpoint-every --keep-checkpoints --resume --seed --validation-prompt --validation-image --validation-every --validation-steps --report-to --fp8 --offload-blocks --offload-activations --memory-profile --compile --random-weights --help" ;;
-        'train t2v') words="--model --data --output-dir --config --rank --lora-alpha --full --steps --batch-size --gradient-accumulation --lr --optimizer --lr-schedule --warmup-steps --max-grad-norm --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --caption-dropout --image-dropout --learned-positional-embeddings --checkpoint-every --keep-checkpoints --resume --seed --validation-prompt --validation-image --validation-every --validation-steps --report-to --fp8 --offload-blocks --offload-activations --memory-profile --compile --random-weights --help" ;;
+        'train i2v') words="--model --data --output-dir --random-weights --no-random-weights --full --no-full --steps --batch-size --gradient-accumulation --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --seed --caption-dropout --image-dropout --learned-positional-embeddings --resume --report-to --rank --lora-alpha --optimizer --lr --max-grad-norm --lr-schedule --warmup-steps --validation-prompt --validation-image --validation-every --validation-steps --checkpoint-every --keep-checkpoints --fp8 --no-fp8 --offload-blocks --no-offload-blocks --offload-activations --no-offload-activations --compile --no-compile --memory-profile --config --help" ;;
+        'train t2v') words="--model --data --output-dir --random-weights --no-random-weights --full --no-full --steps --batch-size --gradient-accumulation --mixed-precision --gradient-checkpointing --no-gradient-checkpointing --seed --caption-dropout --image-dropout --learned-positional-embeddings --resume --report-to --rank --lora-alpha --optimizer --lr --max-grad-norm --lr-schedule --warmup-steps --validation-prompt --validation-image --validation-every --validation-steps --checkpoint-every --keep-checkpoints --fp8 --no-fp8 --offload-blocks --no-offload-blocks --offload-activations --no-offload-activations --compile --no-compile --memory-profile --config --help" ;;
     esac
     COMPREPLY=($(compgen -W "$words" -- "$cur"))
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import pytest
 
@@ -96,3 +97,43 @@ def test_dump_toml_handles_special_floats_and_keys():
     text = dump_toml({"a": float("inf"), "b": [1, 2.5, True], "weird key": "x"})
     assert "a = inf" in text and "b = [1, 2.5, true]" in text and '"weird key" = "x"' in text
     assert config_to_dict(load_config(TrainConfig, overrides=REQUIRED))["lora"]["target_modules"][0] == "to_q"
+
+
+def test_settings_declare_their_bounds_and_choices_once():
+    """`setting(...)` holds a field's checks; `check_settings` enforces them, naming the field."""
+    from cogtune.config import check_settings, require, setting
+
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        name: str = setting("a", "Name.", flag="--name", choices=("a", "b"))
+        mode: Literal["x", "y"] = setting("x", "Mode.")
+        rate: float = setting(0.5, "A rate.", low=0, high=1, high_open=True)
+        scale: float = setting(1.0, "Any finite number.")
+        count: int | None = setting(None, "A count.", low=1)
+        path: str = setting("", "Needed.", flag="--path")
+
+        def __post_init__(self):
+            check_settings(self, "section.")
+
+    assert Section(count=3).count == 3
+    for kwargs, message in [
+        ({"name": "c"}, "section.name 'c' is not one of a, b"),
+        ({"mode": "z"}, "section.mode 'z' is not one of x, y"),
+        ({"rate": 1.0}, "section.rate must be < 1, got 1"),
+        ({"scale": float("nan")}, "section.scale must be a finite number, got nan"),
+        ({"count": 0}, "section.count must be >= 1, got 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            Section(**kwargs)
+    with pytest.raises(ConfigError, match=r"path is required \(--path, or `path = ...` in the --config file\)"):
+        require(Section(), "path")
+    with pytest.raises(TypeError):
+        setting([], "Lists are not frozen.")
+
+
+def test_an_override_key_must_name_a_setting_even_when_not_given():
+    """A command's stale override key fails on every run, not only when its flag is typed."""
+    with pytest.raises(ConfigError, match="unknown setting 'lora.rnak'"):
+        load_config(TrainConfig, overrides={**REQUIRED, "lora.rnak": None})
+    with pytest.raises(ConfigError, match="unknown setting 'nosuch.rank'"):
+        load_config(TrainConfig, overrides={**REQUIRED, "nosuch.rank": None})

@@ -1,1 +1,1 @@
-"""`cogtune bench`: size training runs without a GPU (`estimate`) and measure them on one (`measure`)."""
+"""`cogtune bench`: grids of training runs, sized by the estimator (`cogtune.train.sizing`) or measured."""

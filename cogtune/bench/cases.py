@@ -1,85 +1,48 @@
-"""Benchmark configurations: one `BenchCase` per row of a memory table, and grids of them."""
+"""Benchmark rows: a grid description that produces the runs (`TrainConfig`s) to size or measure.
+
+A `BenchCase` is one run at its clip shapes; `grid` varies a base run along the axes given
+(`--rank 16,64`, `--optimizer ...`) with `replace_settings`, so every combination passes the
+run's own rules (`TrainConfig`'s checks) and a combination those rules refuse is left out.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
+from cogtune.config import replace_settings
 from cogtune.errors import ConfigError
-from cogtune.models.registry import ALL_PRESETS, ModelSpec
-from cogtune.train.optimizers import OPTIMIZERS
+from cogtune.train.config import TrainConfig
+from cogtune.train.sizing.estimate import Shape, largest_shape, model_spec, run_label
+from cogtune.train.validation import validation_shape_from
+
+# Grid axes: the bench option, and the run setting it varies.
+AXES = {
+    "models": "model",
+    "methods": "full",
+    "ranks": "lora.rank",
+    "optimizers": "optimizer.name",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "batch_sizes": "batch_size",
+    "fp8": "memory.fp8_weights",
+    "offload_blocks": "memory.offload_blocks",
+    "offload_activations": "memory.offload_activations",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchCase:
-    """One training configuration to size (or measure)."""
+    """One row of a memory table: a run and the clip shapes it trains (the largest decides its peak)."""
 
-    model: str
-    method: Literal["lora", "full"] = "lora"
-    rank: int = 64
-    optimizer: str = "adamw"
-    gradient_checkpointing: bool = True
-    batch_size: int = 1
-    frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    fp8: bool = False
-    offload_blocks: bool = False
-    offload_activations: bool = False
-    validation: bool = True
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer '{self.optimizer}' (known: {', '.join(OPTIMIZERS)})")
-        if self.method == "full" and (self.fp8 or self.offload_blocks):
-            raise ConfigError("fp8 weights and block offloading are for LoRA (frozen weights)")
-        if self.offload_blocks and not self.gradient_checkpointing:
-            raise ConfigError("block offloading needs gradient checkpointing")
-        if self.batch_size < 1 or self.rank < 1:
-            raise ConfigError("batch size and rank must be >= 1")
-        self.spec.check_clip_shape(*self.shape)
-
-    @property
-    def spec(self) -> ModelSpec:
-        return model_spec(self.model)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        spec = self.spec
-        return (self.frames or spec.default_frames, self.height or spec.default_height,
-                self.width or spec.default_width)
+    config: TrainConfig
+    shapes: tuple[Shape, ...]
+    validation_shape: Shape | None
 
     @property
     def label(self) -> str:
-        method = f"LoRA r{self.rank}" if self.method == "lora" else "full"
-        options = [self.optimizer, "ckpt" if self.gradient_checkpointing else "no ckpt"]
-        options += [name for name, on in (("fp8", self.fp8), ("offload blocks", self.offload_blocks),
-                                          ("offload act.", self.offload_activations)) if on]
-        frames, height, width = self.shape
-        return f"{self.model} {method}, {', '.join(options)}, b{self.batch_size}, {frames}x{height}x{width}"
-
-    def changes(self, other: BenchCase) -> list[str]:
-        """What differs from `other`, in words (for "what would make it fit")."""
-        said = []
-        for field in dataclasses.fields(self):
-            mine, theirs = getattr(self, field.name), getattr(other, field.name)
-            if mine != theirs:
-                value = {True: "on", False: "off"}.get(mine, mine) if isinstance(mine, bool) else mine
-                said.append(f"{field.name.replace('_', ' ')} {value}")
-        return said
-
-
-@functools.lru_cache(maxsize=32)
-def model_spec(reference: str) -> ModelSpec:
-    """The spec of a preset, or of a model known by its configs (a local folder or Hub id)."""
-    if reference in ALL_PRESETS:
-        return ALL_PRESETS[reference]
-    from cogtune.models.loading import resolve_model
-
-    return resolve_model(reference, random_weights=True).spec
+        return run_label(self.config, largest_shape(model_spec(self.config.model), self.shapes))
 
 
 def parse_list(text: str | None, kind: type, name: str) -> list:
@@ -97,25 +60,35 @@ def parse_list(text: str | None, kind: type, name: str) -> list:
         else:
             try:
                 values.append(kind(item))
-            except ValueError:
-                raise ConfigError(f"--{name}: '{item}' is not a {kind.__name__}") from None
+            except ValueError as exc:
+                raise ConfigError(f"--{name}: '{item}' is not a {kind.__name__}") from exc
     return values
 
 
-def grid(models: Sequence[str], methods: Sequence[str], ranks: Sequence[int], optimizers: Sequence[str],
-         checkpointing: Sequence[bool], batch_sizes: Sequence[int], shapes: Sequence[tuple[int | None, ...]],
-         fp8: Sequence[bool], offload_blocks: Sequence[bool], offload_activations: Sequence[bool],
-         validation: bool = True) -> list[BenchCase]:
-    """Every combination, skipping those that cannot exist (full fine-tuning with fp8, ...)."""
+def grid(base: TrainConfig, axes: dict[str, Sequence[Any]], shape_sets: Sequence[tuple[Shape, ...]] | None,
+         validation: bool) -> list[BenchCase]:
+    """Every combination of the given axes over `base` (an empty axis keeps the base run's value).
+
+    `shape_sets`: one row per set of clip shapes (a cache's buckets, or one `--shape`); None: each
+    model's default clip. `validation`: whether the runs render validation videos (at the shape the
+    trainer would use).
+    """
+    names = [name for name in AXES if axes.get(name)]
     cases = []
-    for model, method, optimizer, ckpt, batch, shape, f8, blocks, acts in itertools.product(
-            models, methods, optimizers, checkpointing, batch_sizes, shapes, fp8, offload_blocks, offload_activations):
-        if method == "full" and (f8 or blocks):
-            continue
-        if blocks and not ckpt:
-            continue
-        for rank in ranks if method == "lora" else ranks[:1]:
-            frames, height, width = shape
-            cases.append(BenchCase(model, method, rank, optimizer, ckpt, batch, frames, height, width, f8, blocks, acts,
-                                   validation))
+    for values in itertools.product(*(axes[name] for name in names)):
+        changes = {AXES[name]: value for name, value in zip(names, values)}
+        if "full" in changes:
+            changes["full"] = changes["full"] == "full"
+        if "model" in changes:
+            changes["task"] = "i2v" if model_spec(str(changes["model"])).is_i2v else "t2v"
+        try:
+            config = replace_settings(base, changes)
+        except ConfigError:
+            continue  # a combination the run's own rules refuse (e.g. fp8 storage with full fine-tuning)
+        if config.full and "lora.rank" in changes and changes["lora.rank"] != axes["ranks"][0]:
+            continue  # the rank does not apply to full fine-tuning: one row
+        spec = model_spec(config.model)
+        for run_shapes in shape_sets or [((spec.default_frames, spec.default_height, spec.default_width),)]:
+            validation_shape = validation_shape_from(config, run_shapes[0]) if validation else None
+            cases.append(BenchCase(config, tuple(run_shapes), validation_shape))  # type: ignore[arg-type]
     return list(dict.fromkeys(cases))

@@ -21,44 +21,49 @@ from cogtune.bench.cases import BenchCase
 @dataclasses.dataclass(frozen=True)
 class CaseMeasurement:
     case: BenchCase
+    shape: tuple[int, int, int]  # the clip shape it trained
     device: str
     memory_gib: dict[str, float]  # the four moments: peak reserved on a GPU, peak RSS on a CPU
     allocated_peak_gib: float | None
     seconds_per_step: float | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"case": dataclasses.asdict(self.case), "label": self.case.label, "device": self.device,
+        from cogtune.train.sizing.estimate import run_summary
+
+        return {"case": run_summary(self.case.config, self.shape, self.case.validation_shape), "label": self.case.label,
+                "device": self.device, "shape": list(self.shape),
                 "memory_gib": self.memory_gib, "allocated_peak_gib": self.allocated_peak_gib,
                 "seconds_per_step": None if self.seconds_per_step is None else round(self.seconds_per_step, 3)}
 
 
 def measure_case(case: BenchCase, steps: int = 4, workdir: str | Path | None = None) -> CaseMeasurement:
+    """Train `case.config` for `steps` steps (and its validation pass) at the case's largest clip shape."""
     from cogtune.bench.synthetic import VALIDATION_PROMPT, write_synthetic_cache
-    from cogtune.train import TrainConfig, run_training
-    from cogtune.train.config import CheckpointConfig, LoraConfig, MemoryConfig, OptimizerConfig, ValidationConfig
+    from cogtune.config import replace_settings
+    from cogtune.train import run_training
+    from cogtune.train.sizing.estimate import largest_shape, model_spec
 
-    spec = case.spec
+    spec = model_spec(case.config.model)
+    shape = largest_shape(spec, case.shapes)
     with tempfile.TemporaryDirectory(prefix="cogtune-measure-", dir=workdir) as tmp:
         root = Path(tmp)
-        cache = write_synthetic_cache(spec, case.shape, items=max(2, case.batch_size), root=root / "cache")
+        cache = write_synthetic_cache(spec, shape, items=max(2, case.config.batch_size), root=root / "cache")
         images: tuple[str, ...] = ()
-        if spec.is_i2v:
+        validating = case.validation_shape is not None
+        if spec.is_i2v and validating:
             from PIL import Image
 
-            frames, height, width = case.shape
+            _, height, width = case.validation_shape  # type: ignore[misc]
             Image.new("RGB", (width, height)).save(root / "image.png")
             images = (str(root / "image.png"),)
-        config = TrainConfig(
-            task="i2v" if spec.is_i2v else "t2v", model=case.model, data=str(cache), output_dir=str(root / "run"),
-            random_weights=not spec.tiny, full=case.method == "full", steps=steps, batch_size=case.batch_size,
-            gradient_checkpointing=case.gradient_checkpointing, lora=LoraConfig(rank=case.rank),
-            optimizer=OptimizerConfig(name=case.optimizer),
-            memory=MemoryConfig(fp8_weights=case.fp8, offload_blocks=case.offload_blocks,
-                                offload_activations=case.offload_activations),
-            validation=ValidationConfig(prompts=(VALIDATION_PROMPT,) if case.validation else (), images=images,
-                                        steps=2, final=case.validation),
-            checkpointing=CheckpointConfig(every=0),
-        )
+        frames, height, width = case.validation_shape or shape
+        config = replace_settings(case.config, {
+            "data": str(cache), "output_dir": str(root / "run"), "random_weights": not spec.tiny, "steps": steps,
+            "resume": None, "report_to": "none", "checkpointing.every": 0,
+            "validation.prompts": (VALIDATION_PROMPT,) if validating else (), "validation.images": images,
+            "validation.every": 0, "validation.steps": 2, "validation.final": validating,
+            "validation.frames": frames, "validation.height": height, "validation.width": width,
+        })
         run_training(config)
         memory = json.loads((root / "run" / "memory.json").read_text())
         summary = json.loads((root / "run" / "training_summary.json").read_text())
@@ -70,7 +75,7 @@ def measure_case(case: BenchCase, steps: int = 4, workdir: str | Path | None = N
         figures.setdefault(moment, figures["after_testing"])
     step_times = summary.get("step_seconds", [])[1:]
     return CaseMeasurement(
-        case=case, device=first["device"], memory_gib=figures,
+        case=case, shape=shape, device=first["device"], memory_gib=figures,
         allocated_peak_gib=memory["memory_after_testing"].get("max_allocated_gib") if gpu else None,
         seconds_per_step=statistics.median(step_times) if step_times else None,
     )

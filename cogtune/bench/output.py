@@ -1,4 +1,4 @@
-"""Bench results as a rich table, a markdown table in the seed's format, JSON, and a PNG chart."""
+"""Bench results as a rich table, a markdown table laid out like the CogVideoX factory's memory tables, JSON, and a PNG chart."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _fit_text(row: dict[str, Any]) -> str:
 
 
 def markdown(rows: Sequence[dict[str, Any]], title: str, budget: float | None, notes: Sequence[str] = ()) -> str:
-    """The seed's table layout: one row per configuration, the four moments in GiB."""
+    """The CogVideoX factory's memory-table layout: one row per configuration, the four moments in GiB."""
     header = ["model", "method", "rank", "optimizer", "gradient checkpointing", "options", "batch", "frames x H x W",
               *MOMENTS]
     if any("seconds_per_step" in r for r in rows):

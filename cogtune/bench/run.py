@@ -8,25 +8,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cogtune import report
-from cogtune.bench.cases import BenchCase, grid
+from cogtune.bench.cases import AXES, BenchCase, grid
+from cogtune.train.sizing.estimate import model_spec
 from cogtune.config import setting, write_config
 from cogtune.data.clips import Bucket
+from cogtune.encode.cache import MANIFEST_NAME
 from cogtune.errors import ConfigError
+from cogtune.train.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    models: tuple[str, ...] = setting(("cogvideox-5b",), "Presets to size.")
-    methods: tuple[str, ...] = setting(("lora",), "lora and/or full.")
-    ranks: tuple[int, ...] = setting((64,), "LoRA ranks.")
-    optimizers: tuple[str, ...] = setting(("adamw",), "Optimizers.")
-    gradient_checkpointing: tuple[bool, ...] = setting((True,), "Gradient checkpointing on and/or off.")
-    batch_sizes: tuple[int, ...] = setting((1,), "Batch sizes.")
-    shapes: tuple[str, ...] = setting((), "Clip shapes FxHxW; default: each model's default clip.")
-    fp8: tuple[bool, ...] = setting((False,), "Float8 storage of the frozen weights (LoRA).")
-    offload_blocks: tuple[bool, ...] = setting((False,), "Frozen weights offloaded to the CPU (LoRA).")
-    offload_activations: tuple[bool, ...] = setting((False,), "Saved activations offloaded to the CPU.")
-    validation: bool = setting(True, "Include a validation pass (memory_after_validation/testing).")
+    run_config: str | None = setting(None, "A run's TOML file, as `cogtune train --config` takes it: size exactly that run.")
+    data: str | None = setting(None, "The run's cache: its buckets (the largest decides the peak) and validation prompts.")
+    models: tuple[str, ...] = setting((), "Models to size; default: the run's, else cogvideox-5b.")
+    methods: tuple[str, ...] = setting((), "lora and/or full; default: the run's (LoRA).")
+    ranks: tuple[int, ...] = setting((), "LoRA ranks; default: the run's (64).")
+    optimizers: tuple[str, ...] = setting((), "Optimizers; default: the run's (adamw).")
+    gradient_checkpointing: tuple[bool, ...] = setting((), "Gradient checkpointing on and/or off; default: the run's.")
+    batch_sizes: tuple[int, ...] = setting((), "Batch sizes; default: the run's (1).")
+    shapes: tuple[str, ...] = setting((), "Clip shapes FxHxW, one row each; default: the cache's buckets, else the "
+                                          "model's default clip.")
+    fp8: tuple[bool, ...] = setting((), "Float8 storage of the frozen weights (LoRA); default: the run's.")
+    offload_blocks: tuple[bool, ...] = setting((), "Frozen weights offloaded to the CPU (LoRA); default: the run's.")
+    offload_activations: tuple[bool, ...] = setting((), "Saved activations offloaded to the CPU; default: the run's.")
+    validation: bool = setting(True, "Include the validation pass (with a run's TOML: as that run validates).")
     mode: Literal["estimate", "measure"] = setting("estimate", "Estimate without a GPU, or measure on the present one.")
     gpu_memory: float | None = setting(None, "GPU size in GiB to fit; default: the present GPU's, if any.")
     gpu: str | None = setting(None, "GPU name for rough step times of estimates (H100, A100, RTX 4090, ...).")
@@ -40,16 +46,45 @@ class BenchConfig:
             for shape in self.shapes:
                 Bucket.parse(shape)
         except Exception as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(str(exc)) from exc
         if self.gpu_memory is not None and not (math.isfinite(self.gpu_memory) and self.gpu_memory > 0):
             raise ConfigError(f"gpu_memory must be > 0 GiB, got {self.gpu_memory}")
         if self.steps < 2:
             raise ConfigError("steps must be >= 2 (the first step is warm-up)")
 
+    def base_run(self) -> TrainConfig:
+        """The run the grid varies: the run's TOML (read as `train --config` reads it), else the defaults."""
+        from cogtune.config import load_config, read_toml
+        from cogtune.train.sizing.estimate import model_spec
+
+        if self.run_config is not None:
+            given = read_toml(self.run_config)
+            return load_config(TrainConfig, self.run_config, {
+                "random_weights": True,
+                "output_dir": None if "output_dir" in given else "<bench>",
+                "data": self.data or (None if "data" in given else "<bench>"),
+            })
+        model = self.models[0] if self.models else "cogvideox-5b"
+        return TrainConfig(task="i2v" if model_spec(model).is_i2v else "t2v", model=model,
+                           data=self.data or "<bench>", output_dir="<bench>", random_weights=True)
+
     def cases(self) -> list[BenchCase]:
-        shapes = [tuple(dataclasses.astuple(Bucket.parse(s))) for s in self.shapes] or [(None, None, None)]
-        return grid(self.models, self.methods, self.ranks, self.optimizers, self.gradient_checkpointing,
-                    self.batch_sizes, shapes, self.fp8, self.offload_blocks, self.offload_activations, self.validation)
+        from cogtune.encode.cache import VideoLatentCache
+
+        base = self.base_run()
+        cache = VideoLatentCache(base.data) if (Path(base.data) / MANIFEST_NAME).is_file() else None
+        if self.shapes:
+            shape_sets = [(Bucket.parse(s).shape,) for s in self.shapes]
+        elif cache is not None:
+            shape_sets = [tuple(cache.bucket_shapes)]
+        else:
+            shape_sets = None
+        validation = self.validation
+        if validation and self.run_config is not None:
+            prompts = base.validation.prompts or (tuple(cache.validation_prompts) if cache is not None else ())
+            validation = bool(prompts) and (base.validation.every > 0 or base.validation.final)
+        axes = {name: getattr(self, name) for name in AXES}
+        return grid(base, axes, shape_sets, validation)  # type: ignore[arg-type]
 
 
 def present_gpu() -> tuple[str, float] | None:
@@ -64,7 +99,7 @@ def present_gpu() -> tuple[str, float] | None:
 def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
               plot_path: str | Path | None = None) -> list[dict[str, Any]]:
     from cogtune.bench import output
-    from cogtune.bench.fit import budget_gib, cheapest_fit, fits, seconds_per_step
+    from cogtune.train.sizing.fit import budget_gib, cheapest_fit, fits, gpu_from_device_name, seconds_per_step
 
     cases = config.cases()
     if not cases:
@@ -72,8 +107,10 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
     gpu = present_gpu()
     gpu_memory = config.gpu_memory if config.gpu_memory is not None else (gpu[1] if gpu else None)
     budget = budget_gib(gpu_memory) if gpu_memory is not None else None
-    gpu_name = config.gpu or (gpu[0].replace("NVIDIA ", "").split(" ")[0] if gpu else "H100")
-    if config.mode == "measure" and gpu is None and not all(case.spec.tiny for case in cases):
+    gpu_name = config.gpu or ((gpu_from_device_name(gpu[0]) or gpu[0]) if gpu else "H100")
+    if config.mode == "estimate" and gpu is not None and config.gpu is None and gpu_from_device_name(gpu[0]) is None:
+        report.warn(f"no step times: the peak throughput of the {gpu[0]} is unknown (--gpu picks a known GPU)")
+    if config.mode == "measure" and gpu is None and not all(model_spec(case.config.model).tiny for case in cases):
         raise ConfigError("--measure runs real training steps and needs a GPU for the real models",
                           hint="--estimate sizes them on any machine")
 
@@ -81,9 +118,9 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
     with report.progress(f"{config.mode} memory", total=len(cases), unit="configs") as bar:
         for case in cases:
             if config.mode == "estimate":
-                from cogtune.bench.estimate import estimate_case
+                from cogtune.train.sizing.estimate import estimate_run
 
-                estimate = estimate_case(case)
+                estimate = estimate_run(case.config, case.shapes, case.validation_shape)
                 row = estimate.as_dict()
                 row["seconds_per_step"] = seconds_per_step(estimate, gpu_name)
                 if budget is not None:
@@ -93,6 +130,7 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
                         row["suggestion"] = ", ".join(suggestion.changes) + \
                             f" ({suggestion.estimate.memory.after_testing:.1f} GiB)" if suggestion else \
                             "nothing short of a smaller clip or batch"
+                row["shape"] = list(estimate.shape)
             else:
                 from cogtune.bench.measure import measure_case
 
@@ -100,7 +138,6 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
                 row = measurement.as_dict()
                 if budget is not None:
                     row["fits"] = row["memory_gib"]["after_testing"] <= budget
-            row["shape"] = list(case.shape)
             rows.append(row)
             bar.advance()
 
@@ -137,7 +174,7 @@ def _notes(config: BenchConfig, gpu: tuple[str, float] | None, gpu_name: str) ->
     import torch
 
     from cogtune import __version__
-    from cogtune.bench.fit import ASSUMED_UTILIZATION
+    from cogtune.train.sizing.fit import ASSUMED_UTILIZATION
 
     notes = [f"cogtune {__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}"
              + (f", CUDA {torch.version.cuda}, {gpu[0]}" if gpu else "")]

@@ -22,7 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # click's plain help: every option's full name fits at 80 columns
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(dataset.app, name="dataset")
@@ -61,6 +61,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+def _is_gpu_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error (CUDA and other accelerators), recognised by its type.
+
+    torch is not imported here: if it was never imported, the error cannot be torch's."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 0 on success, 1 with a one-line reason on failure, 2 on usage errors."""
     from cogtune import report
@@ -86,9 +94,12 @@ def main(argv: list[str] | None = None) -> None:
             filename = getattr(exc, "filename", None)
             message = disk_full_error(filename).message if filename else "no space left on device while writing an output"
             report.error(message, "free some space on that disk (or write somewhere else) and run again")
-        elif type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        elif _is_gpu_out_of_memory(exc):
             report.error(f"out of memory: {_first_line(exc)}",
                          "try gradient checkpointing, a smaller batch or clip shape; `cogtune bench memory` sizes a run")
+        elif isinstance(exc, MemoryError):
+            report.error(f"out of host memory (RAM): {_first_line(exc)}",
+                         "close other programs, or lower --num-workers, the batch or the clip shape")
         else:
             report.error(f"{type(exc).__name__}: {_first_line(exc)}", "run with --debug for the full traceback")
         sys.exit(1)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cogtune.cli.common import examples
-from cogtune.cli.options import ConfigFileOpt, FramesOpt, HeightOpt, WidthOpt, number
+from cogtune.cli.options import FramesOpt, HeightOpt, WidthOpt, number
 
 app = typer.Typer(help="Size and time training runs before you start them.", no_args_is_help=True)
 
@@ -23,6 +23,7 @@ ListOpt = Optional[str]
         "cogtune bench memory --model cogvideox-5b --method full --optimizer adamw-8bit,adamw-4bit-ao --estimate",
         "cogtune bench memory --model cogvideox-2b,cogvideox-5b --fp8 on,off --offload-activations on,off --estimate",
         "cogtune bench memory --model cogvideox-5b --rank 64 --measure --json measured.json",
+        "cogtune bench memory --config run.toml --data cache/disney --gpu-memory 24",
     ),
 )
 def memory(
@@ -59,10 +60,23 @@ def memory(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Steps per measured configuration. [default: 4]")]
     = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
-    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a markdown table (the seed's format).")]
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a markdown table: one row per configuration, memory in GiB.")]
     = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG chart.")] = None,
-    config_file: ConfigFileOpt = None,
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="Always on here: bench builds each preset's real architecture "
+                                                    "with random weights (nothing is downloaded).")
+    ] = False,
+    run_config: Annotated[
+        Optional[Path],
+        typer.Option("--config", help="A run's TOML (as `train --config` reads it): size exactly that run; grid "
+                                      "options then vary it.", show_default=False),
+    ] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option("--data", "-d", help="The run's cache: its buckets (the largest decides the peak) and "
+                                          "validation prompts. [default: the run's data]", show_default=False),
+    ] = None,
 ) -> None:
     """Peak GPU memory at the trainer's four moments (and step time) of a grid of configurations."""
     from cogtune.bench.cases import parse_list
@@ -83,7 +97,9 @@ def memory(
     def listed(text: str | None, kind: type, name: str) -> tuple | None:
         return tuple(parse_list(text, kind, name)) or None
 
-    config = load_config(BenchConfig, config_file, {
+    config = load_config(BenchConfig, None, {
+        "run_config": str(run_config) if run_config is not None else None,
+        "data": str(data) if data is not None else None,
         "models": listed(model, str, "model"), "methods": listed(method, str, "method"),
         "ranks": listed(rank, int, "rank"), "optimizers": listed(optimizer, str, "optimizer"),
         "gradient_checkpointing": listed(gradient_checkpointing, bool, "gradient-checkpointing"),

@@ -2,6 +2,7 @@
 
 Static scripts answer instantly and need no Python at completion time. `completions/` holds the
 generated files; a test regenerates them and fails when they are stale. Regenerate with
+`make completions`, which runs
 
     cogtune completion bash > completions/cogtune.bash
     cogtune completion zsh  > completions/_cogtune
@@ -11,6 +12,8 @@ generated files; a test regenerates them and fails when they are stale. Regenera
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -44,25 +47,37 @@ def _short_help(command) -> str:
     return text[0].rstrip(".") if text else ""
 
 
-def _is_path(param) -> bool:
-    # Typer 0.29 describes a parameter's Python type in `type_descriptor`; click-style params in `type`.
-    descriptor = getattr(param, "type_descriptor", None)
-    if descriptor is not None:
-        return getattr(descriptor, "annotation", None) is Path
-    return getattr(getattr(param, "type", None), "name", "") == "path"
+def _path_parameters(command) -> set[str]:
+    """Names of the command function's parameters annotated as `Path` (or `Path | None`).
+
+    Read from the function's signature (`command.callback`), as Typer itself reads it, rather than
+    from the parameter objects: how Typer describes a parameter's type there is not public.
+    """
+    callback = getattr(command, "callback", None)
+    if callback is None:
+        return set()
+    found = set()
+    for name, parameter in inspect.signature(callback, eval_str=True).parameters.items():
+        hint = parameter.annotation
+        if typing.get_origin(hint) is Annotated:
+            hint = typing.get_args(hint)[0]
+        if Path in (hint, *typing.get_args(hint)):
+            found.add(name)
+    return found
 
 
 def _walk(command, path: str, nodes: list[_Node]) -> None:
     options = []
+    path_parameters = _path_parameters(command)
     for param in command.params:
-        if getattr(param, "param_type_name", "") != "option" or getattr(param, "hidden", False):
+        names = [n for n in [*param.opts, *getattr(param, "secondary_opts", [])] if n.startswith("--")]
+        if not names or getattr(param, "hidden", False):  # an argument, or a hidden option
             continue
-        names = [n for n in [*param.opts, *param.secondary_opts] if n.startswith("--")]
         options.append(_Option(
             names=names,
             help=(param.help or "").split("[default")[0].strip().rstrip("."),
             takes_value=not param.is_flag,
-            is_path=_is_path(param),
+            is_path=param.name in path_parameters,
             is_model="--model" in names,
         ))
     options.append(_Option(["--help"], "Show the help and exit", False, False, False))
@@ -74,11 +89,16 @@ def _walk(command, path: str, nodes: list[_Node]) -> None:
             _walk(child, f"{path} {name}".strip(), nodes)
 
 
-def command_tree() -> list[_Node]:
-    from cogtune.cli.app import app
+def command_tree(root) -> list[_Node]:
+    """Every command path under `root` (a click-style command: `typer.main.get_command(app)`, or the
+    running command's `ctx.find_root().command`) with its subcommands and options.
 
+    Walks the public attributes Typer's command tree has (`commands`, `params`, `opts`, `is_flag`,
+    `hidden`, `help`, `callback`). Taking the root as an argument keeps this module below the app
+    that registers it (no import cycle).
+    """
     nodes: list[_Node] = []
-    _walk(typer.main.get_command(app), "", nodes)
+    _walk(root, "", nodes)
     return nodes
 
 
@@ -198,8 +218,8 @@ def _fish_quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def generate(shell: str) -> str:
-    nodes = command_tree()
+def generate(shell: str, root) -> str:
+    nodes = command_tree(root)
     return {"bash": _bash, "zsh": _zsh, "fish": _fish}[shell](nodes)
 
 
@@ -207,6 +227,7 @@ EPILOG = examples("cogtune completion bash > ~/.local/share/bash-completion/comp
 
 
 def completion(
+    ctx: typer.Context,
     shell: Annotated[str, typer.Argument(help="bash, zsh or fish.", show_default=False)],
 ) -> None:
     """Print a static completion script for SHELL.
@@ -217,4 +238,4 @@ def completion(
     """
     if shell not in SHELLS:
         raise typer.BadParameter(f"'{shell}' is not one of {', '.join(SHELLS)}", param_hint="SHELL")
-    typer.echo(generate(shell), nl=False)
+    typer.echo(generate(shell, ctx.find_root().command), nl=False)

@@ -8,22 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from cogtune.cli.common import dataset_overrides, examples
-from cogtune.cli.options import (
-    AllowOutsideRootOpt,
-    CaptionColumnOpt,
-    DataRootArg,
-    DatasetFileOpt,
-    FrameSamplingOpt,
-    FramesOpt,
-    HeightOpt,
-    IdTokenOpt,
-    ImageColumnOpt,
-    OptionalModelOpt,
-    SampleFpsOpt,
-    VideoColumnOpt,
-    WidthOpt,
-)
+from cogtune.cli.common import examples
+from cogtune.cli.options import DataRootArg, FramesOpt, HeightOpt, OptionalModelOpt, WidthOpt
+from cogtune.cli.settings import Overrides, settings_options
+from cogtune.data.dataset import DatasetConfig
 
 app = typer.Typer(help="Check datasets before training, and fetch them from the Hub.", no_args_is_help=True)
 
@@ -36,34 +24,25 @@ app = typer.Typer(help="Check datasets before training, and fetch them from the 
         "cogtune dataset validate data/ --dataset-file metadata.csv --caption-column text --video-column file",
     ),
 )
+@settings_options(DatasetConfig, exclude=("root", "resize_mode"))  # the root is an argument; no resizing here
 def validate(
     data_root: DataRootArg,
-    caption_column: CaptionColumnOpt = None,
-    video_column: VideoColumnOpt = None,
-    image_column: ImageColumnOpt = None,
-    dataset_file: DatasetFileOpt = None,
+    overrides: Overrides = None,
     frames: FramesOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
     model: OptionalModelOpt = None,
-    allow_outside_root: AllowOutsideRootOpt = False,
-    id_token: IdTokenOpt = None,
-    frame_sampling: FrameSamplingOpt = None,
-    sample_fps: SampleFpsOpt = None,
     deep: Annotated[bool, typer.Option("--deep", help="Decode every frame of every clip (slow, thorough).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Check a dataset: every problem with its file and line. Exit 0 when usable, 1 on errors."""
     from cogtune import report
     from cogtune.config import load_config
-    from cogtune.data.dataset import DatasetConfig
     from cogtune.data.validate import print_report, validate_dataset
     from cogtune.errors import ModelError
     from cogtune.models.loading import load_tokenizer, resolve_model
 
-    config = load_config(DatasetConfig, overrides=dataset_overrides(
-        data_root, caption_column, video_column, image_column, dataset_file, allow_outside_root, id_token,
-        frame_sampling, sample_fps, prefix=""))
+    config = load_config(DatasetConfig, overrides={**overrides, "root": str(data_root)})
     spec = tokenizer = None
     if model is not None:
         resolved = resolve_model(model)

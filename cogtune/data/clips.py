@@ -38,12 +38,17 @@ class Bucket:
     @classmethod
     def parse(cls, text: str) -> Bucket:
         match = _BUCKET.match(text)
-        if not match:
+        sizes = [int(g) for g in match.groups()] if match else []
+        if not sizes or 0 in sizes:
             raise DataError(f"bucket '{text}' is not FRAMESxHEIGHTxWIDTH (e.g. 49x480x720)")
-        return cls(*(int(g) for g in match.groups()))
+        return cls(*sizes)
 
     def __str__(self) -> str:
         return f"{self.frames}x{self.height}x{self.width}"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.frames, self.height, self.width
 
     @property
     def aspect(self) -> float:
@@ -151,12 +156,12 @@ def resize_frames(frames: np.ndarray, height: int, width: int, mode: ResizeMode 
     return (video / 127.5 - 1.0).clamp(-1.0, 1.0)
 
 
-def load_clip(path: str | Path, bucket: Bucket, mode: ResizeMode = "crop", info: VideoInfo | None = None,
+def load_clip(path: str | Path, bucket: Bucket, *, mode: ResizeMode = "crop", info: VideoInfo | None = None,
               sampling: FrameSampling = "uniform", target_fps: float | None = None):
     """The clip at `path` shaped to `bucket`: float (F, 3, H, W) in [-1, 1]."""
     info = info or probe_video(path)
     indices = frame_indices(info, bucket.frames, sampling, target_fps)
-    return resize_frames(read_frames(path, indices, info), bucket.height, bucket.width, mode, info.sar)
+    return resize_frames(read_frames(path, indices, info), bucket.height, bucket.width, mode=mode, sar=info.sar)
 
 
 def load_image(path: str | Path, height: int, width: int, mode: ResizeMode = "crop"):

@@ -20,12 +20,11 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from cogtune.config import setting
+from cogtune.config import check_settings, setting
 from cogtune.errors import ConfigError
 
 Severity = Literal["error", "warning"]
@@ -42,21 +41,29 @@ _IMAGE_ALIASES = ("image", "image_path", "condition_image", "first_frame")
 class DatasetConfig:
     """Where a dataset lives, how its files are named, and how clips are read from it."""
 
-    root: str = setting("", "Data root; entries are paths relative to it.")
-    caption_column: str = setting(DEFAULT_CAPTION_FILE, "Caption file (one per line), or the caption column of a dataset file.")
-    video_column: str = setting(DEFAULT_VIDEO_FILE, "Video-path file (one per line), or the video column of a dataset file.")
-    image_column: str | None = setting(None, "I2V: condition-image file or column; default: each clip's first frame.")
-    dataset_file: str | None = setting(None, "A CSV, JSON (list of objects) or JSONL table instead of the line files.")
-    allow_outside_root: bool = setting(False, "Accept entries that are absolute or point outside the data root.")
-    id_token: str | None = setting(None, "Token prepended to every caption (e.g. a trigger word).")
+    root: str = setting("", "Data root; entries are paths relative to it.", flag="--data-root", path=True)
+    caption_column: str = setting(DEFAULT_CAPTION_FILE, "Caption file (one per line), or the caption column of a dataset "
+                                  "file.", flag="--caption-column", metavar="FILE|COLUMN")
+    video_column: str = setting(DEFAULT_VIDEO_FILE, "Video-path file (one per line), or the video column of a dataset "
+                                "file.", flag="--video-column", metavar="FILE|COLUMN")
+    image_column: str | None = setting(None, "I2V: condition-image file or column; default: each clip's first frame.",
+                                       flag="--image-column", metavar="FILE|COLUMN")
+    dataset_file: str | None = setting(None, "A CSV, JSON (list of objects) or JSONL table instead of the line files.",
+                                       flag="--dataset-file", path=True)
+    allow_outside_root: bool = setting(False, "Accept entries that are absolute or point outside the data root.",
+                                       flag="--allow-outside-root")
+    id_token: str | None = setting(None, "Token prepended to every caption (e.g. a trigger word).", flag="--id-token")
     frame_sampling: Literal["uniform", "fps"] = setting(
-        "uniform", "Spread the frames over the whole clip, or take them at `sample_fps` from the clip's middle.")
-    sample_fps: float | None = setting(None, "Frame rate for frame_sampling = 'fps'; default: the model's.")
-    resize_mode: Literal["crop", "stretch"] = setting("crop", "Keep aspect ratio and center-crop, or stretch.")
+        "uniform", "uniform: spread the frames over the whole clip; fps: take them at the sample fps from the clip's "
+                   "middle.",
+        flag="--frame-sampling")
+    sample_fps: float | None = setting(None, "Frame rate of fps frame sampling; default: the model's.",
+                                       flag="--sample-fps", low=0, low_open=True)
+    resize_mode: Literal["crop", "stretch"] = setting("crop", "Keep aspect ratio and center-crop, or stretch.",
+                                                      flag="--resize-mode")
 
     def __post_init__(self) -> None:
-        if self.sample_fps is not None and not (math.isfinite(self.sample_fps) and self.sample_fps > 0):
-            raise ConfigError(f"sample_fps must be a finite number > 0, got {self.sample_fps}")
+        check_settings(self)
         if self.dataset_file is not None and Path(self.dataset_file).suffix.lower() not in (".csv", ".json", ".jsonl"):
             raise ConfigError(f"dataset file {self.dataset_file} must be .csv, .json or .jsonl")
 

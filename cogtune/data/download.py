@@ -15,7 +15,6 @@ import os
 import re
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -26,7 +25,6 @@ REPO_TYPES = ("dataset", "model", "space")
 RESUME_HINT = "re-run the same command to resume; files already downloaded are kept"
 LOGIN_HINT = "private or gated repos need `huggingface-cli login` or HF_TOKEN"
 NETWORK_HINT = "check the network connection, proxy settings and HF_ENDPOINT"
-POLL_SECONDS = 0.25
 
 _TOKEN_PATTERNS = (re.compile(r"\bhf_[A-Za-z0-9]{30,}"), re.compile(r"(?i)(bearer\s+)[^\s'\"),\]]+"))
 
@@ -61,6 +59,7 @@ class DownloadPlan:
 def download_dataset(
     repo_id: str,
     local_dir: str | Path,
+    *,
     repo_type: str = "dataset",
     revision: str | None = None,
     include: Sequence[str] | None = None,
@@ -74,11 +73,11 @@ def download_dataset(
     folder is not a usable dataset (after printing the validation report).
     """
     with _secrets_masked():
-        return _download_and_validate(repo_id, Path(local_dir).expanduser(), repo_type, revision, include, exclude,
-                                      max_workers, validate)
+        return _download_and_validate(repo_id, Path(local_dir).expanduser(), repo_type=repo_type, revision=revision,
+                                      include=include, exclude=exclude, max_workers=max_workers, validate=validate)
 
 
-def _download_and_validate(repo_id: str, local_dir: Path, repo_type: str, revision: str | None,
+def _download_and_validate(repo_id: str, local_dir: Path, *, repo_type: str, revision: str | None,
                            include: Sequence[str] | None, exclude: Sequence[str] | None, max_workers: int,
                            validate: bool) -> Path:
     if repo_type not in REPO_TYPES:
@@ -93,8 +92,9 @@ def _download_and_validate(repo_id: str, local_dir: Path, repo_type: str, revisi
     exclude_patterns = list(exclude) if exclude else None
 
     endpoint = _endpoint()
-    plan = _plan(repo_id, repo_type, revision, endpoint, include_patterns, exclude_patterns)
-    _fetch(plan, local_dir, include_patterns, exclude_patterns, max_workers)
+    plan = _plan(repo_id, repo_type=repo_type, revision=revision, endpoint=endpoint, include=include_patterns,
+                 exclude=exclude_patterns)
+    _fetch(plan, local_dir, include=include_patterns, exclude=exclude_patterns, max_workers=max_workers)
     if validate:
         _validate(local_dir)
     return local_dir
@@ -148,13 +148,13 @@ def _quiet_hub_library() -> None:
 # --- plan ------------------------------------------------------------------------------------
 
 
-def _plan(repo_id: str, repo_type: str, revision: str | None, endpoint: str, include: list[str] | None,
+def _plan(repo_id: str, *, repo_type: str, revision: str | None, endpoint: str, include: list[str] | None,
           exclude: list[str] | None) -> DownloadPlan:
     """Resolve the revision to a commit and list the selected files with their sizes."""
     from huggingface_hub import HfApi
     from huggingface_hub.utils import filter_repo_objects
 
-    placeholder = DownloadPlan(repo_id, repo_type, revision, "", endpoint, [])
+    placeholder = DownloadPlan(repo_id, repo_type=repo_type, revision=revision, commit="", endpoint=endpoint, files=[])
     with _hub_errors(placeholder, local_dir=None, during_transfer=False):
         api = HfApi(endpoint=endpoint, library_name="cogtune", library_version=__version__)
         info = api.repo_info(repo_id, repo_type=repo_type, revision=revision, files_metadata=True)
@@ -182,45 +182,50 @@ def _patterns_text(include: list[str] | None, exclude: list[str] | None) -> str:
 # --- transfer --------------------------------------------------------------------------------
 
 
-def _fetch(plan: DownloadPlan, local_dir: Path, include: list[str] | None, exclude: list[str] | None,
+class _Cancelled(Exception):
+    """Raised from a progress update once the user asked to stop: it ends that file's transfer."""
+
+
+def _fetch(plan: DownloadPlan, local_dir: Path, *, include: list[str] | None, exclude: list[str] | None,
            max_workers: int) -> None:
-    """Run `snapshot_download` in a worker thread while this thread draws the progress bar."""
+    """Run `snapshot_download` in a worker thread; this thread waits, and stops it on Ctrl-C.
+
+    Progress comes from huggingface_hub's public `tqdm_class` hook (see `_TransferProgress`); Ctrl-C
+    makes the next progress update raise in every transfer thread, so in-flight files stop at their
+    next chunk and huggingface_hub cleans up after them as after any failed download.
+    """
     from huggingface_hub import snapshot_download
 
-    tally = _DiskTally(local_dir, plan.files)
-    already = tally.complete_files()
-    at_start = tally.bytes_done()
+    already, at_start = _finished_files(local_dir, plan.files)
     total = plan.total_bytes
     skipped = f", {already} already here" if already else ""
     report.info(f"downloading {plan.label} @ {plan.commit[:10]}: {len(plan.files)} files"
                 f" ({_size_text(total)}){skipped} into {local_dir}")
 
     failure: list[BaseException] = []
-
-    def transfer() -> None:
-        try:
-            snapshot_download(plan.repo_id, repo_type=plan.repo_type, revision=plan.commit, local_dir=local_dir,
-                              allow_patterns=include, ignore_patterns=exclude, endpoint=plan.endpoint,
-                              max_workers=max_workers, library_name="cogtune", library_version=__version__)
-        except BaseException as exc:  # handed to the main thread, which turns it into one line
-            failure.append(exc)
-
-    worker = threading.Thread(target=transfer, name="cogtune-download", daemon=True)
-    interrupted = False
     with _hub_errors(plan, local_dir, during_transfer=True), _hub_progress_bars_hidden(), \
             report.byte_progress("downloading", total=total, completed=at_start) as bar:
+        progress = _TransferProgress(bar, at_start)
+
+        def transfer() -> None:
+            try:
+                snapshot_download(plan.repo_id, repo_type=plan.repo_type, revision=plan.commit, local_dir=local_dir,
+                                  allow_patterns=include, ignore_patterns=exclude, endpoint=plan.endpoint,
+                                  max_workers=max_workers, tqdm_class=progress.tqdm_class(),
+                                  library_name="cogtune", library_version=__version__)
+            except BaseException as exc:  # handed to the main thread, which turns it into one line
+                failure.append(exc)
+
+        worker = threading.Thread(target=transfer, name="cogtune-download", daemon=True)
         worker.start()
         try:
-            while worker.is_alive():
-                worker.join(POLL_SECONDS)
-                bar.update(completed=tally.bytes_done())
-        except KeyboardInterrupt:
-            interrupted = True
-        if failure and not interrupted:
+            worker.join()
+        except KeyboardInterrupt as exc:
+            progress.cancel()
+            worker.join()
+            raise DataError(f"download of {plan.label} interrupted", hint=RESUME_HINT) from exc
+        if failure:
             raise failure[0]
-    if interrupted:
-        tally.discard_unresumable_partials()
-        _exit_now(f"download of {plan.label} interrupted", RESUME_HINT)
 
     missing = [f.path for f in plan.files if not (local_dir / f.path).is_file()]
     if missing:
@@ -230,17 +235,9 @@ def _fetch(plan: DownloadPlan, local_dir: Path, include: list[str] | None, exclu
     report.success(f"downloaded {plan.label}: {len(plan.files)} files ({_size_text(total)}) in {local_dir}")
 
 
-def _exit_now(message: str, hint: str) -> None:
-    """Report and leave at once: transfer threads cannot be cancelled, and waiting for them at exit
-    would keep the process alive after Ctrl-C until every file in flight is done."""
-    report.error(message, hint)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-
-
 @contextlib.contextmanager
 def _hub_progress_bars_hidden() -> Iterator[None]:
+    """Any bar huggingface_hub would draw itself (not through `tqdm_class`) stays off: cogtune draws one bar."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     if are_progress_bars_disabled():
@@ -253,81 +250,65 @@ def _hub_progress_bars_hidden() -> Iterator[None]:
         enable_progress_bars()
 
 
-class _DiskTally:
-    """Bytes of the planned files on disk: finished files plus huggingface_hub's `.incomplete` parts.
+def _finished_files(local_dir: Path, files: list[RemoteFile]) -> tuple[int, int]:
+    """How many of `files` are already in `local_dir` at their full size, and their bytes."""
+    count = size_total = 0
+    for remote in files:
+        try:
+            size = (local_dir / remote.path).stat().st_size
+        except OSError:
+            continue
+        if remote.size is None or size == remote.size:
+            count += 1
+            size_total += size
+    return count, size_total
 
-    Finished files are stat'ed until they are complete, then counted without looking again, so a
-    poll stays cheap on repositories with many files.
+
+class _TransferProgress:
+    """Feeds cogtune's byte bar from the progress bars huggingface_hub creates with our `tqdm_class`.
+
+    huggingface_hub reports every chunk of every file to byte bars (unit "B": in 2.x one for bytes
+    received and one for bytes written, which a plain HTTP download updates by the same amounts), so
+    the bar shows the larger of their counts; the file-count bar (unit "it") is ignored.
     """
 
-    def __init__(self, local_dir: Path, files: list[RemoteFile]):
-        self.local_dir = local_dir
-        self.started = time.time()
-        self.pending = list(files)
-        self.finished_bytes = 0
-        self.finished_count = 0
-        self.partial_folders = sorted({(local_dir / ".cache" / "huggingface" / "download" / f.path).parent
-                                       for f in files})
+    def __init__(self, bar: report.ProgressBar, at_start: int):
+        self.bar = bar
+        self.at_start = at_start
+        self.byte_counts: dict[int, float] = {}
+        self.cancelled = threading.Event()
+        self._lock = threading.Lock()
 
-    def complete_files(self) -> int:
-        self._collect_finished()
-        return self.finished_count
+    def cancel(self) -> None:
+        self.cancelled.set()
 
-    def bytes_done(self) -> int:
-        self._collect_finished()
-        in_progress = sum(self._partial_bytes(folder) for folder in self.partial_folders)
-        return self.finished_bytes + in_progress
+    def tqdm_class(self) -> type:
+        from huggingface_hub.utils import tqdm as hub_tqdm
 
-    def _collect_finished(self) -> None:
-        still_pending = []
-        for remote in self.pending:
-            try:
-                size = (self.local_dir / remote.path).stat().st_size
-            except OSError:
-                still_pending.append(remote)
-                continue
-            if remote.size is None or size == remote.size:
-                self.finished_bytes += size
-                self.finished_count += 1
-            else:
-                still_pending.append(remote)
-        self.pending = still_pending
+        progress = self
 
-    def discard_unresumable_partials(self) -> None:
-        """Delete this run's partial files that no later run can resume.
+        class _Bar(hub_tqdm):
+            """Draws nothing itself: byte updates go to `progress`, and raise once it is cancelled."""
 
-        huggingface_hub 2.x names them `<hash>.<etag>.<8 hex>.incomplete`, unique to one process (it
-        deletes them itself on errors, but not when the process is cut short); older versions use a
-        stable `<hash>.<etag>.incomplete` that the next run resumes, so those are kept.
-        """
-        for folder in self.partial_folders:
-            for partial in self._partials(folder):
-                parts = partial.name.split(".")
-                if len(parts) == 4 and re.fullmatch(r"[0-9a-f]{8}", parts[2]):
-                    with contextlib.suppress(OSError):
-                        os.unlink(partial.path)
+            def __init__(self, *args, **kwargs):
+                kwargs["disable"] = True
+                self.counts_bytes = kwargs.get("unit") == "B"
+                super().__init__(*args, **kwargs)
 
-    def _partials(self, folder: Path) -> list[os.DirEntry[str]]:
-        """The `.incomplete` files in `folder` written during this run (older ones: a killed run's leftovers)."""
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            return []
-        found = []
-        for entry in entries:
-            if not entry.name.endswith(".incomplete"):
-                continue
-            with contextlib.suppress(OSError):
-                if entry.stat().st_mtime >= self.started - 1:
-                    found.append(entry)
-        return found
+            def update(self, n: float | None = 1) -> None:
+                self.n += n or 0
+                if self.counts_bytes:
+                    if progress.cancelled.is_set():  # called from inside a file's transfer: this stops it
+                        raise _Cancelled("download cancelled")
+                    progress.count(self)
 
-    def _partial_bytes(self, folder: Path) -> int:
-        total = 0
-        for partial in self._partials(folder):
-            with contextlib.suppress(OSError):
-                total += partial.stat().st_size
-        return total
+        return _Bar
+
+    def count(self, source) -> None:
+        with self._lock:
+            self.byte_counts[id(source)] = source.n
+            completed = self.at_start + max(self.byte_counts.values())
+        self.bar.update(completed=completed)
 
 
 def _size_text(size: int | None) -> str:

@@ -70,8 +70,8 @@ def _run(args: Sequence[str], binary: bool = False) -> subprocess.CompletedProce
     try:
         return subprocess.run([exe, "-hide_banner", "-nostdin", *args], capture_output=True, timeout=_TIMEOUT_S,
                               text=not binary, **({} if binary else {"errors": "replace"}))
-    except subprocess.TimeoutExpired:
-        raise FfmpegFailure("unreadable-video", f"reading it took over {_TIMEOUT_S} s") from None
+    except subprocess.TimeoutExpired as exc:
+        raise FfmpegFailure("unreadable-video", f"reading it took over {_TIMEOUT_S} s") from exc
 
 
 def _detail(stderr: str) -> str:

@@ -58,6 +58,7 @@ def caption_for(shape: str, color: str, direction: str) -> str:
 
 def make_synthetic_dataset(
     root: str | Path,
+    *,
     count: int = 6,
     frames: int = 17,
     height: int = 64,
@@ -73,7 +74,7 @@ def make_synthetic_dataset(
     combos = [all_combos[(i * 7) % len(all_combos)] for i in range(count)]
     for index, (color, shape, direction) in enumerate(combos):
         relative = f"videos/clip_{index:03d}.mp4"
-        write_video(root / relative, render_clip(shape, color, direction, frames, height, width), fps=fps)
+        write_video(root / relative, render_clip(shape, color, direction, frames=frames, height=height, width=width), fps=fps)
         captions.append(caption_for(shape, color, direction))
         videos.append(relative)
     atomic_write_text(root / "prompts.txt", "\n".join(captions) + "\n")

@@ -105,6 +105,7 @@ def _probe(entry: Entry, deep: bool) -> tuple[Entry, VideoInfo | None, VideoRead
 
 def validate_dataset(
     config: DatasetConfig,
+    *,
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -156,7 +157,8 @@ def validate_dataset(
                 continue
             assert info is not None
             infos[entry.index] = info
-            for problem in _check_clip(entry, info, min_frames, height, width, config, target_fps):
+            for problem in _check_clip(entry, info, min_frames=min_frames, height=height, width=width, config=config,
+                                       target_fps=target_fps):
                 flag(entry, problem)
             if entry.image is not None:
                 for problem in _check_image(entry):
@@ -172,7 +174,7 @@ def validate_dataset(
                             entries, infos, bad)
 
 
-def _check_clip(entry: Entry, info: VideoInfo, min_frames: int, height: int | None, width: int | None,
+def _check_clip(entry: Entry, info: VideoInfo, *, min_frames: int, height: int | None, width: int | None,
                 config: DatasetConfig, target_fps: float | None) -> list[Problem]:
     found = []
 

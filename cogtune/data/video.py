@@ -21,9 +21,6 @@ from cogtune.errors import DataError, StorageError
 from cogtune.fsutil import atomic_path
 from cogtune.quiet import debug_enabled, muted_native_stderr
 
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
 
 @dataclasses.dataclass(frozen=True)
 class VideoInfo:
@@ -90,12 +87,12 @@ def _check_file(path: Path) -> None:
     try:
         with open(path, "rb") as handle:
             handle.read(1)
-    except PermissionError:
+    except PermissionError as exc:
         raise VideoReadError(f"{path}: permission denied: the file cannot be read (check its permissions)",
-                             "permission-denied") from None
+                             "permission-denied") from exc
     except OSError as exc:
         raise VideoReadError(f"{path}: the file cannot be read ({exc.strerror or 'I/O error'})",
-                             "unreadable-video") from None
+                             "unreadable-video") from exc
     if path.stat().st_size == 0:
         raise VideoReadError(f"{path}: file is empty (0 bytes)", "empty-video")
 
@@ -137,7 +134,7 @@ def _open_reader(path: Path, codec: str | None = None):
         with muted_native_stderr():
             return decord.VideoReader(str(path), num_threads=1)
     except Exception as exc:  # decord raises its own DECORDError (or RuntimeError) for every container problem
-        raise _decord_failure(path, str(exc), codec) from None
+        raise _decord_failure(path, str(exc), codec) from exc
 
 
 def _stream_info(path: Path) -> tuple[ffprobe.StreamInfo | None, ffprobe.FfmpegFailure | None]:
@@ -170,10 +167,10 @@ def probe_video(path: str | Path) -> VideoInfo:
     stream, stream_failure = _stream_info(path)
     try:
         return _probe_decord(path, stream)
-    except VideoReadError:
+    except VideoReadError as exc:
         if stream is None:
             if stream_failure is not None:
-                raise VideoReadError(f"{path}: {stream_failure.reason}", stream_failure.code) from None
+                raise VideoReadError(f"{path}: {stream_failure.reason}", stream_failure.code) from exc
             raise
         return _probe_ffmpeg(path, stream)
 
@@ -188,7 +185,7 @@ def _probe_decord(path: Path, stream: ffprobe.StreamInfo | None) -> VideoInfo:
             first = reader[0].asnumpy()
             last = reader[frames - 1].asnumpy() if frames > 1 else first
     except Exception as exc:  # the last frame fails: cut short, or one of decord's bugs (ffmpeg is tried next)
-        raise _decord_failure(path, str(exc)) from None
+        raise _decord_failure(path, str(exc)) from exc
     expected = (stream.height, stream.width) if stream is not None else first.shape[:2]
     for frame in (first, last):
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[:2] != tuple(expected):
@@ -210,7 +207,7 @@ def _probe_ffmpeg(path: Path, stream: ffprobe.StreamInfo) -> VideoInfo:
         ffprobe.decode(path, [0], stream)
     except ffprobe.FfmpegFailure as failure:
         raise VideoReadError(f"{path}: cannot decode its '{stream.codec}' video stream ({failure.reason})",
-                             failure.code) from None
+                             failure.code) from failure
     # A full decode, into checksums only: seeking near the end is unreliable across containers, and
     # clips that need ffmpeg (AV1, GIF) are few.
     decoded = ffprobe.decoded_frame_count(path)
@@ -251,7 +248,7 @@ def read_frames(path: str | Path, indices: Sequence[int], info: VideoInfo | None
         stream = ffprobe.stream_info(path)
         return ffprobe.decode(path, indices, stream)
     except ffprobe.FfmpegFailure as exc:
-        raise VideoReadError(f"{path}: cannot decode frames ({exc.reason})", exc.code) from None
+        raise VideoReadError(f"{path}: cannot decode frames ({exc.reason})", exc.code) from exc
 
 
 def count_decodable_frames(path: str | Path, chunk: int = 32, info: VideoInfo | None = None) -> int:
@@ -269,9 +266,9 @@ def count_decodable_frames(path: str | Path, chunk: int = 32, info: VideoInfo | 
         try:
             with muted_native_stderr():
                 reader.get_batch(list(range(start, min(start + chunk, total))))
-        except Exception:
+        except Exception as exc:
             raise VideoReadError(f"{path}: frame {start} or after cannot be decoded (the file is damaged)",
-                                 "unreadable-video") from None
+                                 "unreadable-video") from exc
     return total
 
 

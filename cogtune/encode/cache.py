@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from cogtune.data.clips import Bucket
 from cogtune.errors import DataError
 from cogtune.fsutil import atomic_path
 from cogtune.models.registry import ModelSpec
@@ -170,7 +171,7 @@ class VideoLatentCache:
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{manifest_path}: not valid JSON ({exc})") from None
+            raise DataError(f"{manifest_path}: not valid JSON ({exc})") from exc
         if not isinstance(manifest, dict):
             raise DataError(f"{manifest_path} is not a cogtune cache manifest ({_json_kind(manifest)} at the top "
                             "level, not an object)")
@@ -251,6 +252,13 @@ class VideoLatentCache:
         return bool(self.manifest.get("i2v"))
 
     @property
+    def bucket_shapes(self) -> list[tuple[int, int, int]]:
+        """(frames, height, width) of each bucket, in the manifest's order."""
+        from cogtune.data.clips import Bucket
+
+        return [Bucket.parse(bucket).shape for bucket in self.buckets]
+
+    @property
     def validation_prompts(self) -> list[str]:
         return list(self.manifest.get("validation_prompts", []))
 
@@ -291,10 +299,10 @@ class VideoLatentCache:
                     raise self._bad_file(path, index, f"is {size} bytes, the manifest recorded {record['bytes']}")
         try:
             tensors = load_file(str(path))
-        except FileNotFoundError:
-            raise DataError(f"cache file {path} is missing; re-run `cogtune encode` on this cache") from None
+        except FileNotFoundError as exc:
+            raise DataError(f"cache file {path} is missing; re-run `cogtune encode` on this cache") from exc
         except Exception as exc:
-            raise DataError(f"cache file {path} is unreadable ({exc}); re-run `cogtune encode --overwrite`") from None
+            raise DataError(f"cache file {path} is unreadable ({exc}); re-run `cogtune encode --overwrite`") from exc
         if first:
             self._verify(path, relative, tensors, record, index)
             with self._lock:
@@ -326,9 +334,8 @@ class VideoLatentCache:
         if index is not None and relative == self.items[index]["latent_file"]:
             bucket = _parse_bucket(self.items[index]["bucket"])
             if bucket and all(isinstance(v, int) and v > 0 for v in (channels, spatial, temporal)):
-                frames, height, width_px = bucket
-                h, w = height // spatial, width_px // spatial
-                shapes["latent_dist"] = (2 * channels, (frames - 1) // temporal + 1, h, w)
+                h, w = bucket.height // spatial, bucket.width // spatial
+                shapes["latent_dist"] = (2 * channels, (bucket.frames - 1) // temporal + 1, h, w)
                 if self.has_image_latents:
                     shapes["image_latent_dist"] = (2 * channels, 1, h, w)
                     samples = (manifest.get("image_augmentation") or {}).get("noised_samples")
@@ -433,13 +440,14 @@ def _json_kind(value: Any) -> str:
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _parse_bucket(text: Any) -> tuple[int, int, int] | None:
+def _parse_bucket(text: Any) -> Bucket | None:
+    """The bucket a manifest names, or None when the value is not one."""
     if not isinstance(text, str):
         return None
-    parts = text.split("x")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    try:
+        return Bucket.parse(text)
+    except DataError:
         return None
-    return int(parts[0]), int(parts[1]), int(parts[2])
 
 
 def _shape(shape: Any) -> str:

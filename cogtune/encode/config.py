@@ -1,47 +1,57 @@
-"""Settings of one `cogtune encode` run."""
+"""Settings of one `cogtune encode` run: written as `config.toml` into the cache, and reproducing it."""
 
 from __future__ import annotations
 
 import dataclasses
-from cogtune.config import section, setting
-from cogtune.data.clips import Bucket
+
+from cogtune.config import MODEL_HELP, check_settings, require, section, setting
 from cogtune.data.dataset import DatasetConfig
 from cogtune.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class EncodeConfig:
-    model: str = setting("", "MODEL: a preset, tiny preset, Hub id or local diffusers folder.")
-    output_dir: str = setting("", "Cache folder to write (created; finished items are kept).")
+    model: str = setting("", MODEL_HELP, flag="--model", short="-m", metavar="MODEL")
+    output_dir: str = setting("", "Cache folder to write (created; finished items are kept).", flag="--output-dir",
+                              short="-o", path=True)
     data: DatasetConfig = section(DatasetConfig, "The dataset to encode.")
-    buckets: tuple[str, ...] = setting((), "Clip shapes FxHxW; default: the model's default frames x height x width.")
-    batch_size: int = setting(1, "Clips per VAE call (within one bucket).")
-    i2v: bool | None = setting(None, "Also encode the condition image; default: when the model is I2V.")
+    buckets: tuple[str, ...] = setting(
+        (), "Clip shapes FxHxW; each clip takes the nearest. Default: one bucket of frames x height x width.",
+        flag="--buckets", metavar="FxHxW")
+    frames: int | None = setting(None, "Frames per clip when no buckets are given; default: the model's.",
+                                 flag="--frames", short="-F", low=1)
+    height: int | None = setting(None, "Clip height in pixels when no buckets are given; default: the model's.",
+                                 flag="--height", short="-H", low=1)
+    width: int | None = setting(None, "Clip width in pixels when no buckets are given; default: the model's.",
+                                flag="--width", short="-W", low=1)
+    batch_size: int = setting(1, "Clips per VAE call (within one bucket).", flag="--batch-size", low=1)
+    i2v: bool | None = setting(None, "Also encode the condition image; default: when the model is I2V.", flag="--i2v")
     image_noise_samples: int = setting(
-        4, "I2V: noisy encodes of each condition image (CogVideoX's pixel-noise augmentation); 0: clean only.")
-    validation_prompts: tuple[str, ...] = setting((), "Prompts whose embeddings are cached for validation.")
-    random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).")
-    vae_slicing: bool = setting(False, "Encode a batch one clip at a time inside the VAE.")
-    vae_tiling: bool = setting(False, "Encode frames in spatial tiles (less memory for large clips).")
-    num_workers: int = setting(2, "Decoding worker processes that overlap with encoding.")
-    overwrite: bool = setting(False, "Recompute items that are already cached.")
-    skip_invalid: bool = setting(False, "Encode the entries without errors instead of stopping at the first error.")
+        4, "I2V: noisy encodes of each condition image (CogVideoX's pixel-noise augmentation); 0: clean only.",
+        flag="--image-noise-samples", low=0)
+    validation_prompts: tuple[str, ...] = setting((), "Prompts whose embeddings are cached for validation.",
+                                                  flag="--validation-prompt")
+    random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).",
+                                   flag="--random-weights")
+    vae_slicing: bool = setting(False, "Encode a batch one clip at a time inside the VAE.", flag="--vae-slicing")
+    vae_tiling: bool = setting(False, "Encode frames in spatial tiles (less memory for large clips).",
+                               flag="--vae-tiling")
+    num_workers: int = setting(2, "Decoding worker processes that overlap with encoding.", flag="--num-workers", low=0)
+    overwrite: bool = setting(False, "Recompute items that are already cached.", flag="--overwrite")
+    skip_invalid: bool = setting(False, "Encode the entries without errors instead of stopping at the first error.",
+                                 flag="--skip-invalid")
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ConfigError("model is required")
-        if not self.output_dir:
-            raise ConfigError("output_dir is required")
+        require(self, "model", "output_dir")
         if not self.data.root:
-            raise ConfigError("data.root is required")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.image_noise_samples < 0:
-            raise ConfigError(f"image_noise_samples must be >= 0, got {self.image_noise_samples}")
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise ConfigError("data.root is required (--data-root, or `root = ...` under [data] in the --config file)")
+        check_settings(self)
+        if self.buckets and (self.frames, self.height, self.width) != (None, None, None):
+            raise ConfigError("buckets and frames/height/width exclude each other: a bucket is FxHxW")
+        from cogtune.data.clips import Bucket  # numpy: kept out of the command line's imports
+
         try:
             for bucket in self.buckets:
                 Bucket.parse(bucket)
         except Exception as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(str(exc)) from exc

@@ -83,20 +83,20 @@ class EncodePlan:
         return total
 
 
-def default_buckets(config: EncodeConfig, model: ResolvedModel, frames: int | None, height: int | None,
-                    width: int | None) -> list[Bucket]:
+def default_buckets(config: EncodeConfig, model: ResolvedModel) -> list[Bucket]:
+    """The config's buckets, or one of its frames x height x width (each defaulting to the model's)."""
     if config.buckets:
         return sorted({Bucket.parse(b) for b in config.buckets})
     spec = model.spec
-    return [Bucket(frames or spec.default_frames, height or spec.default_height, width or spec.default_width)]
+    return [Bucket(config.frames or spec.default_frames, config.height or spec.default_height,
+                   config.width or spec.default_width)]
 
 
-def plan_encode(config: EncodeConfig, frames: int | None = None, height: int | None = None,
-                width: int | None = None) -> EncodePlan:
+def plan_encode(config: EncodeConfig) -> EncodePlan:
     """Resolve, validate and work out what is left to do; loads no weights."""
     model = resolve_model(config.model, random_weights=config.random_weights)
     spec = model.spec
-    buckets = default_buckets(config, model, frames, height, width)
+    buckets = default_buckets(config, model)
     spec.check_clip_shapes({f"bucket {b}": (b.frames, b.height, b.width) for b in buckets})
     i2v = spec.is_i2v if config.i2v is None else config.i2v
 
@@ -215,8 +215,9 @@ class _ClipDataset:
 
     def _load(self, position: int) -> dict[str, Any]:
         item = self.items[position]
-        pixels = load_clip(item.entry.video, item.bucket, self.data.resize_mode, self.infos.get(item.entry.index),
-                           self.data.frame_sampling, self.target_fps)
+        pixels = load_clip(item.entry.video, item.bucket, mode=self.data.resize_mode,
+                           info=self.infos.get(item.entry.index), sampling=self.data.frame_sampling,
+                           target_fps=self.target_fps)
         sample: dict[str, Any] = {"position": position, "pixels": pixels}
         if self.i2v:
             if item.entry.image is not None:
@@ -224,7 +225,7 @@ class _ClipDataset:
                     sample["image"] = load_image(item.entry.image, item.bucket.height, item.bucket.width,
                                                  self.data.resize_mode)
                 except OSError as exc:
-                    raise DataError(f"condition image {item.entry.image_ref} cannot be read ({exc})") from None
+                    raise DataError(f"condition image {item.entry.image_ref} cannot be read ({exc})") from exc
             else:
                 sample["image"] = pixels[0]
         return sample
@@ -287,18 +288,16 @@ def _bucket_batches(items: list[PlannedItem], batch_size: int) -> list[list[int]
     return batches
 
 
-def encode_dataset(config: EncodeConfig, frames: int | None = None, height: int | None = None,
-                   width: int | None = None, dry_run: bool = False) -> EncodePlan:
+def encode_dataset(config: EncodeConfig, dry_run: bool = False) -> EncodePlan:
     """Encode (or finish encoding) a dataset into the cache at `config.output_dir`, one run at a time."""
     if dry_run:
-        return _encode_dataset(config, frames, height, width, dry_run)
+        return _encode_dataset(config, dry_run)
     # A second encode into the same cache is refused, naming the first; only a launch's main process locks.
     with OutputLock(config.output_dir, main=is_main_launch_process()):
-        return _encode_dataset(config, frames, height, width, dry_run)
+        return _encode_dataset(config, dry_run)
 
 
-def _encode_dataset(config: EncodeConfig, frames: int | None = None, height: int | None = None,
-                    width: int | None = None, dry_run: bool = False) -> EncodePlan:
+def _encode_dataset(config: EncodeConfig, dry_run: bool = False) -> EncodePlan:
     """Encode (or finish encoding) a dataset into the cache at `config.output_dir`.
 
     Under `torchrun`/`accelerate launch` every process plans the same work, takes every N-th
@@ -311,7 +310,7 @@ def _encode_dataset(config: EncodeConfig, frames: int | None = None, height: int
 
     state = process_state()
     report.set_main_process(state.is_main_process)
-    plan = plan_encode(config, frames, height, width)
+    plan = plan_encode(config)
     print_plan(plan)
     if dry_run:
         return plan

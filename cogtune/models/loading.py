@@ -45,10 +45,6 @@ class ResolvedModel:
     location: str | None  # folder or Hub id; None for random weights
     revision: str | None = None
 
-    @property
-    def is_i2v(self) -> bool:
-        return self.spec.is_i2v
-
     def describe(self) -> dict[str, Any]:
         return {
             "reference": self.reference,
@@ -98,10 +94,10 @@ def resolve_model(reference: str, random_weights: bool = False, revision: str | 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path} is missing; is this a diffusers CogVideoX folder?") from None
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path} is missing; is this a diffusers CogVideoX folder?") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+        raise ModelError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def _spec_from_folder(path: Path) -> ModelSpec:
@@ -150,7 +146,7 @@ def _spec_from_hub(repo_id: str, revision: str | None) -> ModelSpec:
             raise ModelError(
                 f"could not read {filename} of '{repo_id}' from the Hugging Face Hub: {_first_line(exc)}",
                 hint=_OFFLINE_HINT.format(id=repo_id),
-            ) from None
+            ) from exc
 
     index = fetch("model_index.json")
     if "CogVideoX" not in str(index.get("_class_name", "")):
@@ -203,7 +199,7 @@ def _from_pretrained(model: ResolvedModel, cls: Any, subfolder: str, **kwargs: A
         return cls.from_pretrained(model.location, subfolder=subfolder, revision=model.revision, **kwargs)
     except Exception as exc:
         hint = _OFFLINE_HINT.format(id=model.location) if model.source == "hub" else None
-        raise ModelError(f"could not load the {subfolder} of '{model.reference}': {_first_line(exc)}", hint) from None
+        raise ModelError(f"could not load the {subfolder} of '{model.reference}': {_first_line(exc)}", hint) from exc
 
 
 def materialize_random_(module, device: Any, dtype: Any, seed: int = 0, initialize: bool = True):

@@ -66,7 +66,7 @@ def needs_learned_positions_dropped(spec: ModelSpec, shapes: list[tuple[int, int
     """True when a model with learned positional embeddings must see another resolution (or more frames).
 
     diffusers refuses other resolutions outright; more latent frames than the table holds would
-    read past it. (The factory's issue #26: 5b-I2V trained on several resolutions.)
+    read past it. Training 5b-I2V on several resolutions needs this.
     """
     if not spec.learned_positional_embeddings:
         return False

@@ -357,7 +357,7 @@ _T5_XXL = {
 }
 
 
-def _preset(name: str, hub_id: str, transformer: dict, vae: dict, scheduler: dict, dtype: str, frames: int,
+def _preset(name: str, hub_id: str, *, transformer: dict, vae: dict, scheduler: dict, dtype: str, frames: int,
             height: int, width: int, fps: int) -> ModelSpec:
     return ModelSpec(
         name=name,
@@ -377,14 +377,16 @@ def _preset(name: str, hub_id: str, transformer: dict, vae: dict, scheduler: dic
 PRESETS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        _preset("cogvideox-2b", "THUDM/CogVideoX-2b", _TRANSFORMER_2B, _VAE_2B, _SCHEDULER_2B, "float16", 49, 480, 720, 8),
-        _preset("cogvideox-5b", "THUDM/CogVideoX-5b", _TRANSFORMER_5B, _VAE_5B, _SCHEDULER_5B, "bfloat16", 49, 480, 720, 8),
-        _preset("cogvideox-5b-i2v", "THUDM/CogVideoX-5b-I2V", _TRANSFORMER_5B_I2V, _VAE_5B, _SCHEDULER_5B, "bfloat16", 49,
-                480, 720, 8),
-        _preset("cogvideox1.5-5b", "THUDM/CogVideoX1.5-5B", _TRANSFORMER_15_5B, _VAE_15, _SCHEDULER_5B, "bfloat16", 81,
-                768, 1360, 16),
-        _preset("cogvideox1.5-5b-i2v", "THUDM/CogVideoX1.5-5B-I2V", _TRANSFORMER_15_5B_I2V, _VAE_15, _SCHEDULER_5B,
-                "bfloat16", 81, 768, 1360, 16),
+        _preset("cogvideox-2b", "THUDM/CogVideoX-2b", transformer=_TRANSFORMER_2B, vae=_VAE_2B,
+                scheduler=_SCHEDULER_2B, dtype="float16", frames=49, height=480, width=720, fps=8),
+        _preset("cogvideox-5b", "THUDM/CogVideoX-5b", transformer=_TRANSFORMER_5B, vae=_VAE_5B,
+                scheduler=_SCHEDULER_5B, dtype="bfloat16", frames=49, height=480, width=720, fps=8),
+        _preset("cogvideox-5b-i2v", "THUDM/CogVideoX-5b-I2V", transformer=_TRANSFORMER_5B_I2V, vae=_VAE_5B,
+                scheduler=_SCHEDULER_5B, dtype="bfloat16", frames=49, height=480, width=720, fps=8),
+        _preset("cogvideox1.5-5b", "THUDM/CogVideoX1.5-5B", transformer=_TRANSFORMER_15_5B, vae=_VAE_15,
+                scheduler=_SCHEDULER_5B, dtype="bfloat16", frames=81, height=768, width=1360, fps=16),
+        _preset("cogvideox1.5-5b-i2v", "THUDM/CogVideoX1.5-5B-I2V", transformer=_TRANSFORMER_15_5B_I2V, vae=_VAE_15,
+                scheduler=_SCHEDULER_5B, dtype="bfloat16", frames=81, height=768, width=1360, fps=16),
     )
 }
 
@@ -437,7 +439,7 @@ _TINY_T5 = {
 }
 
 
-def _tiny(name: str, transformer: dict, vae: dict, scheduler: dict, fps: int) -> ModelSpec:
+def _tiny(name: str, *, transformer: dict, vae: dict, scheduler: dict, fps: int) -> ModelSpec:
     return ModelSpec(
         name=name,
         hub_id=None,
@@ -460,13 +462,15 @@ _TINY_15 = {**_TINY_ROTARY, "patch_size_t": 2, "patch_bias": False, "sample_heig
 TINY_PRESETS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        _tiny("tiny", _TINY_TRANSFORMER, _TINY_VAE, _SCHEDULER_2B, 8),
-        _tiny("tiny-rotary", _TINY_ROTARY, {**_TINY_VAE, "scaling_factor": 0.7}, _SCHEDULER_5B, 8),
-        _tiny("tiny-i2v", {**_TINY_ROTARY, "in_channels": 8, "use_learned_positional_embeddings": True},
-              {**_TINY_VAE, "scaling_factor": 0.7}, _SCHEDULER_5B, 8),
-        _tiny("tiny-1.5", _TINY_15, {**_TINY_VAE, "scaling_factor": 0.7, "invert_scale_latents": True}, _SCHEDULER_5B, 16),
-        _tiny("tiny-1.5-i2v", {**_TINY_15, "in_channels": 8, "ofs_embed_dim": 16},
-              {**_TINY_VAE, "scaling_factor": 0.7, "invert_scale_latents": True}, _SCHEDULER_5B, 16),
+        _tiny("tiny", transformer=_TINY_TRANSFORMER, vae=_TINY_VAE, scheduler=_SCHEDULER_2B, fps=8),
+        _tiny("tiny-rotary", transformer=_TINY_ROTARY, vae={**_TINY_VAE, "scaling_factor": 0.7},
+              scheduler=_SCHEDULER_5B, fps=8),
+        _tiny("tiny-i2v", transformer={**_TINY_ROTARY, "in_channels": 8, "use_learned_positional_embeddings": True},
+              vae={**_TINY_VAE, "scaling_factor": 0.7}, scheduler=_SCHEDULER_5B, fps=8),
+        _tiny("tiny-1.5", transformer=_TINY_15, vae={**_TINY_VAE, "scaling_factor": 0.7, "invert_scale_latents": True},
+              scheduler=_SCHEDULER_5B, fps=16),
+        _tiny("tiny-1.5-i2v", transformer={**_TINY_15, "in_channels": 8, "ofs_embed_dim": 16},
+              vae={**_TINY_VAE, "scaling_factor": 0.7, "invert_scale_latents": True}, scheduler=_SCHEDULER_5B, fps=16),
     )
 }
 

@@ -37,7 +37,7 @@ from cogtune.fsutil import (
 )
 from cogtune.train.config import TrainConfig
 from cogtune.train.full import TRANSFORMER_DIR
-from cogtune.train.lora import LORA_WEIGHTS_NAME
+from cogtune.lora.format import LORA_WEIGHTS_NAME
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -220,7 +220,7 @@ def read_trainer_state(checkpoint: Path) -> tuple[int, list[float], dict[str, An
         state = json.loads(path.read_text())
         return int(state["step"]), [float(v) for v in state["losses"]], dict(state["lr_scheduler"])
     except (ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"{path}: not a trainer state this version of cogtune can resume ({error})") from None
+        raise ConfigError(f"{path}: not a trainer state this version of cogtune can resume ({error})") from error
 
 
 def check_optimizer_steps(optimizer: Any, step: int, checkpoint: Path) -> None:

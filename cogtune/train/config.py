@@ -19,7 +19,7 @@ import dataclasses
 import re
 from typing import Literal
 
-from cogtune.config import check_number, section, setting
+from cogtune.config import MODEL_HELP, check_settings, require, section, setting
 from cogtune.errors import ConfigError
 from cogtune.train.optimizers import OPTIMIZERS, default_learning_rate
 
@@ -30,16 +30,14 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    rank: int = setting(64, "LoRA rank.")
-    alpha: float | None = setting(None, "LoRA alpha (scale = alpha / rank); default: equal to the rank.")
-    dropout: float = setting(0.0, "Dropout on the LoRA branch.")
+    rank: int = setting(64, "LoRA rank.", flag="--rank", short="-r", low=1)
+    alpha: float | None = setting(None, "LoRA alpha (scale = alpha / rank); default: equal to the rank.",
+                                  flag="--lora-alpha", low=0, low_open=True)
+    dropout: float = setting(0.0, "Dropout on the LoRA branch.", low=0, high=1, high_open=True)
     target_modules: tuple[str, ...] = setting(DEFAULT_LORA_TARGETS, "Module names LoRA adapts.")
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
-        check_number("lora.alpha", self.alpha, low=0, low_open=True)
-        check_number("lora.dropout", self.dropout, low=0, high=1, high_open=True)
+        check_settings(self, "lora.")
         if not self.target_modules:
             raise ConfigError("lora.target_modules must name at least one module")
 
@@ -50,31 +48,22 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = setting("adamw", f"Optimizer: {', '.join(OPTIMIZERS)}.")
-    lr: float | None = setting(None, "Peak learning rate; default 1e-4 (prodigy: 1.0, a multiplier of its own estimate).")
-    weight_decay: float = setting(1e-4, "Decoupled weight decay.")
-    beta1: float = setting(0.9, "Adam beta1.")
-    beta2: float = setting(0.95, "Adam beta2.")
-    eps: float = setting(1e-8, "Adam epsilon.")
-    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this (0 turns clipping off).")
-    lr_schedule: str = setting("constant_with_warmup", f"Learning-rate schedule: {', '.join(LR_SCHEDULES)}.")
-    warmup_steps: int = setting(0, "Linear warm-up steps.")
+    name: str = setting("adamw", f"Optimizer: {', '.join(OPTIMIZERS)}.", flag="--optimizer", choices=OPTIMIZERS,
+                        metavar="NAME")
+    lr: float | None = setting(None, "Peak learning rate; default 1e-4 (prodigy: 1.0, a multiplier of its own estimate).",
+                               flag="--lr", low=0, low_open=True)
+    weight_decay: float = setting(1e-4, "Decoupled weight decay.", low=0)
+    beta1: float = setting(0.9, "Adam beta1.", low=0, high=1, high_open=True)
+    beta2: float = setting(0.95, "Adam beta2.", low=0, high=1, high_open=True)
+    eps: float = setting(1e-8, "Adam epsilon.", low=0, low_open=True)
+    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this (0 turns clipping off).", flag="--max-grad-norm",
+                                   low=0)
+    lr_schedule: str = setting("constant_with_warmup", f"Learning-rate schedule: {', '.join(LR_SCHEDULES)}.",
+                               flag="--lr-schedule", choices=LR_SCHEDULES, metavar="NAME")
+    warmup_steps: int = setting(0, "Linear warm-up steps.", flag="--warmup-steps", low=0)
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ConfigError(f"optimizer.name '{self.name}' is not one of {', '.join(OPTIMIZERS)}")
-        check_number("optimizer.lr", self.lr, low=0, low_open=True)
-        check_number("optimizer.weight_decay", self.weight_decay, low=0)
-        check_number("optimizer.beta1", self.beta1, low=0, high=1, high_open=True)
-        check_number("optimizer.beta2", self.beta2, low=0, high=1, high_open=True)
-        check_number("optimizer.eps", self.eps, low=0, low_open=True)
-        check_number("optimizer.max_grad_norm", self.max_grad_norm, low=0)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"optimizer.lr_schedule '{self.lr_schedule}' is not one of {', '.join(LR_SCHEDULES)}")
-        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise ConfigError("optimizer.warmup_steps, max_grad_norm and weight_decay must be >= 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError("optimizer betas must be in [0, 1)")
+        check_settings(self, "optimizer.")
 
     @property
     def effective_lr(self) -> float:
@@ -83,23 +72,20 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ValidationConfig:
-    prompts: tuple[str, ...] = setting((), "Validation prompts (embedded at encode time or now, if the cache lacks them).")
-    images: tuple[str, ...] = setting((), "I2V: one condition image per prompt.")
-    every: int = setting(0, "Validate every N steps (0: only the final test pass).")
-    steps: int = setting(50, "Denoising steps per validation video.")
-    guidance: float = setting(6.0, "Classifier-free guidance scale.")
+    prompts: tuple[str, ...] = setting((), "Validation prompts (embedded at encode time or now, if the cache lacks them).",
+                                       flag="--validation-prompt")
+    images: tuple[str, ...] = setting((), "I2V: one condition image per prompt.", flag="--validation-image", path=True)
+    every: int = setting(0, "Validate every N steps (0: only the final test pass).", flag="--validation-every", low=0)
+    steps: int = setting(50, "Denoising steps per validation video.", flag="--validation-steps", low=1)
+    guidance: float = setting(6.0, "Classifier-free guidance scale.", low=0)
     seed: int = setting(42, "Seed of the validation noise.")
-    frames: int | None = setting(None, "Frames of the validation video; default: the first bucket's.")
-    height: int | None = setting(None, "Height; default: the first bucket's.")
-    width: int | None = setting(None, "Width; default: the first bucket's.")
+    frames: int | None = setting(None, "Frames of the validation video; default: the first bucket's.", low=1)
+    height: int | None = setting(None, "Height; default: the first bucket's.", low=1)
+    width: int | None = setting(None, "Width; default: the first bucket's.", low=1)
     final: bool = setting(True, "Run the test pass (validation prompts) after the last step.")
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ConfigError(f"validation.every must be >= 0, got {self.every}")
-        if self.steps < 1:
-            raise ConfigError(f"validation.steps must be >= 1, got {self.steps}")
-        check_number("validation.guidance", self.guidance, low=0)
+        check_settings(self, "validation.")
         if self.images and len(self.images) != len(self.prompts):
             raise ConfigError(
                 f"{len(self.images)} validation images for {len(self.prompts)} validation prompts; give one per prompt"
@@ -108,32 +94,34 @@ class ValidationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = setting(0, "Save a resumable checkpoint every N steps (0: none).")
-    keep: int = setting(3, "Keep only the newest N checkpoints (0: keep all).")
+    every: int = setting(0, "Save a resumable checkpoint every N steps (0: none).", flag="--checkpoint-every", low=0)
+    keep: int = setting(3, "Keep only the newest N checkpoints (0: keep all).", flag="--keep-checkpoints", low=0)
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.keep < 0:
-            raise ConfigError("checkpointing.every and checkpointing.keep must be >= 0")
+        check_settings(self, "checkpointing.")
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
-    fp8_weights: bool = setting(False, "LoRA: store the frozen transformer's Linear weights in float8, compute in bf16.")
+    fp8_weights: bool = setting(False, "LoRA: store the frozen transformer's Linear weights in float8, compute in bf16.",
+                                flag="--fp8")
     offload_blocks: bool = setting(
         False, "LoRA: keep the frozen weights in CPU memory and bring each layer to the GPU when it runs "
-               "(prefetched on a side stream); needs gradient checkpointing.")
+               "(prefetched on a side stream); needs gradient checkpointing.", flag="--offload-blocks")
     offload_activations: bool = setting(False, "Keep the activations saved for backward (the checkpointed block inputs) "
-                                               "in pinned CPU memory.")
-    compile: bool = setting(False, "torch.compile each transformer block (regional compilation).")
+                                               "in pinned CPU memory.", flag="--offload-activations")
+    compile: bool = setting(False, "torch.compile each transformer block (regional compilation).", flag="--compile")
     validation_vae_tiling: bool = setting(True, "Decode validation videos in tiles, so validation adds little memory.")
     validation_vae_tile: str = setting(
         "192x288", "HxW pixels of a validation decode tile (multiples of 8); smaller tiles use less memory. At 192x288 "
                    "a 2b run's validation stays under its training peak (diffusers' default, half the video, does not).")
     profile: Literal["none", "auto", "12gb", "16gb", "24gb", "48gb", "80gb"] = setting(
-        "none", "Pick the fastest memory options that fit this GPU size (auto: the present GPU), from the estimator.")
+        "none", "Pick the fastest memory options that fit this GPU size (auto: the present GPU), from the estimator.",
+        flag="--memory-profile")
     check: bool = setting(True, "On a GPU, estimate the run's peak memory first and warn if it will not fit.")
 
     def __post_init__(self) -> None:
+        check_settings(self, "memory.")
         self.validation_tile_size  # noqa: B018  # checks the HxW text
 
     @property
@@ -149,25 +137,34 @@ class MemoryConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    task: Literal["t2v", "i2v"] = setting("t2v", "Text-to-video or image-to-video.")
-    model: str = setting("", "MODEL: a preset, tiny preset, Hub id or local diffusers folder.")
-    data: str = setting("", "The latent cache made by `cogtune encode`.")
-    output_dir: str = setting("", "Where the run writes its weights, checkpoints and reports.")
-    random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).")
-    full: bool = setting(False, "Full fine-tuning instead of LoRA.")
-    steps: int = setting(1000, "Optimizer steps.")
-    batch_size: int = setting(1, "Clips per process per micro-step.")
-    gradient_accumulation: int = setting(1, "Micro-steps per optimizer step.")
+    task: Literal["t2v", "i2v"] = setting("t2v", "Text-to-video or image-to-video (given by `cogtune train t2v|i2v`).")
+    model: str = setting("", MODEL_HELP, flag="--model", short="-m", metavar="MODEL")
+    data: str = setting("", "The latent cache made by `cogtune encode`.", flag="--data", short="-d", path=True)
+    output_dir: str = setting("", "Where the run writes its weights, checkpoints and reports.", flag="--output-dir",
+                              short="-o", path=True)
+    random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).",
+                                   flag="--random-weights")
+    full: bool = setting(False, "Full fine-tuning instead of LoRA.", flag="--full")
+    steps: int = setting(1000, "Optimizer steps.", flag="--steps", low=1)
+    batch_size: int = setting(1, "Clips per process per micro-step.", flag="--batch-size", low=1)
+    gradient_accumulation: int = setting(1, "Micro-steps per optimizer step.", flag="--gradient-accumulation", low=1)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = setting(
-        "auto", "Autocast dtype; auto: the model's dtype on a GPU, none on a CPU.")
-    gradient_checkpointing: bool = setting(True, "Recompute block activations in the backward pass (less memory).")
-    seed: int = setting(42, "Seed of data order, noise and timesteps.")
-    caption_dropout: float | None = setting(None, "Probability of training on the empty caption; default 0 (t2v), 0.05 (i2v).")
-    image_dropout: float = setting(0.05, "I2V: probability of training without the condition image (as CogVideoX did).")
+        "auto", "Autocast dtype; auto: the model's dtype on a GPU, none on a CPU.", flag="--mixed-precision")
+    gradient_checkpointing: bool = setting(True, "Recompute block activations in the backward pass (less memory).",
+                                           flag="--gradient-checkpointing")
+    seed: int = setting(42, "Seed of data order, noise and timesteps.", flag="--seed")
+    caption_dropout: float | None = setting(
+        None, "Probability of training on the empty caption; default 0 (t2v), 0.05 (i2v).", flag="--caption-dropout",
+        low=0, high=1)
+    image_dropout: float = setting(0.05, "I2V: probability of training without the condition image (as CogVideoX did).",
+                                   flag="--image-dropout", low=0, high=1)
     learned_positional_embeddings: Literal["auto", "keep", "drop"] = setting(
-        "auto", "5b-I2V's learned positions: drop them to train other resolutions; auto: drop when a bucket needs it.")
-    resume: str | None = setting(None, "Resume from 'latest' or a checkpoint folder.")
-    report_to: Literal["none", "tensorboard", "wandb"] = setting("none", "Experiment tracker, through accelerate.")
+        "auto", "5b-I2V's learned positions: drop them to train other resolutions; auto: drop when a bucket needs it.",
+        flag="--learned-positional-embeddings")
+    resume: str | None = setting(None, "Resume from 'latest' or a checkpoint folder.", flag="--resume",
+                                 metavar="latest|PATH")
+    report_to: Literal["none", "tensorboard", "wandb"] = setting("none", "Experiment tracker, through accelerate.",
+                                                                 flag="--report-to")
     lora: LoraConfig = section(LoraConfig, "LoRA settings (ignored with full = true).")
     optimizer: OptimizerConfig = section(OptimizerConfig, "Optimizer and learning-rate schedule.")
     validation: ValidationConfig = section(ValidationConfig, "Validation during and after training.")
@@ -175,15 +172,8 @@ class TrainConfig:
     memory: MemoryConfig = section(MemoryConfig, "Memory and speed options.")
 
     def __post_init__(self) -> None:
-        for name, flag in (("model", "--model"), ("data", "--data"), ("output_dir", "--output-dir")):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is required ({flag}, or `{name} = ...` in the --config file)")
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1 or self.gradient_accumulation < 1:
-            raise ConfigError("batch_size and gradient_accumulation must be >= 1")
-        check_number("caption_dropout", self.caption_dropout, low=0, high=1)
-        check_number("image_dropout", self.image_dropout, low=0, high=1)
+        require(self, "model", "data", "output_dir")
+        check_settings(self)
         if self.validation.images and self.task != "i2v":
             raise ConfigError("validation images are for i2v training only")
         if self.full and (self.memory.fp8_weights or self.memory.offload_blocks):

@@ -1,4 +1,4 @@
-"""Memory figures at the four moments the seed's tables report, for GPUs and (as RSS) for CPUs."""
+"""Memory figures at the four moments of the CogVideoX factory's memory tables (before training, before and after validation, after testing), for GPUs and (as RSS) for CPUs."""
 
 from __future__ import annotations
 

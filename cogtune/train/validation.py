@@ -99,8 +99,13 @@ def validation_prompts(config: TrainConfig, cache: VideoLatentCache, is_i2v: boo
 
 
 def validation_shape(config: TrainConfig, cache: VideoLatentCache) -> tuple[int, int, int]:
-    """(frames, height, width) of validation videos: the configured ones, else the first bucket's."""
-    frames, height, width = (int(v) for v in cache.buckets[0].split("x"))
+    """(frames, height, width) of validation videos: the configured ones, else the cache's first bucket's."""
+    return validation_shape_from(config, cache.bucket_shapes[0])
+
+
+def validation_shape_from(config: TrainConfig, first_bucket: tuple[int, int, int]) -> tuple[int, int, int]:
+    """`validation_shape` for a run whose first bucket is `first_bucket` (the estimator has no cache)."""
+    frames, height, width = first_bucket
     validation = config.validation
     return validation.frames or frames, validation.height or height, validation.width or width
 
@@ -167,7 +172,7 @@ class Validator:
         import torch
 
         from cogtune.models.loading import build_pipeline, load_scheduler, load_vae
-        from cogtune.sample import generate_videos, load_condition_image
+        from cogtune.generate import generate_videos, load_condition_image
 
         spec = self.model.spec
         validation = self.config.validation
@@ -188,9 +193,11 @@ class Validator:
         for index in indices:
             image = [load_condition_image(validation.images[index])] if validation.images else None
             with validation_feed_forward_chunks(unwrapped, self.config.memory.offload_blocks):
-                (video,) = generate_videos(pipe, spec, self.embeds[index : index + 1], negative, frames, height,
-                                           width, validation.steps, validation.guidance, validation.seed + index,
-                                           images=image, denoising_context=self.accelerator.autocast)
+                (video,) = generate_videos(pipe, spec, prompt_embeds=self.embeds[index : index + 1],
+                                           negative_prompt_embeds=negative, frames=frames, height=height,
+                                           width=width, steps=validation.steps, guidance=validation.guidance,
+                                           seed=validation.seed + index, images=image,
+                                           denoising_context=self.accelerator.autocast)
             videos.append((index, (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)))
         del pipe, vae
         if torch.cuda.is_available():

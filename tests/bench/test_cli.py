@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -74,34 +75,88 @@ def test_memory_profile_picks_the_fastest_options_that_fit(tmp_path, tiny_cache)
 
 
 def test_choose_profile_walks_the_ladder_until_it_fits():
-    from cogtune.bench.cases import BenchCase
-    from cogtune.bench.fit import choose_profile
-
-    case = BenchCase("tiny", frames=33, height=256, width=256, validation=False)
-    chosen, estimate = choose_profile(case, budget=0.06)
-    assert chosen.gradient_checkpointing and estimate.memory.after_testing <= 0.06
-    import pytest as _pytest
-
     from cogtune.errors import ConfigError
+    from cogtune.train import TrainConfig
+    from cogtune.train.sizing.fit import choose_profile
 
-    with _pytest.raises(ConfigError, match="no memory configuration"):
-        choose_profile(case, budget=0.0001)
+    config = TrainConfig(model="tiny", data="<bench>", output_dir="<bench>", random_weights=True)
+    chosen, estimate = choose_profile(config, [(33, 256, 256)], None, budget=0.06)
+    assert chosen.gradient_checkpointing and estimate.memory.after_testing <= 0.06
+    with pytest.raises(ConfigError, match="no memory configuration"):
+        choose_profile(config, [(33, 256, 256)], None, budget=0.0001)
 
 
-def test_training_warns_before_a_run_that_will_not_fit(monkeypatch, tiny_cache, tmp_path, capsys):
+RUN_TOML = """
+model = "tiny"
+data = "{data}"
+output_dir = "{out}"
+mixed_precision = "bf16"
+[lora]
+rank = 8
+target_modules = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]
+[validation]
+prompts = ["A red circle moves left."]
+height = 128
+guidance = 4.0
+"""
+
+
+def test_bench_config_sizes_exactly_the_run_train_would_start(cli, tiny_cache, tmp_path, monkeypatch):
+    """`bench memory --config run.toml` and `train --config run.toml`'s pre-flight size the same run: the same
+    TrainConfig (every setting), the cache's buckets and the validation shape the trainer would use."""
+    from cogtune.train.sizing import estimate as estimate_module
+    from cogtune.train.sizing import fit
+
+    calls = []
+    real = estimate_module.estimate_run
+
+    def recording(config, shapes, validation_shape=None, steps=2):
+        calls.append((config, tuple(shapes), validation_shape))
+        return real(config, shapes, validation_shape, steps)
+
+    monkeypatch.setattr(fit, "estimate_run", recording)
+    monkeypatch.setattr(estimate_module, "estimate_run", recording)
+    toml = tmp_path / "run.toml"
+    toml.write_text(RUN_TOML.format(data=tiny_cache, out=tmp_path / "run"))
+    result = cli("bench", "memory", "--config", toml, "--json", tmp_path / "m.json")
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert row["case"]["rank"] == 8 and "ff.net.2" in row["case"]["target_modules"]
+    assert row["case"]["validation_shape"] == [9, 128, 64] and row["bucket"] == "9x64x64"
+    benched = calls[-1]
+
+    # The trainer's pre-flight on a (pretended) GPU, for the same file: the same call.
     import types
 
     import torch
 
-    from cogtune.train import TrainConfig
-    from cogtune.train.config import LoraConfig
-    from cogtune.train.loop import fit_memory, plan_run
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda index: types.SimpleNamespace(total_memory=int(0.52 * 1024**3), name="Tiny GPU"))
-    config = TrainConfig(model="tiny", data=str(tiny_cache), output_dir=str(tmp_path / "run"), lora=LoraConfig(rank=4),
-                         gradient_checkpointing=False)
-    assert fit_memory(config, plan_run(config)) == config
-    assert "will likely run out of memory" in capsys.readouterr().err
+                        lambda index: types.SimpleNamespace(total_memory=80 * 1024**3, name="Big GPU"))
+    from cogtune.config import load_config
+    from cogtune.train import TrainConfig
+    from cogtune.train.plan import plan_run
+
+    config = load_config(TrainConfig, toml)
+    fit.fit_memory(config, plan_run(config))
+    trained = calls[-1]
+    assert trained[1:] == benched[1:]
+    assert trained[0] == dataclasses.replace(benched[0], random_weights=False)
+
+
+def test_the_estimate_never_stops_a_training_run(tiny_cache, tmp_path, monkeypatch, capsys):
+    from cogtune.train import TrainConfig, run_training
+    from cogtune.train.config import LoraConfig, MemoryConfig, ValidationConfig
+    from cogtune.train.sizing import fit
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the tracer met an operator it does not know")
+
+    monkeypatch.setattr(fit, "estimate_run", broken)
+    result = run_training(TrainConfig(model="tiny", data=str(tiny_cache), output_dir=str(tmp_path / "run"), steps=1,
+                                      lora=LoraConfig(rank=4), memory=MemoryConfig(profile="12gb"),
+                                      validation=ValidationConfig(final=False)))
+    assert result.weights.is_file()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "memory profile 12gb" in line]
+    assert len(warnings) == 1 and "the estimate failed: the tracer met an operator it does not know" in warnings[0]

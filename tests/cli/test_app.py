@@ -21,7 +21,8 @@ def test_every_command_has_help_with_a_runnable_example(cli, command):
     result = cli(*command, "--help")
     assert result.exit_code == 0
     assert "Usage: cogtune " + " ".join(command) in result.stdout
-    assert "Examples" in result.stdout and "$ cogtune" in result.stdout or "$ torchrun" in result.stdout
+    assert "Examples" in result.stdout
+    assert "$ cogtune" in result.stdout or "$ torchrun" in result.stdout
 
 
 def test_root_help_lists_the_commands(cli):
@@ -86,6 +87,21 @@ def test_debug_shows_the_traceback(tmp_path):
     assert env_loud.returncode == 1 and "Traceback" in env_loud.stderr
 
 
+def test_debug_shows_the_library_error_behind_a_one_line_error(tmp_path):
+    """Wrapped library errors keep their cause: one line normally, the library's traceback with --debug."""
+    path = tmp_path / "run.toml"
+    path.write_text("model = \n")
+    quiet = run_subprocess("train", "t2v", "--config", path)
+    loud = run_subprocess("--debug", "train", "t2v", "--config", path)
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    lines = [line for line in quiet.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: not valid TOML: "), quiet.stderr
+    assert loud.returncode == 1
+    cause, _, wrapper = loud.stderr.partition("The above exception was the direct cause of the following exception")
+    assert "tomllib.TOMLDecodeError" in cause or "tomli.TOMLDecodeError" in cause, loud.stderr
+    assert "ConfigError" in wrapper
+
+
 def test_unexpected_exceptions_are_one_line_too(cli, monkeypatch, tmp_path):
     import cogtune.train
 
@@ -97,6 +113,28 @@ def test_unexpected_exceptions_are_one_line_too(cli, monkeypatch, tmp_path):
     assert result.exit_code == 1
     assert "error: RuntimeError: something broke (hint: run with --debug" in result.stderr
     assert "with details" not in result.stderr
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    ("gpu", "error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB (hint: try gradient checkpointing"),
+    ("host", "error: out of host memory (RAM): MemoryError (hint: close other programs"),
+    ("message only", "error: RuntimeError: a kernel ran out of memory (hint: run with --debug"),
+])
+def test_out_of_memory_is_recognised_by_its_type(cli, monkeypatch, tmp_path, error, expected):
+    import torch
+
+    import cogtune.train
+
+    raised = {"gpu": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+              "host": MemoryError(), "message only": RuntimeError("a kernel ran out of memory")}[error]
+
+    def boom(config):
+        raise raised
+
+    monkeypatch.setattr(cogtune.train, "run_training", boom)
+    result = cli("train", "t2v", "--model", "tiny", "--data", tmp_path, "--output-dir", tmp_path / "o")
+    assert result.exit_code == 1
+    assert expected in result.stderr
 
 
 def test_python_dash_m_entry_point():

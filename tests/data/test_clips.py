@@ -23,6 +23,8 @@ def test_bucket_parsing():
     assert str(Bucket(9, 64, 96)) == "9x64x96"
     with pytest.raises(DataError, match="FRAMESxHEIGHTxWIDTH"):
         Bucket.parse("480x720")
+    with pytest.raises(DataError, match="FRAMESxHEIGHTxWIDTH"):
+        Bucket.parse("0x480x720")
 
 
 def test_bucket_choice_prefers_aspect_then_frames():

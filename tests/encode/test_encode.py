@@ -207,3 +207,27 @@ def test_train_refuses_an_incompatible_cache(cli, tiny_cache, tmp_path):
     assert result.exit_code == 1
     assert "was made for tiny, which is incompatible with tiny-rotary (scaling_factor" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_caches_config_reproduces_a_run_given_by_flags(cli, tmp_path, synthetic_data):
+    """--frames/--height/--width are settings: the config.toml written into the cache alone plans the same run."""
+    from cogtune.config import load_config
+    from cogtune.encode import plan_encode
+
+    out = tmp_path / "cache"
+    result = cli("encode", "--model", "tiny", "--data-root", synthetic_data, "--output-dir", out,
+                 "--frames", "17", "--height", "32", "--width", "32", "--num-workers", "0")
+    assert result.exit_code == 0, result.stderr
+    config = load_config(EncodeConfig, out / "config.toml")
+    assert (config.frames, config.height, config.width) == (17, 32, 32)
+    plan = plan_encode(config)
+    assert [str(bucket) for bucket in plan.buckets] == ["17x32x32"]
+    assert plan.pending_latents == [] and plan.pending_text == []  # the same run: nothing left to do
+
+
+def test_buckets_and_a_single_shape_exclude_each_other(synthetic_data):
+    from cogtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="buckets and frames/height/width exclude each other"):
+        EncodeConfig(model="tiny", output_dir="c", data=DatasetConfig(root=str(synthetic_data)),
+                     buckets=("9x64x64",), frames=17)

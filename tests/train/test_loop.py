@@ -11,7 +11,8 @@ import torch
 from cogtune.models.loading import load_transformer, resolve_model
 from cogtune.train import TrainConfig, run_training
 from cogtune.train.config import LoraConfig, OptimizerConfig, ValidationConfig
-from cogtune.train.lora import add_lora, load_lora_state
+from cogtune.lora.format import load_lora_state
+from cogtune.train.lora import add_lora
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,8 @@ def test_clipping_reaches_offloaded_gradients():
 
 
 def _trainable(config):
-    from cogtune.train.loop import load_trainable_transformer, plan_run
+    from cogtune.train.model import load_trainable_transformer
+    from cogtune.train.plan import plan_run
 
     return load_trainable_transformer(config, plan_run(config), "cpu", "no")[0]
 

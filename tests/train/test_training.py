@@ -15,7 +15,8 @@ from cogtune.errors import ConfigError
 from cogtune.models.loading import load_transformer, resolve_model
 from cogtune.train import TrainConfig, run_training
 from cogtune.train.config import CheckpointConfig, LoraConfig, OptimizerConfig, ValidationConfig
-from cogtune.train.lora import add_lora, load_lora_state, read_lora_info
+from cogtune.lora.format import load_lora_state, read_lora_info
+from cogtune.train.lora import add_lora
 from tests.ports import free_port
 
 FAMILIES = [("tiny", "t2v"), ("tiny-rotary", "t2v"), ("tiny-1.5", "t2v"), ("tiny-i2v", "i2v"), ("tiny-1.5-i2v", "i2v")]

@@ -15,6 +15,7 @@ it when the storage dies. Three things differ between a meta run and a GPU run, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from collections.abc import Iterator
@@ -23,9 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from cogtune.bench.allocator import CachingAllocatorModel
+from cogtune.train.sizing.allocator import CachingAllocatorModel
 
 DEVICE = torch.device("meta")
 CUBLAS_WORKSPACE_BYTES = 32 << 20  # Hopper's default cuBLAS workspace (`CUBLAS_WORKSPACE_CONFIG`)
@@ -37,12 +38,15 @@ _MATMULS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten._scaled_d
 class AllocationTracker(TorchDispatchMode):
     """Replays the meta-device allocations of the code it wraps into a `CachingAllocatorModel`."""
 
-    def __init__(self) -> None:
+    def __init__(self, memoize: bool = True) -> None:
         super().__init__()
+        self.memoize = memoize
         self.allocator = CachingAllocatorModel()
         self._live: set[int] = set()
+        self._watch: dict[int, weakref.ref] = {}
         self._next_key = 1 << 48  # keys for workspaces, distinct from storage ids
         self._cublas = False
+        self.flops: int | None = None  # FLOPs of the ops traced while an int (torch's FlopCounterMode's count)
 
     def adopt(self, tensors: Any) -> None:
         """Count tensors that exist already (weights loaded before tracing)."""
@@ -57,10 +61,12 @@ class AllocationTracker(TorchDispatchMode):
             return
         self._live.add(key)
         self.allocator.malloc(key, storage.nbytes())
-        weakref.finalize(storage, self._release, key)
+        # freed when the storage dies (a weak reference's callback: `weakref.finalize` costs more)
+        self._watch[key] = weakref.ref(storage, lambda _, key=key: self._release(key))
 
     def _release(self, key: int) -> None:
         self._live.discard(key)
+        self._watch.pop(key, None)
         self.allocator.free(key)
 
     def workspace(self, nbytes: int) -> int:
@@ -71,7 +77,9 @@ class AllocationTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = str(func.overloadpacket)
+        name = _names.get(func)
+        if name is None:
+            name = _names[func] = str(func.overloadpacket)
         if not self._cublas and name in _MATMULS:
             self._cublas = True
             self.workspace(CUBLAS_WORKSPACE_BYTES)  # kept for the process's life
@@ -79,13 +87,154 @@ class AllocationTracker(TorchDispatchMode):
         if name == _FLASH_BACKWARD:
             query = args[1]  # grad_out, query, key, value, ...: dq accumulates in float32
             scratch = self.workspace(query.numel() * 4)
-        out = func(*args, **kwargs)
-        for tensor in tree_flatten(out)[0]:
+        out = _run_meta(func, args, kwargs) if self.memoize else func(*args, **kwargs)
+        kind = type(out)
+        for tensor in (out,) if kind in _TENSOR_TYPES else out if kind in (tuple, list) else tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.device == DEVICE:
                 self._track(tensor)
+        if self.flops is not None:
+            counter = _flop_registry().get(func._overloadpacket)
+            if counter is not None:
+                self.flops += counter(*args, **kwargs, out_val=out)
         if scratch is not None:
             self.allocator.free(scratch)
         return out
+
+
+# --- the meta kernels, memoized ---------------------------------------------------------------
+# Most of a trace's time is in the meta kernels (Python reference implementations that compute an
+# output's shape, strides and dtype), and a transformer's identical blocks, or a VAE's identical
+# tiles, call the same ops on tensors of the same metadata over and over. An op that neither mutates
+# nor aliases its inputs returns fresh tensors whose metadata depends only on its inputs' metadata
+# and its other arguments (meta tensors have no values), so the first call's outputs are described
+# and later calls make fresh tensors of that description: the same tensors, so the same allocations.
+_names: dict[Any, str] = {}
+_UNCACHEABLE = object()
+_cacheable_ops: dict[Any, bool] = {}
+_meta_cache: dict[Any, Any] = {}
+_MAX_CACHED = 200_000  # a few tens of MB; a 5b estimate adds about 2,000
+
+
+def clear_meta_cache() -> None:
+    """Forget the memoized meta kernels' outputs (each estimate then pays for them again)."""
+    _meta_cache.clear()
+
+
+def _op_is_functional(func: Any) -> bool:
+    known = _cacheable_ops.get(func)
+    if known is None:
+        schema = getattr(func, "_schema", None)
+        known = (schema is not None and not schema.is_mutable
+                 and all(a.alias_info is None for a in schema.arguments)
+                 and all(r.alias_info is None for r in schema.returns))
+        _cacheable_ops[func] = known
+    return known
+
+
+_PLAIN = frozenset((bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format))
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _describe(value: Any) -> Any:
+    """A hashable description of an argument's metadata (None: not describable, do not memoize)."""
+    kind = type(value)
+    if kind in _TENSOR_TYPES:
+        if value.device != DEVICE:
+            return None
+        return (value.dtype, value.shape, value.stride(), value.storage_offset(), value.is_conj(), value.is_neg(),
+                value.layout)
+    if value is None or kind in _PLAIN:
+        return (kind, value)
+    if kind is tuple or kind is list:
+        described = []
+        for item in value:
+            description = _describe(item)
+            if description is None:
+                return None
+            described.append(description)
+        return (kind, tuple(described))
+    return None
+
+
+def _cache_key(func: Any, args: Any, kwargs: Any) -> Any:
+    described = _describe(args)
+    if described is None:
+        return None
+    if kwargs:
+        items = []
+        for name, value in kwargs.items():
+            description = _describe(value)
+            if description is None:
+                return None
+            items.append((name, description))
+        return func, torch.get_default_dtype(), described, tuple(items)
+    return func, torch.get_default_dtype(), described  # factory ops without a dtype take the default
+
+
+def _outputs_description(args: Any, kwargs: Any, out: Any) -> Any:
+    """How to remake `out` (fresh meta tensors and plain values), or `_UNCACHEABLE`."""
+    leaves, spec = tree_flatten(out)
+    inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+    seen, described = set(), []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if leaf.device != DEVICE or type(leaf) is not torch.Tensor or leaf.storage_offset() != 0:
+                return _UNCACHEABLE
+            storage = leaf.untyped_storage()
+            if id(storage) in inputs or id(storage) in seen:
+                return _UNCACHEABLE  # aliases an input or another output
+            seen.add(id(storage))
+            fresh = torch.empty_strided(leaf.shape, leaf.stride(), dtype=leaf.dtype, device=DEVICE)
+            if fresh.untyped_storage().nbytes() != storage.nbytes() or leaf.requires_grad:
+                return _UNCACHEABLE
+            described.append((True, (tuple(leaf.shape), leaf.stride(), leaf.dtype)))
+        elif leaf is None or isinstance(leaf, (bool, int, float)):
+            described.append((False, leaf))
+        else:
+            return _UNCACHEABLE
+    container = type(out) if type(out) in (tuple, list) and len(out) == len(leaves) else None
+    if isinstance(out, torch.Tensor):
+        container = torch.Tensor
+    return spec, container, described
+
+
+def _remake(described: Any) -> list[Any]:
+    return [torch.empty_strided(*value[:2], dtype=value[2], device=DEVICE) if is_tensor else value
+            for is_tensor, value in described]
+
+
+def _run_meta(func: Any, args: Any, kwargs: Any) -> Any:
+    if not _op_is_functional(func):
+        return func(*args, **kwargs)
+    key = _cache_key(func, args, kwargs)
+    if key is None:
+        return func(*args, **kwargs)
+    cached = _meta_cache.get(key)
+    if cached is None:
+        if len(_meta_cache) >= _MAX_CACHED:
+            _meta_cache.clear()
+        out = func(*args, **kwargs)
+        _meta_cache[key] = _outputs_description(args, kwargs, out)
+        return out
+    if cached is _UNCACHEABLE:
+        return func(*args, **kwargs)
+    spec, container, described = cached
+    if container is torch.Tensor:
+        shape, stride, dtype = described[0][1]
+        return torch.empty_strided(shape, stride, dtype=dtype, device=DEVICE)
+    leaves = _remake(described)
+    if container is tuple:
+        return tuple(leaves)
+    if container is list:
+        return leaves
+    return tree_unflatten(leaves, spec)
+
+
+@functools.lru_cache(maxsize=1)
+def _flop_registry() -> dict[Any, Any]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode().flop_registry
 
 
 class CastCache(dict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cogtune.bench.allocator import (
+from cogtune.train.sizing.allocator import (
     LARGE_SEGMENT,
     MIN_BLOCK,
     SMALL_SEGMENT,

@@ -40,6 +40,8 @@ class _Block:
     offset: int
     size: int
     free: bool = True
+    prev: _Block | None = None  # the neighbours in the segment, by offset
+    next: _Block | None = None
 
 
 class CachingAllocatorModel:
@@ -50,9 +52,10 @@ class CachingAllocatorModel:
         self.reserved = 0
         self.peak_allocated = 0
         self.peak_reserved = 0
-        self._segments: list[list[_Block]] = []  # the blocks of each segment, by offset
+        self._segments: list[_Block | None] = []  # the first block of each segment (None: released)
         self._small_segment: list[bool] = []
         self._free: dict[bool, list[tuple[int, int, int]]] = {True: [], False: []}  # pool -> (size, segment, offset)
+        self._free_blocks: dict[tuple[int, int], _Block] = {}  # (segment, offset) -> free block
         self._live: dict[int, _Block] = {}
 
     def malloc(self, key: int, size: int) -> None:
@@ -62,56 +65,68 @@ class CachingAllocatorModel:
         index = bisect.bisect_left(pool, (size, -1, -1))  # best fit: the smallest free block that is big enough
         if index < len(pool):
             _, segment, offset = pool.pop(index)
-            block = next(b for b in self._segments[segment] if b.offset == offset)
+            block = self._free_blocks.pop((segment, offset))
         else:
             total = segment_size(size)
             block = _Block(len(self._segments), 0, total)
-            self._segments.append([block])
+            self._segments.append(block)
             self._small_segment.append(small)
             self.reserved += total
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
+            if self.reserved > self.peak_reserved:
+                self.peak_reserved = self.reserved
         remainder = block.size - size
         if remainder >= MIN_BLOCK if small else remainder > SMALL_SIZE:
-            rest = _Block(block.segment, block.offset + size, remainder)
-            blocks = self._segments[block.segment]
-            blocks.insert(blocks.index(block) + 1, rest)
+            rest = _Block(block.segment, block.offset + size, remainder, True, block, block.next)
+            if block.next is not None:
+                block.next.prev = rest
+            block.next = rest
             bisect.insort(pool, (rest.size, rest.segment, rest.offset))
+            self._free_blocks[(rest.segment, rest.offset)] = rest
             block.size = size
         block.free = False
         self._live[key] = block
         self.allocated += block.size
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
 
     def free(self, key: int) -> None:
         block = self._live.pop(key, None)
         if block is None:
             return
         self.allocated -= block.size
-        blocks = self._segments[block.segment]
         pool = self._free[self._small_segment[block.segment]]
         block.free = True
-        for neighbour in (self._neighbour(blocks, block, +1), self._neighbour(blocks, block, -1)):
-            if neighbour is not None and neighbour.free:
-                pool.remove((neighbour.size, neighbour.segment, neighbour.offset))
-                block.offset = min(block.offset, neighbour.offset)
-                block.size += neighbour.size
-                blocks.remove(neighbour)
+        following = block.next
+        if following is not None and following.free:  # merge the free neighbour after
+            self._unpool(pool, following)
+            block.size += following.size
+            block.next = following.next
+            if following.next is not None:
+                following.next.prev = block
+        previous = block.prev
+        if previous is not None and previous.free:  # and the one before
+            self._unpool(pool, previous)
+            previous.size += block.size
+            previous.next = block.next
+            if block.next is not None:
+                block.next.prev = previous
+            block = previous
         bisect.insort(pool, (block.size, block.segment, block.offset))
+        self._free_blocks[(block.segment, block.offset)] = block
 
-    @staticmethod
-    def _neighbour(blocks: list[_Block], block: _Block, direction: int) -> _Block | None:
-        position = blocks.index(block) + direction
-        return blocks[position] if 0 <= position < len(blocks) else None
+    def _unpool(self, pool: list[tuple[int, int, int]], block: _Block) -> None:
+        entry = (block.size, block.segment, block.offset)
+        del pool[bisect.bisect_left(pool, entry)]
+        del self._free_blocks[(block.segment, block.offset)]
 
     def release_cached(self) -> None:
         """`torch.cuda.empty_cache()`: give back every segment with no live block."""
-        for segment, blocks in enumerate(self._segments):
-            if blocks and all(block.free for block in blocks):
-                pool = self._free[self._small_segment[segment]]
-                for block in blocks:
-                    pool.remove((block.size, block.segment, block.offset))
-                self.reserved -= sum(block.size for block in blocks)
-                self._segments[segment] = []
+        for segment, head in enumerate(self._segments):
+            # free neighbours merge, so a segment with no live block is one free block
+            if head is not None and head.free and head.next is None:
+                self._unpool(self._free[self._small_segment[segment]], head)
+                self.reserved -= head.size
+                self._segments[segment] = None
 
     def reset_peaks(self) -> None:
         self.peak_allocated = self.allocated

@@ -1,0 +1,186 @@
+"""Command-line options made from config fields: each setting is declared once, in its dataclass.
+
+A field declared as `setting(None, "Peak learning rate.", flag="--lr", low=0, low_open=True)`
+becomes the option `--lr`: its help, the default it shows, its short alias, the value's name and
+its checks all come from the field (find where a flag is declared with
+`grep -rn 'flag="--lr"' cogtune`). The option's own default is None, "not given", so that a value
+from the `--config` file is never shadowed; a boolean is `--x/--no-x`, so that `true` in the file
+can be switched off on the command line.
+
+`@settings_options(TrainConfig)` puts one option per flagged field (sections included) where the
+command declares its `overrides` parameter, and calls the command with `overrides`: each option's
+dotted field path (`"optimizer.lr"`) and value, None when not typed, ready for `load_config`.
+Typer reads the command's parameters from `inspect.signature`, which the decorator sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import keyword
+import typing
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from cogtune.cli.options import choice, number
+from cogtune.config import Bounds, setting_choices, strip_optional
+
+Overrides = dict[str, Any]
+"""What a command decorated with `settings_options` receives: dotted field path -> value or None."""
+
+_METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingOption:
+    """One command-line option and the config field it sets."""
+
+    path: str  # the field's dotted path in the config: "optimizer.lr"
+    field: dataclasses.Field
+    hint: Any  # the field's type, without `| None`
+
+    @property
+    def flag(self) -> str:
+        return self.field.metadata["flag"]
+
+    @property
+    def param(self) -> str:
+        """The command's parameter name: the flag in snake case (`--lr-schedule` -> `lr_schedule`)."""
+        name = self.flag[2:].replace("-", "_")
+        return f"{name}_" if keyword.iskeyword(name) else name
+
+    @property
+    def repeatable(self) -> bool:
+        return typing.get_origin(self.hint) is tuple
+
+    @property
+    def value_type(self) -> type:
+        """The type of one value on the command line (a Literal's strings are `str`)."""
+        base = typing.get_args(self.hint)[0] if self.repeatable else self.hint
+        if typing.get_origin(base) is typing.Literal:
+            base = type(typing.get_args(base)[0])
+        if base is str and self.field.metadata.get("path"):
+            return Path
+        return base
+
+    @property
+    def names(self) -> list[str]:
+        """`--x/--no-x` for a boolean, else the flag; then the short alias."""
+        short = self.field.metadata.get("short")
+        if self.value_type is bool:
+            if short:
+                raise TypeError(f"{self.path}: a boolean setting takes no short alias")
+            return [f"{self.flag}/--no-{self.flag[2:]}"]
+        return [self.flag, short] if short else [self.flag]
+
+    def shown_default(self) -> str | None:
+        """The field's default as `--help` shows it; None when the field's help explains it instead."""
+        default = self.field.default
+        if default is None or default == "" or default == ():
+            return None
+        if isinstance(default, bool):
+            return "on" if default else "off"
+        if isinstance(default, tuple):
+            return ", ".join(str(item) for item in default)
+        if isinstance(default, float):
+            return f"{default:g}"
+        return str(default)
+
+    def help(self) -> str:
+        text = self.field.metadata["help"]
+        if self.repeatable:
+            text += " Repeatable."
+        shown = self.shown_default()
+        return f"{text} [default: {shown}]" if shown is not None else text
+
+    def annotation(self) -> Any:
+        """`Annotated[Optional[T], typer.Option(...)]`, the parameter Typer turns into this option."""
+        value_type = self.value_type
+        metavar = self.field.metadata.get("metavar")
+        callback = None
+        choices = setting_choices(self.field, self.hint)
+        bounds = self.field.metadata.get("bounds") or (Bounds() if value_type is float else None)
+        if choices is not None:
+            callback = choice(choices)
+            metavar = metavar or "|".join(choices)
+        elif bounds is not None:
+            callback = number(bounds.low, bounds.high, bounds.low_open, bounds.high_open)
+        if value_type is bool:
+            metavar = None
+        else:
+            metavar = metavar or _METAVARS[value_type]
+        option = typer.Option(*self.names, help=self.help(), metavar=metavar, callback=callback, show_default=False)
+        python_type = list[value_type] if self.repeatable else value_type
+        return Annotated[Optional[python_type], option]
+
+    def config_value(self, value: Any) -> Any:
+        """The config's value for what was typed: tuples for repeated options, strings for paths."""
+        if value is None:
+            return None
+        if self.repeatable:
+            return tuple(str(item) for item in value) or None
+        return str(value) if isinstance(value, Path) else value
+
+
+def setting_options(config_cls: type, exclude: Iterable[str] = ()) -> list[SettingOption]:
+    """The options of every field of `config_cls` (and its sections) declared with a flag, in field order."""
+    options: list[SettingOption] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            path = f"{prefix}{field.name}"
+            hint = hints[field.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{path}.")
+            elif field.metadata.get("flag"):
+                options.append(SettingOption(path, field, strip_optional(hint)))
+
+    walk(config_cls, "")
+    excluded = set(exclude)
+    unknown = excluded - {o.path for o in options}
+    if unknown:
+        raise ValueError(f"{config_cls.__name__} has no flagged settings {sorted(unknown)}")
+    return [o for o in options if o.path not in excluded]
+
+
+def settings_options(config_cls: type, exclude: Iterable[str] = ()) -> Callable[[Callable], Callable]:
+    """Decorate a command: the options of `config_cls`'s flagged fields take the place of its
+    `overrides` parameter, and it is called with `overrides` (dotted path -> value or None).
+
+    `exclude` leaves out fields by dotted path (a command that takes one of them as an argument).
+    """
+    options = setting_options(config_cls, exclude)
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        if "overrides" not in signature.parameters:
+            raise TypeError(f"{command.__name__} needs an `overrides` parameter for the settings' options")
+        keyword_only = inspect.Parameter.KEYWORD_ONLY
+        parameters: list[inspect.Parameter] = []
+        for parameter in signature.parameters.values():
+            if parameter.name == "overrides":
+                parameters += [inspect.Parameter(o.param, keyword_only, default=None, annotation=o.annotation())
+                               for o in options]
+            else:
+                parameters.append(parameter.replace(kind=keyword_only))
+        names = [p.name for p in parameters]
+        clashes = sorted({name for name in names if names.count(name) > 1})
+        if clashes:
+            raise TypeError(f"{command.__name__}: parameters {clashes} are declared twice")
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            overrides = {o.path: o.config_value(values.pop(o.param)) for o in options}
+            return command(**values, overrides=overrides)
+
+        run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        run.settings = tuple(options)  # type: ignore[attr-defined]  # for tests and tools
+        return run
+
+    return decorate

@@ -1,0 +1,85 @@
+"""Videos from a CogVideoX pipeline: the one code path for sampling.
+
+`cogtune sample` uses it with the prompts it encodes; the trainer's validation with the cached
+prompt embeddings and the in-training weights. It sits below both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cogtune.errors import DataError
+from cogtune.models.registry import ModelSpec
+
+
+def load_condition_image(path: str | Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError as exc:
+        raise DataError(f"image not found: {path}") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+def generate_videos(
+    pipe: Any,
+    spec: ModelSpec,
+    *,
+    prompt_embeds: Any,
+    negative_prompt_embeds: Any,
+    frames: int,
+    height: int,
+    width: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    images: Sequence[Any] | None = None,
+    dynamic_cfg: bool = False,
+    attention_kwargs: dict[str, Any] | None = None,
+    denoising_context: Callable[[], Any] = contextlib.nullcontext,
+) -> list[Any]:
+    """One video (F, H, W, 3 float in [0, 1]) per row of `prompt_embeds`; video i uses seed + i.
+
+    The pipeline denoises inside `denoising_context` (training's validation passes its autocast) and
+    the VAE decodes outside it: under autocast the decoder's group norms would run, and keep their
+    outputs, in float32.
+    """
+    import torch
+
+    videos = []
+    device = pipe._execution_device
+    dtype = pipe.transformer.dtype
+    padding = spec.padded_latent_frames(frames) - spec.latent_frames(frames)  # 1.5's, dropped as the pipeline does
+    for index in range(prompt_embeds.shape[0]):
+        kwargs: dict[str, Any] = {
+            "prompt_embeds": prompt_embeds[index : index + 1].to(device=device, dtype=dtype),
+            "negative_prompt_embeds": negative_prompt_embeds[index : index + 1].to(device=device, dtype=dtype),
+            "num_frames": frames,
+            "height": height,
+            "width": width,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "use_dynamic_cfg": dynamic_cfg,
+            "generator": torch.Generator(device="cpu").manual_seed(seed + index),
+            "output_type": "latent",
+            "max_sequence_length": spec.max_text_tokens,
+            "attention_kwargs": attention_kwargs,
+        }
+        if spec.is_i2v:
+            if not images:
+                raise DataError(f"{spec.name} is an image-to-video model: give a condition image")
+            kwargs["image"] = images[index] if len(images) > 1 else images[0]
+        with torch.no_grad():
+            with denoising_context():
+                latents = pipe(**kwargs).frames[:, padding:]
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the decode's tensors have other sizes than the denoiser's cached blocks
+            decoded = pipe.decode_latents(latents.to(pipe.vae.dtype))
+            videos.append(pipe.video_processor.postprocess_video(video=decoded, output_type="np")[0])
+    return videos

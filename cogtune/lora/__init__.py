@@ -1,0 +1,1 @@
+"""LoRA files: the format cogtune writes and reads, below training and sampling."""

@@ -1,0 +1,101 @@
+"""What a run writes and prints besides its checkpoints: final weights, loss curve, summaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cogtune import distributed, report
+from cogtune.config import flatten_settings
+from cogtune.lora.format import LORA_WEIGHTS_NAME, save_lora
+from cogtune.train.config import TrainConfig
+from cogtune.train.full import TRANSFORMER_DIR, save_full_transformer
+from cogtune.train.model import lora_info
+from cogtune.train.plan import RunPlan
+
+
+def save_final_weights(accelerator: Any, config: TrainConfig, plan: RunPlan, transformer: Any, dtype: Any) -> Path:
+    """OUT/pytorch_lora_weights.safetensors, or OUT/transformer/ in the model's dtype.
+
+    Under FSDP and ZeRO the weights are gathered from every process first, so the files are the
+    same plain diffusers files as a one-process run's (no `zero_to_fp32` step).
+    """
+    accelerator.wait_for_everyone()
+    output_dir = Path(config.output_dir)
+    state = distributed.gather_state_dict(accelerator, transformer, trainable_only=not config.full)
+    unwrapped = accelerator.unwrap_model(transformer)
+    target = output_dir / TRANSFORMER_DIR if config.full else output_dir / LORA_WEIGHTS_NAME
+    if accelerator.is_main_process:
+        if config.full:
+            save_full_transformer(unwrapped, target, dtype, plan.drop_learned_positions, state)
+        else:
+            save_lora(output_dir, unwrapped, lora_info(config, plan), state)
+        report.success(f"weights saved: {target}")
+    accelerator.wait_for_everyone()
+    return target
+
+
+def write_loss_curve(losses: list[float], output_dir: Path) -> None:
+    if not losses:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cogtune.fsutil import atomic_path
+
+    figure, axis = plt.subplots(figsize=(7, 3.5), dpi=120)
+    steps = range(1, len(losses) + 1)
+    axis.plot(steps, losses, linewidth=1, alpha=0.5, label="loss")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smoothed = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                    for i in range(len(losses))]
+        axis.plot(steps, smoothed, linewidth=2, label=f"mean of {window}")
+    positive = [value for value in losses if value > 0]
+    if positive and max(positive) / min(positive) > 20:  # a log axis only when the loss spans decades
+        axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(output_dir / "loss.png") as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+
+
+def flat_config(config: TrainConfig) -> dict[str, Any]:
+    """The settings as a tracker records them: dotted names, scalar values (others as text)."""
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for name, value in flatten_settings(config).items() if value is not None}
+
+
+def print_run_summary(config: TrainConfig, plan: RunPlan, accelerator: Any, mixed_precision: str) -> None:
+    world = accelerator.num_processes
+    model = plan.model
+    rows = [
+        ("model", f"{model.reference} ({model.spec.family})"),
+        ("task", config.task),
+        ("method", "full fine-tuning (float32 master weights)" if config.full else
+         f"LoRA rank {config.lora.rank}, alpha {config.lora.effective_alpha:g}"),
+        ("cache", f"{config.data} ({len(plan.cache)} items; buckets {', '.join(plan.cache.buckets)})"),
+        ("device", f"{accelerator.device} x {world} process(es), mixed precision {mixed_precision}"),
+        ("strategy", distributed.strategy_name(accelerator)),
+        ("batch", f"{config.batch_size} per process x {world} processes x {config.gradient_accumulation} "
+                  f"accumulation = {config.batch_size * world * config.gradient_accumulation} per step"),
+        ("steps", config.steps),
+        ("optimizer", f"{config.optimizer.name}, lr {config.optimizer.effective_lr:g}, {config.optimizer.lr_schedule}"),
+        ("output", config.output_dir),
+    ]
+    if plan.drop_learned_positions:
+        rows.append(("positions", "learned positional embeddings dropped (rotary only)"))
+    memory = config.memory
+    options = [name for name, on in (("gradient checkpointing", config.gradient_checkpointing
+                                      and not distributed.fsdp_checkpoints_activations(accelerator)),
+                                     ("fp8 weights", memory.fp8_weights), ("offloaded blocks", memory.offload_blocks),
+                                     ("offloaded activations", memory.offload_activations),
+                                     ("compiled blocks", memory.compile)) if on]
+    rows.append(("memory", ", ".join(options) or "none"))
+    report.key_values("training run", rows, to_stderr=True)

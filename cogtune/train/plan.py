@@ -1,0 +1,89 @@
+"""Planning a run: everything checked and decided before any weight is loaded.
+
+`plan_run` resolves the model, opens the cache, checks the task, the launch's strategy, every bucket
+and the validation shape against the model's limits, and decides whether 5b-I2V's learned
+positional embeddings are dropped. The recipe (`cogtune.train.loop`) and the estimator
+(`cogtune.train.sizing`) both start from its `RunPlan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+from cogtune import distributed
+from cogtune.encode.cache import VideoLatentCache
+from cogtune.errors import ConfigError
+from cogtune.models.loading import ResolvedModel, resolve_model
+from cogtune.models.positions import needs_learned_positions_dropped
+from cogtune.models.registry import ModelSpec
+from cogtune.train.config import TrainConfig
+from cogtune.train.optimizers import CUDA_ONLY
+from cogtune.train.validation import validation_prompts, validation_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Everything decided before any weight is loaded."""
+
+    model: ResolvedModel
+    cache: VideoLatentCache
+    drop_learned_positions: bool
+    validation_prompts: list[str]
+
+
+def plan_run(config: TrainConfig) -> RunPlan:
+    model = resolve_model(config.model, random_weights=config.random_weights)
+    spec = model.spec
+    if config.task == "i2v" and not spec.is_i2v:
+        raise ConfigError(f"{spec.name} is a text-to-video model; use `cogtune train t2v` or an I2V model")
+    if config.task == "t2v" and spec.is_i2v:
+        raise ConfigError(f"{spec.name} is an image-to-video model; use `cogtune train i2v`")
+    if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
+        raise ConfigError(f"--report-to {config.report_to} needs the {config.report_to} package",
+                          hint=f"pip install {config.report_to}")
+    if config.optimizer.name in CUDA_ONLY:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"optimizer {config.optimizer.name} needs a CUDA GPU")
+    check_strategy(config)
+    cache = VideoLatentCache(config.data)
+    cache.check_compatible(spec, needs_image_latents=config.task == "i2v")
+    checked = {f"bucket {bucket}": shape for bucket, shape in zip(cache.buckets, cache.bucket_shapes)}
+    prompts = validation_prompts(config, cache, spec.is_i2v)
+    if prompts:
+        checked["validation"] = validation_shape(config, cache)
+    spec.check_clip_shapes(checked)  # type: ignore[arg-type]
+    needed = needs_learned_positions_dropped(spec, list(checked.values()))  # type: ignore[arg-type]
+    if needed and config.learned_positional_embeddings == "keep":
+        raise ConfigError(
+            f"{spec.name} has learned positional embeddings for its native resolution only; "
+            f"{', '.join(checked)} need them dropped",
+            hint="--learned-positional-embeddings drop (or auto)",
+        )
+    return RunPlan(model, cache, drops_learned_positions(config, spec, needed), prompts)
+
+
+def drops_learned_positions(config: TrainConfig, spec: ModelSpec, needed: bool) -> bool:
+    """Whether the run drops 5b-I2V's learned positional embeddings (`needed`: its shapes require it)."""
+    if not spec.learned_positional_embeddings:
+        return False
+    return config.learned_positional_embeddings == "drop" or (needed and config.learned_positional_embeddings == "auto")
+
+
+def check_strategy(config: TrainConfig) -> None:
+    """The launch's strategy (DDP, FSDP, DeepSpeed) can run here and combines with the memory options."""
+    distributed.check_launch()
+    strategy = distributed.requested_strategy()
+    if strategy not in ("fsdp", "deepspeed"):
+        return
+    clashes = [flag for flag, on in (("--fp8", config.memory.fp8_weights),
+                                     ("--offload-blocks", config.memory.offload_blocks),
+                                     ("--optimizer adamw-cpu-offload", config.optimizer.name == "adamw-cpu-offload"))
+               if on]
+    if clashes:
+        name = "FSDP" if strategy == "fsdp" else "DeepSpeed"
+        raise ConfigError(f"{clashes[0]} does not combine with {name}, which shards and offloads weights itself",
+                          hint="drop the option, or use a config with CPU offload "
+                               "(`cogtune config accelerate --strategy zero3-offload`)")

@@ -1,0 +1,391 @@
+"""The peak GPU memory of a training run, without a GPU or a download.
+
+`estimate_run(config, shapes)` sizes exactly the run a `TrainConfig` describes, at its buckets
+(the largest decides the peak, and the estimate says which) and its validation shape. The
+trainer's own pieces run on the meta device under an allocation tracker (`trace`):
+`load_trainable_transformer` builds the real transformer (LoRA with its rank and target modules,
+full fine-tuning, fp8 storage, checkpointing, mixed precision, as configured), `training_step`
+runs two steps forward and backward, a torch optimizer steps for real
+(others' state is added by its known size), and the validation pass runs the real diffusers
+pipeline for one denoising step and the VAE decode. The tracker replays every allocation into a
+model of the CUDA caching allocator, so the figures are *reserved* memory, what
+`torch.cuda.max_memory_reserved` reports. Block offloading is applied as arithmetic: the frozen
+weights leave the device except the two largest layers in flight.
+
+The four moments are the trainer's `memory.json`: before training (weights loaded), before
+validation (the training peak), after validation and after testing (the peak including the
+validation pass). The CUDA context (about 0.5 GiB, outside the allocator) is not in these figures;
+`fit` adds it when comparing with a GPU's size. Two settings are not traced: `memory.compile`
+(torch.compile's kernels cannot run on the meta device; compiled blocks keep about what eager ones
+keep) and the values of settings that change no tensor's size (learning rate, dropout rates, seeds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import gc
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cogtune.errors import ModelError
+from cogtune.models.loading import ResolvedModel
+from cogtune.models.registry import ALL_PRESETS, ModelSpec
+from cogtune.train.config import TrainConfig
+
+Shape = tuple[int, int, int]
+
+# Optimizer state bytes per trainable parameter, for optimizers whose step cannot run on meta
+# tensors (their kernels are compiled CUDA code); torch's optimizers are traced instead.
+STATE_BYTES_PER_PARAMETER = {
+    "adamw-8bit": 2 * (1 + 4 / 256),  # two uint8 states + a float32 absmax per block of 256
+    "adamw-8bit-paged": 0.0,  # paged state lives in unified memory, outside the caching allocator
+    "adamw-8bit-ao": 2 * (1 + 4 / 256),
+    "adamw-4bit-ao": 2 * (0.5 + 4 / 128),
+    "prodigy": 16.0,  # exp_avg, exp_avg_sq, s, p0 in float32
+    "adamw-cpu-offload": 0.0,  # state on the CPU (tensors under 4096 elements stay: see below)
+}
+CPU_OFFLOAD_MIN_SIZE = 4096
+CUDA_CONTEXT_GIB = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryFigures:
+    """GiB at the trainer's four moments, allocated and reserved (peaks so far, like max_memory_*)."""
+
+    before_training: float
+    before_validation: float
+    after_validation: float
+    after_testing: float
+    allocated_before_training: float
+    allocated_peak_training: float
+    allocated_peak: float
+    validation_denoise: float = 0.0  # allocated peak while the validation pass denoises (0: no validation)
+    validation_decode: float = 0.0  # allocated peak while it decodes
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunEstimate:
+    config: TrainConfig
+    shapes: tuple[Shape, ...]  # the run's buckets
+    shape: Shape  # the bucket that decides the training peak
+    validation_shape: Shape | None  # None: the run renders no validation videos
+    memory: MemoryFigures
+    trainable_parameters: int
+    transformer_parameters: int
+    teraflops_per_step: float
+    seconds: float  # the estimator's own time
+
+    @property
+    def label(self) -> str:
+        return run_label(self.config, self.shape)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"case": run_summary(self.config, self.shape, self.validation_shape), "label": self.label,
+                "bucket": "x".join(map(str, self.shape)), "memory_gib": self.memory.as_dict(),
+                "trainable_parameters": self.trainable_parameters,
+                "transformer_parameters": self.transformer_parameters,
+                "teraflops_per_step": round(self.teraflops_per_step, 1), "estimator_seconds": round(self.seconds, 1)}
+
+
+@functools.lru_cache(maxsize=32)
+def model_spec(reference: str) -> ModelSpec:
+    """The spec of a preset, or of a model known by its configs (a local folder or Hub id)."""
+    if reference in ALL_PRESETS:
+        return ALL_PRESETS[reference]
+    from cogtune.models.loading import resolve_model
+
+    return resolve_model(reference, random_weights=True).spec
+
+
+def run_summary(config: TrainConfig, shape: Shape, validation_shape: Shape | None) -> dict[str, Any]:
+    """The memory-relevant settings of a run, as a table row shows them."""
+    frames, height, width = shape
+    memory = config.memory
+    return {"model": config.model, "method": "full" if config.full else "lora", "rank": config.lora.rank,
+            "target_modules": list(config.lora.target_modules), "optimizer": config.optimizer.name,
+            "gradient_checkpointing": config.gradient_checkpointing, "batch_size": config.batch_size,
+            "mixed_precision": config.mixed_precision, "frames": frames, "height": height, "width": width,
+            "fp8": memory.fp8_weights, "offload_blocks": memory.offload_blocks,
+            "offload_activations": memory.offload_activations, "validation": validation_shape is not None,
+            "validation_shape": list(validation_shape) if validation_shape else None}
+
+
+def run_label(config: TrainConfig, shape: Shape) -> str:
+    method = f"LoRA r{config.lora.rank}" if not config.full else "full"
+    memory = config.memory
+    options = [config.optimizer.name, "ckpt" if config.gradient_checkpointing else "no ckpt"]
+    options += [name for name, on in (("fp8", memory.fp8_weights), ("offload blocks", memory.offload_blocks),
+                                      ("offload act.", memory.offload_activations)) if on]
+    frames, height, width = shape
+    return f"{config.model} {method}, {', '.join(options)}, b{config.batch_size}, {frames}x{height}x{width}"
+
+
+def largest_shape(spec: ModelSpec, shapes: Sequence[Shape]) -> Shape:
+    """The bucket with the most transformer tokens (then frames): the one whose step peaks highest."""
+    def tokens(shape: Shape) -> tuple[int, int]:
+        grid = spec.transformer_grid(*shape)
+        return grid[0] * grid[1] * grid[2], shape[0]
+
+    return max(shapes, key=tokens)
+
+
+def traced_mixed_precision(config: TrainConfig, spec: ModelSpec) -> str:
+    """What `--mixed-precision` resolves to on a GPU (the estimate sizes a GPU run from anywhere)."""
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    return {"float16": "fp16", "bfloat16": "bf16"}.get(spec.weight_dtype, "no")
+
+
+def synthetic_batch(spec: ModelSpec, batch_size: int, shape: Shape) -> dict[str, Any]:
+    """CPU tensors shaped as the cache loader gives them for this shape (values are irrelevant)."""
+    import torch
+
+    frames, height, width = shape
+    latent = (batch_size, 2 * spec.latent_channels, spec.latent_frames(frames),
+              height // spec.spatial_compression, width // spec.spatial_compression)
+    batch = {"latent_dist": torch.zeros(latent), "prompt_embeds": torch.zeros(batch_size, spec.max_text_tokens,
+                                                                              spec.text_embed_dim)}
+    if spec.is_i2v:
+        image = (batch_size, 2 * spec.latent_channels, 1, latent[3], latent[4])
+        batch["image_latent_dist"] = torch.zeros(image)
+    return batch
+
+
+def _offloaded_weight_bytes(transformer: Any) -> int:
+    """Bytes that block offloading keeps off the device: frozen weights, minus two layers in flight."""
+    import torch
+
+    leaf_bytes = []
+    for module in transformer.modules():
+        own = [p for p in module.parameters(recurse=False) if not p.requires_grad]
+        if own:
+            leaf_bytes.append(sum(p.numel() * p.element_size() for p in own))
+    frozen = sum(leaf_bytes)
+    in_flight = sum(sorted(leaf_bytes, reverse=True)[:2])
+    del torch
+    return max(0, frozen - in_flight)
+
+
+def _optimizer_state_bytes(optimizer: str, trainable: list[Any]) -> int:
+    per_parameter = STATE_BYTES_PER_PARAMETER[optimizer]
+    total = sum(p.numel() for p in trainable) * per_parameter
+    if optimizer == "adamw-cpu-offload":  # small tensors stay on the device, with float32 AdamW state
+        total += sum(p.numel() * 8 for p in trainable if p.numel() < CPU_OFFLOAD_MIN_SIZE)
+    return int(total)
+
+
+def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape: Shape | None = None,
+                 steps: int = 2, exact: bool = False) -> RunEstimate:
+    """Trace `steps` training steps of `config` at its largest bucket (the second step has the optimizer
+    state in place) and, when `validation_shape` is given, a validation pass at that shape."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cogtune.models.loading import load_scheduler
+    from cogtune.models.positions import needs_learned_positions_dropped
+    from cogtune.quiet import quiet_libraries
+    from cogtune.train.model import load_trainable_transformer
+    from cogtune.train.plan import RunPlan, drops_learned_positions
+    from cogtune.train.sizing.trace import (
+        DEVICE,
+        AllocationTracker,
+        activations_offloaded_on_meta,
+        gib,
+        gpu_semantics,
+    )
+    from cogtune.train.step import StepSettings, training_step
+
+    quiet_libraries()
+    started = time.perf_counter()
+    if not shapes:
+        raise ModelError("no clip shape to size")
+    spec = model_spec(config.model)
+    named = {f"bucket {'x'.join(map(str, s))}": s for s in shapes}
+    if validation_shape is not None:
+        named["validation"] = validation_shape
+    spec.check_clip_shapes(named)
+    shape = largest_shape(spec, shapes)
+    model = ResolvedModel(config.model, spec, "fake", None)
+    drop = drops_learned_positions(config, spec, needs_learned_positions_dropped(spec, list(named.values())))
+    plan = RunPlan(model, None, drop, [])  # type: ignore[arg-type]  # the cache is not used to build the model
+    memory_settings = config.memory
+    # Block offloading is arithmetic here (its hooks move tensors between real devices); compiled kernels
+    # cannot run on the meta device.
+    traced = dataclasses.replace(config, memory=dataclasses.replace(memory_settings, offload_blocks=False,
+                                                                    compile=False))
+    # The fast path builds every tensor on the meta device from the start (peft would initialize the LoRA
+    # layers on the CPU, then move them); only the finished parameters are counted, so nothing changes.
+    with contextlib.nullcontext() if exact else torch.device(DEVICE):
+        transformer, compute_dtype = load_trainable_transformer(traced, plan, DEVICE,
+                                                                traced_mixed_precision(config, spec))
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    offloaded = _offloaded_weight_bytes(transformer) if memory_settings.offload_blocks else 0
+
+    vae = None
+    if validation_shape is not None:  # built untracked, counted when loaded
+        vae = _validation_vae(model, compute_dtype, memory_settings.validation_tile_size
+                              if memory_settings.validation_vae_tiling else None)
+    tracker = AllocationTracker(memoize=not exact)
+    # In the order a run allocates them: the loaded weights, then the LoRA layers peft adds.
+    parameters = list(transformer.named_parameters())
+    tracker.adopt([p for name, p in parameters if "lora_" not in name] + list(transformer.buffers()))
+    tracker.adopt([p for name, p in parameters if "lora_" in name])
+    allocator = tracker.allocator
+    before_training_reserved, before_training_allocated = allocator.reserved, allocator.allocated
+
+    optimizer_name = config.optimizer.name
+    traced_optimizer = optimizer_name in ("adamw", "adam")
+    extra_state = 0 if traced_optimizer else _optimizer_state_bytes(optimizer_name, trainable)
+    scheduler = load_scheduler(model)
+    batch = synthetic_batch(spec, config.batch_size, shape)
+    empty = torch.zeros(spec.max_text_tokens, spec.text_embed_dim)
+    settings = StepSettings(caption_dropout=config.effective_caption_dropout,
+                            image_dropout=config.image_dropout if spec.is_i2v else 0.0)
+    optimizer = None
+
+    def train_step(cast_cache: dict) -> None:
+        generators = [torch.Generator().manual_seed(i) for i in range(config.batch_size)]
+        offloading = (activations_offloaded_on_meta() if memory_settings.offload_activations
+                      else contextlib.nullcontext())
+        with offloading:
+            loss = training_step(transformer, scheduler, spec, batch, empty, settings, generators, DEVICE,
+                                 compute_dtype)
+        cast_cache.clear()  # the autocast region ends with the forward; backward runs outside it
+        loss.backward()
+        del loss
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            for parameter in trainable:
+                parameter.grad = None
+        gc.collect()
+
+    with _young_garbage_only(not exact), tracker, gpu_semantics(compute_dtype) as cast_cache:
+        if traced_optimizer:
+            cls = torch.optim.AdamW if optimizer_name == "adamw" else torch.optim.Adam
+            optimizer = cls(trainable, lr=1e-4, foreach=True)  # CUDA's default implementation
+        for index in range(steps):
+            if not exact and index == steps - 1:
+                tracker.flops = 0  # the last step, with the optimizer state in place, is counted
+            train_step(cast_cache)
+        flop_count = tracker.flops
+        tracker.flops = None
+        training_peak_reserved, training_peak_allocated = allocator.peak_reserved, allocator.peak_allocated
+        validation_peak_reserved, validation_peak_allocated = training_peak_reserved, training_peak_allocated
+        denoise = decode = (0, 0)
+        if validation_shape is not None:
+            allocator.reset_peaks()
+            denoise, decode = _trace_validation(model, transformer, vae, config, validation_shape, compute_dtype,
+                                                tracker, cast_cache)
+            validation_peak_reserved = max(training_peak_reserved, denoise[0], decode[0])
+            validation_peak_allocated = max(training_peak_allocated, denoise[1], decode[1])
+
+    if exact:  # torch's own counter, in a step of its own (it keeps tensors alive)
+        counter = FlopCounterMode(display=False)
+        with counter, gpu_semantics(compute_dtype) as cast_cache:
+            train_step(cast_cache)
+        flop_count = counter.get_total_flops()
+
+    shift = extra_state - offloaded  # state the trace did not see; weights that would not be on the device
+    figures = MemoryFigures(
+        before_training=gib(before_training_reserved - offloaded),
+        before_validation=gib(training_peak_reserved + shift),
+        after_validation=gib(validation_peak_reserved + shift),
+        after_testing=gib(validation_peak_reserved + shift),
+        allocated_before_training=gib(before_training_allocated - offloaded),
+        allocated_peak_training=gib(training_peak_allocated + shift),
+        allocated_peak=gib(validation_peak_allocated + shift),
+        validation_denoise=gib(denoise[1] + shift) if validation_shape is not None else 0.0,
+        validation_decode=gib(decode[1] + shift) if validation_shape is not None else 0.0,
+    )
+    return RunEstimate(
+        config=config, shapes=tuple(shapes), shape=shape, validation_shape=validation_shape, memory=figures,
+        trainable_parameters=sum(p.numel() for p in trainable),
+        transformer_parameters=sum(p.numel() for name, p in transformer.named_parameters() if "lora_" not in name),
+        teraflops_per_step=flop_count / 1e12, seconds=time.perf_counter() - started,
+    )
+
+
+@contextlib.contextmanager
+def _young_garbage_only(enabled: bool):
+    """Exempt the objects that exist now from the garbage collector while tracing: the steps' own
+    `gc.collect()` then only visits what the trace creates (the same garbage, found far faster)."""
+    if not enabled:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _validation_vae(model: ResolvedModel, compute_dtype: Any, tile: tuple[int, int] | None):
+    from cogtune.models.loading import load_vae
+    from cogtune.train.sizing.trace import DEVICE
+
+    vae = load_vae(model, dtype=compute_dtype, device=DEVICE)
+    if tile is not None:  # as the trainer's validation
+        vae.enable_tiling(tile_sample_min_height=tile[0], tile_sample_min_width=tile[1])
+    return vae
+
+
+def _shape_only_scheduler(model: ResolvedModel):
+    """The model's scheduler, except that a step returns its input: a step's arithmetic reads values
+    (which meta tensors lack), and its memory is a few latent-sized tensors."""
+    from cogtune.models.loading import load_scheduler
+
+    base = load_scheduler(model)
+
+    class ShapeOnlyStep(type(base)):  # type: ignore[misc, valid-type]
+        def step(self, model_output, timestep, sample, *args, return_dict=True, **kwargs):
+            return (sample * 1,)
+
+    return ShapeOnlyStep.from_config(base.config)
+
+
+def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: TrainConfig, shape: Shape,
+                      compute_dtype: Any, tracker: Any, cast_cache: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """One denoising step of the real pipeline (under autocast; a classifier-free guidance batch when the
+    guidance is above 1) and the VAE decode (outside it), as `generate_videos` runs them.
+
+    Returns the (reserved, allocated) peaks of the denoising step and of the decode.
+    """
+    import torch
+    from PIL import Image
+
+    from cogtune.models.loading import build_pipeline
+    from cogtune.train.sizing.trace import DEVICE
+    from cogtune.train.validation import validation_feed_forward_chunks
+
+    spec = model.spec
+    tracker.allocator.release_cached()  # the validator empties the cache before the pass
+    tracker.adopt(list(vae.parameters()) + list(vae.buffers()))  # the trainer loads the VAE for the pass
+    pipe = build_pipeline(model, transformer=transformer, vae=vae, text_encoder=None, tokenizer=None,
+                          scheduler=_shape_only_scheduler(model))
+    frames, height, width = shape
+    embeds = torch.zeros(1, spec.max_text_tokens, spec.text_embed_dim).to(DEVICE, compute_dtype)
+    kwargs: dict[str, Any] = dict(prompt_embeds=embeds, negative_prompt_embeds=embeds, num_frames=frames,
+                                  height=height, width=width, num_inference_steps=1,
+                                  guidance_scale=config.validation.guidance, output_type="latent",
+                                  max_sequence_length=spec.max_text_tokens)
+    if spec.is_i2v:
+        kwargs["image"] = Image.new("RGB", (width, height))
+    with torch.no_grad():
+        with validation_feed_forward_chunks(transformer, config.memory.offload_blocks):  # as the validator
+            latents = pipe(**kwargs).frames[:, spec.padded_latent_frames(frames) - spec.latent_frames(frames):]
+        allocator = tracker.allocator
+        denoise = (allocator.peak_reserved, allocator.peak_allocated)
+        allocator.release_cached()  # generate_videos empties the cache before the decode
+        allocator.reset_peaks()
+        with cast_cache.outside_autocast():
+            pipe.decode_latents(latents.to(vae.dtype))
+        return denoise, (allocator.peak_reserved, allocator.peak_allocated)

@@ -1,0 +1,256 @@
+"""Each setting is declared once, in its config field; the command line is made from it.
+
+Oracles: the config the real CLI builds (the engine replaced by a recorder) and the click options
+Typer made, against the dataclass fields, for every flag: the flag sets its field, a flag not typed
+leaves the TOML file's value alone, the default shown is the field's, and at 80 columns `--help`
+shows every option's full name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+
+import pytest
+import typer
+
+from cogtune.cli.settings import SettingOption, setting_options
+from cogtune.config import dump_toml, setting_choices
+from cogtune.data.dataset import DatasetConfig
+from cogtune.encode.config import EncodeConfig
+from cogtune.sample_config import SampleConfig
+from cogtune.train.config import TrainConfig
+
+# command, its config, the fields it takes otherwise (an argument) or not at all, the required arguments
+COMMANDS = {
+    "train t2v": (TrainConfig, (), {"model": "tiny", "data": "cache", "output_dir": "run"}),
+    "train i2v": (TrainConfig, (), {"model": "tiny-i2v", "data": "cache", "output_dir": "run"}),
+    "encode": (EncodeConfig, (), {"model": "tiny", "data.root": "data", "output_dir": "cache"}),
+    "sample": (SampleConfig, (), {"model": "tiny", "prompts": ("a prompt",), "output": "out.mp4"}),
+    "dataset validate": (DatasetConfig, ("root", "resize_mode"), {"root": "data"}),
+}
+# settings that need another one to be valid
+COMPANIONS = {"validation.images": {"validation.prompts": ("one", "two")}}
+NOT_FOR = {("train t2v", "validation.images")}  # condition images are for i2v (tested there)
+
+
+def _click_tree():
+    from cogtune.cli.app import app
+
+    root = typer.main.get_command(app)
+    stack, commands = [((), root)], {}
+    while stack:
+        path, command = stack.pop()
+        commands[" ".join(path)] = command
+        for name, child in getattr(command, "commands", {}).items():
+            stack.append(((*path, name), child))
+    return commands
+
+
+def _get(config, path):
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _nested(values: dict) -> dict:
+    tree: dict = {}
+    for path, value in values.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return tree
+
+
+def _other_value(option: SettingOption):
+    """A valid value of the option's field that differs from the field's default."""
+    default = option.field.default
+    choices = setting_choices(option.field, option.hint)
+    if choices:
+        return next(c for c in choices if c != default)
+    if option.value_type is bool:
+        return not default
+    if option.path.endswith("buckets"):
+        return ("9x64x64",)
+    if option.repeatable:
+        return ("first", "second")
+    if option.path.endswith("dataset_file"):
+        return "table.csv"
+    if option.value_type is int:
+        return (default or 0) + 2
+    if option.value_type is float:
+        bounds = option.field.metadata.get("bounds")
+        return 0.5 if bounds is not None and bounds.high is not None else (default or 0) + 0.5
+    return f"{option.param}-value"
+
+
+def _args(option: SettingOption, value) -> list[str]:
+    if option.value_type is bool:
+        return [option.flag if value else f"--no-{option.flag[2:]}"]
+    if option.repeatable:
+        return [arg for item in value for arg in (option.flag, str(item))]
+    return [option.flag, str(value)]
+
+
+def _command_args(command: str, values: dict) -> list[str]:
+    config_cls, _, _ = COMMANDS[command]
+    options = {o.path: o for o in setting_options(config_cls)}
+    args = command.split()
+    for path, value in values.items():
+        if path == "root" and command == "dataset validate":
+            args.append(value)
+        else:
+            args += _args(options[path], value)
+    return args
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replace each engine entry point by a recorder of the config it is given."""
+    import cogtune.data.validate
+    import cogtune.encode
+    import cogtune.sample
+    import cogtune.train
+
+    configs = []
+
+    class Valid:
+        ok, items, errors, warnings = True, 0, [], []
+
+    def record(config, *args, **kwargs):
+        configs.append(config)
+        return []
+
+    monkeypatch.setattr(cogtune.train, "run_training", record)
+    monkeypatch.setattr(cogtune.encode, "encode_dataset", record)
+    monkeypatch.setattr(cogtune.sample, "run_sample", record)
+    monkeypatch.setattr(cogtune.data.validate, "validate_dataset", lambda config, **kw: record(config) or Valid())
+    monkeypatch.setattr(cogtune.data.validate, "print_report", lambda *a, **k: None)
+    return configs
+
+
+def _cases():
+    for command, (config_cls, exclude, _) in COMMANDS.items():
+        for option in setting_options(config_cls, exclude):
+            if (command, option.path) in NOT_FOR:
+                continue
+            yield pytest.param(command, option, id=f"{command} {option.flag}")
+
+
+@pytest.mark.parametrize("command, option", _cases())
+def test_each_flag_sets_its_field_and_a_file_value_survives_when_it_is_not_typed(command, option, cli, recorded,
+                                                                                 tmp_path):
+    _, _, required = COMMANDS[command]
+    value = _other_value(option)
+    given = {**required, **COMPANIONS.get(option.path, {}), option.path: value}
+
+    result = cli(*_command_args(command, given))
+    assert result.exit_code == 0, result.stderr
+    assert _get(recorded[-1], option.path) == value
+
+    if command == "dataset validate":
+        return  # validate takes no --config file
+    path = tmp_path / "run.toml"
+    path.write_text(dump_toml(_nested({k: v for k, v in given.items() if k != "root"})))
+    result = cli(*command.split(), "--config", path)
+    assert result.exit_code == 0, result.stderr
+    assert _get(recorded[-1], option.path) == value  # not shadowed by the option's "not given"
+
+    if option.field.default not in (None, "", ()):  # the flag wins over the file
+        result = cli(*command.split(), "--config", path, *_args(option, option.field.default))
+        assert result.exit_code == 0, result.stderr
+        assert _get(recorded[-1], option.path) == option.field.default
+
+
+def _shown(option: SettingOption) -> str | None:
+    """The field's default as a user reads it in `--help`."""
+    default = option.field.default
+    if default in (None, "", ()):
+        return None
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return ", ".join(default)
+    return format(default, "g") if isinstance(default, float) else str(default)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_options_are_the_config_fields_with_their_defaults(command):
+    """Every option maps to a field; each shows the field's default and is itself 'not given' (None)."""
+    config_cls, exclude, _ = COMMANDS[command]
+    params = {p.name: p for p in _click_tree()[command].params}
+    options = setting_options(config_cls, exclude)
+    for option in options:
+        param = params[option.param]
+        assert option.flag in param.opts
+        if option.field.metadata.get("short"):
+            assert option.field.metadata["short"] in param.opts
+        if option.value_type is bool:
+            assert param.secondary_opts == [f"--no-{option.flag[2:]}"]
+        assert param.default is None
+        shown = _shown(option)
+        assert param.help.startswith(option.field.metadata["help"])
+        if shown is None:
+            assert "[default:" not in param.help
+        else:
+            assert param.help.endswith(f"[default: {shown}]")
+    # and every field path an option sets exists in the config
+    for option in options:
+        cls = config_cls
+        *sections, name = option.path.split(".")
+        for section in sections:
+            cls = typing.get_type_hints(cls)[section]
+        assert name in {f.name for f in dataclasses.fields(cls)}
+
+
+def test_bounds_are_declared_once_for_the_option_and_the_dataclass(cli):
+    """The same declaration refuses a value on the command line (exit 2) and in Python (ConfigError)."""
+    from cogtune.errors import ConfigError
+    from cogtune.train.config import LoraConfig
+
+    result = cli("train", "t2v", "--model", "tiny", "--data", "c", "--output-dir", "o", "--rank", "0")
+    assert result.exit_code == 2 and "Invalid value for '--rank' / '-r': must be >= 1, got 0" in result.stderr
+    with pytest.raises(ConfigError, match="lora.rank must be >= 1, got 0"):
+        LoraConfig(rank=0)
+    result = cli("train", "t2v", "--model", "tiny", "--data", "c", "--output-dir", "o", "--optimizer", "sgd")
+    assert result.exit_code == 2 and "'sgd' is not one of adamw" in result.stderr
+
+
+def _help_commands():
+    return [path for path, command in _click_tree().items() if path]
+
+
+@pytest.mark.parametrize("command", _help_commands())
+def test_help_at_80_columns_shows_every_option_in_full(command, cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    click_command = _click_tree()[command]
+    result = cli(*command.split(), "--help")
+    assert result.exit_code == 0
+    options_part = result.stdout.split("Examples:")[0]
+    for param in click_command.params:
+        if getattr(param, "hidden", False) or param.param_type_name != "option":
+            continue
+        for name in [*param.opts, *param.secondary_opts]:
+            assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", options_part), (command, name)
+    assert max(len(line) for line in options_part.splitlines()) <= 80
+
+
+def test_bench_memory_accepts_random_weights(cli):
+    """The contract lists --random-weights for sizing; bench always uses random weights, so it is accepted."""
+    result = cli("bench", "memory", "--random-weights", "--gpu-memory", "nan")
+    assert result.exit_code == 2 and "Invalid value for '--gpu-memory'" in result.stderr  # parsed past the flag
+
+
+def test_bench_memorys_hand_written_override_keys_are_bench_settings(cli, monkeypatch):
+    """bench's grid options (comma-separated lists) are not generated from fields; `load_config` checks
+    every override key, even those not given, so one run with no options proves they all exist."""
+    import cogtune.bench.run
+
+    configs = []
+    monkeypatch.setattr(cogtune.bench.run, "run_bench", lambda config, **kwargs: configs.append(config))
+    result = cli("bench", "memory")
+    assert result.exit_code == 0, result.stderr
+    assert configs == [cogtune.bench.run.BenchConfig()]
