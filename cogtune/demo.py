@@ -96,4 +96,6 @@ def run_demo(output_dir: str | Path, steps: int = 100, clips: int = 6) -> dict[s
         ("memory table", paths["run"] / "memory.json"),
         ("sample video", paths["sample"]),
     ])
+    report.info("the tiny model is random and minutes of CPU training teach it little: its videos look like noise. "
+                "That is expected; the demo shows the pipeline works end to end, not what a real model learns.")
     return paths

@@ -9,8 +9,8 @@ from typing import Any
 
 from cogtune import report
 from cogtune.fsutil import atomic_path, atomic_write_text
+from cogtune.train.memory import MOMENTS
 
-MOMENTS = ("memory_before_training", "memory_before_validation", "memory_after_validation", "memory_after_testing")
 
 
 def row_values(row: dict[str, Any]) -> list[float]:

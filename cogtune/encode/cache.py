@@ -420,8 +420,19 @@ class VideoLatentCache:
         wanted = compatibility(spec)
         different = [key for key in wanted if made_for.get(key) != wanted[key]]
         model = self.manifest.get("model", {})
+        architectures = [key for key in different if key in ("vae_architecture", "text_encoder_architecture")]
+        words: list[str] | None = None
+        if architectures:
+            # The hashes differ, yet the models may be one (a preset and a folder saved from it list
+            # their configs differently): compare the architectures themselves, in words.
+            words = _architecture_differences(model.get("reference"), spec)
+            if words == []:
+                different = [key for key in different if key not in architectures]
         if different:
-            details = ", ".join(f"{key} {made_for.get(key)!r} vs {wanted[key]!r}" for key in different[:3])
+            details = [f"{key} {made_for.get(key)!r} vs {wanted[key]!r}" for key in different if key not in architectures]
+            words = [w for w in words or [] if not any(w.startswith(f"vae {key} ") for key in different)]
+            details += words or [key.replace("_", " ") + " differs" for key in architectures]
+            details = ", ".join(details[:4])
             raise DataError(
                 f"cache {self.root} was made for {model.get('name', 'another model')}, which is incompatible "
                 f"with {spec.name} ({details})",
@@ -432,6 +443,24 @@ class VideoLatentCache:
                 f"cache {self.root} has no condition-image latents, which image-to-video training needs",
                 hint="encode it with `cogtune encode --i2v` (or for an I2V model)",
             )
+
+
+def _architecture_differences(reference: Any, spec: ModelSpec) -> list[str] | None:
+    """How the cache's model's VAE and text encoder differ from `spec`'s, in words ([] : they do not);
+    None when the cache's model cannot be read (configs only, nothing downloaded)."""
+    from cogtune.errors import CogtuneError
+    from cogtune.models.loading import encoder_architectures, resolve_model
+
+    if not reference:
+        return None
+    try:
+        theirs = encoder_architectures(resolve_model(str(reference)).spec)
+    except (CogtuneError, OSError):
+        return None
+    ours = encoder_architectures(spec)
+    return [f"{part} {key} {theirs[part].get(key)!r} vs {ours[part].get(key)!r}"
+            for part in ours for key in sorted(set(ours[part]) | set(theirs[part]))
+            if theirs[part].get(key) != ours[part].get(key)]
 
 
 def _json_kind(value: Any) -> str:

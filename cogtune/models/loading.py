@@ -337,18 +337,40 @@ def count_parameters(spec: ModelSpec) -> int:
     return sum(p.numel() for p in transformer.parameters())
 
 
+def _with_defaults(cls: Any, config: Any) -> dict[str, Any]:
+    """`config` with `cls.__init__`'s defaults filled in, private keys dropped, as plain JSON values."""
+    import inspect
+
+    defaults = {name: parameter.default for name, parameter in inspect.signature(cls.__init__).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    given = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return json.loads(json.dumps({**defaults, **given}, default=list))
+
+
 def transformer_architecture(spec: ModelSpec) -> dict[str, Any]:
     """The transformer's full constructor arguments: its config with diffusers' defaults filled in.
 
     A preset lists only what the published config lists, while a folder written by a newer
     diffusers lists every argument; both describe the same transformer when these agree.
     """
-    import inspect
-
     from diffusers import CogVideoXTransformer3DModel
 
-    defaults = {name: parameter.default
-                for name, parameter in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
-                if parameter.default is not inspect.Parameter.empty}
-    given = {k: v for k, v in spec.transformer_config.items() if not k.startswith("_")}
-    return json.loads(json.dumps({**defaults, **given}, default=list))
+    return _with_defaults(CogVideoXTransformer3DModel, spec.transformer_config)
+
+
+# What decides the latents a VAE makes (its tiling thresholds and upcasting do not), and the
+# embeddings a T5 encoder makes (not what only its decoder or output head would use).
+_VAE_NOT_ARCHITECTURE = ("sample_height", "sample_width", "force_upcast")
+_T5_ENCODER_ARCHITECTURE = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                            "relative_attention_num_buckets", "relative_attention_max_distance",
+                            "layer_norm_epsilon", "feed_forward_proj")
+
+
+def encoder_architectures(spec: ModelSpec) -> dict[str, dict[str, Any]]:
+    """The VAE's and the text encoder's architecture, comparable across presets, folders and Hub ids."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    vae = {k: v for k, v in _with_defaults(AutoencoderKLCogVideoX, spec.vae_config).items()
+           if k not in _VAE_NOT_ARCHITECTURE}
+    text = {k: spec.text_encoder_config.get(k) for k in _T5_ENCODER_ARCHITECTURE}
+    return {"vae": vae, "text encoder": text}

@@ -421,7 +421,7 @@ _TINY_VAE = {
     "scaling_factor": 1.15258426,
 }
 _TINY_T5 = {
-    "vocab_size": 256,
+    "vocab_size": 512,  # the locally built tokenizer's ids are < 512
     "d_model": 32,
     "d_kv": 8,
     "d_ff": 64,

@@ -96,7 +96,7 @@ def build_tiny_pipeline(spec: ModelSpec):
         torch.manual_seed(_seed_for(spec.name))
         transformer = CogVideoXTransformer3DModel(**spec.transformer_config)
         vae = AutoencoderKLCogVideoX(**spec.vae_config)
-        text_encoder = T5EncoderModel(T5Config(**{**spec.text_encoder_config, "vocab_size": 512}))
+        text_encoder = T5EncoderModel(T5Config(**spec.text_encoder_config))
     tokenizer = build_tiny_tokenizer(spec.max_text_tokens)
     scheduler = CogVideoXDDIMScheduler(**spec.scheduler_config)
     pipeline_cls = CogVideoXImageToVideoPipeline if spec.is_i2v else CogVideoXPipeline

@@ -292,6 +292,17 @@ def _on_any_process(accelerator: Any, flag: bool) -> bool:
     return float(accelerator.reduce(tensor, reduction="sum").item()) > 0
 
 
+def _plain(value: Any) -> Any:
+    """JSON-ready: tensors (torchao optimizers keep `lr` as one, so the schedule's state holds them) as numbers."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
 def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: list[float],
                     lr_scheduler_state: dict[str, Any]) -> Path:
     """Write checkpoint `step` (all processes call this) and prune old ones beyond the retention limit.
@@ -313,7 +324,7 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: li
         non_finite = _on_any_process(accelerator, bool(_NON_FINITE))
         if main and not non_finite:
             write_config(config, staging)
-            state = {"step": step, "losses": losses, "lr_scheduler": lr_scheduler_state,
+            state = {"step": step, "losses": losses, "lr_scheduler": _plain(lr_scheduler_state),
                      "files": record_files(staging)}
             atomic_write_text(staging / TRAINER_STATE, json.dumps(state) + "\n")
     except Exception as error:

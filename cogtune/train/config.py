@@ -19,7 +19,7 @@ import dataclasses
 import re
 from typing import Literal
 
-from cogtune.config import MODEL_HELP, check_settings, require, section, setting
+from cogtune.config import MODEL_HELP, check_settings, replace_settings, require, section, setting
 from cogtune.errors import ConfigError
 from cogtune.train.optimizers import OPTIMIZERS, default_learning_rate
 
@@ -94,7 +94,8 @@ class ValidationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = setting(0, "Save a resumable checkpoint every N steps (0: none).", flag="--checkpoint-every", low=0)
+    every: int = setting(250, "Save a resumable checkpoint every N steps (0: none), so that a long run can resume.",
+                         flag="--checkpoint-every", low=0)
     keep: int = setting(3, "Keep only the newest N checkpoints (0: keep all).", flag="--keep-checkpoints", low=0)
 
     def __post_init__(self) -> None:
@@ -182,6 +183,13 @@ class TrainConfig:
         if self.memory.offload_blocks and not self.gradient_checkpointing:
             raise ConfigError("memory.offload_blocks needs gradient checkpointing: without it every layer's weights "
                               "stay on the GPU until backward")
+
+    def resolved(self) -> TrainConfig:
+        """This config with the defaults that depend on others written out (alpha, caption dropout, lr),
+        so that the `config.toml` beside a run records every value it trained with."""
+        return replace_settings(self, {"lora.alpha": self.lora.effective_alpha,
+                                       "caption_dropout": self.effective_caption_dropout,
+                                       "optimizer.lr": self.optimizer.effective_lr})
 
     @property
     def effective_caption_dropout(self) -> float:

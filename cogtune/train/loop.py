@@ -68,7 +68,7 @@ def run_training(config: TrainConfig) -> TrainResult:
 
 def _run_training(config: TrainConfig) -> TrainResult:
     plan = plan_run(config)
-    config = fit_memory(config, plan)
+    config = fit_memory(config, plan).resolved()
     spec, cache = plan.model.spec, plan.cache
     output_dir = Path(config.output_dir)
     if is_main_launch_process():  # only the main one: the others may start after it has written config.toml
@@ -107,8 +107,9 @@ def _run_training(config: TrainConfig) -> TrainResult:
     checkpoint_blocks = config.gradient_checkpointing and not distributed.fsdp_checkpoints_activations(accelerator)
     transformer, compute_dtype = load_trainable_transformer(config, plan, device, mixed_precision, checkpoint_blocks)
     opt = config.optimizer
-    optimizer = make_optimizer(opt.name, [p for p in transformer.parameters() if p.requires_grad], opt.effective_lr,
-                               (opt.beta1, opt.beta2), opt.eps, opt.weight_decay, config.gradient_accumulation)
+    optimizer = make_optimizer(opt.name, [p for p in transformer.parameters() if p.requires_grad],
+                               lr=opt.effective_lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                               weight_decay=opt.weight_decay, gradient_accumulation=config.gradient_accumulation)
     if not config.full and distributed.requested_strategy() in ("ddp", "single"):
         ignore_frozen_weights_in_ddp(transformer)
     # Stepped once per optimizer step by this loop (not prepared: accelerate would step it per process).
@@ -155,13 +156,13 @@ def _run_training(config: TrainConfig) -> TrainResult:
                           hint="raise --steps to continue training")
 
     empty_embeds = cache.empty_prompt_embeds()
-    rank, world = accelerator.process_index, accelerator.num_processes
+    process, world = accelerator.process_index, accelerator.num_processes
     schedule = BatchSchedule([item["bucket"] for item in cache.items], config.batch_size, world, config.seed)
-    loader = BatchLoader(cache, schedule, rank)
+    loader = BatchLoader(cache, schedule, process)
     settings = StepSettings(caption_dropout=config.effective_caption_dropout,
                             image_dropout=config.image_dropout if spec.is_i2v else 0.0)
-    memory = MemoryLog(device)
-    memory.record("memory_before_training")
+    memory_log = MemoryLog(device)
+    memory_log.record("memory_before_training")
     validator = Validator(config, plan.model, cache, accelerator, compute_dtype, plan.validation_prompts)
     accumulation = config.gradient_accumulation
     learning_rates: list[float] = []  # of this session's steps (after the schedule step)
@@ -175,9 +176,9 @@ def _run_training(config: TrainConfig) -> TrainResult:
                 step_loss = 0.0
                 for micro in range(accumulation):
                     # Dropout inside the model draws from the global RNG: seed it per micro-step too.
-                    torch.manual_seed(derive_seed(config.seed, step, micro, rank, "global"))
+                    torch.manual_seed(derive_seed(config.seed, step, micro, process, "global"))
                     batch = loader.get(step * accumulation + micro)
-                    generators = sample_generators(config.seed, step, micro, rank * config.batch_size,
+                    generators = sample_generators(config.seed, step, micro, process * config.batch_size,
                                                    len(batch["indices"]))
                     # accumulate(): gradients synchronise on the last micro-step only (DeepSpeed steps there).
                     with accelerator.accumulate(transformer):
@@ -214,7 +215,7 @@ def _run_training(config: TrainConfig) -> TrainResult:
                 if config.checkpointing.every and done % config.checkpointing.every == 0 and done < config.steps:
                     checkpoint.save_checkpoint(accelerator, config, done, losses, lr_scheduler.state_dict())
                 if config.validation.every and done % config.validation.every == 0 and done < config.steps:
-                    validator.run(transformer, f"step-{done:06d}", memory)
+                    validator.run(transformer, f"step-{done:06d}", memory_log)
     finally:
         loader.close()
 
@@ -222,11 +223,11 @@ def _run_training(config: TrainConfig) -> TrainResult:
     if config.checkpointing.every:
         checkpoint.save_checkpoint(accelerator, config, config.steps, losses, lr_scheduler.state_dict())
     if config.validation.final:
-        validator.run(transformer, "final", memory)
-    memory.record("memory_after_testing")
+        validator.run(transformer, "final", memory_log)
+    memory_log.record("memory_after_testing")
     if accelerator.is_main_process:
-        memory.write(output_dir / "memory.json")
-        memory.print_table()
+        memory_log.write(output_dir / "memory.json")
+        memory_log.print_table()
         write_loss_curve(losses, output_dir)
         summary = {"steps": config.steps, "final_loss": losses[-1] if losses else None, "losses": losses,
                    "learning_rates": learning_rates, "step_seconds": [round(t, 4) for t in step_seconds],
@@ -235,7 +236,7 @@ def _run_training(config: TrainConfig) -> TrainResult:
     if config.report_to != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()
-    return TrainResult(output_dir, config.steps, losses, weights, memory.records)
+    return TrainResult(output_dir, config.steps, losses, weights, memory_log.records)
 
 
 def _mean_across_processes(accelerator: Any, value: float) -> float:

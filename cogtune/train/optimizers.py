@@ -28,7 +28,7 @@ def default_learning_rate(name: str) -> float:
     return 1.0 if name == "prodigy" else 1e-4
 
 
-def make_optimizer(name: str, parameters: list[Any], lr: float, betas: tuple[float, float], eps: float,
+def make_optimizer(name: str, parameters: list[Any], *, lr: float, betas: tuple[float, float], eps: float,
                    weight_decay: float, gradient_accumulation: int = 1):
     import torch
 

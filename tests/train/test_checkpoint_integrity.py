@@ -213,7 +213,7 @@ def test_an_empty_or_new_folder_is_fine(cli, tiny_cache, tmp_path):
 
 @pytest.mark.parametrize(("flags", "named"), [
     (("--rank", "8"), "lora.rank 4 there, 8 now"),
-    (("--lora-alpha", "2"), "lora.alpha 4 there, 2.0 now"),
+    (("--lora-alpha", "2"), "lora.alpha 4.0 there, 2.0 now"),
 ])
 def test_resume_refuses_a_checkpoint_of_another_run(cli, trained, tiny_cache, tmp_path, flags, named):
     out = _copy(trained, tmp_path)
@@ -242,3 +242,14 @@ def test_resume_accepts_the_same_model_under_another_name(trained, tiny_cache):
     config = TrainConfig(model=str(ensure_tiny_model("tiny")), data=str(tiny_cache), output_dir=str(trained),
                          lora=LoraConfig(rank=4))
     checkpoint.check_same_run(config, _ckpt(trained, 4))
+
+
+def test_config_toml_records_every_value_the_run_used(trained):
+    """Defaults that depend on other settings are written out, so the file reproduces the run."""
+    from cogtune.config import read_toml
+
+    written = read_toml(trained / "config.toml")
+    assert written["lora"]["alpha"] == 4.0  # = the rank, the default
+    assert written["caption_dropout"] == 0.0  # t2v's default
+    assert written["optimizer"]["lr"] == 1e-4
+    assert written["checkpointing"]["every"] == 2

@@ -183,7 +183,12 @@ def _optimizer_state_bytes(optimizer: str, trainable: list[Any]) -> int:
 def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape: Shape | None = None,
                  steps: int = 2, exact: bool = False) -> RunEstimate:
     """Trace `steps` training steps of `config` at its largest bucket (the second step has the optimizer
-    state in place) and, when `validation_shape` is given, a validation pass at that shape."""
+    state in place) and, when `validation_shape` is given, a validation pass at that shape.
+
+    The trace memoizes the meta kernels (see `trace`), counts FLOPs in its last step and builds the
+    LoRA layers on the meta device; `exact=True` runs the full trace without these shortcuts (its own
+    FLOP-counting step under torch's `FlopCounterMode`), which gives the same figures, only slower.
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -332,17 +331,3 @@ def activations_offloaded_on_meta() -> Iterator[None]:
 
 def gib(nbytes: float) -> float:
     return nbytes / 1024**3
-
-
-def tensor_bytes(tensors: Any) -> int:
-    seen, total = set(), 0
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        if id(storage) not in seen:
-            seen.add(id(storage))
-            total += storage.nbytes()
-    return total
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
