@@ -75,11 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     from cogtune.errors import CogtuneError
     from cogtune.quiet import quiet_libraries
 
-    if "--debug" in (sys.argv[1:] if argv is None else argv):
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:  # anywhere, also after the subcommand
         os.environ["COGTUNE_DEBUG"] = "1"  # known before parsing, so that library logs stay on
+        args = [arg for arg in args if arg != "--debug"]
     quiet_libraries()  # before any library is imported: some read their settings at import time
     try:
-        app(args=argv, prog_name="cogtune")
+        app(args=args, prog_name="cogtune")
     except CogtuneError as exc:
         if _debug():
             raise
@@ -98,10 +100,11 @@ def main(argv: list[str] | None = None) -> None:
             report.error(f"out of memory: {_first_line(exc)}",
                          "try gradient checkpointing, a smaller batch or clip shape; `cogtune bench memory` sizes a run")
         elif isinstance(exc, MemoryError):
-            report.error(f"out of host memory (RAM): {_first_line(exc)}",
+            report.error("out of host memory (RAM)" + (f": {_first_line(exc)}" if str(exc).strip() else ""),
                          "close other programs, or lower --num-workers, the batch or the clip shape")
-        else:
-            report.error(f"{type(exc).__name__}: {_first_line(exc)}", "run with --debug for the full traceback")
+        else:  # a failure cogtune did not foresee: its message, never a bare exception name
+            report.error(f"unexpected error: {_first_line(exc) if str(exc).strip() else 'no message'}",
+                         "run with --debug for the full traceback, and please report it")
         sys.exit(1)
 
 

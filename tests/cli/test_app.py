@@ -111,14 +111,15 @@ def test_unexpected_exceptions_are_one_line_too(cli, monkeypatch, tmp_path):
     monkeypatch.setattr(cogtune.train, "run_training", boom)
     result = cli("train", "t2v", "--model", "tiny", "--data", tmp_path, "--output-dir", tmp_path / "o")
     assert result.exit_code == 1
-    assert "error: RuntimeError: something broke (hint: run with --debug" in result.stderr
+    assert "error: unexpected error: something broke (hint: run with --debug" in result.stderr
+    assert "RuntimeError" not in result.stderr
     assert "with details" not in result.stderr
 
 
 @pytest.mark.parametrize(("error", "expected"), [
     ("gpu", "error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB (hint: try gradient checkpointing"),
-    ("host", "error: out of host memory (RAM): MemoryError (hint: close other programs"),
-    ("message only", "error: RuntimeError: a kernel ran out of memory (hint: run with --debug"),
+    ("host", "error: out of host memory (RAM) (hint: close other programs"),
+    ("message only", "error: unexpected error: a kernel ran out of memory (hint: run with --debug"),
 ])
 def test_out_of_memory_is_recognised_by_its_type(cli, monkeypatch, tmp_path, error, expected):
     import torch
@@ -191,3 +192,18 @@ def test_live_progress_in_a_terminal_does_not_hang(tmp_path):
     assert code == 1
     assert "videos.txt:4: videos/broken.mp4" in output
     assert "video_reader.cc" not in output  # decord's own message stays muted
+
+
+def test_debug_works_after_the_subcommand_too(cli, monkeypatch, tmp_path):
+    import os
+
+    import cogtune.train
+
+    def boom(config):
+        raise RuntimeError("something broke")
+
+    monkeypatch.setattr(cogtune.train, "run_training", boom)
+    monkeypatch.delenv("COGTUNE_DEBUG", raising=False)
+    with pytest.raises(RuntimeError, match="something broke"):  # --debug: the traceback, not one line
+        cli("train", "t2v", "--model", "tiny", "--data", tmp_path, "--output-dir", tmp_path / "o", "--debug")
+    assert os.environ.get("COGTUNE_DEBUG") == "1"
