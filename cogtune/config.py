@@ -67,6 +67,7 @@ def setting(
     *,
     flag: str | None = None,
     short: str | None = None,
+    aliases: tuple[str, ...] = (),
     metavar: str | None = None,
     path: bool = False,
     choices: tuple[str, ...] | None = None,
@@ -79,6 +80,8 @@ def setting(
 
     flag, short: the command-line option (`"--lr"`) and its alias (`"-r"`); fields without a flag
         are set in the TOML file only. Booleans also get `--no-...`.
+    aliases: other long names accepted for the option (diffusers' training-script names such as
+        `--learning-rate`), listed in `--help` with it.
     metavar: the value's name in `--help`; path: the value is a file or folder (shell completion).
     choices: the allowed strings (a `Literal` type gives them by itself).
     low, high, low_open, high_open: numeric bounds (inclusive unless open); NaN and inf are refused.
@@ -88,8 +91,10 @@ def setting(
     if flag is not None and not flag.startswith("--"):
         raise ValueError(f"flag {flag!r} must start with --")
     bounds = Bounds(low, high, low_open, high_open) if (low, high) != (None, None) else None
-    metadata = {"help": help, "flag": flag, "short": short, "metavar": metavar, "path": path, "choices": choices,
-                "bounds": bounds}
+    if any(not alias.startswith("--") for alias in aliases) or (aliases and flag is None):
+        raise ValueError(f"aliases {aliases!r} must be long options of a field with a flag")
+    metadata = {"help": help, "flag": flag, "short": short, "aliases": tuple(aliases), "metavar": metavar,
+                "path": path, "choices": choices, "bounds": bounds}
     return dataclasses.field(default=default, metadata=metadata)
 
 

@@ -71,11 +71,12 @@ class SettingOption:
     def names(self) -> list[str]:
         """`--x/--no-x` for a boolean, else the flag; then the short alias."""
         short = self.field.metadata.get("short")
+        aliases = list(self.field.metadata.get("aliases", ()))
         if self.value_type is bool:
-            if short:
-                raise TypeError(f"{self.path}: a boolean setting takes no short alias")
+            if short or aliases:
+                raise TypeError(f"{self.path}: a boolean setting takes no aliases")
             return [f"{self.flag}/--no-{self.flag[2:]}"]
-        return [self.flag, short] if short else [self.flag]
+        return [self.flag, *aliases, *([short] if short else [])]
 
     def shown_default(self) -> str | None:
         """The field's default as `--help` shows it; None when the field's help explains it instead."""

@@ -33,8 +33,8 @@ class LoraConfig:
     rank: int = setting(64, "LoRA rank.", flag="--rank", short="-r", low=1)
     alpha: float | None = setting(None, "LoRA alpha (scale = alpha / rank); default: equal to the rank.",
                                   flag="--lora-alpha", low=0, low_open=True)
-    dropout: float = setting(0.0, "Dropout on the LoRA branch.", low=0, high=1, high_open=True)
-    target_modules: tuple[str, ...] = setting(DEFAULT_LORA_TARGETS, "Module names LoRA adapts.")
+    dropout: float = setting(0.0, "Dropout on the LoRA branch.", low=0, high=1, high_open=True, flag="--lora-dropout")
+    target_modules: tuple[str, ...] = setting(DEFAULT_LORA_TARGETS, "Module names LoRA adapts.", flag="--lora-target")
 
     def __post_init__(self) -> None:
         check_settings(self, "lora.")
@@ -51,16 +51,17 @@ class OptimizerConfig:
     name: str = setting("adamw", f"Optimizer: {', '.join(OPTIMIZERS)}.", flag="--optimizer", choices=OPTIMIZERS,
                         metavar="NAME")
     lr: float | None = setting(None, "Peak learning rate; default 1e-4 (prodigy: 1.0, a multiplier of its own estimate).",
-                               flag="--lr", low=0, low_open=True)
-    weight_decay: float = setting(1e-4, "Decoupled weight decay.", low=0)
-    beta1: float = setting(0.9, "Adam beta1.", low=0, high=1, high_open=True)
-    beta2: float = setting(0.95, "Adam beta2.", low=0, high=1, high_open=True)
-    eps: float = setting(1e-8, "Adam epsilon.", low=0, low_open=True)
+                               flag="--lr", aliases=("--learning-rate",), low=0, low_open=True)
+    weight_decay: float = setting(1e-4, "Decoupled weight decay.", low=0, flag="--weight-decay", aliases=("--adam-weight-decay",))
+    beta1: float = setting(0.9, "Adam beta1.", low=0, high=1, high_open=True, flag="--beta1", aliases=("--adam-beta1",))
+    beta2: float = setting(0.95, "Adam beta2.", low=0, high=1, high_open=True, flag="--beta2", aliases=("--adam-beta2",))
+    eps: float = setting(1e-8, "Adam epsilon.", low=0, low_open=True, flag="--eps", aliases=("--adam-epsilon",))
     max_grad_norm: float = setting(1.0, "Clip the gradient norm to this (0 turns clipping off).", flag="--max-grad-norm",
                                    low=0)
     lr_schedule: str = setting("constant_with_warmup", f"Learning-rate schedule: {', '.join(LR_SCHEDULES)}.",
-                               flag="--lr-schedule", choices=LR_SCHEDULES, metavar="NAME")
-    warmup_steps: int = setting(0, "Linear warm-up steps.", flag="--warmup-steps", low=0)
+                               flag="--lr-schedule", aliases=("--lr-scheduler",), choices=LR_SCHEDULES,
+                               metavar="NAME")
+    warmup_steps: int = setting(0, "Linear warm-up steps.", flag="--warmup-steps", aliases=("--lr-warmup-steps",), low=0)
 
     def __post_init__(self) -> None:
         check_settings(self, "optimizer.")
@@ -77,12 +78,12 @@ class ValidationConfig:
     images: tuple[str, ...] = setting((), "I2V: one condition image per prompt.", flag="--validation-image", path=True)
     every: int = setting(0, "Validate every N steps (0: only the final test pass).", flag="--validation-every", low=0)
     steps: int = setting(50, "Denoising steps per validation video.", flag="--validation-steps", low=1)
-    guidance: float = setting(6.0, "Classifier-free guidance scale.", low=0)
-    seed: int = setting(42, "Seed of the validation noise.")
-    frames: int | None = setting(None, "Frames of the validation video; default: the first bucket's.", low=1)
-    height: int | None = setting(None, "Height; default: the first bucket's.", low=1)
-    width: int | None = setting(None, "Width; default: the first bucket's.", low=1)
-    final: bool = setting(True, "Run the test pass (validation prompts) after the last step.")
+    guidance: float = setting(6.0, "Classifier-free guidance scale.", low=0, flag="--validation-guidance")
+    seed: int = setting(42, "Seed of the validation noise.", flag="--validation-seed")
+    frames: int | None = setting(None, "Frames of the validation video; default: the first bucket's.", low=1, flag="--validation-frames")
+    height: int | None = setting(None, "Height; default: the first bucket's.", low=1, flag="--validation-height")
+    width: int | None = setting(None, "Width; default: the first bucket's.", low=1, flag="--validation-width")
+    final: bool = setting(True, "Run the test pass (validation prompts) after the last step.", flag="--validation-final")
 
     def __post_init__(self) -> None:
         check_settings(self, "validation.")
@@ -95,8 +96,9 @@ class ValidationConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = setting(250, "Save a resumable checkpoint every N steps (0: none), so that a long run can resume.",
-                         flag="--checkpoint-every", low=0)
-    keep: int = setting(3, "Keep only the newest N checkpoints (0: keep all).", flag="--keep-checkpoints", low=0)
+                         flag="--checkpoint-every", aliases=("--checkpointing-steps",), low=0)
+    keep: int = setting(3, "Keep only the newest N checkpoints (0: keep all).", flag="--keep-checkpoints",
+                       aliases=("--checkpoints-total-limit",), low=0)
 
     def __post_init__(self) -> None:
         check_settings(self, "checkpointing.")
@@ -139,16 +141,18 @@ class MemoryConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     task: Literal["t2v", "i2v"] = setting("t2v", "Text-to-video or image-to-video (given by `cogtune train t2v|i2v`).")
-    model: str = setting("", MODEL_HELP, flag="--model", short="-m", metavar="MODEL")
+    model: str = setting("", MODEL_HELP, flag="--model", short="-m",
+                         aliases=("--pretrained-model-name-or-path",), metavar="MODEL")
     data: str = setting("", "The latent cache made by `cogtune encode`.", flag="--data", short="-d", path=True)
     output_dir: str = setting("", "Where the run writes its weights, checkpoints and reports.", flag="--output-dir",
                               short="-o", path=True)
     random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).",
                                    flag="--random-weights")
     full: bool = setting(False, "Full fine-tuning instead of LoRA.", flag="--full")
-    steps: int = setting(1000, "Optimizer steps.", flag="--steps", low=1)
-    batch_size: int = setting(1, "Clips per process per micro-step.", flag="--batch-size", low=1)
-    gradient_accumulation: int = setting(1, "Micro-steps per optimizer step.", flag="--gradient-accumulation", low=1)
+    steps: int = setting(1000, "Optimizer steps.", flag="--steps", aliases=("--max-train-steps",), low=1)
+    batch_size: int = setting(1, "Clips per process per micro-step.", flag="--batch-size", aliases=("--train-batch-size",), low=1)
+    gradient_accumulation: int = setting(1, "Micro-steps per optimizer step.", flag="--gradient-accumulation",
+                                       aliases=("--gradient-accumulation-steps",), low=1)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = setting(
         "auto", "Autocast dtype; auto: the model's dtype on a GPU, none on a CPU.", flag="--mixed-precision")
     gradient_checkpointing: bool = setting(True, "Recompute block activations in the backward pass (less memory).",
@@ -162,7 +166,7 @@ class TrainConfig:
     learned_positional_embeddings: Literal["auto", "keep", "drop"] = setting(
         "auto", "5b-I2V's learned positions: drop them to train other resolutions; auto: drop when a bucket needs it.",
         flag="--learned-positional-embeddings")
-    resume: str | None = setting(None, "Resume from 'latest' or a checkpoint folder.", flag="--resume",
+    resume: str | None = setting(None, "Resume from 'latest' or a checkpoint folder.", flag="--resume", aliases=("--resume-from-checkpoint",),
                                  metavar="latest|PATH")
     report_to: Literal["none", "tensorboard", "wandb"] = setting("none", "Experiment tracker, through accelerate.",
                                                                  flag="--report-to")

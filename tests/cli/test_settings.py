@@ -254,3 +254,19 @@ def test_bench_memorys_hand_written_override_keys_are_bench_settings(cli, monkey
     result = cli("bench", "memory")
     assert result.exit_code == 0, result.stderr
     assert configs == [cogtune.bench.run.BenchConfig()]
+
+
+@pytest.mark.parametrize(("alias", "value", "path", "expected"), [
+    ("--learning-rate", "3e-4", "optimizer.lr", 3e-4),
+    ("--max-train-steps", "7", "steps", 7),
+    ("--checkpointing-steps", "50", "checkpointing.every", 50),
+    ("--train-batch-size", "2", "batch_size", 2),
+    ("--gradient-accumulation-steps", "4", "gradient_accumulation", 4),
+    ("--lr-scheduler", "cosine", "optimizer.lr_schedule", "cosine"),
+    ("--adam-weight-decay", "0.01", "optimizer.weight_decay", 0.01),
+])
+def test_diffusers_script_names_are_aliases(cli, recorded, tmp_path, alias, value, path, expected):
+    """The names of diffusers' CogVideoX training scripts mean the same here."""
+    result = cli("train", "t2v", "--model", "tiny", "--data", tmp_path, "--output-dir", tmp_path / "o", alias, value)
+    assert result.exit_code == 0, result.stderr
+    assert _get(recorded[-1], path) == expected
