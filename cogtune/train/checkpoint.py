@@ -121,21 +121,33 @@ def last_good_checkpoint(output_dir: Path, warn: bool = False) -> Path | None:
     return None
 
 
-# What a finished or interrupted run leaves in its output folder.
+# What a finished or interrupted run leaves in its output folder (the markers), and all it writes there.
 RUN_MARKERS = (CONFIG_FILENAME, CHECKPOINTS_DIR, LORA_WEIGHTS_NAME, TRANSFORMER_DIR, "training_summary.json")
+RUN_OUTPUTS = (*RUN_MARKERS, "memory.json", "loss.png", "validation", "logs")
 # The settings that make a checkpoint's weights mean something; resuming with others would mix runs.
 RUN_IDENTITY = ("task", "model", "full", "lora.rank", "lora.alpha", "lora.target_modules")
 
 
 def check_new_run_folder(config: TrainConfig) -> None:
-    """A run without `--resume` never writes into a folder that holds another run's outputs."""
+    """A run without `--resume` never writes into a folder that holds another run's outputs, unless
+    `--overwrite` says to start over: then the old run's outputs (and only those) are deleted first."""
     output_dir = Path(config.output_dir)
     if config.resume is not None or not output_dir.is_dir():
         return
     found = [name for name in RUN_MARKERS if (output_dir / name).exists()]
-    if found:
+    if not found:
+        return
+    if not config.overwrite:
         raise ConfigError(f"{output_dir} already holds a training run ({', '.join(found)}); refusing to write over it",
-                          hint="continue it with --resume latest, or train into a new --output-dir")
+                          hint="continue it with --resume latest, start over with --overwrite, or train into a new "
+                               "--output-dir")
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            remove_tree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    report.warn(f"--overwrite: deleted the previous run's outputs in {output_dir} ({', '.join(found)}, ...)")
 
 
 def _identity(values: dict[str, Any]) -> dict[str, Any]:

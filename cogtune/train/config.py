@@ -166,8 +166,11 @@ class TrainConfig:
     learned_positional_embeddings: Literal["auto", "keep", "drop"] = setting(
         "auto", "5b-I2V's learned positions: drop them to train other resolutions; auto: drop when a bucket needs it.",
         flag="--learned-positional-embeddings")
-    resume: str | None = setting(None, "Resume from 'latest' or a checkpoint folder.", flag="--resume", aliases=("--resume-from-checkpoint",),
-                                 metavar="latest|PATH")
+    resume: str | None = setting(None, "Resume from 'latest' or a checkpoint folder.", flag="--resume",
+                                 aliases=("--resume-from-checkpoint",), metavar="latest|PATH")
+    overwrite: bool = setting(False, "Start over in an output folder that holds another run: its weights, "
+                                     "checkpoints and reports are deleted first (other files are kept).",
+                              flag="--overwrite")
     report_to: Literal["none", "tensorboard", "wandb"] = setting("none", "Experiment tracker, through accelerate.",
                                                                  flag="--report-to")
     lora: LoraConfig = section(LoraConfig, "LoRA settings (ignored with full = true).")
@@ -179,6 +182,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(self, "model", "data", "output_dir")
         check_settings(self)
+        if self.overwrite and self.resume is not None:
+            raise ConfigError("overwrite (start over) and resume (continue) exclude each other")
         if self.validation.images and self.task != "i2v":
             raise ConfigError("validation images are for i2v training only")
         if self.full and (self.memory.fp8_weights or self.memory.offload_blocks):
@@ -190,8 +195,9 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """This config with the defaults that depend on others written out (alpha, caption dropout, lr),
-        so that the `config.toml` beside a run records every value it trained with."""
-        return replace_settings(self, {"lora.alpha": self.lora.effective_alpha,
+        so that the `config.toml` beside a run records every value it trained with (and not
+        `overwrite`, an action taken before the run, which a later run from that file must not repeat)."""
+        return replace_settings(self, {"overwrite": False, "lora.alpha": self.lora.effective_alpha,
                                        "caption_dropout": self.effective_caption_dropout,
                                        "optimizer.lr": self.optimizer.effective_lr})
 

@@ -68,11 +68,11 @@ def run_training(config: TrainConfig) -> TrainResult:
 
 def _run_training(config: TrainConfig) -> TrainResult:
     plan = plan_run(config)
+    if is_main_launch_process():  # only the main one: the others may start after it has written config.toml
+        checkpoint.check_new_run_folder(config)
     config = fit_memory(config, plan).resolved()
     spec, cache = plan.model.spec, plan.cache
     output_dir = Path(config.output_dir)
-    if is_main_launch_process():  # only the main one: the others may start after it has written config.toml
-        checkpoint.check_new_run_folder(config)
     resume_from = checkpoint.find_resume_checkpoint(config)
 
     from cogtune.quiet import quiet_libraries

@@ -253,3 +253,21 @@ def test_config_toml_records_every_value_the_run_used(trained):
     assert written["caption_dropout"] == 0.0  # t2v's default
     assert written["optimizer"]["lr"] == 1e-4
     assert written["checkpointing"]["every"] == 2
+
+
+def test_overwrite_starts_over_and_keeps_other_files(cli, trained, tiny_cache, tmp_path):
+    out = _copy(trained, tmp_path)
+    (out / "notes.txt").write_text("mine\n")
+    result = cli(*_args(tiny_cache, out, "--steps", "2", "--overwrite"))
+    assert result.exit_code == 0, result.stderr
+    assert "--overwrite: deleted the previous run's outputs" in result.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # the old step-4 is gone
+    assert (out / "notes.txt").read_text() == "mine\n"
+    from cogtune.config import read_toml
+
+    assert read_toml(out / "config.toml")["overwrite"] is False  # a later run from this file must not delete
+
+
+def test_overwrite_and_resume_exclude_each_other(cli, trained, tiny_cache, tmp_path):
+    result = cli(*_args(tiny_cache, tmp_path / "run", "--overwrite", "--resume", "latest"))
+    assert result.exit_code == 1 and "exclude each other" in result.stderr
