@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cogtune import report
 from cogtune.errors import DataError
 from cogtune.models.registry import ModelSpec
 
@@ -43,13 +44,26 @@ def generate_videos(
     dynamic_cfg: bool = False,
     attention_kwargs: dict[str, Any] | None = None,
     denoising_context: Callable[[], Any] = contextlib.nullcontext,
+    progress: report.VideoBars | None = None,
 ) -> list[Any]:
     """One video (F, H, W, 3 float in [0, 1]) per row of `prompt_embeds`; video i uses seed + i.
 
     The pipeline denoises inside `denoising_context` (training's validation passes its autocast) and
     the VAE decodes outside it: under autocast the decoder's group norms would run, and keep their
-    outputs, in float32.
+    outputs, in float32. Each video gets a bar of its denoising steps, then of its decode: in
+    `progress` when the caller renders several videos through several calls, else in its own.
     """
+    with contextlib.ExitStack() as stack:
+        if progress is None:
+            progress = stack.enter_context(report.video_progress(prompt_embeds.shape[0], steps))
+        return _generate(pipe, spec, prompt_embeds, negative_prompt_embeds, frames, height, width, steps, guidance,
+                         seed, images, dynamic_cfg, attention_kwargs, denoising_context, progress)
+
+
+def _generate(pipe: Any, spec: ModelSpec, prompt_embeds: Any, negative_prompt_embeds: Any, frames: int, height: int,
+              width: int, steps: int, guidance: float, seed: int, images: Sequence[Any] | None, dynamic_cfg: bool,
+              attention_kwargs: dict[str, Any] | None, denoising_context: Callable[[], Any],
+              progress: report.VideoBars) -> list[Any]:
     import torch
 
     videos = []
@@ -75,11 +89,23 @@ def generate_videos(
             if not images:
                 raise DataError(f"{spec.name} is an image-to-video model: give a condition image")
             kwargs["image"] = images[index] if len(images) > 1 else images[0]
-        with torch.no_grad():
+        with torch.no_grad(), progress.video() as bar:
+            kwargs["callback_on_step_end"] = _step_reporter(bar)  # diffusers' own bar is off (build_pipeline)
             with denoising_context():
                 latents = pipe(**kwargs).frames[:, padding:]
+            bar.decoding()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the decode's tensors have other sizes than the denoiser's cached blocks
             decoded = pipe.decode_latents(latents.to(pipe.vae.dtype))
             videos.append(pipe.video_processor.postprocess_video(video=decoded, output_type="np")[0])
     return videos
+
+
+def _step_reporter(bar: report.VideoBar) -> Callable[..., dict[str, Any]]:
+    """A diffusers `callback_on_step_end` that advances `bar` and leaves the latents alone."""
+
+    def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        bar.step()
+        return callback_kwargs
+
+    return on_step_end

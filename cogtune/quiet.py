@@ -33,6 +33,8 @@ def quiet_libraries() -> None:
     _done = True
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # huggingface_hub's own tqdm bars would fight rich's live display; weights that download get
+    # cogtune's byte bar instead (`report.hub_download_progress`), which this does not hide.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in _NOISY_LOGGERS:
@@ -41,6 +43,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    # diffusers passes huggingface_hub 2.x an argument it ignores, with a warning per Hub download.
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     # FSDP2 warns that the root module returns a view (the transformer's output); cogtune never edits it in place.
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 

@@ -348,7 +348,7 @@ def _run_sample(config: SampleConfig) -> list[Path]:
     attention_kwargs = {"scale": config.lora_scale} if plan.lora_file is not None else None
     fps = config.fps or spec.fps
     written = []
-    with report.progress("sampling", total=len(plan.paths), unit="videos") as bar:
+    with report.video_progress(len(plan.paths), config.steps) as videos:
         for index, path in enumerate(plan.paths):
             if index and index % PROMPT_CHUNK == 0:  # the next chunk, just before it is generated
                 if index + PROMPT_CHUNK >= len(plan.prompts):
@@ -360,11 +360,10 @@ def _run_sample(config: SampleConfig) -> list[Path]:
                                     negative_prompt_embeds=encoder.negative, frames=frames, height=height,
                                     width=width, steps=config.steps, guidance=config.guidance,
                                     seed=config.seed + index, images=image, dynamic_cfg=config.dynamic_cfg,
-                                    attention_kwargs=attention_kwargs)[0]
+                                    attention_kwargs=attention_kwargs, progress=videos)[0]
             written.append(write_video(path, video, fps=fps))
             if config.preview != "none":
                 write_previews(path, video, fps, config.preview)
-            bar.advance()
     folder = plan.paths[0].parent
     config_name = "config.toml" if len(plan.paths) > 1 else f"{plan.paths[0].stem}.config.toml"
     write_config(dataclasses.replace(config, prompts=tuple(plan.prompts), prompts_file=None), folder, config_name)

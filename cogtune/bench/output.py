@@ -11,6 +11,7 @@ from cogtune import report
 from cogtune.fsutil import atomic_path, atomic_write_text
 from cogtune.train.memory import MOMENTS
 
+BREAKDOWN_MOMENTS = ("before_training", "before_validation", "after_validation", "after_testing")
 
 
 def row_values(row: dict[str, Any]) -> list[float]:
@@ -21,6 +22,9 @@ def row_values(row: dict[str, Any]) -> list[float]:
 
 def print_rows(rows: Sequence[dict[str, Any]], title: str, budget: float | None) -> None:
     columns = ["configuration", "before training", "before validation", "after validation", "after testing"]
+    host = any("host_ram_gib" in r for r in rows)
+    if host:
+        columns.append("host RAM")
     if any("seconds_per_step" in r for r in rows):
         columns.append("s/step")
     if budget is not None:
@@ -28,6 +32,8 @@ def print_rows(rows: Sequence[dict[str, Any]], title: str, budget: float | None)
     table_rows = []
     for row in rows:
         cells: list[Any] = [row["label"], *row_values(row)]
+        if host:
+            cells.append(row.get("host_ram_gib"))
         if "s/step" in columns:
             cells.append(row.get("seconds_per_step"))
         if budget is not None:
@@ -42,7 +48,39 @@ def print_rows(rows: Sequence[dict[str, Any]], title: str, budget: float | None)
 def _fit_text(row: dict[str, Any]) -> str:
     if row.get("fits") is None:
         return "-"
+    if not row["fits"] and row.get("host_fits") is False and row.get("gpu_fits"):
+        return "no (host RAM)"
     return "yes" if row["fits"] else "no"
+
+
+def part_label(part: str) -> str:
+    return {"backward_transients": "backward (block recompute, activation gradients)",
+            "autocast_weight_copies": "autocast weight copies", "workspaces": "cuBLAS / attention workspaces",
+            "validation_denoise": "validation denoising", "validation_decode": "validation VAE decode",
+            "offloaded_blocks": "offloaded blocks (pinned)", "offloaded_activations": "offloaded activations (pinned)",
+            "cpu_optimizer": "CPU optimizer (params, grads, state)"}.get(part, part.replace("_", " "))
+
+
+def print_breakdowns(rows: Sequence[dict[str, Any]]) -> None:
+    """One table per row: each moment's peak in its parts (GiB; the parts sum to the moment's figure)."""
+    for row in rows:
+        breakdown = row.get("breakdown_gib")
+        if not breakdown:
+            continue
+        moments = [m for m in BREAKDOWN_MOMENTS if m in breakdown]
+        parts: list[str] = []
+        for moment in moments:
+            parts += [p for p in breakdown[moment] if p not in parts]
+        from cogtune.train.sizing.estimate import BREAKDOWN_PARTS
+
+        parts.sort(key=lambda p: BREAKDOWN_PARTS.index(p) if p in BREAKDOWN_PARTS else len(BREAKDOWN_PARTS))
+        table_rows: list[list[Any]] = [[part_label(p), *(breakdown[m].get(p, 0.0) for m in moments)] for p in parts]
+        table_rows.append(["total", *(row["memory_gib"][m] for m in moments)])
+        host = row.get("host_ram_breakdown_gib") or {}
+        for part, value in host.items():
+            if value:
+                table_rows.append([f"host: {part_label(part)}", *([None] * (len(moments) - 1)), value])
+        report.table(f"{row['label']}: parts (GiB)", ["part", *(m.replace("_", " ") for m in moments)], table_rows)
 
 
 def markdown(rows: Sequence[dict[str, Any]], title: str, budget: float | None, notes: Sequence[str] = ()) -> str:
@@ -91,7 +129,13 @@ def write_chart(path: str | Path, rows: Sequence[dict[str, Any]], title: str, bu
     values = np.array([row_values(row) for row in rows])
     width = 0.2
     positions = np.arange(len(rows))
-    figure, axis = plt.subplots(figsize=(max(7.0, 1.2 * len(rows) + 3), 4.8), dpi=120)
+    stacked = [row.get("breakdown_gib", {}).get("before_validation") for row in rows]
+    with_parts = all(stacked)
+    figure, axes = plt.subplots(1, 2 if with_parts else 1, figsize=(max(7.0, 1.2 * len(rows) + 3) * (2 if with_parts else 1),
+                                                                  4.8), dpi=120, squeeze=False)
+    axis = axes[0][0]
+    if with_parts:
+        _stacked_parts(axes[0][1], stacked, positions, labels, budget)
     for index, moment in enumerate(MOMENTS):
         axis.bar(positions + (index - 1.5) * width, values[:, index], width, label=moment.replace("memory_", ""))
     if budget is not None:
@@ -106,6 +150,29 @@ def write_chart(path: str | Path, rows: Sequence[dict[str, Any]], title: str, bu
         figure.savefig(tmp, format="png")
     plt.close(figure)
     return Path(path)
+
+
+def _stacked_parts(axis: Any, parts: Sequence[dict[str, float]], positions: Any, labels: Sequence[str],
+                   budget: float | None) -> None:
+    """The training peak (before validation) of each row, stacked by part."""
+    import numpy as np
+
+    from cogtune.train.sizing.estimate import BREAKDOWN_PARTS
+
+    names = [p for p in BREAKDOWN_PARTS if any(p in row for row in parts)]
+    names += sorted({p for row in parts for p in row} - set(names))
+    bottom = np.zeros(len(parts))
+    for name in names:
+        heights = np.array([row.get(name, 0.0) for row in parts])
+        axis.bar(positions, heights, 0.6, bottom=bottom, label=part_label(name))
+        bottom += heights
+    if budget is not None:
+        axis.axhline(budget, color="crimson", linestyle="--", linewidth=1.5)
+    axis.set_xticks(positions, [_wrap(label) for label in labels], fontsize=7)
+    axis.set_ylabel("GiB (training peak, reserved)")
+    axis.set_title("the training peak in its parts", fontsize=10)
+    axis.legend(fontsize=6)
+    axis.grid(axis="y", alpha=0.3)
 
 
 def _wrap(label: str, width: int = 22) -> str:

@@ -35,6 +35,9 @@ class BenchConfig:
     validation: bool = setting(True, "Include the validation pass (with a run's TOML: as that run validates).")
     mode: Literal["estimate", "measure"] = setting("estimate", "Estimate without a GPU, or measure on the present one.")
     gpu_memory: float | None = setting(None, "GPU size in GiB to fit; default: the present GPU's, if any.")
+    host_memory: float | None = setting(None, "Host RAM in GiB that offloading may fill; default: this machine's.")
+    breakdown: bool = setting(False, "Show each peak in its parts (weights, gradients, optimizer state, activations, "
+                                     "workspaces, allocator slack, the validation pass's parts).")
     gpu: str | None = setting(None, "GPU name for rough step times of estimates (H100, A100, RTX 4090, ...).")
     steps: int = setting(4, "Training steps per measured configuration.")
 
@@ -49,6 +52,8 @@ class BenchConfig:
             raise ConfigError(str(exc)) from exc
         if self.gpu_memory is not None and not (math.isfinite(self.gpu_memory) and self.gpu_memory > 0):
             raise ConfigError(f"gpu_memory must be > 0 GiB, got {self.gpu_memory}")
+        if self.host_memory is not None and not (math.isfinite(self.host_memory) and self.host_memory > 0):
+            raise ConfigError(f"host_memory must be > 0 GiB, got {self.host_memory}")
         if self.steps < 2:
             raise ConfigError("steps must be >= 2 (the first step is warm-up)")
 
@@ -99,7 +104,15 @@ def present_gpu() -> tuple[str, float] | None:
 def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
               plot_path: str | Path | None = None) -> list[dict[str, Any]]:
     from cogtune.bench import output
-    from cogtune.train.sizing.fit import budget_gib, cheapest_fit, fits, gpu_from_device_name, seconds_per_step
+    from cogtune.train.sizing.fit import (
+        budget_gib,
+        cheapest_fit,
+        fits,
+        fits_host,
+        gpu_from_device_name,
+        host_memory_gib,
+        seconds_per_step,
+    )
 
     cases = config.cases()
     if not cases:
@@ -107,6 +120,7 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
     gpu = present_gpu()
     gpu_memory = config.gpu_memory if config.gpu_memory is not None else (gpu[1] if gpu else None)
     budget = budget_gib(gpu_memory) if gpu_memory is not None else None
+    host_memory = config.host_memory if config.host_memory is not None else host_memory_gib()
     gpu_name = config.gpu or ((gpu_from_device_name(gpu[0]) or gpu[0]) if gpu else "H100")
     if config.mode == "estimate" and gpu is not None and config.gpu is None and gpu_from_device_name(gpu[0]) is None:
         report.warn(f"no step times: the peak throughput of the {gpu[0]} is unknown (--gpu picks a known GPU)")
@@ -123,10 +137,12 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
                 estimate = estimate_run(case.config, case.shapes, case.validation_shape)
                 row = estimate.as_dict()
                 row["seconds_per_step"] = seconds_per_step(estimate, gpu_name)
+                row["host_fits"] = fits_host(estimate, host_memory)
                 if budget is not None:
-                    row["fits"] = fits(estimate, budget)
+                    row["gpu_fits"] = fits(estimate, budget, float("inf"))
+                    row["fits"] = row["gpu_fits"] and row["host_fits"]
                     if not row["fits"]:
-                        suggestion = cheapest_fit(estimate, budget)
+                        suggestion = cheapest_fit(estimate, budget, host_budget=host_memory)
                         row["suggestion"] = ", ".join(suggestion.changes) + \
                             f" ({suggestion.estimate.memory.after_testing:.1f} GiB)" if suggestion else \
                             "nothing short of a smaller clip or batch"
@@ -143,9 +159,11 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
 
     title = _title(config, gpu, gpu_name, gpu_memory)
     output.print_rows(rows, title, budget)
+    if config.breakdown:
+        output.print_breakdowns(rows)
     notes = _notes(config, gpu, gpu_name)
     document = {"mode": config.mode, "gpu": gpu[0] if gpu else None, "gpu_memory_gib": gpu_memory,
-                "budget_gib": budget, "rows": rows, "notes": notes}
+                "budget_gib": budget, "host_memory_gib": host_memory, "rows": rows, "notes": notes}
     for path in (json_path, markdown_path, plot_path):
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,11 @@ def memory(
         Optional[float], typer.Option("--gpu-memory", help="GPU size in GiB: which fit, and how to fit the others.",
                                       callback=number(low=0, low_open=True))
     ] = None,
+    host_memory: Annotated[
+        Optional[float], typer.Option("--host-memory", help="Host RAM in GiB that offloading may fill (checked with "
+                                                            "--gpu-memory). [default: this machine's]",
+                                      callback=number(low=0, low_open=True))
+    ] = None,
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU for rough step times (H100, A100, RTX 4090...).")]
     = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Steps per measured configuration. [default: 4]")]
@@ -63,6 +68,11 @@ def memory(
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a markdown table: one row per configuration, memory in GiB.")]
     = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG chart.")] = None,
+    breakdown: Annotated[
+        bool, typer.Option("--breakdown", help="Show each peak in its parts (weights, gradients, optimizer state, "
+                                               "activations, workspaces, allocator slack, validation) and the host RAM "
+                                               "offloading needs.")
+    ] = False,
     random_weights: Annotated[
         bool, typer.Option("--random-weights", help="Always on here: bench builds each preset's real architecture "
                                                     "with random weights (nothing is downloaded).")
@@ -107,6 +117,6 @@ def memory(
         "fp8": listed(fp8, bool, "fp8"), "offload_blocks": listed(offload_blocks, bool, "offload-blocks"),
         "offload_activations": listed(offload_activations, bool, "offload-activations"),
         "validation": False if no_validation else None, "mode": "measure" if measure else None,
-        "gpu_memory": gpu_memory, "gpu": gpu, "steps": steps,
+        "gpu_memory": gpu_memory, "host_memory": host_memory, "gpu": gpu, "steps": steps, "breakdown": True if breakdown else None,
     })
     run_bench(config, json_path=json_file, markdown_path=markdown, plot_path=plot)

@@ -62,7 +62,7 @@ def validate(
         if result.ok:
             report.success(f"dataset usable: {result.items} items, {len(result.warnings)} warnings")
         else:
-            report.error(f"{len(result.errors)} errors in {Path(config.root)}")
+            report.error(f"{report.plural(len(result.errors), 'error')} in {Path(config.root)}")
     raise typer.Exit(0 if result.ok else 1)
 
 

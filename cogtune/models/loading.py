@@ -10,11 +10,14 @@ device first and then directly where it runs, with nothing downloaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
+from cogtune import report
 from cogtune.errors import ModelError
 from cogtune.models.registry import (
     ALL_PRESETS,
@@ -29,10 +32,17 @@ from cogtune.models.registry import (
 Source = Literal["tiny", "local", "hub", "random", "fake"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# huggingface_hub 2.x ships the `hf` command (`huggingface-cli` is gone).
 _OFFLINE_HINT = (
-    "download it first (`huggingface-cli download {id}`) and pass the local folder, or use "
+    "download it first (`hf download {id} --local-dir DIR`) and pass the folder, or use "
     "`--random-weights` with a preset for sizing and benchmarks"
 )
+_UNREACHABLE_HINT = (
+    "pass a local folder (`hf download {id} --local-dir DIR` where there is a network), or set "
+    "HF_HUB_OFFLINE=1 to use the copy in the Hugging Face cache"
+)
+# Weights that diffusers and transformers load only when a folder has no safetensors.
+_NOT_SAFETENSORS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +88,7 @@ def resolve_model(reference: str, random_weights: bool = False, revision: str | 
     if _HUB_ID.match(reference):
         spec = preset_for_hub_id(reference)
         if spec is None:
+            check_hub_reachable(reference)
             spec = _spec_from_hub(reference, revision)
         else:
             spec = dataclasses.replace(spec, name=reference)
@@ -162,6 +173,54 @@ def _spec_from_hub(repo_id: str, revision: str | None) -> ModelSpec:
     )
 
 
+def hub_offline_mode() -> bool:
+    """HF_HUB_OFFLINE as set now, or as huggingface_hub read it at import."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_endpoint() -> str:
+    """HF_ENDPOINT as set now: huggingface_hub reads it once, at import, which may be too early."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def check_hub_reachable(repo_id: str) -> None:
+    """One line at once when the Hub cannot be reached, instead of a minute of retries.
+
+    In offline mode nothing is asked: the cache answers, or loading says what is missing.
+    """
+    if hub_offline_mode():
+        return
+    endpoint = hub_endpoint()
+    reason = _unreachable_reason(endpoint)
+    if reason:
+        raise ModelError(f"cannot reach the Hugging Face Hub at {endpoint} to get '{repo_id}' ({reason})",
+                         hint=_UNREACHABLE_HINT.format(id=repo_id))
+
+
+@functools.lru_cache(maxsize=None)
+def _unreachable_reason(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why `endpoint` cannot be reached (no network, refused, timed out), or None when it answers.
+
+    One request, no retries, through huggingface_hub's own HTTP client (its proxies and headers);
+    any HTTP answer, an error status included, means the Hub is there.
+    """
+    import httpx2  # huggingface_hub 2.x's HTTP library
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except httpx2.TimeoutException:
+        return f"no answer within {timeout:.0f} s"
+    except httpx2.TransportError as exc:
+        return _first_line(exc)
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
@@ -195,11 +254,30 @@ def _from_pretrained(model: ResolvedModel, cls: Any, subfolder: str, **kwargs: A
     from cogtune.quiet import quiet_libraries
 
     quiet_libraries()
+    online = model.source == "hub" and not kwargs.get("local_files_only") and not hub_offline_mode()
+    if online:
+        check_hub_reachable(model.location)
     try:
+        if online and subfolder in _WEIGHT_FOLDERS:
+            _download_with_progress(model, subfolder)
         return cls.from_pretrained(model.location, subfolder=subfolder, revision=model.revision, **kwargs)
     except Exception as exc:
         hint = _OFFLINE_HINT.format(id=model.location) if model.source == "hub" else None
         raise ModelError(f"could not load the {subfolder} of '{model.reference}': {_first_line(exc)}", hint) from exc
+
+
+# Components with weights worth a byte bar (gigabytes); tokenizers and configs download unseen.
+_WEIGHT_FOLDERS = ("transformer", "vae", "text_encoder")
+
+
+def _download_with_progress(model: ResolvedModel, subfolder: str) -> None:
+    """Bring a Hub model's `subfolder` into the Hugging Face cache with a byte bar, so that
+    `from_pretrained` finds it there; nothing shows when it is already cached."""
+    from huggingface_hub import snapshot_download
+
+    with report.hub_download_progress(f"downloading {subfolder}") as tqdm_class:
+        snapshot_download(model.location, revision=model.revision, allow_patterns=[f"{subfolder}/*"],
+                          ignore_patterns=_NOT_SAFETENSORS, tqdm_class=tqdm_class)
 
 
 def materialize_random_(module, device: Any, dtype: Any, seed: int = 0, initialize: bool = True):

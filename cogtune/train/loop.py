@@ -210,8 +210,7 @@ def _run_training(config: TrainConfig) -> TrainResult:
                 step_seconds.append(time.perf_counter() - started)
                 if config.report_to != "none":
                     accelerator.log({"loss": step_loss, "lr": lr}, step=done)
-                bar.advance(1, loss=step_loss, lr=lr, **{"s/step": time.perf_counter() - started},
-                            **_memory_field(device))
+                bar.advance(1, loss=step_loss, lr=lr, **_memory_field(device))  # the bar shows s/step itself
                 if config.checkpointing.every and done % config.checkpointing.every == 0 and done < config.steps:
                     checkpoint.save_checkpoint(accelerator, config, done, losses, lr_scheduler.state_dict())
                 if config.validation.every and done % config.validation.every == 0 and done < config.steps:

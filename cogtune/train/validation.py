@@ -190,15 +190,16 @@ class Validator:
                               scheduler=load_scheduler(self.model))
         negative = self.cache.empty_prompt_embeds()[None]
         videos = []
-        for index in indices:
-            image = [load_condition_image(validation.images[index])] if validation.images else None
-            with validation_feed_forward_chunks(unwrapped, self.config.memory.offload_blocks):
-                (video,) = generate_videos(pipe, spec, prompt_embeds=self.embeds[index : index + 1],
-                                           negative_prompt_embeds=negative, frames=frames, height=height,
-                                           width=width, steps=validation.steps, guidance=validation.guidance,
-                                           seed=validation.seed + index, images=image,
-                                           denoising_context=self.accelerator.autocast)
-            videos.append((index, (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)))
+        with report.video_progress(len(indices), validation.steps, description="validation") as bars:
+            for index in indices:
+                image = [load_condition_image(validation.images[index])] if validation.images else None
+                with validation_feed_forward_chunks(unwrapped, self.config.memory.offload_blocks):
+                    (video,) = generate_videos(pipe, spec, prompt_embeds=self.embeds[index : index + 1],
+                                               negative_prompt_embeds=negative, frames=frames, height=height,
+                                               width=width, steps=validation.steps, guidance=validation.guidance,
+                                               seed=validation.seed + index, images=image,
+                                               denoising_context=self.accelerator.autocast, progress=bars)
+                videos.append((index, (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)))
         del pipe, vae
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -50,6 +50,12 @@ STATE_BYTES_PER_PARAMETER = {
 CPU_OFFLOAD_MIN_SIZE = 4096
 CUDA_CONTEXT_GIB = 0.5
 
+# What a peak is made of, in the order the table and the chart show the parts.
+BREAKDOWN_PARTS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "autocast_weight_copies",
+                   "saved_activations", "backward_transients", "workspaces", "vae_weights", "validation_denoise",
+                   "validation_decode", "other", "allocator_slack")
+HOST_PARTS = ("offloaded_blocks", "offloaded_activations", "cpu_optimizer")
+
 
 @dataclasses.dataclass(frozen=True)
 class MemoryFigures:
@@ -80,17 +86,48 @@ class RunEstimate:
     transformer_parameters: int
     teraflops_per_step: float
     seconds: float  # the estimator's own time
+    # bytes by part at each of the four moments (`BREAKDOWN_PARTS`), summing to its reserved figure
+    breakdown: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # bytes the run keeps in host memory for its offloading, by what they are (`HOST_PARTS`)
+    host_ram: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def host_ram_gib(self) -> float:
+        return gib_of(sum(self.host_ram.values()))
 
     @property
     def label(self) -> str:
         return run_label(self.config, self.shape)
 
     def as_dict(self) -> dict[str, Any]:
+        figures = self.memory.as_dict()
         return {"case": run_summary(self.config, self.shape, self.validation_shape), "label": self.label,
-                "bucket": "x".join(map(str, self.shape)), "memory_gib": self.memory.as_dict(),
+                "bucket": "x".join(map(str, self.shape)), "memory_gib": figures,
                 "trainable_parameters": self.trainable_parameters,
                 "transformer_parameters": self.transformer_parameters,
-                "teraflops_per_step": round(self.teraflops_per_step, 1), "estimator_seconds": round(self.seconds, 1)}
+                "teraflops_per_step": round(self.teraflops_per_step, 1), "estimator_seconds": round(self.seconds, 1),
+                "breakdown_gib": {moment: rounded_parts(parts, figures[moment])
+                                  for moment, parts in self.breakdown.items()},
+                "host_ram_gib": round(self.host_ram_gib, 3),
+                "host_ram_breakdown_gib": rounded_parts(self.host_ram, round(self.host_ram_gib, 3))}
+
+
+def gib_of(nbytes: float) -> float:
+    return nbytes / 1024**3
+
+
+def rounded_parts(parts: dict[str, int], total_gib: float) -> dict[str, float]:
+    """Parts in GiB to three decimals that sum to `total_gib` (itself rounded to three decimals): each part
+    is rounded down in MiB-thousandths, and the units left go to the largest remainders."""
+    ordered = [kind for kind in BREAKDOWN_PARTS + HOST_PARTS if kind in parts] + \
+        sorted(kind for kind in parts if kind not in BREAKDOWN_PARTS + HOST_PARTS)
+    exact = {kind: parts[kind] / 1024**3 * 1000 for kind in ordered}
+    floors = {kind: int(value // 1) for kind, value in exact.items()}
+    left = round(total_gib * 1000) - sum(floors.values())
+    by_remainder = sorted(ordered, key=lambda kind: exact[kind] - floors[kind], reverse=True)
+    for index in range(left):  # `left` is within [0, len(parts)] (the parts sum to the total before rounding)
+        floors[by_remainder[index % len(by_remainder)]] += 1
+    return {kind: floors[kind] / 1000 for kind in ordered}
 
 
 @functools.lru_cache(maxsize=32)
@@ -243,6 +280,7 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
     tracker.adopt([p for name, p in parameters if "lora_" in name])
     allocator = tracker.allocator
     before_training_reserved, before_training_allocated = allocator.reserved, allocator.allocated
+    before_training_parts = tracker.current_breakdown()
 
     optimizer_name = config.optimizer.name
     traced_optimizer = optimizer_name in ("adamw", "adam")
@@ -254,16 +292,23 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
                             image_dropout=config.image_dropout if spec.is_i2v else 0.0)
     optimizer = None
 
-    def train_step(cast_cache: dict) -> None:
+    host_activations = [0]  # bytes save_on_cpu copies to the host in a traced step (all alive until backward)
+
+    def train_step(cast_cache: dict, traced: bool = True) -> None:
         generators = [torch.Generator().manual_seed(i) for i in range(config.batch_size)]
-        offloading = (activations_offloaded_on_meta() if memory_settings.offload_activations
-                      else contextlib.nullcontext())
+        if traced:
+            host_activations[0] = 0
+        offloading = (activations_offloaded_on_meta(host_activations if traced else None)
+                      if memory_settings.offload_activations else contextlib.nullcontext())
+        tracker.kind = "saved_activations"  # what the forward keeps (or still holds) for backward
         with offloading:
             loss = training_step(transformer, scheduler, spec, batch, empty, settings, generators, DEVICE,
                                  compute_dtype)
         cast_cache.clear()  # the autocast region ends with the forward; backward runs outside it
+        tracker.kind = "backward_transients"  # a checkpointed block's recompute, activation gradients
         loss.backward()
         del loss
+        tracker.kind = "optimizer_state"  # the state, and the step's own temporaries
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -271,8 +316,13 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
             for parameter in trainable:
                 parameter.grad = None
         gc.collect()
+        tracker.kind = "other"
+
+    for parameter in trainable:  # a gradient is one once accumulated into `.grad`
+        parameter.register_post_accumulate_grad_hook(lambda p: tracker.retag(p.grad, "gradients"))
 
     with _young_garbage_only(not exact), tracker, gpu_semantics(compute_dtype) as cast_cache:
+        cast_cache.tag = lambda copy: tracker.retag(copy, "autocast_weight_copies")
         if traced_optimizer:
             cls = torch.optim.AdamW if optimizer_name == "adamw" else torch.optim.Adam
             optimizer = cls(trainable, lr=1e-4, foreach=True)  # CUDA's default implementation
@@ -283,19 +333,24 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
         flop_count = tracker.flops
         tracker.flops = None
         training_peak_reserved, training_peak_allocated = allocator.peak_reserved, allocator.peak_allocated
+        training_parts = tracker.peak_breakdown()
         validation_peak_reserved, validation_peak_allocated = training_peak_reserved, training_peak_allocated
-        denoise = decode = (0, 0)
+        validation_parts = training_parts
+        denoise = decode = (0, 0, {})
         if validation_shape is not None:
-            allocator.reset_peaks()
+            tracker.reset_peaks()
             denoise, decode = _trace_validation(model, transformer, vae, config, validation_shape, compute_dtype,
                                                 tracker, cast_cache)
             validation_peak_reserved = max(training_peak_reserved, denoise[0], decode[0])
             validation_peak_allocated = max(training_peak_allocated, denoise[1], decode[1])
+            validation_parts = max((training_peak_reserved, training_parts), (denoise[0], denoise[2]),
+                                   (decode[0], decode[2]), key=lambda pair: pair[0])[1]
+        cast_cache.tag = None
 
     if exact:  # torch's own counter, in a step of its own (it keeps tensors alive)
         counter = FlopCounterMode(display=False)
         with counter, gpu_semantics(compute_dtype) as cast_cache:
-            train_step(cast_cache)
+            train_step(cast_cache, traced=False)
         flop_count = counter.get_total_flops()
 
     shift = extra_state - offloaded  # state the trace did not see; weights that would not be on the device
@@ -310,12 +365,51 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
         validation_denoise=gib(denoise[1] + shift) if validation_shape is not None else 0.0,
         validation_decode=gib(decode[1] + shift) if validation_shape is not None else 0.0,
     )
+    training_breakdown = _shifted(training_parts, offloaded, extra_state)
+    validation_breakdown = _shifted(validation_parts, offloaded, extra_state)
+    breakdown = {"before_training": _shifted(before_training_parts, offloaded, 0),
+                 "before_validation": training_breakdown, "after_validation": validation_breakdown,
+                 "after_testing": validation_breakdown}
+    host = {"offloaded_blocks": _pinned_block_bytes(transformer, spec) if memory_settings.offload_blocks else 0,
+            "offloaded_activations": host_activations[0] if memory_settings.offload_activations else 0,
+            "cpu_optimizer": _cpu_optimizer_host_bytes(optimizer_name, trainable)}
     return RunEstimate(
         config=config, shapes=tuple(shapes), shape=shape, validation_shape=validation_shape, memory=figures,
         trainable_parameters=sum(p.numel() for p in trainable),
         transformer_parameters=sum(p.numel() for name, p in transformer.named_parameters() if "lora_" not in name),
         teraflops_per_step=flop_count / 1e12, seconds=time.perf_counter() - started,
+        breakdown=breakdown, host_ram=host,
     )
+
+
+def _shifted(parts: dict[str, int], offloaded: int, extra_state: int) -> dict[str, int]:
+    """A traced breakdown with the arithmetic applied: block offloading's weights off the device, the state
+    of optimizers whose step is not traced added."""
+    parts = dict(parts)
+    if offloaded:
+        parts["frozen_weights"] = parts.get("frozen_weights", 0) - offloaded
+    if extra_state:
+        parts["optimizer_state"] = parts.get("optimizer_state", 0) + extra_state
+    return {kind: size for kind, size in parts.items() if size or kind == "allocator_slack"}
+
+
+def _pinned_block_bytes(transformer: Any, spec: ModelSpec) -> int:
+    """Host bytes of block offloading: diffusers' group offloading keeps a pinned copy of every frozen
+    parameter and every buffer of the transformer (made when the hooks go on: in the model's dtype, before
+    float8 storage), the two layers in flight included."""
+    from cogtune.models.loading import torch_dtype
+
+    base = torch_dtype(spec.weight_dtype).itemsize
+    tensors = [p for p in transformer.parameters() if not p.requires_grad] + list(transformer.buffers())
+    return sum(t.numel() * (base if t.is_floating_point() else t.element_size()) for t in tensors)
+
+
+def _cpu_optimizer_host_bytes(optimizer: str, trainable: list[Any]) -> int:
+    """torchao's `CPUOffloadOptimizer` keeps, for each trainable tensor of at least 4096 elements, a pinned
+    copy of the parameter and of its gradient and the AdamW state (exp_avg, exp_avg_sq) on the host."""
+    if optimizer != "adamw-cpu-offload":
+        return 0
+    return sum(4 * p.numel() * p.element_size() for p in trainable if p.numel() >= CPU_OFFLOAD_MIN_SIZE)
 
 
 @contextlib.contextmanager
@@ -358,11 +452,11 @@ def _shape_only_scheduler(model: ResolvedModel):
 
 
 def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: TrainConfig, shape: Shape,
-                      compute_dtype: Any, tracker: Any, cast_cache: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+                      compute_dtype: Any, tracker: Any, cast_cache: Any) -> tuple[tuple[int, int, dict], tuple[int, int, dict]]:
     """One denoising step of the real pipeline (under autocast; a classifier-free guidance batch when the
     guidance is above 1) and the VAE decode (outside it), as `generate_videos` runs them.
 
-    Returns the (reserved, allocated) peaks of the denoising step and of the decode.
+    Returns the (reserved, allocated, breakdown) peaks of the denoising step and of the decode.
     """
     import torch
     from PIL import Image
@@ -373,10 +467,11 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
 
     spec = model.spec
     tracker.allocator.release_cached()  # the validator empties the cache before the pass
-    tracker.adopt(list(vae.parameters()) + list(vae.buffers()))  # the trainer loads the VAE for the pass
+    tracker.adopt(list(vae.parameters()) + list(vae.buffers()), "vae_weights")  # loaded for the pass
     pipe = build_pipeline(model, transformer=transformer, vae=vae, text_encoder=None, tokenizer=None,
                           scheduler=_shape_only_scheduler(model))
     frames, height, width = shape
+    tracker.kind = "validation_denoise"
     embeds = torch.zeros(1, spec.max_text_tokens, spec.text_embed_dim).to(DEVICE, compute_dtype)
     kwargs: dict[str, Any] = dict(prompt_embeds=embeds, negative_prompt_embeds=embeds, num_frames=frames,
                                   height=height, width=width, num_inference_steps=1,
@@ -385,12 +480,15 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
     if spec.is_i2v:
         kwargs["image"] = Image.new("RGB", (width, height))
     with torch.no_grad():
+        tracker.kind = "validation_denoise"
         with validation_feed_forward_chunks(transformer, config.memory.offload_blocks):  # as the validator
             latents = pipe(**kwargs).frames[:, spec.padded_latent_frames(frames) - spec.latent_frames(frames):]
         allocator = tracker.allocator
-        denoise = (allocator.peak_reserved, allocator.peak_allocated)
+        denoise = (allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())
         allocator.release_cached()  # generate_videos empties the cache before the decode
-        allocator.reset_peaks()
+        tracker.reset_peaks()
+        tracker.kind = "validation_decode"
         with cast_cache.outside_autocast():
             pipe.decode_latents(latents.to(vae.dtype))
-        return denoise, (allocator.peak_reserved, allocator.peak_allocated)
+        tracker.kind = "other"
+        return denoise, (allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())

@@ -46,8 +46,24 @@ def budget_gib(gpu_gib: float) -> float:
     return gpu_gib - CUDA_CONTEXT_GIB
 
 
-def fits(estimate: RunEstimate, budget: float) -> bool:
-    return estimate.memory.after_testing <= budget
+def host_memory_gib() -> float | None:
+    """The machine's RAM in GiB (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def fits_host(estimate: RunEstimate, host_budget: float | None = None) -> bool:
+    """Whether the host RAM the run's offloading keeps (pinned blocks and activations, CPU optimizer state)
+    fits `host_budget` GiB (None: this machine's RAM; unknown RAM fits)."""
+    host_budget = host_memory_gib() if host_budget is None else host_budget
+    return host_budget is None or estimate.host_ram_gib <= host_budget
+
+
+def fits(estimate: RunEstimate, budget: float, host_budget: float | None = None) -> bool:
+    """The run's peak fits the GPU's `budget` and its offloading fits the host's RAM (`fits_host`)."""
+    return estimate.memory.after_testing <= budget and fits_host(estimate, host_budget)
 
 
 def gpu_from_device_name(device_name: str) -> str | None:
@@ -134,12 +150,14 @@ def _same_shapes(estimate: RunEstimate) -> Estimator:
     return lambda config: estimate_run(config, estimate.shapes, estimate.validation_shape)
 
 
-def cheapest_fit(estimate: RunEstimate, budget: float, estimator: Estimator | None = None) -> Suggestion | None:
-    """The first rung of the ladder that fits `budget`, with what changed; None when nothing does."""
+def cheapest_fit(estimate: RunEstimate, budget: float, estimator: Estimator | None = None,
+                 host_budget: float | None = None) -> Suggestion | None:
+    """The first rung of the ladder that fits `budget` (and the host's RAM), with what changed; None when
+    nothing does."""
     estimator = estimator or _same_shapes(estimate)
     for candidate in ladder(estimate.config):
         candidate_estimate = estimator(candidate)
-        if fits(candidate_estimate, budget):
+        if fits(candidate_estimate, budget, host_budget):
             return Suggestion(candidate, candidate_estimate, changes_between(candidate, estimate.config))
     return None
 
@@ -210,7 +228,10 @@ def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
         except Exception as exc:  # the estimate is advice: it never stops a run
             report.warn(f"memory check skipped: the estimate failed ({_first_line(exc)})")
             return config
-        if not fits(estimate, budget):
+        if estimate.memory.after_testing <= budget and not fits_host(estimate):
+            report.warn(f"this run's offloading is estimated to keep {estimate.host_ram_gib:.1f} GiB in host memory; "
+                        f"this machine has {host_memory_gib():.1f} GiB: it will likely run out of host memory")
+        elif not fits(estimate, budget):
             advice = ", ".join(suggestion.changes) if suggestion else "a smaller clip shape or batch"
             report.warn(f"this run is estimated to peak at {estimate.memory.after_testing:.1f} GiB (bucket "
                         f"{'x'.join(map(str, estimate.shape))}); this GPU gives {budget:.1f} GiB: it will likely run "

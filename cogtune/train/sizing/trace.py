@@ -10,6 +10,13 @@ it when the storage dies. Three things differ between a meta run and a GPU run, 
 - attention: `F.scaled_dot_product_attention` becomes the flash-attention kernel the GPU picks for
   bf16/fp16 (no sequence x sequence matrix), whose backward also takes a float32 `dq` accumulator;
 - the cuBLAS workspace, taken once through the allocator at the first matmul.
+
+The tracker also says what the memory is: every allocation carries a kind (the tracker's current
+`kind`, or one given when adopting or re-tagging a tensor: frozen or trainable weights, gradients,
+optimizer state, workspaces, ...), running totals per kind are kept, and each time reserved memory
+reaches a new peak the totals are copied (a dict of a dozen ints, only when a segment is added).
+`peak_breakdown()` is then the peak reserved figure in parts, the allocator's slack (reserved minus
+allocated at that moment) included, summing to it exactly.
 """
 
 from __future__ import annotations
@@ -46,32 +53,94 @@ class AllocationTracker(TorchDispatchMode):
         self._next_key = 1 << 48  # keys for workspaces, distinct from storage ids
         self._cublas = False
         self.flops: int | None = None  # FLOPs of the ops traced while an int (torch's FlopCounterMode's count)
+        self.kind = "other"  # the kind of what is allocated now (set by the code driving the trace)
+        self.parts: dict[str, int] = {}  # allocated bytes live now, by kind
+        self._kinds: dict[int, str] = {}
+        self._sizes: dict[int, int] = {}
+        self._peak_parts: dict[str, int] = {}
+        self._peak_reserved = 0
+        self._peak_allocated = 0
 
-    def adopt(self, tensors: Any) -> None:
-        """Count tensors that exist already (weights loaded before tracing)."""
+    def adopt(self, tensors: Any, kind: str | None = None) -> None:
+        """Count tensors that exist already (weights loaded before tracing); by default of kind
+        `trainable_weights` or `frozen_weights`, as they require gradients or not."""
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor) and tensor.device == DEVICE:
-                self._track(tensor)
+                self._track(tensor, kind or ("trainable_weights" if tensor.requires_grad else "frozen_weights"))
 
-    def _track(self, tensor: torch.Tensor) -> None:
+    def _track(self, tensor: torch.Tensor, kind: str | None = None) -> None:
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._live:
             return
         self._live.add(key)
-        self.allocator.malloc(key, storage.nbytes())
+        self._malloc(key, storage.nbytes(), kind or self.kind)
         # freed when the storage dies (a weak reference's callback: `weakref.finalize` costs more)
         self._watch[key] = weakref.ref(storage, lambda _, key=key: self._release(key))
+
+    def _malloc(self, key: int, nbytes: int, kind: str) -> None:
+        allocator = self.allocator
+        before = allocator.allocated
+        allocator.malloc(key, nbytes)
+        size = allocator.allocated - before  # the block, rounded (and unsplit remainders) as the allocator keeps it
+        self._kinds[key] = kind
+        self._sizes[key] = size
+        parts = self.parts
+        parts[kind] = parts.get(kind, 0) + size
+        if allocator.reserved > self._peak_reserved:
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        self._peak_parts = dict(self.parts)
+        self._peak_reserved = self.allocator.reserved
+        self._peak_allocated = self.allocator.allocated
 
     def _release(self, key: int) -> None:
         self._live.discard(key)
         self._watch.pop(key, None)
+        self._free(key)
+
+    def _free(self, key: int) -> None:
         self.allocator.free(key)
+        kind = self._kinds.pop(key, None)
+        if kind is not None:
+            self.parts[kind] -= self._sizes.pop(key)
+
+    def retag(self, tensor: Any, kind: str) -> None:
+        """Say what a tracked tensor's storage is (a parameter's `.grad`, autocast's weight copy)."""
+        if not isinstance(tensor, torch.Tensor) or tensor.device != DEVICE:
+            return
+        key = id(tensor.untyped_storage())
+        old = self._kinds.get(key)
+        if old is None or old == kind:
+            return
+        size = self._sizes[key]
+        self.parts[old] -= size
+        self.parts[kind] = self.parts.get(kind, 0) + size
+        self._kinds[key] = kind
+
+    def reset_peaks(self) -> None:
+        """The allocator's `reset_peaks`, and the breakdown of the peak starts from now."""
+        self.allocator.reset_peaks()
+        self._snapshot()
+
+    def peak_breakdown(self) -> dict[str, int]:
+        """Bytes by kind when reserved memory last reached its peak, with `allocator_slack`; sums to the
+        allocator's `peak_reserved`."""
+        parts = {kind: size for kind, size in self._peak_parts.items() if size}
+        parts["allocator_slack"] = self._peak_reserved - self._peak_allocated
+        return parts
+
+    def current_breakdown(self) -> dict[str, int]:
+        """Bytes by kind live now, with `allocator_slack`; sums to the allocator's `reserved`."""
+        parts = {kind: size for kind, size in self.parts.items() if size}
+        parts["allocator_slack"] = self.allocator.reserved - self.allocator.allocated
+        return parts
 
     def workspace(self, nbytes: int) -> int:
         key = self._next_key
         self._next_key += 1
-        self.allocator.malloc(key, nbytes)
+        self._malloc(key, nbytes, "workspaces")
         return key
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -96,7 +165,7 @@ class AllocationTracker(TorchDispatchMode):
             if counter is not None:
                 self.flops += counter(*args, **kwargs, out_val=out)
         if scratch is not None:
-            self.allocator.free(scratch)
+            self._free(scratch)
         return out
 
 
@@ -240,6 +309,7 @@ class CastCache(dict):
     """Autocast's cache of float32 weights' low-precision copies, and whether autocast is on."""
 
     autocast = True
+    tag: Any = None  # called with each weight copy the cache keeps (the tracker's `retag`, to count them)
 
     @contextlib.contextmanager
     def outside_autocast(self) -> Iterator[None]:
@@ -268,7 +338,9 @@ def gpu_semantics(compute_dtype: torch.dtype) -> Iterator[CastCache]:
             return tensor
         if tensor.is_leaf and tensor.requires_grad:  # autocast caches casts of such weights
             if id(tensor) not in cache:
-                cache[id(tensor)] = tensor.to(compute_dtype)
+                cache[id(tensor)] = copy = tensor.to(compute_dtype)
+                if cache.tag is not None:
+                    cache.tag(copy)
             return cache[id(tensor)]
         return tensor.to(compute_dtype)
 
@@ -311,12 +383,18 @@ def gpu_semantics(compute_dtype: torch.dtype) -> Iterator[CastCache]:
 
 
 @contextlib.contextmanager
-def activations_offloaded_on_meta() -> Iterator[None]:
-    """What `save_on_cpu` does to GPU memory: saved tensors leave the device and come back in backward."""
+def activations_offloaded_on_meta(host_bytes: list[int] | None = None) -> Iterator[None]:
+    """What `save_on_cpu` does to GPU memory: saved tensors leave the device and come back in backward.
+
+    `host_bytes[0]` grows by the bytes of each host copy `save_on_cpu` makes (one per packed tensor, of
+    its size, so a view or a tensor saved twice is copied whole each time), all alive until backward.
+    """
 
     def pack(tensor: torch.Tensor) -> Any:
         if tensor.device != DEVICE:
             return tensor
+        if host_bytes is not None:
+            host_bytes[0] += tensor.numel() * tensor.element_size()
         return ("offloaded", tuple(tensor.shape), tensor.stride(), tensor.dtype)
 
     def unpack(packed: Any) -> torch.Tensor:
