@@ -40,6 +40,9 @@ stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatt
 stderr = Console(file=StderrProxy(), highlight=False, soft_wrap=True, width=_WIDTH)
 
 _is_main_process = True
+# The command line this process was started with (set by the CLI), for messages that tell the
+# user what to run next (e.g. how to resume an interrupted run).
+invocation: list[str] | None = None
 
 
 def set_main_process(is_main: bool) -> None:

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["COGTUNE_DEBUG"] = "1"  # known before parsing, so that library logs stay on
         args = [arg for arg in args if arg != "--debug"]
     quiet_libraries()  # before any library is imported: some read their settings at import time
+    report.invocation = ["cogtune", *args]
     try:
         app(args=args, prog_name="cogtune")
     except CogtuneError as exc:

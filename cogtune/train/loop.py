@@ -28,6 +28,7 @@ from cogtune.train import checkpoint
 from cogtune.train.config import TrainConfig
 from cogtune.train.data import BatchLoader, BatchSchedule, describe_items, step_items
 from cogtune.train.full import TRANSFORMER_DIR, load_full_transformer_into, save_full_transformer
+from cogtune.train.interrupt import StopRequest, resume_command
 from cogtune.train.memory import MemoryLog
 from cogtune.train.model import (
     activations_offloaded,
@@ -169,8 +170,10 @@ def _run_training(config: TrainConfig) -> TrainResult:
     step_seconds: list[float] = []
 
     transformer.train()
+    stop = StopRequest()
     try:
-        with report.progress("training", total=config.steps, unit="step", completed=start_step) as bar:
+        with stop.listening(enabled=world == 1), \
+                report.progress("training", total=config.steps, unit="step", completed=start_step) as bar:
             for step in range(start_step, config.steps):
                 started = time.perf_counter()
                 step_loss = 0.0
@@ -211,8 +214,12 @@ def _run_training(config: TrainConfig) -> TrainResult:
                 if config.report_to != "none":
                     accelerator.log({"loss": step_loss, "lr": lr}, step=done)
                 bar.advance(1, loss=step_loss, lr=lr, **_memory_field(device))  # the bar shows s/step itself
-                if config.checkpointing.every and done % config.checkpointing.every == 0 and done < config.steps:
-                    checkpoint.save_checkpoint(accelerator, config, done, losses, lr_scheduler.state_dict())
+                if (stop.requested or config.checkpointing.every and done % config.checkpointing.every == 0) \
+                        and done < config.steps:
+                    saved = checkpoint.save_checkpoint(accelerator, config, done, losses, lr_scheduler.state_dict())
+                    if stop.requested:
+                        raise TrainingError(f"interrupted at step {done} of {config.steps}; checkpoint saved: {saved}",
+                                            hint=f"resume with: {resume_command(report.invocation)}")
                 if config.validation.every and done % config.validation.every == 0 and done < config.steps:
                     validator.run(transformer, f"step-{done:06d}", memory_log)
     finally:
