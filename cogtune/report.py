@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -293,43 +293,51 @@ def video_progress(count: int, steps: int, description: str = "video") -> Iterat
         yield VideoBars(progress, count, steps, description)
 
 
-@contextlib.contextmanager
-def hub_download_progress(description: str) -> Iterator[type]:
-    """A `tqdm_class` for huggingface_hub's `snapshot_download` that feeds one byte bar.
+def hub_tqdm_class(on_bytes: Callable[[float, float | None], None]) -> type:
+    """A `tqdm_class` for huggingface_hub's downloads that draws nothing and reports bytes instead.
 
-    The bar appears when the first bytes arrive, so a model already in the cache shows nothing.
     huggingface_hub reports the bytes of all files to byte bars (unit "B"; in 2.x one for bytes
     received, one for bytes written, which a plain download advances alike) whose totals grow as
-    files start: the bar shows the largest of their counts and totals. The file-count bar is ignored.
+    files start: `on_bytes(done, total)` gets the largest of their counts and totals, under a lock
+    (transfers run in threads). The file-count bar is ignored. An exception raised by `on_bytes`
+    stops the transfer that reported the bytes.
     """
     from huggingface_hub.utils import tqdm as hub_tqdm
 
     lock = threading.Lock()
     counts: dict[int, tuple[float, float]] = {}
-    shown: list[ProgressBar] = []
+
+    class _Bar(hub_tqdm):
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs["disable"] = True  # huggingface_hub's own bars stay off: cogtune draws one bar
+            self.counts_bytes = kwargs.get("unit") == "B"
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> None:
+            self.n += n or 0
+            if not self.counts_bytes or not self.n:
+                return
+            with lock:
+                counts[id(self)] = (self.n, self.total or 0)
+                total = max(total for _, total in counts.values()) or None
+                on_bytes(max(count for count, _ in counts.values()), total)
+
+    return _Bar
+
+
+@contextlib.contextmanager
+def hub_download_progress(description: str) -> Iterator[type]:
+    """A `tqdm_class` that feeds one byte bar; the bar appears with the first bytes, so a model
+    already in the cache shows nothing."""
     with contextlib.ExitStack() as stack:
+        shown: list[ProgressBar] = []
 
-        class _Bar(hub_tqdm):
-            """Draws nothing itself (huggingface_hub's own bars stay off): byte updates go to cogtune's bar."""
+        def on_bytes(done: float, total: float | None) -> None:
+            if not shown:
+                shown.append(stack.enter_context(byte_progress(description, total=total)))
+            shown[0].update(completed=done, total=total)
 
-            def __init__(self, *args: Any, **kwargs: Any):
-                kwargs["disable"] = True
-                self.counts_bytes = kwargs.get("unit") == "B"
-                super().__init__(*args, **kwargs)
-
-            def update(self, n: float | None = 1) -> None:
-                self.n += n or 0
-                if not self.counts_bytes or not self.n:
-                    return
-                with lock:
-                    counts[id(self)] = (self.n, self.total or 0)
-                    done = max(count for count, _ in counts.values())
-                    total = max(total for _, total in counts.values()) or None
-                    if not shown:
-                        shown.append(stack.enter_context(byte_progress(description, total=total)))
-                    shown[0].update(completed=done, total=total)
-
-        yield _Bar
+        yield hub_tqdm_class(on_bytes)
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]], to_stderr: bool = False,

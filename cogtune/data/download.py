@@ -265,50 +265,24 @@ def _finished_files(local_dir: Path, files: list[RemoteFile]) -> tuple[int, int]
 
 
 class _TransferProgress:
-    """Feeds cogtune's byte bar from the progress bars huggingface_hub creates with our `tqdm_class`.
-
-    huggingface_hub reports every chunk of every file to byte bars (unit "B": in 2.x one for bytes
-    received and one for bytes written, which a plain HTTP download updates by the same amounts), so
-    the bar shows the larger of their counts; the file-count bar (unit "it") is ignored.
-    """
+    """Feeds cogtune's byte bar from huggingface_hub's `tqdm_class` hook (`report.hub_tqdm_class`),
+    and stops a transfer at its next chunk once cancelled."""
 
     def __init__(self, bar: report.ProgressBar, at_start: int):
         self.bar = bar
         self.at_start = at_start
-        self.byte_counts: dict[int, float] = {}
         self.cancelled = threading.Event()
-        self._lock = threading.Lock()
 
     def cancel(self) -> None:
         self.cancelled.set()
 
     def tqdm_class(self) -> type:
-        from huggingface_hub.utils import tqdm as hub_tqdm
+        return report.hub_tqdm_class(self._on_bytes)
 
-        progress = self
-
-        class _Bar(hub_tqdm):
-            """Draws nothing itself: byte updates go to `progress`, and raise once it is cancelled."""
-
-            def __init__(self, *args, **kwargs):
-                kwargs["disable"] = True
-                self.counts_bytes = kwargs.get("unit") == "B"
-                super().__init__(*args, **kwargs)
-
-            def update(self, n: float | None = 1) -> None:
-                self.n += n or 0
-                if self.counts_bytes:
-                    if progress.cancelled.is_set():  # called from inside a file's transfer: this stops it
-                        raise _Cancelled("download cancelled")
-                    progress.count(self)
-
-        return _Bar
-
-    def count(self, source) -> None:
-        with self._lock:
-            self.byte_counts[id(source)] = source.n
-            completed = self.at_start + max(self.byte_counts.values())
-        self.bar.update(completed=completed)
+    def _on_bytes(self, done: float, total: float | None) -> None:
+        if self.cancelled.is_set():  # called from inside a file's transfer: this stops it
+            raise _Cancelled("download cancelled")
+        self.bar.update(completed=self.at_start + done)
 
 
 def _size_text(size: int | None) -> str:
