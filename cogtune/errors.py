@@ -1,4 +1,5 @@
-"""Errors a user can cause or fix. The CLI prints each as one line (plus a hint) and exits with 1."""
+"""Errors a user can cause or fix. The CLI prints each as one line (plus a hint) and exits with 1
+(`cogtune.interrupt.Interrupted`, a stop the user asked for: 130)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from cogtune import report
 from cogtune.config import write_config
-from cogtune.errors import ConfigError, DataError, ModelError
+from cogtune.errors import CogtuneError, ConfigError, DataError, ModelError
 from cogtune.fsutil import OutputLock, check_writable
 from cogtune.generate import generate_videos, load_condition_image
 from cogtune.models.registry import ModelSpec
@@ -99,13 +99,22 @@ def output_paths(output: str | Path, count: int, overwrite: bool) -> list[Path]:
     return paths
 
 
-def resolve_lora_file(lora: str | Path) -> Path:
-    path = Path(lora)
-    if path.is_dir():
-        path = path / "pytorch_lora_weights.safetensors"
-    if not path.is_file():
-        raise DataError(f"LoRA weights not found: {path}")
-    return path
+def load_any_lora(pipe: Any, lora_file: Path, lora: Any) -> None:
+    """Load a LoRA of any layout cogtune reads (diffusers, ComfyUI, kohya, SAT) as the adapter "cogtune".
+
+    diffusers reads its own layout from the file; the others are converted in memory to it (alpha
+    folded in), as `cogtune lora convert --to diffusers` would write them.
+    """
+    import json
+
+    from cogtune.lora.layouts import ADAPTER_METADATA_KEY, write_state
+
+    if lora.layout == "diffusers":
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="cogtune")
+        return
+    state, metadata = write_state(lora, "diffusers")
+    pipe.transformer.load_lora_adapter(state, prefix="transformer", metadata=json.loads(metadata[ADAPTER_METADATA_KEY]),
+                                       adapter_name="cogtune")
 
 
 def resolve_transformer_folder(path: str | Path, spec: ModelSpec) -> Path:
@@ -139,16 +148,19 @@ class SamplePlan:
     transformer_folder: Path | None
     drop_learned_positions: bool
     prompt_origins: tuple[str, ...] = ()  # `line 7 of prompts.txt`, per prompt
+    lora: Any = None  # the LoRA's layers (cogtune.lora.layouts.LoraLayers), read and checked up front
 
 
 def plan_sample(config: SampleConfig) -> SamplePlan:
     from cogtune.models.loading import resolve_model
     from cogtune.lora.format import read_lora_info
+    from cogtune.lora.layouts import read_lora, resolve_lora_path
 
     model = resolve_model(config.model, random_weights=config.random_weights)
     spec = model.spec
     prompts, origins = read_prompts_with_origins(config)
-    lora_file = resolve_lora_file(config.lora) if config.lora else None
+    lora_file = resolve_lora_path(config.lora) if config.lora else None
+    lora = read_lora(lora_file) if lora_file is not None else None  # any layout; not a LoRA: one line now
     info = read_lora_info(lora_file) if lora_file is not None else {}
     if lora_file is not None:
         check_lora_fits(info, spec, lora_file)
@@ -175,7 +187,7 @@ def plan_sample(config: SampleConfig) -> SamplePlan:
             raise ConfigError(f"{option} needs a CUDA GPU")
     paths = output_paths(config.output, len(prompts), config.overwrite)
     check_writable(paths[0].parent)  # before minutes of generation, not after
-    return SamplePlan(model, prompts, paths, shape, images, lora_file, transformer_folder, drop, tuple(origins))
+    return SamplePlan(model, prompts, paths, shape, images, lora_file, transformer_folder, drop, tuple(origins), lora)
 
 
 # Prompts embedded at a time: memory holds one chunk's embeddings, not every prompt's (100k prompts
@@ -267,7 +279,9 @@ def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtyp
                           text_encoder=None, tokenizer=None, scheduler=scheduler)
     if plan.lora_file is not None:
         try:
-            pipe.load_lora_weights(str(plan.lora_file.parent), weight_name=plan.lora_file.name, adapter_name="cogtune")
+            load_any_lora(pipe, plan.lora_file, plan.lora)
+        except CogtuneError:
+            raise
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"cannot load the LoRA {plan.lora_file} into {spec.name}: {first[:200]}",

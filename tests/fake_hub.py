@@ -15,6 +15,17 @@ Endpoints (what the installed huggingface_hub 2.x asks for; 0.x asks for a subse
 - `HEAD` and `GET /{datasets/|spaces/|}{repo}/resolve/{rev}/{path}`: the file, with `X-Repo-Commit`,
   `ETag`, `Content-Length`, `Accept-Ranges`; `Range: bytes=N-` gets a 206 with `Content-Range`.
 
+Uploads (what `HfApi.create_repo` and `upload_folder`/`create_commit` send):
+
+- `POST /api/repos/create` (`{"name", "organization", "type", "visibility"?}`): creates an empty repo,
+  409 if it exists (which `exist_ok=True` accepts).
+- `POST /api/validate-yaml`: accepts any README front matter (the client checks the card first).
+- `POST /api/{type}s/{repo}/preupload/{rev}`: answers `"uploadMode": "regular"` for every file, so the
+  client sends each file's bytes base64-encoded inside the commit: no LFS or xet transfer.
+- `POST /api/{type}s/{repo}/commit/{rev}`: the NDJSON commit (a header line, then `file` lines); the
+  files are stored in the repo (`FakeRepo.files`) and the commit recorded in `FakeHub.commits`.
+  `fail_commits(status)` answers the next commits with that status instead.
+
 Errors use the Hub's `X-Error-Code` header (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`),
 which is how huggingface_hub tells them apart. huggingface_hub 2.x also fetches an "agent harness"
 registry (`GET /api/agent-harnesses`) once a day, from the endpoint it read at import, whatever the
@@ -23,6 +34,7 @@ registry (`GET /api/agent-harnesses`) once a day, from the endpoint it read at i
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -38,6 +50,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 LFS_THRESHOLD = 10_000  # files at least this large are described as LFS files, as the Hub does for big blobs
 
 _API = re.compile(r"^/api/(?P<type>models|datasets|spaces)/(?P<rest>.+)$")
+_UPLOAD = re.compile(r"^(?P<repo>[^/]+/[^/]+)/(?P<action>preupload|commit)/(?P<rev>[^/]+)$")
 _RESOLVE = re.compile(r"^/(?:(?P<type>datasets|spaces)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
 
@@ -101,6 +114,8 @@ class FakeHub:
         self.repos: dict[tuple[str, str], FakeRepo] = {}
         self.requests: list[RecordedRequest] = []
         self.faults: list[Fault] = []
+        self.commits: list[dict] = []  # each received commit: {"repo_id", "header", "files": {path: bytes}}
+        self.commit_failures: list[int] = []  # statuses for the next commits, in order
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -132,6 +147,11 @@ class FakeHub:
         """Answer the next `times` downloads of repo file `path` with an HTTP error (after earlier faults)."""
         with self._lock:
             self.faults.append(Fault(path, times, status=status))
+
+    def fail_commits(self, status: int = 500, times: int = 1) -> None:
+        """Answer the next `times` commits with HTTP `status` (nothing is stored)."""
+        with self._lock:
+            self.commit_failures += [status] * times
 
     def requests_for(self, method: str, path_suffix: str = "") -> list[RecordedRequest]:
         with self._lock:
@@ -205,6 +225,61 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._dispatch(send_body=False)
+
+    def do_POST(self) -> None:
+        parts = urlsplit(self.path)
+        path = unquote(parts.path)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.hub._record(RecordedRequest("POST", path, parse_qs(parts.query),
+                                         {k.lower(): v for k, v in self.headers.items()}))
+        match = _API.match(path)
+        if path == "/api/repos/create":
+            self._create_repo(json.loads(body))
+        elif path == "/api/validate-yaml":
+            self._json({"errors": [], "warnings": []})
+        elif match is not None and (upload := _UPLOAD.match(match.group("rest"))) is not None:
+            repo = self._repo(match.group("type")[:-1], upload.group("repo"))
+            if repo is None or not self._revision_ok(repo, upload.group("rev")):
+                return
+            if upload.group("action") == "preupload":
+                files = json.loads(body)["files"]
+                self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                      for f in files]})
+            else:
+                self._commit(repo, body)
+        else:
+            self._error(404, "Not Found", "no such endpoint on the fake hub")
+
+    # --- uploads ---------------------------------------------------------------------------------
+
+    def _create_repo(self, payload: dict) -> None:
+        repo_type = payload.get("type") or "model"
+        repo_id = "/".join(part for part in (payload.get("organization"), payload["name"]) if part)
+        prefix = "" if repo_type == "model" else f"{repo_type}s/"
+        url = f"{self.hub.url}/{prefix}{repo_id}"
+        if (repo_type, repo_id) in self.hub.repos:  # the Hub's 409 carries the URL too
+            self._json({"error": "You already created this model repo", "url": url}, status=409)
+            return
+        self.hub.add_repo(repo_id, {}, repo_type)
+        self._json({"url": url, "name": repo_id})
+
+    def _commit(self, repo: FakeRepo, body: bytes) -> None:
+        with self.hub._lock:
+            status = self.hub.commit_failures.pop(0) if self.hub.commit_failures else None
+        if status is not None:
+            self._error(status, None, "Internal Error")
+            return
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        header = next(line["value"] for line in lines if line["key"] == "header")
+        files = {line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                 for line in lines if line["key"] == "file"}
+        repo.files.update(files)
+        repo.commit = hashlib.sha1(f"{repo.commit}:{len(self.hub.commits)}".encode()).hexdigest()
+        with self.hub._lock:
+            self.hub.commits.append({"repo_id": repo.repo_id, "header": header, "files": files})
+        prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
+        self._json({"commitUrl": f"{self.hub.url}/{prefix}{repo.repo_id}/commit/{repo.commit}",
+                    "commitOid": repo.commit, "pullRequestUrl": None})
 
     def _dispatch(self, send_body: bool) -> None:
         parts = urlsplit(self.path)
@@ -352,9 +427,9 @@ class _HubHandler(BaseHTTPRequestHandler):
         self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         return False
 
-    def _json(self, payload: object) -> None:
+    def _json(self, payload: object, status: int = 200) -> None:
         body = json.dumps(payload).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

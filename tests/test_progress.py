@@ -84,7 +84,8 @@ def test_sample_shows_the_denoising_steps_and_the_decode_in_80_columns(tmp_path)
     assert "video 1/1" in text and "step 4/4" in text and "decoding" in text
     assert re.search(r"✓ video 1/1: 4 steps in [\d.]+ s \([\d.]+ (steps/s|s/step)\), decoded in", text)
     assert not re.search(r"\d videos/s|s/videos|-- \w+/s", text)  # the old bar: `0/1 -- videos/s`
-    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    ours = [line for line in lines if str(tmp_path) not in line]  # a path's length is the user's (and pytest's)
+    assert max(len(line) for line in ours) <= 80, max(ours, key=len)
 
 
 def test_validation_shows_a_bar_per_video(recorded, tmp_path, tiny_cache):

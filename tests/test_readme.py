@@ -7,6 +7,7 @@ and checked exactly as for a user, without doing the work.
 from __future__ import annotations
 
 import shlex
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,11 @@ def test_readme_command_parses(command, cli, monkeypatch, tmp_path):
     import cogtune.data.download
     import cogtune.data.validate
     import cogtune.demo
+    import cogtune.data.prepare
     import cogtune.encode
+    import cogtune.encode.preview
+    import cogtune.lora.layouts
+    import cogtune.lora.merge
     import cogtune.sample
     import cogtune.train
 
@@ -78,8 +83,19 @@ def test_readme_command_parses(command, cli, monkeypatch, tmp_path):
     monkeypatch.setattr(cogtune.data.download, "download_dataset", recorder("download"))
     monkeypatch.setattr(cogtune.data.validate, "validate_dataset", lambda *a, **k: calls.append("validate") or Valid())
     monkeypatch.setattr(cogtune.data.validate, "print_report", lambda *a, **k: None)
+    monkeypatch.setattr(cogtune.data.validate, "validate_dataset_config",
+                        lambda *a, **k: calls.append("validate") or [])
     monkeypatch.setattr(cogtune.accelerate_config, "accelerate_config_yaml", lambda *a, **k: calls.append("config") or "")
     monkeypatch.setattr(cogtune.bench.run, "run_bench", recorder("bench"))
+    monkeypatch.setattr(cogtune.data.prepare, "prepare_dataset", recorder("prepare"))
+    monkeypatch.setattr(cogtune.encode.preview, "preview_cache", recorder("preview"))
+    inspected = {"file": "f", "layout": "diffusers", "model": "tiny", "family": "1.0-sincos", "fits": [], "layers": 1,
+                 "alpha_form_text": "metadata", "alpha_portable": True, "target_modules": [], "buckets": [],
+                 "ranks_alphas": [], "cogtune": {}}
+    monkeypatch.setattr(cogtune.lora.layouts, "inspect_lora", lambda *a, **k: calls.append("inspect") or inspected)
+    monkeypatch.setattr(cogtune.lora.layouts, "convert_lora",
+                        lambda *a, **k: calls.append("convert") or SimpleNamespace(layers=[], layout="diffusers"))
+    monkeypatch.setattr(cogtune.lora.merge, "merge_lora", recorder("lora merge"))
     (tmp_path / "run.toml").write_text('model = "tiny"\ndata = "cache"\noutput_dir = "out"\n')
     monkeypatch.chdir(tmp_path)
     result = cli(*shlex.split(command)[1:])

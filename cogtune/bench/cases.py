@@ -16,7 +16,7 @@ from cogtune.config import replace_settings
 from cogtune.errors import ConfigError
 from cogtune.train.config import TrainConfig
 from cogtune.train.sizing.estimate import Shape, largest_shape, model_spec, run_label
-from cogtune.train.validation import validation_shape_from
+from cogtune.train.validation import first_video_bucket, validation_shape_from
 
 # Grid axes: the bench option, and the run setting it varies.
 AXES = {
@@ -30,6 +30,7 @@ AXES = {
     "offload_blocks": "memory.offload_blocks",
     "offload_activations": "memory.offload_activations",
 }
+METHODS = ("lora", "full")  # the values of the methods axis: full=False or True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,6 @@ def grid(base: TrainConfig, axes: dict[str, Sequence[Any]], shape_sets: Sequence
             continue  # the rank does not apply to full fine-tuning: one row
         spec = model_spec(config.model)
         for run_shapes in shape_sets or [((spec.default_frames, spec.default_height, spec.default_width),)]:
-            validation_shape = validation_shape_from(config, run_shapes[0]) if validation else None
+            validation_shape = validation_shape_from(config, first_video_bucket(run_shapes)) if validation else None
             cases.append(BenchCase(config, tuple(run_shapes), validation_shape))  # type: ignore[arg-type]
     return list(dict.fromkeys(cases))

@@ -59,7 +59,7 @@ def measure_case(case: BenchCase, steps: int = 4, workdir: str | Path | None = N
         frames, height, width = case.validation_shape or shape
         config = replace_settings(case.config, {
             "data": str(cache), "output_dir": str(root / "run"), "random_weights": not spec.tiny, "steps": steps,
-            "resume": None, "report_to": "none", "checkpointing.every": 0,
+            "resume": None, "report_to": "none", "push_to_hub": None, "checkpointing.every": 0,
             "validation.prompts": (VALIDATION_PROMPT,) if validating else (), "validation.images": images,
             "validation.every": 0, "validation.steps": 2, "validation.final": validating,
             "validation.frames": frames, "validation.height": height, "validation.width": width,

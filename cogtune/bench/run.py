@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cogtune import report
-from cogtune.bench.cases import AXES, BenchCase, grid
+from cogtune.bench.cases import AXES, METHODS, BenchCase, grid
 from cogtune.train.sizing.estimate import model_spec
 from cogtune.config import setting, write_config
 from cogtune.data.clips import Bucket
@@ -43,7 +43,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for value in self.methods:
-            if value not in ("lora", "full"):
+            if value not in METHODS:
                 raise ConfigError(f"method '{value}' is not lora or full")
         try:
             for shape in self.shapes:

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from cogtune import __version__
-from cogtune.cli import bench, completion, config, dataset, demo, encode, sample, train
+from cogtune.cli import bench, completion, config, dataset, demo, encode, lora, sample, train
 
 app = typer.Typer(
     name="cogtune",
@@ -30,6 +30,7 @@ app.command("encode", epilog=encode.EPILOG)(encode.encode)
 app.add_typer(train.app, name="train")
 app.add_typer(bench.app, name="bench")
 app.command("sample", epilog=sample.EPILOG)(sample.sample)
+app.add_typer(lora.app, name="lora")
 app.command("demo", epilog=demo.EPILOG)(demo.demo)
 app.add_typer(config.app, name="config")
 app.command("completion", epilog=completion.EPILOG)(completion.completion)
@@ -70,7 +71,8 @@ def _is_gpu_out_of_memory(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: exit 0 on success, 1 with a one-line reason on failure, 2 on usage errors."""
+    """Console entry point: exit 0 on success, 1 with a one-line reason on failure, 2 on usage errors,
+    130 (143 for SIGTERM) when Ctrl-C stopped the run at a safe point."""
     from cogtune import report
     from cogtune.errors import CogtuneError
     from cogtune.quiet import quiet_libraries
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         if _debug():
             raise
         report.error(exc.message, exc.hint)
-        sys.exit(1)
+        sys.exit(getattr(exc, "exit_code", 1))  # 130 for a run Ctrl-C stopped (cogtune.interrupt)
     except Exception as exc:  # anything else is still a failed run, reported in one line
         if _debug():
             raise

@@ -8,11 +8,32 @@ from typing import Annotated, Optional
 import typer
 
 from cogtune.cli.common import examples
-from cogtune.cli.options import FramesOpt, HeightOpt, WidthOpt, number
+from cogtune.cli.options import FramesOpt, HeightOpt, WidthOpt, completes, number
 
 app = typer.Typer(help="Size and time training runs before you start them.", no_args_is_help=True)
 
 ListOpt = Optional[str]
+
+
+def _presets() -> list[str]:
+    from cogtune.models.registry import ALL_PRESETS
+
+    return list(ALL_PRESETS)
+
+
+def _methods() -> tuple[str, ...]:
+    from cogtune.bench.cases import METHODS
+
+    return METHODS
+
+
+def _optimizers() -> tuple[str, ...]:
+    from cogtune.train.config import OPTIMIZERS
+
+    return OPTIMIZERS
+
+
+_ON_OFF = completes(("on", "off"), comma_list=True)  # the words the help uses; `parse_list` also reads true/false
 
 
 @app.command(
@@ -27,15 +48,19 @@ ListOpt = Optional[str]
     ),
 )
 def memory(
-    model: Annotated[ListOpt, typer.Option("--model", "-m", help="Presets, comma-separated. [default: cogvideox-5b]")]
+    model: Annotated[ListOpt, typer.Option("--model", "-m", help="Presets, comma-separated. [default: cogvideox-5b]",
+                                           autocompletion=completes(_presets, comma_list=True))]
     = None,
-    method: Annotated[ListOpt, typer.Option("--method", help="lora and/or full, comma-separated. [default: lora]")]
+    method: Annotated[ListOpt, typer.Option("--method", help="lora and/or full, comma-separated. [default: lora]",
+                                            autocompletion=completes(_methods, comma_list=True))]
     = None,
     rank: Annotated[ListOpt, typer.Option("--rank", help="LoRA ranks, comma-separated. [default: 64]")] = None,
     gradient_checkpointing: Annotated[
-        ListOpt, typer.Option("--gradient-checkpointing", help="on, off or on,off. [default: on]")
+        ListOpt,
+        typer.Option("--gradient-checkpointing", help="on, off or on,off. [default: on]", autocompletion=_ON_OFF),
     ] = None,
-    optimizer: Annotated[ListOpt, typer.Option("--optimizer", help="Optimizers, comma-separated. [default: adamw]")]
+    optimizer: Annotated[ListOpt, typer.Option("--optimizer", help="Optimizers, comma-separated. [default: adamw]",
+                                               autocompletion=completes(_optimizers, comma_list=True))]
     = None,
     batch_size: Annotated[ListOpt, typer.Option("--batch-size", help="Batch sizes, comma-separated. [default: 1]")]
     = None,
@@ -44,9 +69,12 @@ def memory(
     width: WidthOpt = None,
     shape: Annotated[ListOpt, typer.Option("--shape", help="Clip shapes FxHxW, comma-separated (a resolution grid).")]
     = None,
-    fp8: Annotated[ListOpt, typer.Option("--fp8", help="on, off or on,off (LoRA). [default: off]")] = None,
-    offload_blocks: Annotated[ListOpt, typer.Option("--offload-blocks", help="on, off or on,off (LoRA).")] = None,
-    offload_activations: Annotated[ListOpt, typer.Option("--offload-activations", help="on, off or on,off.")] = None,
+    fp8: Annotated[ListOpt, typer.Option("--fp8", help="on, off or on,off (LoRA). [default: off]",
+                                         autocompletion=_ON_OFF)] = None,
+    offload_blocks: Annotated[ListOpt, typer.Option("--offload-blocks", help="on, off or on,off (LoRA).",
+                                                    autocompletion=_ON_OFF)] = None,
+    offload_activations: Annotated[ListOpt, typer.Option("--offload-activations", help="on, off or on,off.",
+                                                         autocompletion=_ON_OFF)] = None,
     no_validation: Annotated[bool, typer.Option("--no-validation", help="Leave out the validation pass.")] = False,
     estimate: Annotated[bool, typer.Option("--estimate", help="Estimate without a GPU or a download (default).")]
     = False,

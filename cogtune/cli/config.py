@@ -6,7 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from cogtune.accelerate_config import MIXED_PRECISIONS, STRATEGIES
 from cogtune.cli.common import examples
+from cogtune.cli.options import completes
 
 app = typer.Typer(help="Write configuration files for other tools (accelerate).", no_args_is_help=True)
 
@@ -22,7 +24,7 @@ EPILOG = examples(
 def accelerate(
     strategy: Annotated[
         str,
-        typer.Option("--strategy", "-s", show_default=False,
+        typer.Option("--strategy", "-s", show_default=False, autocompletion=completes(tuple(STRATEGIES)),
                      help="ddp, fsdp, fsdp-hybrid, zero2, zero2-offload, zero3 or zero3-offload."),
     ],
     gpus: Annotated[int, typer.Option("--gpus", "-g", help="GPUs (processes) per machine.", min=1)] = 1,
@@ -34,7 +36,9 @@ def accelerate(
         Optional[str], typer.Option("--main-process-ip", help="Address of machine 0 (several machines).")
     ] = None,
     main_process_port: Annotated[int, typer.Option("--main-process-port", help="Port the processes meet on.")] = 29500,
-    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="bf16, fp16 or no.")] = "bf16",
+    mixed_precision: Annotated[
+        str, typer.Option("--mixed-precision", help="bf16, fp16 or no.", autocompletion=completes(MIXED_PRECISIONS))
+    ] = "bf16",
 ) -> None:
     """Print an accelerate config for a strategy (DDP, FSDP2, DeepSpeed ZeRO) on stdout.
 

@@ -19,6 +19,7 @@ EPILOG = examples(
     "cogtune encode --model cogvideox-5b --data-root data/disney --output-dir cache/disney "
     "--frames 49 --height 480 --width 720",
     "cogtune encode --model tiny --data-root demo/data --output-dir demo/cache --dry-run",
+    "cogtune encode --model cogvideox-5b --dataset-config datasets.toml --output-dir cache/mixed --buckets 49x480x720",
 )
 
 

@@ -45,6 +45,23 @@ def choice(choices: Sequence[str]) -> Callable[[Any], Any]:
     return check
 
 
+def completes(values: Sequence[str] | Callable[[], Sequence[str]],
+              comma_list: bool = False) -> Callable[[str], list[str]]:
+    """`autocompletion=` for a `typer.Option`/`typer.Argument` whose values are a closed set.
+
+    `values`, or a function returning them (to keep an import out of `--help`), are what the shell
+    offers. With `comma_list` the option takes `a,b,c` and the item after the last comma completes.
+    `cogtune completion` writes into its static scripts what each parameter completes here.
+    """
+
+    def complete(incomplete: str) -> list[str]:
+        done, comma, last = incomplete.rpartition(",") if comma_list else ("", "", incomplete)
+        offered = values() if callable(values) else values
+        return [f"{done}{comma}{value}" for value in offered if value.startswith(last)]
+
+    return complete
+
+
 OptionalModelOpt = Annotated[
     Optional[str], typer.Option("--model", "-m", help=MODEL_HELP, metavar="MODEL", show_default=False)
 ]

@@ -11,11 +11,12 @@ from cogtune.cli.settings import Overrides, settings_options
 from cogtune.sample_config import SampleConfig
 
 EPILOG = examples(
-    "cogtune sample --model THUDM/CogVideoX-5b --lora runs/disney --prompt 'A panda playing a guitar' "
+    "cogtune sample --model THUDM/CogVideoX-5b --lora runs/disney --prompt 'A panda playing a guitar in a bamboo forest' "
     "--output panda.mp4 --scheduler dpm --dynamic-cfg",
     "cogtune sample --model THUDM/CogVideoX-5b-I2V --image first.png --prompt 'The cat jumps' --output cat.mp4 "
     "--offload model --vae-tiling",
-    "cogtune sample --model tiny --prompt 'A red circle moves left' --output red.mp4 --steps 10 --preview png",
+    "cogtune sample --model tiny --prompt 'A red circle moves left across a dark background.' --output red.mp4 "
+    "--steps 10 --preview png",
 )
 
 

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cogtune.cli.options import choice, number
+from cogtune.cli.options import choice, completes, number
 from cogtune.config import Bounds, setting_choices, strip_optional
 
 Overrides = dict[str, Any]
@@ -114,7 +114,8 @@ class SettingOption:
             metavar = None
         else:
             metavar = metavar or _METAVARS[value_type]
-        option = typer.Option(*self.names, help=self.help(), metavar=metavar, callback=callback, show_default=False)
+        option = typer.Option(*self.names, help=self.help(), metavar=metavar, callback=callback, show_default=False,
+                              autocompletion=completes(choices) if choices is not None else None)
         python_type = list[value_type] if self.repeatable else value_type
         return Annotated[Optional[python_type], option]
 

@@ -23,13 +23,15 @@ _TASK_HELP = {
 _EXAMPLES = {
     "t2v": examples(
         "cogtune train t2v --model cogvideox-5b --data cache/disney --output-dir runs/disney --rank 64 --steps 2000 "
-        "--validation-prompt 'A panda playing a guitar' --validation-every 500",
-        "cogtune train t2v --model tiny --data demo/cache --output-dir demo/run --steps 20",
+        "--validation-prompt 'A panda playing a guitar in a bamboo forest' --validation-every 500",
+        "cogtune train t2v --model tiny --data demo/cache --output-dir demo/run2 --steps 10 --validation-steps 10",
         "torchrun --nproc_per_node 2 -m cogtune train t2v --config run.toml",
     ),
     "i2v": examples(
         "cogtune train i2v --model cogvideox-5b-i2v --data cache/disney-i2v --output-dir runs/i2v --rank 64",
-        "cogtune train i2v --model tiny-i2v --data demo/cache-i2v --output-dir demo/run-i2v --steps 20",
+        "cogtune encode --model tiny-i2v --data-root demo/data --output-dir demo/cache-i2v",
+        "cogtune train i2v --model tiny-i2v --data demo/cache-i2v --output-dir demo/run-i2v --steps 10 "
+        "--validation-steps 10",
     ),
 }
 

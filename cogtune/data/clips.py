@@ -114,13 +114,63 @@ def frame_indices(info: VideoInfo, wanted: int, sampling: FrameSampling = "unifo
     return [start + round(i * stride) for i in range(wanted)]
 
 
+FrameExtraction = Literal["uniform", "head", "chunk", "slide"]
+
+
+def _taken_frame(info: VideoInfo, position: int, sampling: FrameSampling, target_fps: float | None) -> int:
+    """The source frame of the `position`-th frame taken from the clip's start (every frame, or at `target_fps`)."""
+    if sampling == "uniform" or target_fps is None:
+        return position
+    if info.timestamps:  # variable frame rate: the frame nearest the instant
+        times = np.asarray(info.timestamps, dtype=float)
+        instant = times[0] + position / target_fps
+        right = int(np.searchsorted(times, instant))
+        candidates = [c for c in (right - 1, right) if 0 <= c < len(times)]
+        return min(candidates, key=lambda c: (abs(times[c] - instant), c))
+    return min(info.frames - 1, round(position * _stride(info, target_fps)))
+
+
+def window_starts(available: int, wanted: int, extraction: FrameExtraction, stride: int | None = None) -> list[int]:
+    """Where each window of `wanted` frames starts among the `available` frames taken (head, chunk, slide)."""
+    if available < wanted:
+        return []
+    if extraction == "head":
+        return [0]
+    step = wanted if extraction == "chunk" else stride
+    if not step:
+        raise DataError("slide frame extraction needs a frame stride")
+    return list(range(0, available - wanted + 1, step))
+
+
+def clip_windows(info: VideoInfo, wanted: int, extraction: FrameExtraction = "uniform",
+                 sampling: FrameSampling = "uniform", target_fps: float | None = None,
+                 stride: int | None = None) -> list[list[int]]:
+    """The source-frame indices of every item a clip yields: one list per training item.
+
+    `uniform` gives one item sampled by `frame_indices`; `head`, `chunk` and `slide` cut windows of
+    consecutive frames taken (every frame, or at `target_fps` with fps sampling): the first one,
+    non-overlapping ones, or one every `stride` frames taken. A still image gives its one frame.
+    """
+    if info.backend == "image":
+        return [[0]]
+    if extraction == "uniform":
+        return [frame_indices(info, wanted, sampling, target_fps)]
+    available = sampleable_frames(info, sampling, target_fps)
+    if available < wanted:
+        raise DataError(f"clip gives {available} frames, fewer than the {wanted} needed")
+    return [[_taken_frame(info, start + i, sampling, target_fps) for i in range(wanted)]
+            for start in window_starts(available, wanted, extraction, stride)]
+
+
 def choose_bucket(info: VideoInfo, buckets: Sequence[Bucket], available: int | None = None) -> Bucket | None:
     """The bucket nearest the clip's aspect ratio, with the most frames the clip can fill.
 
-    `available` is the number of frames the clip can give (see `sampleable_frames`).
+    `available` is the number of frames the clip can give (see `sampleable_frames`). A still image
+    takes only 1-frame buckets, a video only longer ones.
     """
     available = info.frames if available is None else available
-    fitting = [b for b in buckets if b.frames <= available]
+    still = info.backend == "image"
+    fitting = [b for b in buckets if b.frames <= available and (b.frames == 1) == still]
     if not fitting:
         return None
     aspect = info.aspect  # as displayed: anamorphic clips have non-square pixels
@@ -157,10 +207,18 @@ def resize_frames(frames: np.ndarray, height: int, width: int, mode: ResizeMode 
 
 
 def load_clip(path: str | Path, bucket: Bucket, *, mode: ResizeMode = "crop", info: VideoInfo | None = None,
-              sampling: FrameSampling = "uniform", target_fps: float | None = None):
-    """The clip at `path` shaped to `bucket`: float (F, 3, H, W) in [-1, 1]."""
+              sampling: FrameSampling = "uniform", target_fps: float | None = None,
+              indices: Sequence[int] | None = None):
+    """The clip at `path` shaped to `bucket`: float (F, 3, H, W) in [-1, 1].
+
+    `indices` names the source frames (one of `clip_windows`); default: sampled by `sampling`. A
+    still image (`info.backend == "image"`) is one frame.
+    """
     info = info or probe_video(path)
-    indices = frame_indices(info, bucket.frames, sampling, target_fps)
+    if info.backend == "image":
+        return load_image(path, bucket.height, bucket.width, mode)[None]
+    if indices is None:
+        indices = frame_indices(info, bucket.frames, sampling, target_fps)
     return resize_frames(read_frames(path, indices, info), bucket.height, bucket.width, mode=mode, sar=info.sar)
 
 

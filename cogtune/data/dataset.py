@@ -7,7 +7,10 @@ Three layouts go through this one reader:
 - a table (`--dataset-file` CSV, JSON list of objects, or JSONL) whose columns are named by
   `caption_column` / `video_column` / `image_column` (default `caption`, `video`, `image`, with the
   usual aliases such as `prompt` or `file_name`);
-- a folder of clips with a same-named `.txt` caption beside each.
+- a folder of clips (or, with `kind = "images"`, of still images) with a same-named `.txt` caption
+  beside each.
+
+A listing may name still images as well as videos: each still trains as a one-frame item.
 
 Text may carry a UTF-8 BOM, CRLF line ends, trailing blank lines, and (CSV) quoted fields with
 commas and newlines. Every problem is a `Problem` with a stable code, the file it is about, and
@@ -32,9 +35,16 @@ Severity = Literal["error", "warning"]
 DEFAULT_CAPTION_FILE = "prompts.txt"
 DEFAULT_VIDEO_FILE = "videos.txt"
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _CAPTION_ALIASES = ("caption", "prompt", "text", "description", "captions", "prompts")
 _VIDEO_ALIASES = ("video", "video_path", "file_name", "filename", "path", "file", "videos")
 _IMAGE_ALIASES = ("image", "image_path", "condition_image", "first_frame")
+# What `dataset prepare` writes for a clip it has no caption for; `validate` reports it (placeholder-caption).
+CAPTION_PLACEHOLDER = "[caption needed]"
+
+
+def is_placeholder_caption(caption: str | None) -> bool:
+    return (caption or "").strip().startswith(CAPTION_PLACEHOLDER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +71,29 @@ class DatasetConfig:
                                        flag="--sample-fps", low=0, low_open=True)
     resize_mode: Literal["crop", "stretch"] = setting("crop", "Keep aspect ratio and center-crop, or stretch.",
                                                       flag="--resize-mode")
+    kind: Literal["videos", "images"] = setting(
+        "videos", "What the folder layout collects: video clips, or still images (each a 1-frame item). "
+                  "Listings may name both.", flag="--kind")
+    frame_extraction: Literal["uniform", "head", "chunk", "slide"] = setting(
+        "uniform", "Items per clip. uniform: one, frames spread by --frame-sampling; head: one, from the first frame; "
+                   "chunk: consecutive non-overlapping windows; slide: a window every --frame-stride frames. "
+                   "Windows take every frame (or, with --frame-sampling fps, frames at --sample-fps).",
+        flag="--frame-extraction")
+    frame_stride: int | None = setting(None, "slide: frames from one window's start to the next's (in the frames "
+                                             "taken).", flag="--frame-stride", low=1)
+    caption_extension: str = setting(".txt", "Folder layout: the extension of the caption file beside each clip.",
+                                     flag="--caption-extension")
 
     def __post_init__(self) -> None:
         check_settings(self)
         if self.dataset_file is not None and Path(self.dataset_file).suffix.lower() not in (".csv", ".json", ".jsonl"):
             raise ConfigError(f"dataset file {self.dataset_file} must be .csv, .json or .jsonl")
+        if self.frame_extraction == "slide" and self.frame_stride is None:
+            raise ConfigError("frame_extraction 'slide' needs frame_stride (--frame-stride)")
+        if self.frame_extraction != "slide" and self.frame_stride is not None:
+            raise ConfigError(f"frame_stride applies to frame_extraction 'slide', not '{self.frame_extraction}'")
+        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
+            raise ConfigError(f"caption_extension '{self.caption_extension}' must start with a dot, e.g. .txt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +136,11 @@ class Entry:
 
     def caption_with(self, id_token: str | None) -> str:
         return f"{id_token} {self.caption}" if id_token else self.caption
+
+    @property
+    def still(self) -> bool:
+        """Whether the entry's media is a still image (a 1-frame item) rather than a video."""
+        return self.video.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def decode_text(data: bytes) -> str:
@@ -175,10 +208,16 @@ def read_entries(config: DatasetConfig) -> tuple[list[Entry], list[Problem]]:
     elif _uses_line_files(root, config):
         rows = _read_line_files(root, config, problems)
     else:
-        rows = _read_clip_folder(root, problems)
+        rows = _read_clip_folder(root, config, problems)
     if rows is None:
         return [], problems
     entries = _resolve_rows(root, rows, config, problems)
+    if config.kind == "images":
+        for entry in [e for e in entries if not e.still]:
+            problems.append(Problem("not-an-image", "error", f"kind is 'images' but '{entry.video_ref}' is not an "
+                                    f"image ({', '.join(IMAGE_EXTENSIONS)})", entry.video_ref, entry.line,
+                                    entry.source))
+        entries = [e for e in entries if e.still]
     if not rows and not problems:
         problems.append(Problem("empty-dataset", "error", "the dataset lists no entries", str(root)))
     _check_swapped_columns(rows, problems)
@@ -350,29 +389,34 @@ def _skip_reason(path: Path) -> str | None:
     return None
 
 
-def _read_clip_folder(root: Path, problems: list[Problem]) -> list[_Row] | None:
+def _read_clip_folder(root: Path, config: DatasetConfig, problems: list[Problem]) -> list[_Row] | None:
     clips = []
+    extensions = IMAGE_EXTENSIONS if config.kind == "images" else (*VIDEO_EXTENSIONS, ".gif")
     for path in sorted(root.rglob("*")):
         relative_parts = path.relative_to(root).parts
-        if path.suffix.lower() not in (*VIDEO_EXTENSIONS, ".gif") or any(p.startswith(".") for p in relative_parts):
+        if path.suffix.lower() not in extensions or any(p.startswith(".") for p in relative_parts):
             continue
-        reason = _skip_reason(path)
+        if config.kind == "images":
+            reason = None if path.is_file() else "skipped: not a regular file (a folder or a dangling symlink)"
+        else:
+            reason = _skip_reason(path)
         if reason is None:
             clips.append(path)
         else:
             relative = path.relative_to(root).as_posix()
             problems.append(Problem("skipped-file", "warning", reason, relative, source=relative))
     if not clips:
+        what = "images" if config.kind == "images" else "clips"
         problems.append(Problem(
             "no-dataset", "error",
             f"no dataset found: expected {DEFAULT_CAPTION_FILE} + {DEFAULT_VIDEO_FILE}, a --dataset-file, "
-            "or clips with a same-named .txt caption beside each", str(root),
+            f"or {what} with a same-named {config.caption_extension} caption beside each", str(root),
         ))
         return None
     rows = []
     for clip in clips:
         relative = clip.relative_to(root).as_posix()
-        caption_file = clip.with_suffix(".txt")
+        caption_file = clip.with_suffix(config.caption_extension)
         caption_ref = caption_file.relative_to(root).as_posix()
         if not caption_file.is_file():
             problems.append(Problem("missing-caption", "error", f"no caption file {caption_ref} beside the clip",
@@ -396,6 +440,10 @@ def _resolve_rows(root: Path, rows: list[_Row], config: DatasetConfig, problems:
         if not caption:
             problems.append(Problem("empty-caption", "error", "caption is empty", row.caption_source, row.line,
                                     row.caption_source))
+        elif is_placeholder_caption(caption):
+            problems.append(Problem("placeholder-caption", "error",
+                                    f"caption is the placeholder {CAPTION_PLACEHOLDER!r} that `dataset prepare` "
+                                    "wrote: write the caption", row.caption_source, row.line, row.caption_source))
         if not video_ref:
             problems.append(Problem("empty-path", "error", "video path is empty", row.source, row.line, row.source))
             continue

@@ -4,7 +4,7 @@ huggingface_hub does the transfer (`snapshot_download` into `local_dir`): it ski
 already there (their metadata lives in `LOCAL_DIR/.cache/huggingface/`) and retries a dropped
 connection with HTTP Range requests. cogtune adds one byte-level progress bar, one-line errors and
 the validation summary. The token is never handled here: huggingface_hub reads HF_TOKEN or the
-saved `huggingface-cli login` by itself, and every message built from a library error is redacted.
+saved `hf auth login` by itself, and every message built from a library error is redacted.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from cogtune.errors import DataError
 
 REPO_TYPES = ("dataset", "model", "space")
 RESUME_HINT = "re-run the same command to resume; files already downloaded are kept"
-LOGIN_HINT = "private or gated repos need `huggingface-cli login` or HF_TOKEN"
+LOGIN_HINT = "private or gated repos need `hf auth login` or HF_TOKEN"
 NETWORK_HINT = "check the network connection, proxy settings and HF_ENDPOINT"
 
 _TOKEN_PATTERNS = (re.compile(r"\bhf_[A-Za-z0-9]{30,}"), re.compile(r"(?i)(bearer\s+)[^\s'\"),\]]+"))
@@ -336,7 +336,7 @@ def _explain(exc: BaseException, plan: DownloadPlan, local_dir: Path | None, dur
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status == 401:
             return DataError(f"the Hub at {endpoint} refused the credentials for {where} (401 Unauthorized)",
-                             hint="log in again with `huggingface-cli login`, or set a valid HF_TOKEN")
+                             hint="log in again with `hf auth login`, or set a valid HF_TOKEN")
         if status == 403:
             return DataError(f"access to {where} at {endpoint} is denied (403 Forbidden)",
                              hint="the token lacks read access to this repository, or its conditions are not accepted")

@@ -21,8 +21,9 @@ from rich.markup import escape
 
 from cogtune import report
 from cogtune.data.clips import sampleable_frames
-from cogtune.data.dataset import DatasetConfig, Entry, Problem, read_entries
-from cogtune.data.video import VideoInfo, VideoReadError, count_decodable_frames, probe_video
+from cogtune.data.dataset import DatasetConfig, Entry, Problem, is_placeholder_caption, read_entries
+from cogtune.data.dataset_config import DatasetSource, load_dataset_sources
+from cogtune.data.video import VideoInfo, VideoReadError, count_decodable_frames, probe_image, probe_video
 from cogtune.errors import DataError
 from cogtune.models.registry import PRESETS, ModelSpec
 
@@ -41,6 +42,7 @@ CODES = {
     "columns-swapped": "captions look like paths: caption and video columns are swapped",
     "empty-dataset": "the dataset lists no entries",
     "empty-caption": "a caption is empty",
+    "placeholder-caption": "a caption is the placeholder `dataset prepare` writes for a clip it could not caption",
     "missing-caption": "a clip has no same-named .txt caption (folder layout)",
     "empty-path": "a video or image path is empty",
     "absolute-path": "a path is absolute (needs --allow-outside-root)",
@@ -55,7 +57,8 @@ CODES = {
     "frame-rule": "--frames breaks the model's frame rule",
     "resolution-rule": "--height/--width break the model's resolution rule",
     "missing-image": "a listed condition image does not exist",
-    "unreadable-image": "a condition image cannot be read",
+    "unreadable-image": "a condition image or a still image cannot be read",
+    "not-an-image": "a dataset of kind 'images' lists a file that is not an image",
     "low-resolution": "(warning) a clip is smaller than the target and will be upscaled",
     "missing-fps": "(warning; error with fps sampling) a clip has no frame rate",
     "odd-fps": "(warning) a clip's frame rate is unusual (< 5 or > 120)",
@@ -95,6 +98,8 @@ class ValidationReport:
 
 def _probe(entry: Entry, deep: bool) -> tuple[Entry, VideoInfo | None, VideoReadError | None]:
     try:
+        if entry.still:
+            return entry, probe_image(entry.video), None
         info = probe_video(entry.video)
         if deep:
             info = dataclasses.replace(info, frames=count_decodable_frames(entry.video, info=info))
@@ -166,12 +171,39 @@ def validate_dataset(
 
     if tokenizer is not None and model is not None:
         problems += _check_caption_lengths(entries, tokenizer, model.max_text_tokens, config)
-    bad.update(entry.index for entry in entries if not entry.caption)
+    bad.update(entry.index for entry in entries if not entry.caption or is_placeholder_caption(entry.caption))
 
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity == "warning"]
     return ValidationReport(len(entries), errors, warnings, _statistics(entries, infos, Path(config.root)),
                             entries, infos, bad)
+
+
+def validate_dataset_config(
+    path: str | Path,
+    defaults: DatasetConfig | None = None,
+    *,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    model: ModelSpec | None = None,
+    tokenizer: Any = None,
+    deep: bool = False,
+) -> list[tuple[DatasetSource, ValidationReport]]:
+    """Check each dataset of a dataset config file; a dataset with its own buckets is checked against those."""
+    from cogtune.data.clips import Bucket
+
+    results = []
+    for source in load_dataset_sources(path, defaults):
+        shape: tuple[int | None, int | None, int | None] = (frames, height, width)
+        if source.buckets:
+            video_frames = [b.frames for b in map(Bucket.parse, source.buckets) if b.frames > 1]
+            shape = (min(video_frames) if video_frames else None, None, None)
+        if source.data.kind == "images":
+            shape = (None, shape[1], shape[2])
+        results.append((source, validate_dataset(source.data, frames=shape[0], height=shape[1], width=shape[2],
+                                                 model=model, tokenizer=tokenizer, deep=deep)))
+    return results
 
 
 def _check_clip(entry: Entry, info: VideoInfo, *, min_frames: int, height: int | None, width: int | None,
@@ -181,6 +213,11 @@ def _check_clip(entry: Entry, info: VideoInfo, *, min_frames: int, height: int |
     def problem(code: str, severity: str, message: str) -> None:
         found.append(Problem(code, severity, message, entry.video_ref, entry.line, entry.source))  # type: ignore[arg-type]
 
+    if info.backend == "image":  # a still: one frame, no frame rate
+        if (height is not None and info.height < height) or (width is not None and info.width < width):
+            problem("low-resolution", "warning", f"image is {info.width}x{info.height}, below the target "
+                                                 f"{width or info.width}x{height or info.height} (it will be upscaled)")
+        return found
     if config.frame_sampling == "fps" and info.fps <= 0:
         problem("missing-fps", "error", "clip has no frame rate, so it cannot be sampled at a target fps")
         return found
@@ -229,7 +266,8 @@ def _check_caption_lengths(entries: list[Entry], tokenizer: Any, limit: int, con
 
 
 def _statistics(entries: list[Entry], infos: dict[int, VideoInfo], root: Path) -> dict[str, Any]:
-    clips = list(infos.values())
+    clips = [i for i in infos.values() if i.backend != "image"]
+    images = [i for i in infos.values() if i.backend == "image"]
     words = [len(entry.caption.split()) for entry in entries]
     characters = [len(entry.caption) for entry in entries]
     resolutions = collections.Counter(f"{i.width}x{i.height}" for i in clips)
@@ -237,6 +275,7 @@ def _statistics(entries: list[Entry], infos: dict[int, VideoInfo], root: Path) -
     return {
         "root": str(root),
         "clips": len(clips),
+        "images": len(images),
         "total_duration_s": round(sum(i.duration for i in clips), 3),
         "frames": _summary([i.frames for i in clips]),
         "duration_s": _summary([round(i.duration, 3) for i in clips]),
@@ -265,6 +304,7 @@ def print_report(result: ValidationReport, limit: int = 50) -> None:
     rows = [
         ("items", result.items),
         ("readable clips", stats["clips"]),
+        *([("readable images", stats["images"])] if stats.get("images") else []),
         ("total duration", f"{stats['total_duration_s']:.1f} s"),
         ("frames (min / median / max)", _fmt_summary(stats["frames"])),
         ("fps", ", ".join(f"{k} ({v})" for k, v in stats["fps"].items()) or "-"),

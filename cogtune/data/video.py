@@ -30,7 +30,7 @@ class VideoInfo:
     height: int
     sar: float = 1.0  # sample aspect ratio: stored pixels are `sar` times as wide as tall (anamorphic video)
     codec: str | None = None
-    backend: str = "decord"  # which decoder reads it: "decord", or "ffmpeg" (AV1, GIF, clips decord mis-reads)
+    backend: str = "decord"  # "decord", "ffmpeg" (AV1, GIF, clips decord mis-reads), or "image" (a still)
     timestamps: tuple[float, ...] | None = None  # each frame's time (s), kept for variable-frame-rate clips only
 
     @property
@@ -217,6 +217,21 @@ def _probe_ffmpeg(path: Path, stream: ffprobe.StreamInfo) -> VideoInfo:
     return VideoInfo(frames=frames, fps=stream.fps, width=stream.width, height=stream.height, sar=stream.sar,
                      codec=stream.codec, backend="ffmpeg",
                      timestamps=stream.timestamps if _variable_rate(stream.timestamps) else None)
+
+
+def probe_image(path: str | Path) -> VideoInfo:
+    """A still image as a one-frame clip (`backend="image"`): its size, read and checked with PIL."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            image.load()  # decodes the pixels: a truncated file fails here, not halfway through an encode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise VideoReadError(f"{path}: image cannot be read ({_first_line(exc)})", "unreadable-image") from exc
+    return VideoInfo(frames=1, fps=0.0, width=width, height=height, backend="image")
 
 
 def read_frames(path: str | Path, indices: Sequence[int], info: VideoInfo | None = None) -> np.ndarray:

@@ -229,6 +229,9 @@ class VideoLatentCache:
                                     f"({', '.join(map(str, buckets))})")
             if not isinstance(item.get(INTEGRITY_KEY, {}), dict):
                 raise self._damaged(f"{where}'s '{INTEGRITY_KEY}' must be a JSON object")
+            repeats = item.get("repeats", 1)
+            if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+                raise self._damaged(f"{where}'s 'repeats' must be a whole number >= 1, found {repeats!r}")
 
     def _check_relative(self, relative: Any, what: str) -> None:
         if not isinstance(relative, str) or not relative:
@@ -246,6 +249,16 @@ class VideoLatentCache:
     @property
     def buckets(self) -> list[str]:
         return list(self.manifest["buckets"])
+
+    @property
+    def item_buckets(self) -> list[str]:
+        """Each item's bucket, in item order."""
+        return [item["bucket"] for item in self.items]
+
+    @property
+    def item_repeats(self) -> list[int]:
+        """Each item's weight in the training schedule (its dataset's `repeats`; 1 when not recorded)."""
+        return [int(item.get("repeats", 1)) for item in self.items]
 
     @property
     def has_image_latents(self) -> bool:

@@ -15,6 +15,10 @@ class EncodeConfig:
     output_dir: str = setting("", "Cache folder to write (created; finished items are kept).", flag="--output-dir",
                               short="-o", path=True)
     data: DatasetConfig = section(DatasetConfig, "The dataset to encode.")
+    dataset_config: str | None = setting(
+        None, "A TOML file of [[datasets]] (root, repeats, buckets, frame_extraction, kind, ...) encoded into one "
+              "cache, instead of --data-root; its tables take unset options from the dataset options.",
+        flag="--dataset-config", metavar="FILE.toml", path=True)
     buckets: tuple[str, ...] = setting(
         (), "Clip shapes FxHxW; each clip takes the nearest. Default: one bucket of frames x height x width.",
         flag="--buckets", metavar="FxHxW")
@@ -40,11 +44,18 @@ class EncodeConfig:
     overwrite: bool = setting(False, "Recompute items that are already cached.", flag="--overwrite")
     skip_invalid: bool = setting(False, "Encode the entries without errors instead of stopping at the first error.",
                                  flag="--skip-invalid")
+    preview: int = setting(0, "Then decode N items per bucket back to mp4 and a PNG contact sheet (in "
+                              "OUTPUT_DIR/preview): see the crop, bucket and frames training gets.",
+                           flag="--preview", metavar="N", low=0)
 
     def __post_init__(self) -> None:
         require(self, "model", "output_dir")
-        if not self.data.root:
-            raise ConfigError("data.root is required (--data-root, or `root = ...` under [data] in the --config file)")
+        if not self.data.root and not self.dataset_config:
+            raise ConfigError("data.root is required (--data-root, or `root = ...` under [data] in the --config file; "
+                              "or several datasets with --dataset-config)")
+        if self.data.root and self.dataset_config:
+            raise ConfigError("--data-root and --dataset-config exclude each other: list the root as a [[datasets]] "
+                              "table in the dataset config")
         check_settings(self)
         if self.buckets and (self.frames, self.height, self.width) != (None, None, None):
             raise ConfigError("buckets and frames/height/width exclude each other: a bucket is FxHxW")

@@ -21,9 +21,11 @@ from typing import Any
 
 from cogtune import __version__, report
 from cogtune.config import write_config
-from cogtune.data.clips import Bucket, choose_bucket, load_clip, load_image, sampleable_frames
+from cogtune.data.clips import Bucket, choose_bucket, clip_windows, load_clip, load_image, sampleable_frames
 from cogtune.data.dataset import DatasetConfig, Entry
+from cogtune.data.dataset_config import DatasetSource, load_dataset_sources
 from cogtune.data.validate import ValidationReport, validate_dataset
+from cogtune.data.video import VideoInfo
 from cogtune.encode.cache import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -40,8 +42,9 @@ from cogtune.encode.cache import (
     write_safetensors,
 )
 from cogtune.encode.config import EncodeConfig
-from cogtune.errors import DataError
+from cogtune.errors import ConfigError, DataError
 from cogtune.fsutil import OutputLock, atomic_write_text, is_main_launch_process, sweep_temporaries
+from cogtune.interrupt import StopRequest, leave_stopping_to_the_parent, rerun_command
 from cogtune.models.loading import ResolvedModel, resolve_model
 
 
@@ -53,6 +56,17 @@ class PlannedItem:
     caption: str
     latent_key: str
     text_key: str
+    info: VideoInfo | None = None
+    data: DatasetConfig | None = None  # the options it is read with (its dataset's)
+    frames: tuple[int, ...] | None = None  # the source frames it is made of
+    source: DatasetSource | None = None  # its [[datasets]] table, with --dataset-config
+
+    @property
+    def frame_range(self) -> list[int] | None:
+        """[first, last + 1) source frames of a window (head, chunk, slide); None for other items."""
+        if self.frames is None or self.data is None or self.data.frame_extraction == "uniform":
+            return None
+        return [self.frames[0], self.frames[-1] + 1]
 
 
 @dataclasses.dataclass
@@ -63,9 +77,10 @@ class EncodePlan:
     pending_latents: list[PlannedItem]
     pending_text: list[PlannedItem]
     i2v: bool
-    validation: ValidationReport
+    validations: list[ValidationReport]
     target_fps: float
     image_noise_samples: int = 0
+    sources: list[DatasetSource] = dataclasses.field(default_factory=list)  # with --dataset-config
 
     def estimated_bytes(self) -> int:
         """Disk the whole cache takes (latents in the VAE dtype, text embeddings in the weight dtype)."""
@@ -92,40 +107,79 @@ def default_buckets(config: EncodeConfig, model: ResolvedModel) -> list[Bucket]:
                    config.width or spec.default_width)]
 
 
+def source_buckets(source: DatasetSource, run_buckets: list[Bucket]) -> list[Bucket]:
+    """A dataset's buckets: its own, else the run's; a dataset of images takes their 1xHxW."""
+    buckets = sorted({Bucket.parse(b) for b in source.buckets}) if source.buckets else list(run_buckets)
+    if source.data.kind == "images":
+        return sorted({Bucket(1, b.height, b.width) for b in buckets})
+    if not any(b.frames == 1 for b in buckets):  # stills named in a listing take the 1-frame shapes
+        buckets += sorted({Bucket(1, b.height, b.width) for b in buckets})
+    return buckets
+
+
 def plan_encode(config: EncodeConfig) -> EncodePlan:
     """Resolve, validate and work out what is left to do; loads no weights."""
     model = resolve_model(config.model, random_weights=config.random_weights)
     spec = model.spec
-    buckets = default_buckets(config, model)
-    spec.check_clip_shapes({f"bucket {b}": (b.frames, b.height, b.width) for b in buckets})
+    run_buckets = default_buckets(config, model)
     i2v = spec.is_i2v if config.i2v is None else config.i2v
-
-    validation = validate_dataset(config.data, frames=min(b.frames for b in buckets), model=spec)
-    entries = _entries_to_encode(validation, config)
-    target_fps = config.data.sample_fps or spec.fps
+    if config.dataset_config:
+        sources = load_dataset_sources(config.dataset_config, config.data)
+    else:
+        sources = [DatasetSource(data=config.data)]
+    bucket_sets = [source_buckets(source, run_buckets) for source in sources]
+    spec.check_clip_shapes({f"bucket {b}": b.shape for buckets in bucket_sets for b in buckets})
 
     root = Path(config.output_dir)
     compat = compatibility(spec)
     items: list[PlannedItem] = []
-    for entry in entries:
-        info = validation.video_info[entry.index]
-        bucket = choose_bucket(info, buckets, sampleable_frames(info, config.data.frame_sampling, target_fps))
-        if bucket is None:  # validation guarantees the smallest bucket fits; kept as a guard
-            raise DataError(f"{entry.source}:{entry.line}: '{entry.video_ref}' fits no bucket")
-        stat = entry.video.stat()
-        image_stat = entry.image.stat() if entry.image is not None else None
-        caption = entry.caption_with(config.data.id_token)
-        latent_key = stable_hash({
-            "video": str(entry.video), "size": stat.st_size, "mtime": stat.st_mtime_ns, "bucket": str(bucket),
-            "resize": config.data.resize_mode, "sampling": config.data.frame_sampling, "fps": target_fps,
-            "i2v": i2v, "noised": config.image_noise_samples if i2v else 0, "compat": compat, "model": model.location,
-            "image": [str(entry.image), image_stat.st_size, image_stat.st_mtime_ns] if image_stat else None,
-            # anamorphic clips are cropped as displayed, VFR clips sampled by timestamp: new keys for those only
-            **({"sar": info.sar} if info.sar != 1.0 else {}),
-            **({"timed": True} if info.timestamps and config.data.frame_sampling == "fps" else {}),
-        })
-        text_key = stable_hash({"caption": caption, "compat": compat, "model": model.location})
-        items.append(PlannedItem(entry.index, entry, bucket, caption, latent_key, text_key))
+    validations: list[ValidationReport] = []
+    used_buckets: set[Bucket] = set()
+    next_index = 0  # each entry keeps its numbers whether or not it is usable, so that a resume finds its files
+    for source, buckets in zip(sources, bucket_sets):
+        data = source.data
+        video_frames = [b.frames for b in buckets if b.frames > 1]
+        validation = validate_dataset(data, frames=min(video_frames) if video_frames else None, model=spec)
+        validations.append(validation)
+        usable = {entry.index for entry in _entries_to_encode(validation, config, source)}
+        target_fps = data.sample_fps or spec.fps
+        for entry in validation.entries:
+            if entry.index not in usable:
+                next_index += 1
+                continue
+            info = validation.video_info[entry.index]
+            if i2v and info.backend == "image":
+                raise ConfigError(f"{source.origin or data.root}: '{entry.video_ref}' is a still image, which "
+                                  "cannot train image-to-video: it would be its own condition image, leaving "
+                                  "nothing to generate", hint="train images with a text-to-video model")
+            bucket = choose_bucket(info, buckets, sampleable_frames(info, data.frame_sampling, target_fps))
+            if bucket is None:  # validation guarantees the smallest bucket fits; kept as a guard
+                raise DataError(f"{entry.source}:{entry.line}: '{entry.video_ref}' fits no bucket")
+            used_buckets.add(bucket)
+            stat = entry.video.stat()
+            image_stat = entry.image.stat() if entry.image is not None else None
+            caption = entry.caption_with(data.id_token)
+            windows = clip_windows(info, bucket.frames, data.frame_extraction, data.frame_sampling, target_fps,
+                                   data.frame_stride)
+            for frames in windows:
+                latent_key = stable_hash({
+                    "video": str(entry.video), "size": stat.st_size, "mtime": stat.st_mtime_ns, "bucket": str(bucket),
+                    "resize": data.resize_mode, "sampling": data.frame_sampling, "fps": target_fps,
+                    "i2v": i2v, "noised": config.image_noise_samples if i2v else 0, "compat": compat,
+                    "model": model.location,
+                    "image": [str(entry.image), image_stat.st_size, image_stat.st_mtime_ns] if image_stat else None,
+                    # anamorphic clips are cropped as displayed, VFR clips sampled by timestamp: new keys for those only
+                    **({"sar": info.sar} if info.sar != 1.0 else {}),
+                    **({"timed": True} if info.timestamps and data.frame_sampling == "fps" else {}),
+                    # a window's frames are part of what the item is (resume re-encodes a moved window)
+                    **({"frames": list(frames)} if data.frame_extraction != "uniform" else {}),
+                })
+                text_key = stable_hash({"caption": caption, "compat": compat, "model": model.location})
+                items.append(PlannedItem(next_index, entry, bucket, caption, latent_key, text_key, info, data,
+                                         tuple(frames), source if config.dataset_config else None))
+                next_index += 1
+    # The manifest lists the buckets items took (plus, for one --data-root, the configured ones, as always).
+    buckets = sorted(used_buckets if config.dataset_config else used_buckets | set(run_buckets))
 
     def pending(files: str, key_name: str) -> list[PlannedItem]:
         todo = []
@@ -137,7 +191,8 @@ def plan_encode(config: EncodeConfig) -> EncodePlan:
         return todo
 
     return EncodePlan(model, buckets, items, pending("latents", "latent_key"), pending("text", "text_key"), i2v,
-                      validation, target_fps, config.image_noise_samples if i2v else 0)
+                      validations, config.data.sample_fps or spec.fps, config.image_noise_samples if i2v else 0,
+                      sources if config.dataset_config else [])
 
 
 # Errors that make the whole listing untrustworthy: skipping entries cannot fix them.
@@ -146,22 +201,25 @@ _STRUCTURAL = {"count-mismatch", "columns-swapped", "frame-rule", "resolution-ru
                "bad-dataset-file", "missing-column", "bad-encoding", "empty-dataset"}
 
 
-def _entries_to_encode(validation: ValidationReport, config: EncodeConfig) -> list[Entry]:
+def _entries_to_encode(validation: ValidationReport, config: EncodeConfig, source: DatasetSource) -> list[Entry]:
     """All entries, or with `skip_invalid` those without errors; structural errors always stop."""
     errors = validation.errors
+    dataset = f"dataset '{source.name}'" if config.dataset_config else "dataset"
     if errors and (not config.skip_invalid or any(p.code in _STRUCTURAL for p in errors)):
         blocking = next((p for p in errors if p.code in _STRUCTURAL), errors[0])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         hint = f"see them all with `cogtune dataset validate {config.data.root}`"
+        if config.dataset_config:
+            hint = f"see them all with `cogtune dataset validate --dataset-config {config.dataset_config}`"
         if blocking.code not in _STRUCTURAL:
             hint += "; --skip-invalid encodes the entries without errors"
-        raise DataError(f"dataset has errors: {blocking.located()}{more}", hint=hint)
+        raise DataError(f"{dataset} has errors: {blocking.located()}{more}", hint=hint)
     entries = validation.usable_entries()
     if errors:
         report.warn(f"skipping {len(validation.entries) - len(entries)} entries with errors (--skip-invalid); "
                     f"first: {errors[0].located()}")
     if not entries:
-        raise DataError("no usable entries left to encode")
+        raise DataError("no usable entries left to encode" + (f" in {dataset}" if config.dataset_config else ""))
     return entries
 
 
@@ -172,6 +230,8 @@ def print_plan(plan: EncodePlan) -> None:
     rows = [
         ("model", f"{plan.model.reference} ({plan.model.spec.family})"),
         ("items", len(plan.items)),
+        *([("datasets", ", ".join(f"{s.name} ({sum(1 for i in plan.items if i.source is s)} items, repeats "
+                                  f"{s.repeats})" for s in plan.sources))] if plan.sources else []),
         ("buckets", ", ".join(f"{b} ({counts.get(str(b), 0)})" for b in plan.buckets)),
         ("clips to encode", len(plan.pending_latents)),
         ("captions to encode", len(plan.pending_text)),
@@ -193,13 +253,9 @@ def _human_bytes(count: int) -> str:
 class _ClipDataset:
     """Decodes the clips of planned items; runs in DataLoader workers."""
 
-    def __init__(self, items: list[PlannedItem], data: DatasetConfig, target_fps: float, i2v: bool,
-                 infos: dict[int, Any]):
+    def __init__(self, items: list[PlannedItem], i2v: bool):
         self.items = items
-        self.data = data
-        self.target_fps = target_fps
         self.i2v = i2v
-        self.infos = infos
 
     def __len__(self) -> int:
         return len(self.items)
@@ -215,15 +271,15 @@ class _ClipDataset:
 
     def _load(self, position: int) -> dict[str, Any]:
         item = self.items[position]
-        pixels = load_clip(item.entry.video, item.bucket, mode=self.data.resize_mode,
-                           info=self.infos.get(item.entry.index), sampling=self.data.frame_sampling,
-                           target_fps=self.target_fps)
+        assert item.data is not None
+        pixels = load_clip(item.entry.video, item.bucket, mode=item.data.resize_mode, info=item.info,
+                           indices=item.frames)
         sample: dict[str, Any] = {"position": position, "pixels": pixels}
         if self.i2v:
             if item.entry.image is not None:
                 try:
                     sample["image"] = load_image(item.entry.image, item.bucket.height, item.bucket.width,
-                                                 self.data.resize_mode)
+                                                 item.data.resize_mode)
                 except OSError as exc:
                     raise DataError(f"condition image {item.entry.image_ref} cannot be read ({exc})") from exc
             else:
@@ -302,6 +358,13 @@ def _encode_dataset(config: EncodeConfig, dry_run: bool = False) -> EncodePlan:
 
     Under `torchrun`/`accelerate launch` every process plans the same work, takes every N-th
     pending item, and the main process writes the manifest once all of them are done.
+
+    The first Ctrl-C (or SIGTERM) lets each process finish the batch it is encoding, stops the
+    decoding workers, and ends with `Interrupted`: how many items the cache holds and the command
+    that finishes it (the same one: a re-run skips finished items). Every file is written
+    atomically and the manifest only at the end, so a second Ctrl-C, stopping at once, leaves a
+    valid, incomplete cache too. The launcher forwards the signal to every process; they agree
+    before the manifest, so all of them stop (one that got no signal finishes its share first).
     """
     from cogtune.quiet import quiet_libraries
 
@@ -326,21 +389,54 @@ def _encode_dataset(config: EncodeConfig, dry_run: bool = False) -> EncodePlan:
     rank, world = state.process_index, state.num_processes
     if world > 1:
         report.info(f"{world} processes: each encodes every {world}th pending item")
-    _encode_text(plan, config, root, state.device, plan.pending_text[rank::world], state.is_main_process)
-    _encode_latents(plan, config, root, state.device, plan.pending_latents[rank::world])
-    state.wait_for_everyone()
+    stop = StopRequest()
+    with stop.listening(enabled=True, stopping="stopping after the clips being encoded; the cache keeps every "
+                                                "finished item"):
+        finished = _encode_text(plan, config, root, state.device, plan.pending_text[rank::world],
+                                state.is_main_process, stop) \
+            and _encode_latents(plan, config, root, state.device, plan.pending_latents[rank::world], stop)
+        if not _finished_on_every_process(state, finished):
+            raise _interrupted(plan, config, root, stop)
     if state.is_main_process:
         _write_manifest(plan, config, root)
         skipped = sum(1 for item in plan.items if _skipped_while_encoding(root, item))
         report.success(f"cache ready: {root} ({len(plan.items) - skipped} items"
                        + (f"; {skipped} skipped because they failed to decode" if skipped else "") + ")")
+        if config.preview:
+            from cogtune.encode.preview import preview_cache
+
+            preview_cache(root, count=config.preview, device=state.device)
     state.wait_for_everyone()
     return plan
 
 
+def _finished_on_every_process(state: Any, finished: bool) -> bool:
+    """Whether no process stopped early (a collective: every process has written all it will)."""
+    if state.num_processes == 1:
+        return finished
+    from accelerate.utils import gather_object
+
+    return all(gather_object([finished]))
+
+
+def _interrupted(plan: EncodePlan, config: EncodeConfig, root: Path, stop: StopRequest) -> Exception:
+    """The one line an interrupted encode ends with: what the cache holds and how to finish it."""
+    done = sum(1 for item in plan.items
+               if (read_metadata(root / latent_file(item.index)) or {}).get("key") == item.latent_key
+               and (read_metadata(root / text_file(item.index)) or {}).get("key") == item.text_key
+               or _skipped_while_encoding(root, item))
+    # The same command finishes the cache; with --overwrite it would start it over.
+    command = rerun_command(report.invocation, drop=("--overwrite", "--no-overwrite"),
+                            append=("--no-overwrite",) if config.overwrite else ())
+    return stop.interrupted(f"interrupted: {done} of {report.plural(len(plan.items), 'item')} encoded in {root}",
+                            hint=f"resume with: {command or 'the same `cogtune encode` command'}")
+
+
 def _encode_text(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any, items: list[PlannedItem],
-                 shared: bool) -> None:
-    """Caption embeddings of `items`; with `shared`, also the empty and validation prompts."""
+                 shared: bool, stop: StopRequest) -> bool:
+    """Caption embeddings of `items`; with `shared`, also the empty and validation prompts.
+
+    False when `stop` was requested before all were written."""
     import torch
 
     from cogtune.models.loading import load_text_encoder, load_tokenizer
@@ -354,13 +450,15 @@ def _encode_text(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any
     need_validation = shared and bool(config.validation_prompts) and (
         config.overwrite or (read_metadata(root / VALIDATION_PROMPTS_FILE) or {}).get("key") != validation_key)
     if not items and not need_empty and not need_validation:
-        return
+        return True
     tokenizer = load_tokenizer(plan.model)
     text_encoder = load_text_encoder(plan.model, dtype=_encode_dtype(plan.model, device), device=device).eval()
     max_tokens = spec.max_text_tokens
     batch = 8
     with report.progress("encoding captions", total=len(items), unit="captions") as bar:
         for start in range(0, len(items), batch):
+            if stop.requested:
+                return False
             chunk = items[start : start + batch]
             embeds, counts = encode_prompts(tokenizer, text_encoder, [i.caption for i in chunk], max_tokens, device)
             for item, embed, count in zip(chunk, embeds, counts):
@@ -377,6 +475,7 @@ def _encode_text(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any
     del text_encoder
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+    return True
 
 
 def _encode_dtype(model: ResolvedModel, device: Any):
@@ -412,35 +511,38 @@ def noised_condition_images(images: Any, keys: list[str], samples: int) -> tuple
 
 
 def _encode_latents(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any,
-                    items: list[PlannedItem]) -> None:
+                    items: list[PlannedItem], stop: StopRequest) -> bool:
+    """Latents of `items`, decoded in worker processes; False when `stop` came before all were written."""
     import torch
     from torch.utils.data import DataLoader
 
     from cogtune.models.loading import load_vae
 
     if not items:
-        return
+        return True
     dtype = _encode_dtype(plan.model, device)
     vae = load_vae(plan.model, dtype=dtype, device=device).eval()
     if config.vae_slicing:
         vae.enable_slicing()
     if config.vae_tiling:
         vae.enable_tiling()
-    dataset = _ClipDataset(items, config.data, plan.target_fps, plan.i2v, plan.validation.video_info)
+    dataset = _ClipDataset(items, plan.i2v)
     loader = DataLoader(
         dataset,
         batch_sampler=_bucket_batches(items, config.batch_size),
         num_workers=min(config.num_workers, len(items)),
         collate_fn=_collate,
         pin_memory=torch.device(device).type == "cuda",
+        worker_init_fn=leave_stopping_to_the_parent,
     )
+    batches = _BatchesUntilStopped(loader, stop)
 
     def encode(pixels: Any) -> Any:  # (B, F, 3, H, W) in [-1, 1] -> posterior parameters (B, 2C, F', H', W')
         return vae.encode(pixels.to(device=device, dtype=dtype).permute(0, 2, 1, 3, 4)).latent_dist.parameters
 
     samples = config.image_noise_samples
     with report.progress("encoding clips", total=len(items), unit="clips") as bar, torch.no_grad():
-        for batch in loader:
+        for batch in batches:
             _handle_failures(batch["failures"], items, config, root)
             bar.advance(len(batch["failures"]))
             if not batch["positions"]:
@@ -462,6 +564,46 @@ def _encode_latents(plan: EncodePlan, config: EncodeConfig, root: Path, device: 
                                   {"key": item.latent_key, "bucket": str(item.bucket), "video": item.entry.video_ref})
                 _skip_marker(root, item.index).unlink(missing_ok=True)
             bar.advance(len(batch["positions"]))
+    return batches.all_done
+
+
+class _BatchesUntilStopped:
+    """A DataLoader's batches until a stop is requested (the batch being encoded then is finished).
+
+    Batches decoded ahead are left for the re-run. The decoding workers are shut down on the way
+    out (each finishes the clip in hand), also when a second Ctrl-C stops at once.
+    """
+
+    def __init__(self, loader: Any, stop: StopRequest):
+        self.loader = loader
+        self.stop = stop
+        self.all_done = False
+
+    def __iter__(self) -> Any:
+        batches = iter(self.loader)
+        remaining = len(self.loader)
+        try:
+            while not self.stop.requested:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    self.all_done = True
+                    return
+                except Exception:
+                    # A SIGTERM to the whole process group ends the workers too (see leave_stopping_to_the_parent);
+                    # what they decoded can then not be fetched ("worker exited unexpectedly", EOFError).
+                    if self.stop.requested:
+                        return
+                    raise
+                if self.stop.requested:
+                    return
+                yield batch
+                remaining -= 1
+                if remaining == 0:  # a stop asked for after the last batch stops nothing
+                    self.all_done = True
+                    return
+        finally:
+            del batches  # the last reference: torch shuts the workers down now, not at exit
 
 
 def _skipped_while_encoding(root: Path, item: PlannedItem) -> bool:
@@ -487,6 +629,29 @@ def _library_versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
+def _dataset_record(plan: EncodePlan, config: EncodeConfig) -> dict[str, Any]:
+    where = {"config": str(Path(config.dataset_config).resolve())} if config.dataset_config else \
+        {"root": str(Path(config.data.root).resolve())}
+    return {**where, "fingerprint": _dataset_fingerprint(plan), "items": len(plan.items)}
+
+
+def _sources_record(plan: EncodePlan, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each [[datasets]] table as the manifest records it: where, its options, its weight, its item count."""
+    from cogtune.config import config_to_dict
+
+    counts: dict[str, int] = defaultdict(int)
+    for item in items:
+        counts[item["dataset"]] += 1
+    return [{"name": source.name, "repeats": source.repeats, "buckets": list(source.buckets), "items": counts[source.name],
+             **config_to_dict(source.data)} for source in plan.sources]
+
+
+def _common_id_token(plan: EncodePlan, config: EncodeConfig) -> str | None:
+    """The id token every item's caption starts with, if they share one (the model card names it)."""
+    tokens = {source.data.id_token for source in plan.sources} if plan.sources else {config.data.id_token}
+    return tokens.pop() if len(tokens) == 1 else None
+
+
 def _write_manifest(plan: EncodePlan, config: EncodeConfig, root: Path) -> None:
     import json
 
@@ -509,6 +674,8 @@ def _write_manifest(plan: EncodePlan, config: EncodeConfig, root: Path) -> None:
             "source": item.entry.source,
             "line": item.entry.line,
             "num_tokens": int(text_meta.get("num_tokens", 0)),
+            **({"dataset": item.source.name, "repeats": item.source.repeats} if item.source is not None else {}),
+            **({"frame_range": item.frame_range} if item.frame_range is not None else {}),
             # size, digest, dtypes and shapes: checked when training first loads each file
             INTEGRITY_KEY: {name: file_record(root / name) for name in (latent_file(item.index), text_file(item.index))},
         })
@@ -537,15 +704,15 @@ def _write_manifest(plan: EncodePlan, config: EncodeConfig, root: Path) -> None:
         "frame_sampling": config.data.frame_sampling,
         "sample_fps": plan.target_fps if config.data.frame_sampling == "fps" else None,
         "frame_rule": spec.frame_rule,
-        "id_token": config.data.id_token,
+        "id_token": _common_id_token(plan, config),
         "i2v": plan.i2v,
         "image_augmentation": {
             "noised_samples": config.image_noise_samples,
             "sigma": f"exp(N({IMAGE_NOISE_LOG_MEAN}, {IMAGE_NOISE_LOG_STD}))",
             "space": "pixels in [-1, 1], before the VAE",
         } if plan.i2v else None,
-        "dataset": {"root": str(Path(config.data.root).resolve()), "fingerprint": _dataset_fingerprint(plan),
-                    "items": len(plan.items)},
+        "dataset": _dataset_record(plan, config),
+        **({"datasets": _sources_record(plan, items)} if plan.sources else {}),
         "empty_prompt_file": EMPTY_PROMPT_FILE,
         "validation_prompts": list(config.validation_prompts),
         INTEGRITY_KEY: {name: file_record(root / name) for name in (EMPTY_PROMPT_FILE, VALIDATION_PROMPTS_FILE)

@@ -19,6 +19,8 @@ from typing import Any
 from cogtune.fsutil import atomic_path
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# The other layouts a run can also write (`--save-format`), beside LORA_WEIGHTS_NAME.
+LAYOUT_FILE_NAMES = {"comfyui": "lora_comfyui.safetensors", "kohya": "lora_kohya.safetensors"}
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key
 COGTUNE_METADATA_KEY = "cogtune"
 

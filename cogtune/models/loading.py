@@ -452,3 +452,30 @@ def encoder_architectures(spec: ModelSpec) -> dict[str, dict[str, Any]]:
            if k not in _VAE_NOT_ARCHITECTURE}
     text = {k: spec.text_encoder_config.get(k) for k in _T5_ENCODER_ARCHITECTURE}
     return {"vae": vae, "text encoder": text}
+
+
+def save_transformer(transformer: Any, target: Path, dtype: Any, dropped_learned_positions: bool,
+                     state_dict: dict[str, Any] | None = None) -> None:
+    """A diffusers transformer folder (`from_pretrained` loads it) in `dtype`, written atomically.
+
+    A model trained without its learned positional embeddings is saved without them (config and
+    weights), so that diffusers loads it at any resolution. `state_dict`: the weights gathered on
+    this process, when the transformer's own are sharded (FSDP, ZeRO-3).
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    from cogtune.fsutil import atomic_directory
+
+    source = transformer.state_dict() if state_dict is None else state_dict
+    state = {name: tensor.detach().to("cpu", dtype=dtype) for name, tensor in source.items()}
+    if dropped_learned_positions:
+        state.pop("patch_embed.pos_embedding", None)
+    with atomic_directory(target, replace=True) as tmp:
+        transformer.save_config(tmp)
+        if dropped_learned_positions:
+            config_path = tmp / "config.json"
+            config = json.loads(config_path.read_text())
+            config["use_learned_positional_embeddings"] = False
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_torch_state_dict(state, tmp, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                              max_shard_size="10GB")

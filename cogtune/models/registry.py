@@ -169,6 +169,8 @@ class ModelSpec:
 
     def frame_problems(self, frames: int) -> list[str]:
         problems = []
+        if frames == 1:  # a still image: one latent frame (8*0+1); 1.5 pads it to its temporal patch like a clip
+            return problems
         if frames < self.min_frames:
             problems.append(f"{frames} frames is fewer than the minimum of {self.min_frames} for {self.name}")
         elif (frames - 1) % self.frame_step:

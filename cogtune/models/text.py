@@ -30,3 +30,69 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], ma
     with torch.no_grad():
         embeds = text_encoder(tokens.input_ids.to(device))[0]
     return embeds, [len(ids) for ids in untruncated]
+
+
+def text_encoder_dtype(spec: Any, device: Any):
+    """The dtype `cogtune encode` runs T5 in: float32 on a CPU (half precision is slow or missing
+    there), the model's own dtype elsewhere. Embeddings computed elsewhere must use the same rule to
+    equal the cached ones."""
+    import torch
+
+    from cogtune.models.loading import torch_dtype
+
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return torch_dtype(spec.weight_dtype)
+
+
+def text_encoder_bytes(spec: Any, dtype: Any) -> int:
+    """Bytes of the T5 encoder's weights in `dtype`, counted on the meta device (nothing allocated)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import T5Config, T5EncoderModel
+
+    with init_empty_weights():
+        encoder = T5EncoderModel(T5Config(**spec.text_encoder_config))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in encoder.parameters()) * itemsize
+
+
+def embed_prompts(model: Any, prompts: Sequence[str], device: Any) -> tuple[Any, list[int]]:
+    """Load the model's tokenizer and T5 on `device`, embed `prompts` as `cogtune encode` does, free T5.
+
+    Returns the embeddings (N, max_tokens, D) on the CPU and each prompt's token count before
+    truncation (see `encode_prompts`).
+    """
+    import gc
+
+    import torch
+
+    from cogtune.models.loading import load_text_encoder, load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    text_encoder = load_text_encoder(model, dtype=text_encoder_dtype(model.spec, device), device=device).eval()
+    try:
+        embeds, counts = encode_prompts(tokenizer, text_encoder, prompts, model.spec.max_text_tokens, device)
+        embeds = embeds.cpu()
+    finally:
+        del text_encoder
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return embeds, counts
+
+
+def warn_cut_prompts(prompts: Sequence[str], counts: Sequence[int], limit: int, model_name: str,
+                     what: str = "prompt") -> None:
+    """One warning for the prompts longer than the `limit` tokens the model reads, naming the first and
+    how many of its tokens were cut (`counts` as `encode_prompts` returns them)."""
+    from cogtune import report
+
+    cut = [(prompt, count - limit) for prompt, count in zip(prompts, counts) if count > limit]
+    if not cut:
+        return
+    prompt, tokens = cut[0]
+    shown = prompt if len(prompt) <= 40 else prompt[:39] + "…"
+    more = f" ({len(cut)} {what}s in all were cut)" if len(cut) > 1 else ""
+    report.warn(f"{what} {shown!r} is longer than the {limit} tokens {model_name} reads: its last "
+                f"{tokens} token{'s' if tokens > 1 else ''} were cut{more}")

@@ -37,7 +37,7 @@ from cogtune.fsutil import (
 )
 from cogtune.train.config import TrainConfig
 from cogtune.train.full import TRANSFORMER_DIR
-from cogtune.lora.format import LORA_WEIGHTS_NAME
+from cogtune.lora.format import LAYOUT_FILE_NAMES, LORA_WEIGHTS_NAME
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -123,15 +123,33 @@ def last_good_checkpoint(output_dir: Path, warn: bool = False) -> Path | None:
 
 # What a finished or interrupted run leaves in its output folder (the markers), and all it writes there.
 RUN_MARKERS = (CONFIG_FILENAME, CHECKPOINTS_DIR, LORA_WEIGHTS_NAME, TRANSFORMER_DIR, "training_summary.json")
-RUN_OUTPUTS = (*RUN_MARKERS, "memory.json", "loss.png", "validation", "logs")
+MODEL_CARD_GIF = "model_card.gif"  # the validation video the card shows
+RUN_OUTPUTS = (*RUN_MARKERS, *LAYOUT_FILE_NAMES.values(), "memory.json", "loss.png", "validation", "logs",
+               "validation_prompts.safetensors", MODEL_CARD_GIF)
+MODEL_CARD_NAME = "README.md"  # the run's model card (train/model_card.py); a README of the user's is never replaced
 # The settings that make a checkpoint's weights mean something; resuming with others would mix runs.
 RUN_IDENTITY = ("task", "model", "full", "lora.rank", "lora.alpha", "lora.target_modules")
+
+
+def is_model_card(path: Path) -> bool:
+    """Whether `path` is a model card cogtune wrote: YAML front matter whose tags include `cogtune`."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")[:8192]
+    except OSError:
+        return False
+    parts = text.split("---", 2)
+    return text.startswith("---") and len(parts) == 3 and any(
+        line.strip() == "- cogtune" for line in parts[1].splitlines())
 
 
 def check_new_run_folder(config: TrainConfig) -> None:
     """A run without `--resume` never writes into a folder that holds another run's outputs, unless
     `--overwrite` says to start over: then the old run's outputs (and only those) are deleted first."""
     output_dir = Path(config.output_dir)
+    card = output_dir / MODEL_CARD_NAME
+    if card.exists() and not is_model_card(card):
+        raise ConfigError(f"{card} is not a model card cogtune wrote, and the run writes its model card there; "
+                          "refusing to replace it", hint="move that file, or train into another --output-dir")
     if config.resume is not None or not output_dir.is_dir():
         return
     found = [name for name in RUN_MARKERS if (output_dir / name).exists()]
@@ -147,6 +165,8 @@ def check_new_run_folder(config: TrainConfig) -> None:
             remove_tree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+    if card.exists():
+        card.unlink()  # a cogtune card: checked above
     report.warn(f"--overwrite: deleted the previous run's outputs in {output_dir} ({', '.join(found)}, ...)")
 
 

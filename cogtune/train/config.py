@@ -25,6 +25,7 @@ from cogtune.train.optimizers import OPTIMIZERS, default_learning_rate
 
 # diffusers' CogVideoX LoRA training targets the attention projections of every block.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_SAVE_FORMATS = ("diffusers", "comfyui", "kohya")  # the layouts of cogtune.lora.layouts a run writes
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -35,11 +36,20 @@ class LoraConfig:
                                   flag="--lora-alpha", low=0, low_open=True)
     dropout: float = setting(0.0, "Dropout on the LoRA branch.", low=0, high=1, high_open=True, flag="--lora-dropout")
     target_modules: tuple[str, ...] = setting(DEFAULT_LORA_TARGETS, "Module names LoRA adapts.", flag="--lora-target")
+    save_format: str = setting("diffusers", "Layouts of the final LoRA, comma-separated: diffusers (always written), "
+                                            "comfyui, kohya (see `cogtune lora convert`).", flag="--save-format")
 
     def __post_init__(self) -> None:
         check_settings(self, "lora.")
         if not self.target_modules:
             raise ConfigError("lora.target_modules must name at least one module")
+        unknown = [name for name in self.save_formats if name not in LORA_SAVE_FORMATS]
+        if unknown:
+            raise ConfigError(f"lora.save_format '{unknown[0]}' is not one of {', '.join(LORA_SAVE_FORMATS)}")
+
+    @property
+    def save_formats(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.save_format.split(",") if name.strip())
 
     @property
     def effective_alpha(self) -> float:
@@ -73,7 +83,9 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ValidationConfig:
-    prompts: tuple[str, ...] = setting((), "Validation prompts (embedded at encode time or now, if the cache lacks them).",
+    prompts: tuple[str, ...] = setting((), "Validation prompts (embedded at encode time or now, if the cache lacks them); "
+                                           "the model reads at most its max_text_seq_length tokens (226; tiny "
+                                           "presets: 32), the rest is cut with a warning.",
                                        flag="--validation-prompt")
     images: tuple[str, ...] = setting((), "I2V: one condition image per prompt.", flag="--validation-image", path=True)
     every: int = setting(0, "Validate every N steps (0: only the final test pass).", flag="--validation-every", low=0)
@@ -171,8 +183,15 @@ class TrainConfig:
     overwrite: bool = setting(False, "Start over in an output folder that holds another run: its weights, "
                                      "checkpoints and reports are deleted first (other files are kept).",
                               flag="--overwrite")
-    report_to: Literal["none", "tensorboard", "wandb"] = setting("none", "Experiment tracker, through accelerate.",
-                                                                 flag="--report-to")
+    report_to: Literal["none", "tensorboard", "wandb"] = setting(
+        "none", "Experiment tracker, through accelerate: loss, lr, grad norm, s/step, GPU memory and the validation "
+                "videos (tensorboard logs go to OUTPUT_DIR/logs).", flag="--report-to")
+    push_to_hub: str | None = setting(
+        None, "At the end, upload the weights, config.toml and the model card (README.md) to this Hub model repo "
+              "(created if missing; the token comes from `hf auth login` or HF_TOKEN).", flag="--push-to-hub",
+        metavar="REPO")
+    hub_private: bool = setting(False, "Create the --push-to-hub repo as private (an existing repo keeps its visibility).",
+                                flag="--hub-private")
     lora: LoraConfig = section(LoraConfig, "LoRA settings (ignored with full = true).")
     optimizer: OptimizerConfig = section(OptimizerConfig, "Optimizer and learning-rate schedule.")
     validation: ValidationConfig = section(ValidationConfig, "Validation during and after training.")

@@ -4,6 +4,7 @@ Items are grouped by bucket (a batch never mixes clip shapes), shuffled per epoc
 global batches of `batch_size x world_size`; process `rank` takes its slice. Because nothing here
 has state, resuming at step N needs no saved sampler: it computes batch N again. A bucket with
 fewer items than a global batch is filled by cycling its items, so a tiny dataset still trains.
+An item's `repeats` (its dataset's weight) puts it that many times into each epoch.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from cogtune.encode.cache import VideoLatentCache
 
 
 class BatchSchedule:
-    def __init__(self, buckets: list[str], batch_size: int, world_size: int, seed: int):
+    def __init__(self, buckets: list[str], batch_size: int, world_size: int, seed: int,
+                 repeats: list[int] | None = None):
+        """`buckets[i]` is item i's bucket; `repeats[i]` (default 1) how often it comes in each epoch."""
         self.batch_size = batch_size
         self.world_size = world_size
         self.seed = seed
+        if repeats is not None and len(repeats) != len(buckets):
+            raise ValueError(f"{len(repeats)} repeats for {len(buckets)} items")
         groups: dict[str, list[int]] = defaultdict(list)
         for index, bucket in enumerate(buckets):
-            groups[bucket].append(index)
+            groups[bucket] += [index] * (repeats[index] if repeats is not None else 1)
         self.groups = dict(sorted(groups.items()))
         global_size = batch_size * world_size
         self.batches_per_epoch = sum(-(-len(items) // global_size) for items in self.groups.values())
@@ -44,6 +49,11 @@ class BatchSchedule:
         rng.shuffle(batches)
         self._epoch_cache = (epoch, batches)
         return batches
+
+    @classmethod
+    def for_cache(cls, cache: VideoLatentCache, batch_size: int, world_size: int, seed: int) -> BatchSchedule:
+        """The schedule of a cache's items, weighted by the repeats its manifest records."""
+        return cls(cache.item_buckets, batch_size, world_size, seed, cache.item_repeats)
 
     def global_batch(self, micro_step: int) -> list[int]:
         epoch, position = divmod(micro_step, self.batches_per_epoch)

@@ -23,12 +23,14 @@ from cogtune import distributed, report
 from cogtune.config import write_config
 from cogtune.errors import ConfigError, TrainingError
 from cogtune.fsutil import OutputLock, atomic_write_text, is_main_launch_process
+from cogtune.interrupt import StopRequest
 from cogtune.lora.format import LORA_WEIGHTS_NAME, load_lora_state, save_lora
-from cogtune.train import checkpoint
+from cogtune.train import checkpoint, hub, tracking
 from cogtune.train.config import TrainConfig
 from cogtune.train.data import BatchLoader, BatchSchedule, describe_items, step_items
-from cogtune.train.full import TRANSFORMER_DIR, load_full_transformer_into, save_full_transformer
-from cogtune.train.interrupt import StopRequest, resume_command
+from cogtune.models.loading import save_transformer
+from cogtune.train.full import TRANSFORMER_DIR, load_full_transformer_into
+from cogtune.train.interrupt import resume_command
 from cogtune.train.memory import MemoryLog
 from cogtune.train.model import (
     activations_offloaded,
@@ -37,6 +39,7 @@ from cogtune.train.model import (
     lora_info,
     resolve_mixed_precision,
 )
+from cogtune.train.model_card import write_model_card
 from cogtune.train.optimizers import (
     clip_gradients,
     current_learning_rate,
@@ -48,7 +51,7 @@ from cogtune.train.outputs import flat_config, print_run_summary, save_final_wei
 from cogtune.train.plan import plan_run
 from cogtune.train.sizing.fit import fit_memory
 from cogtune.train.step import StepSettings, derive_seed, sample_generators, training_step
-from cogtune.train.validation import Validator
+from cogtune.train.validation import Validator, prepare_validation_embeds
 
 
 @dataclasses.dataclass
@@ -90,7 +93,8 @@ def _run_training(config: TrainConfig) -> TrainResult:
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation,
         log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / tracking.LOGS_DIR)),
     )
     report.set_main_process(accelerator.is_main_process)
     device = accelerator.device
@@ -103,6 +107,9 @@ def _run_training(config: TrainConfig) -> TrainResult:
         report.warn(f"the accelerate config says mixed precision {launched_precision}; cogtune trains with "
                     f"{mixed_precision} (--mixed-precision {config.mixed_precision})")
 
+    # The validation prompts' embeddings go into the run's folder now, so that T5 (for prompts the cache
+    # lacks) is loaded and freed before the transformer: training's peak stays what it was.
+    prepare_validation_embeds(config, plan.model, cache, accelerator, plan.validation_prompts, plan.prompts_to_embed)
     scheduler = load_scheduler(plan.model)
     # With FSDP's own activation checkpointing (its config's choice) the model's would recompute twice.
     checkpoint_blocks = config.gradient_checkpointing and not distributed.fsdp_checkpoints_activations(accelerator)
@@ -125,7 +132,7 @@ def _run_training(config: TrainConfig) -> TrainResult:
 
     def save_trainable(model: Any, folder: Path, state: dict[str, Any]) -> None:
         if config.full:
-            save_full_transformer(model, folder / TRANSFORMER_DIR, torch.float32, plan.drop_learned_positions, state)
+            save_transformer(model, folder / TRANSFORMER_DIR, torch.float32, plan.drop_learned_positions, state)
         else:
             save_lora(folder, model, info, state)
 
@@ -137,7 +144,10 @@ def _run_training(config: TrainConfig) -> TrainResult:
 
     checkpoint.register_hooks(accelerator, config, save_trainable, load_trainable)
     if config.report_to != "none":
-        accelerator.init_trackers("cogtune", config=flat_config(config))
+        if accelerator.is_main_process:
+            (output_dir / tracking.LOGS_DIR).mkdir(exist_ok=True)
+        accelerator.init_trackers(tracking.PROJECT, config=flat_config(config),
+                                  init_kwargs=tracking.tracker_init_kwargs(config))
 
     start_step, losses = 0, []
     if resume_from is not None:
@@ -158,7 +168,7 @@ def _run_training(config: TrainConfig) -> TrainResult:
 
     empty_embeds = cache.empty_prompt_embeds()
     process, world = accelerator.process_index, accelerator.num_processes
-    schedule = BatchSchedule([item["bucket"] for item in cache.items], config.batch_size, world, config.seed)
+    schedule = BatchSchedule.for_cache(cache, config.batch_size, world, config.seed)
     loader = BatchLoader(cache, schedule, process)
     settings = StepSettings(caption_dropout=config.effective_caption_dropout,
                             image_dropout=config.image_dropout if spec.is_i2v else 0.0)
@@ -172,7 +182,7 @@ def _run_training(config: TrainConfig) -> TrainResult:
     transformer.train()
     stop = StopRequest()
     try:
-        with stop.listening(enabled=world == 1), \
+        with stop.listening(enabled=world == 1, stopping="stopping after this step, with a checkpoint"), \
                 report.progress("training", total=config.steps, unit="step", completed=start_step) as bar:
             for step in range(start_step, config.steps):
                 started = time.perf_counter()
@@ -192,8 +202,9 @@ def _run_training(config: TrainConfig) -> TrainResult:
                                                  generators, device, compute_dtype)
                         accelerator.backward(loss)  # divided by the accumulation steps
                     step_loss += loss.detach().float().item() / accumulation
+                grad_norm = None  # the norm before clipping, for the tracker
                 if config.optimizer.max_grad_norm > 0:
-                    clip_gradients(accelerator, optimizer, trainable, config.optimizer.max_grad_norm)
+                    grad_norm = clip_gradients(accelerator, optimizer, trainable, config.optimizer.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 keep_tensor_learning_rates(optimizer, tensor_learning_rates)
@@ -212,16 +223,19 @@ def _run_training(config: TrainConfig) -> TrainResult:
                 learning_rates.append(lr)
                 step_seconds.append(time.perf_counter() - started)
                 if config.report_to != "none":
-                    accelerator.log({"loss": step_loss, "lr": lr}, step=done)
+                    accelerator.log(tracking.step_values(step_loss, lr, grad_norm, step_seconds[-1], device), step=done)
                 bar.advance(1, loss=step_loss, lr=lr, **_memory_field(device))  # the bar shows s/step itself
                 if (stop.requested or config.checkpointing.every and done % config.checkpointing.every == 0) \
                         and done < config.steps:
                     saved = checkpoint.save_checkpoint(accelerator, config, done, losses, lr_scheduler.state_dict())
                     if stop.requested:
-                        raise TrainingError(f"interrupted at step {done} of {config.steps}; checkpoint saved: {saved}",
-                                            hint=f"resume with: {resume_command(report.invocation)}")
+                        raise stop.interrupted(
+                            f"interrupted at step {done} of {config.steps}; checkpoint saved: {saved}",
+                            hint=f"resume with: {resume_command(report.invocation)}")
                 if config.validation.every and done % config.validation.every == 0 and done < config.steps:
                     validator.run(transformer, f"step-{done:06d}", memory_log)
+                    tracking.log_validation_videos(accelerator, output_dir / "validation" / f"step-{done:06d}", done,
+                                                   plan.validation_prompts, spec.fps)
     finally:
         loader.close()
 
@@ -230,6 +244,8 @@ def _run_training(config: TrainConfig) -> TrainResult:
         checkpoint.save_checkpoint(accelerator, config, config.steps, losses, lr_scheduler.state_dict())
     if config.validation.final:
         validator.run(transformer, "final", memory_log)
+        tracking.log_validation_videos(accelerator, output_dir / "validation" / "final", config.steps,
+                                       plan.validation_prompts, spec.fps)
     memory_log.record("memory_after_testing")
     if accelerator.is_main_process:
         memory_log.write(output_dir / "memory.json")
@@ -239,9 +255,15 @@ def _run_training(config: TrainConfig) -> TrainResult:
                    "learning_rates": learning_rates, "step_seconds": [round(t, 4) for t in step_seconds],
                    "weights": str(weights), "learned_positional_embeddings_dropped": plan.drop_learned_positions}
         atomic_write_text(output_dir / "training_summary.json", json.dumps(summary, indent=2) + "\n")
+        card = write_model_card(config, plan)
+        logs = tracking.logs_message(accelerator, config)
+        if logs:
+            report.info(logs)
     if config.report_to != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()
+    if config.push_to_hub and accelerator.is_main_process:  # last: a failure leaves the run complete on disk
+        hub.push_run(config, hub.files_to_push(config, card.shown))
     return TrainResult(output_dir, config.steps, losses, weights, memory_log.records)
 
 

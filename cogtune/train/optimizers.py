@@ -85,24 +85,32 @@ def current_learning_rate(optimizer: Any) -> float:
     return float(unwrap(optimizer).param_groups[0]["lr"])
 
 
-def clip_gradients(accelerator: Any, optimizer: Any, parameters: list[Any], max_norm: float) -> None:
-    """Clip the global gradient norm, wherever the gradients are (on the device or offloaded to the CPU)."""
+def clip_gradients(accelerator: Any, optimizer: Any, parameters: list[Any], max_norm: float) -> float | None:
+    """Clip the global gradient norm, wherever the gradients are (on the device or offloaded to the CPU).
+
+    Returns the norm before clipping; None under DeepSpeed, which clips inside its engine's step
+    (accelerate would return the previous step's norm there), and when no parameter has a gradient.
+    """
     import torch
+    from accelerate.utils import DistributedType
 
     inner = unwrap(optimizer)
     host_map = getattr(inner, "param_d2h_map", None)
     if host_map is None:
-        accelerator.clip_grad_norm_(parameters, max_norm)
-        return
+        norm = accelerator.clip_grad_norm_(parameters, max_norm)
+        if norm is None or accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return None
+        return float(norm)
     for event in inner.queue.values():  # the offloading copies run on a side stream
         event.synchronize()
     grads = [host.grad for device_param, host in host_map.items() if device_param in inner.queue]
     grads += [p.grad for group in inner.d_param_groups for p in group["params"] if p.grad is not None]
     if not grads:
-        return
+        return None
     norms = [torch.linalg.vector_norm(g.float()).to("cpu") for g in grads]
     total = torch.linalg.vector_norm(torch.stack(norms))
     scale = max_norm / (float(total) + 1e-6)
     if scale < 1.0:
         for grad in grads:
             grad.mul_(scale)
+    return float(total)

@@ -8,8 +8,10 @@ from typing import Any
 from cogtune import distributed, report
 from cogtune.config import flatten_settings
 from cogtune.lora.format import LORA_WEIGHTS_NAME, save_lora
+from cogtune.lora.layouts import save_layouts
 from cogtune.train.config import TrainConfig
-from cogtune.train.full import TRANSFORMER_DIR, save_full_transformer
+from cogtune.models.loading import save_transformer
+from cogtune.train.full import TRANSFORMER_DIR
 from cogtune.train.model import lora_info
 from cogtune.train.plan import RunPlan
 
@@ -27,10 +29,13 @@ def save_final_weights(accelerator: Any, config: TrainConfig, plan: RunPlan, tra
     target = output_dir / TRANSFORMER_DIR if config.full else output_dir / LORA_WEIGHTS_NAME
     if accelerator.is_main_process:
         if config.full:
-            save_full_transformer(unwrapped, target, dtype, plan.drop_learned_positions, state)
+            save_transformer(unwrapped, target, dtype, plan.drop_learned_positions, state)
         else:
             save_lora(output_dir, unwrapped, lora_info(config, plan), state)
         report.success(f"weights saved: {target}")
+        if not config.full:
+            for path in save_layouts(target, config.lora.save_formats):  # `--save-format comfyui,kohya`
+                report.success(f"weights saved: {path}")
     accelerator.wait_for_everyone()
     return target
 
@@ -89,6 +94,10 @@ def print_run_summary(config: TrainConfig, plan: RunPlan, accelerator: Any, mixe
         ("optimizer", f"{config.optimizer.name}, lr {config.optimizer.effective_lr:g}, {config.optimizer.lr_schedule}"),
         ("output", config.output_dir),
     ]
+    if config.report_to != "none":
+        rows.append(("tracker", f"{config.report_to}, logs in {Path(config.output_dir) / 'logs'}"))
+    if config.push_to_hub:
+        rows.append(("push to", f"{config.push_to_hub}{' (private)' if config.hub_private else ''} at the end"))
     if plan.drop_learned_positions:
         rows.append(("positions", "learned positional embeddings dropped (rotary only)"))
     memory = config.memory

@@ -1,7 +1,8 @@
 """Planning a run: everything checked and decided before any weight is loaded.
 
 `plan_run` resolves the model, opens the cache, checks the task, the launch's strategy, every bucket
-and the validation shape against the model's limits, and decides whether 5b-I2V's learned
+and the validation shape against the model's limits, finds the validation prompts to embed before
+training (and that the model has a text encoder for them), and decides whether 5b-I2V's learned
 positional embeddings are dropped. The recipe (`cogtune.train.loop`) and the estimator
 (`cogtune.train.sizing`) both start from its `RunPlan`.
 """
@@ -18,8 +19,9 @@ from cogtune.models.loading import ResolvedModel, resolve_model
 from cogtune.models.positions import needs_learned_positions_dropped
 from cogtune.models.registry import ModelSpec
 from cogtune.train.config import TrainConfig
+from cogtune.train.hub import check_push_target
 from cogtune.train.optimizers import CUDA_ONLY
-from cogtune.train.validation import validation_prompts, validation_shape
+from cogtune.train.validation import prompts_to_embed, validation_prompts, validation_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +32,8 @@ class RunPlan:
     cache: VideoLatentCache
     drop_learned_positions: bool
     validation_prompts: list[str]
+    # those neither the cache nor (on resume) the run's folder has: embedded before the transformer loads
+    prompts_to_embed: list[str] = dataclasses.field(default_factory=list)
 
 
 def plan_run(config: TrainConfig) -> RunPlan:
@@ -41,7 +45,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
         raise ConfigError(f"{spec.name} is an image-to-video model; use `cogtune train i2v`")
     if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
         raise ConfigError(f"--report-to {config.report_to} needs the {config.report_to} package",
-                          hint=f"pip install {config.report_to}")
+                          hint=f"pip install 'cogtune[{config.report_to}]'")
+    check_push_target(config)
     if config.optimizer.name in CUDA_ONLY:
         import torch
 
@@ -52,6 +57,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     cache.check_compatible(spec, needs_image_latents=config.task == "i2v")
     checked = {f"bucket {bucket}": shape for bucket, shape in zip(cache.buckets, cache.bucket_shapes)}
     prompts = validation_prompts(config, cache, spec.is_i2v)
+    new_prompts = prompts_to_embed(config, model, cache, prompts)
     if prompts:
         checked["validation"] = validation_shape(config, cache)
     spec.check_clip_shapes(checked)  # type: ignore[arg-type]
@@ -62,7 +68,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
             f"{', '.join(checked)} need them dropped",
             hint="--learned-positional-embeddings drop (or auto)",
         )
-    return RunPlan(model, cache, drops_learned_positions(config, spec, needed), prompts)
+    return RunPlan(model, cache, drops_learned_positions(config, spec, needed), prompts, new_prompts)
 
 
 def drops_learned_positions(config: TrainConfig, spec: ModelSpec, needed: bool) -> bool:

@@ -1,7 +1,9 @@
 """Validation videos with the in-training weights, through the same code as `cogtune sample`.
 
-Text embeddings come from the cache (no text encoder on the device); the VAE is loaded for the
-pass and freed after it. The first pass records `memory_before_validation` and
+Text embeddings come from the run's `validation_prompts.safetensors`, written before the
+transformer loads from the cache's embeddings and, for prompts the cache lacks, the model's T5
+(loaded, used and freed then, so that no text encoder shares the device with training); the VAE is
+loaded for each pass and freed after it. The first pass records `memory_before_validation` and
 `memory_after_validation`.
 
 Every process renders: process r takes prompts r, r + N, r + 2N, ... (video i always uses seed + i,
@@ -20,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from cogtune import report
-from cogtune.encode.cache import VideoLatentCache
-from cogtune.errors import ConfigError
+from cogtune.encode.cache import VideoLatentCache, compatibility, read_metadata, stable_hash, write_safetensors
+from cogtune.errors import ConfigError, DataError
 from cogtune.models.loading import ResolvedModel
 from cogtune.train.config import TrainConfig
 from cogtune.train.memory import MemoryLog
@@ -73,14 +75,18 @@ def validation_feed_forward_chunks(transformer: Any, offload_blocks: bool) -> An
 def validation_prompts(config: TrainConfig, cache: VideoLatentCache, is_i2v: bool) -> list[str]:
     """The prompts validation renders: the configured ones, else those cached by `encode`.
 
-    Checked before any weight loads: prompts must be in the cache, and I2V needs an image per
-    prompt (cached prompts without images are skipped with a warning instead).
+    Checked before any weight loads: no prompt may be empty, and I2V needs an image per prompt
+    (cached prompts without images are skipped with a warning instead). Prompts the cache lacks are
+    fine: `prepare_validation_embeds` embeds them before the transformer loads.
     """
     runs = config.validation.every > 0 or config.validation.final
     explicit = list(config.validation.prompts)
     prompts = explicit or cache.validation_prompts
     if not runs or not prompts:
         return []
+    empty = [number for number, prompt in enumerate(prompts, 1) if not prompt.strip()]
+    if empty:
+        raise ConfigError(f"validation prompt {empty[0]} is empty", hint="give each --validation-prompt some text")
     if is_i2v and len(config.validation.images) != len(prompts):
         if not explicit:
             report.warn("validation skipped: the cache has validation prompts, but image-to-video validation needs "
@@ -88,19 +94,179 @@ def validation_prompts(config: TrainConfig, cache: VideoLatentCache, is_i2v: boo
             return []
         raise ConfigError(f"image-to-video validation needs one --validation-image per prompt "
                           f"({len(prompts)} prompts, {len(config.validation.images)} images)")
-    missing = [p for p in prompts if p not in cache.validation_prompts]
-    if missing:
-        raise ConfigError(
-            f"validation prompt not in the cache: {missing[0]!r}",
-            hint="pass validation prompts to `cogtune encode --validation-prompt`, so that training needs no "
-                 "text encoder",
-        )
     return prompts
 
 
+# --- validation prompts kept with the run ---------------------------------------------------------
+#
+# Every run that validates writes `validation_prompts.safetensors` into its folder: `prompt_embeds`
+# (N, L, D) in the order of the prompts, which its metadata lists (JSON, with each prompt's token
+# count and a key of the model and its text settings). Prompts come from the cache when it has them
+# and are embedded with the model's T5 otherwise; a resumed run (`--resume`) reuses the file's
+# embeddings, so it needs neither the text encoder nor the cache's validation prompts.
+
+RUN_PROMPTS_FILE = "validation_prompts.safetensors"
+
+
+def _run_prompts_key(model: ResolvedModel) -> str:
+    return stable_hash({"compat": compatibility(model.spec), "model": model.location})
+
+
+def stored_validation_prompts(config: TrainConfig, model: ResolvedModel) -> list[str]:
+    """Prompts whose embeddings a resumed run reuses from its folder (none for a new run)."""
+    import json
+
+    if config.resume is None:
+        return []  # a new run embeds afresh: the folder may hold an older run's file (--overwrite)
+    meta = read_metadata(Path(config.output_dir) / RUN_PROMPTS_FILE) or {}
+    if meta.get("key") != _run_prompts_key(model):
+        return []
+    try:
+        prompts = json.loads(meta.get("prompts", "[]"))
+    except ValueError:
+        return []
+    return [p for p in prompts if isinstance(p, str)] if isinstance(prompts, list) else []
+
+
+def prompts_to_embed(config: TrainConfig, model: ResolvedModel, cache: VideoLatentCache,
+                     prompts: list[str]) -> list[str]:
+    """The validation prompts neither the cache nor (on resume) the run's folder has embeddings of.
+
+    Checked before any weight loads: when there are some, the model must have a text encoder.
+    """
+    known = set(cache.validation_prompts) | set(stored_validation_prompts(config, model))
+    new = list(dict.fromkeys(p for p in prompts if p not in known))
+    if new and not has_text_encoder(model):
+        raise ConfigError(
+            f"validation prompt {new[0]!r} is not in the cache, and {model.reference} has no text encoder to embed "
+            f"it (no text_encoder/ or tokenizer/ folder)",
+            hint="pass the prompt to `cogtune encode --validation-prompt`, or use a model folder with its text encoder",
+        )
+    return new
+
+
+def has_text_encoder(model: ResolvedModel) -> bool:
+    """Whether the model's tokenizer and T5 can be loaded (a local folder may lack them; a Hub model is
+    checked when it loads, a random-weights one builds its own)."""
+    if model.source not in ("local", "tiny"):
+        return True
+    root = Path(model.location or "")
+    return (root / "text_encoder" / "config.json").is_file() and (root / "tokenizer").is_dir()
+
+
+def text_encoder_device(model: ResolvedModel, device: Any) -> Any:
+    """Where training embeds new validation prompts: the training device when it is a GPU with room for
+    T5's weights and a margin (nothing else is on it yet), else the CPU. Both give what `cogtune
+    encode` would have cached on this machine (float32 on the CPU, the model's dtype on the GPU)."""
+    import torch
+
+    from cogtune.models.text import text_encoder_bytes, text_encoder_dtype
+
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return "cpu"
+    free, _ = torch.cuda.mem_get_info(device)
+    needed = text_encoder_bytes(model.spec, text_encoder_dtype(model.spec, device))
+    return device if free >= needed * 1.25 + 2 * 1024**3 else "cpu"
+
+
+def prepare_validation_embeds(config: TrainConfig, model: ResolvedModel, cache: VideoLatentCache, accelerator: Any,
+                              prompts: list[str], new: list[str]) -> None:
+    """Write the run's `validation_prompts.safetensors` before the transformer loads.
+
+    Only the main process works (embedding `new` prompts with T5, freed afterwards, see
+    `text_encoder_device`); the others wait for the file, which `Validator` reads.
+    """
+    if not prompts:
+        return
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            _write_run_prompts(config, model, cache, prompts, new, accelerator.device)
+
+
+def _write_run_prompts(config: TrainConfig, model: ResolvedModel, cache: VideoLatentCache, prompts: list[str],
+                       new: list[str], device: Any) -> None:
+    import torch
+
+    from cogtune.models.text import embed_prompts, warn_cut_prompts
+
+    path = Path(config.output_dir) / RUN_PROMPTS_FILE
+    stored = stored_validation_prompts(config, model)
+    if not new and set(prompts) <= set(stored):
+        return  # a resumed run with the same prompts: the file stays as it is
+    embeds: dict[str, Any] = {}
+    counts: dict[str, int | None] = {}
+    if stored:
+        embeds.update(zip(stored, _read_run_prompts(path)))
+        counts.update(zip(stored, _stored_token_counts(path)))
+    in_cache = [p for p in prompts if p not in embeds and p in cache.validation_prompts]
+    if in_cache:
+        embeds.update((p, e) for p, e in zip(cache.validation_prompts, cache.validation_prompt_embeds())
+                      if p in in_cache)
+    if new:
+        where = text_encoder_device(model, device)
+        report.info(f"embedding {len(new)} validation prompt{'s' if len(new) > 1 else ''} the cache lacks "
+                    f"with {model.reference}'s text encoder (on {torch.device(where).type})")
+        new_embeds, new_counts = embed_prompts(model, new, where)
+        embeds.update(zip(new, new_embeds))
+        counts.update(zip(new, new_counts))
+        warn_cut_prompts(new, new_counts, model.spec.max_text_tokens, model.reference, what="validation prompt")
+        if torch.device(where).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(where)  # the run's memory figures are training's, not T5's
+    dtype = embeds[prompts[0]].dtype
+    for prompt in prompts:
+        dtype = torch.promote_types(dtype, embeds[prompt].dtype)  # float32 from the CPU, bf16 from a GPU cache
+    tensor = torch.stack([embeds[p].to(dtype) for p in prompts])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path, {"prompt_embeds": tensor},
+                      {"key": _run_prompts_key(model), "prompts": prompts,
+                       "num_tokens": [counts.get(p) for p in prompts]})
+
+
+def _stored_token_counts(path: Path) -> list[int | None]:
+    import json
+
+    try:
+        counts = json.loads((read_metadata(path) or {}).get("num_tokens", "[]"))
+    except ValueError:
+        return []
+    return counts if isinstance(counts, list) else []
+
+
+def _read_run_prompts(path: Path) -> Any:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))["prompt_embeds"]
+    except Exception as exc:
+        raise DataError(f"{path} is unreadable ({exc})",
+                        hint="delete it: training embeds its validation prompts again") from exc
+
+
+def run_prompt_embeds(output_dir: str | Path, prompts: list[str]) -> Any:
+    """(N, L, D) embeddings of `prompts`, from the run's file that `prepare_validation_embeds` wrote."""
+    import json
+
+    path = Path(output_dir) / RUN_PROMPTS_FILE
+    try:
+        stored = json.loads((read_metadata(path) or {}).get("prompts", "[]"))
+    except ValueError:
+        stored = []
+    missing = [p for p in prompts if p not in stored]
+    if missing:
+        raise DataError(f"{path} lacks the validation prompt {missing[0]!r}",
+                        hint="delete it: training embeds its validation prompts again")
+    embeds = _read_run_prompts(path)
+    return embeds[[stored.index(p) for p in prompts]]
+
+
 def validation_shape(config: TrainConfig, cache: VideoLatentCache) -> tuple[int, int, int]:
-    """(frames, height, width) of validation videos: the configured ones, else the cache's first bucket's."""
-    return validation_shape_from(config, cache.bucket_shapes[0])
+    """(frames, height, width) of validation videos: the configured ones, else the cache's first video bucket's."""
+    return validation_shape_from(config, first_video_bucket(cache.bucket_shapes))
+
+
+def first_video_bucket(shapes: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """The first bucket of several frames (images' 1-frame buckets sort first), else the first bucket."""
+    return next((shape for shape in shapes if shape[0] > 1), shapes[0])
 
 
 def validation_shape_from(config: TrainConfig, first_bucket: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -122,10 +288,7 @@ class Validator:
         self.embeds = self._prompt_embeds() if prompts else None
 
     def _prompt_embeds(self):
-        import torch
-
-        cached = dict(zip(self.cache.validation_prompts, self.cache.validation_prompt_embeds()))
-        return torch.stack([cached[p] for p in self.prompts])
+        return run_prompt_embeds(self.config.output_dir, self.prompts)
 
     def run(self, transformer: Any, name: str, memory: MemoryLog) -> None:
         """Render the validation videos into `validation/<name>/`."""

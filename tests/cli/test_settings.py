@@ -31,8 +31,10 @@ COMMANDS = {
     "dataset validate": (DatasetConfig, ("root", "resize_mode"), {"root": "data"}),
 }
 # settings that need another one to be valid
-COMPANIONS = {"validation.images": {"validation.prompts": ("one", "two")}}
-NOT_FOR = {("train t2v", "validation.images")}  # condition images are for i2v (tested there)
+COMPANIONS = {"validation.images": {"validation.prompts": ("one", "two")},
+              "frame_stride": {"frame_extraction": "slide"}, "data.frame_stride": {"data.frame_extraction": "slide"}}
+NOT_FOR = {("train t2v", "validation.images"),  # condition images are for i2v (tested there)
+           ("encode", "dataset_config")}  # excludes --data-root (tests/encode/test_dataset_config.py)
 
 
 def _click_tree():
@@ -79,6 +81,10 @@ def _other_value(option: SettingOption):
         return ("first", "second")
     if option.path.endswith("dataset_file"):
         return "table.csv"
+    if option.path.endswith("caption_extension"):
+        return ".caption"
+    if option.path.endswith("save_format"):
+        return "diffusers,comfyui"
     if option.value_type is int:
         return (default or 0) + 2
     if option.value_type is float:

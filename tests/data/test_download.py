@@ -185,7 +185,7 @@ def test_missing_repo_fails_in_one_line_naming_it(cli, hub, tmp_path):
 
     _assert_one_line_failure(result, "repository 'me/missing' (dataset) not found at", "--repo-type")
     assert result.stderr.strip() == _error_lines(result.stderr)[0]
-    assert "huggingface-cli login" in result.stderr
+    assert "hf auth login" in result.stderr
 
 
 def test_repo_type_selects_the_api_path(cli, hub, tmp_path):

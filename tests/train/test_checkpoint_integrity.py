@@ -211,6 +211,23 @@ def test_an_empty_or_new_folder_is_fine(cli, tiny_cache, tmp_path):
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine\n"
 
 
+def test_a_readme_of_the_users_is_never_replaced_by_the_model_card(cli, trained, tiny_cache, tmp_path):
+    (tmp_path / "mine").mkdir()
+    mine = tmp_path / "mine" / "README.md"
+    mine.write_text("# my notes\n")
+    result = cli(*_args(tiny_cache, tmp_path / "mine", "--steps", "1"))
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{mine} is not a model card cogtune wrote" in line
+    assert mine.read_text() == "# my notes\n"
+    # the card of a finished run is the run's own: --overwrite replaces it like the other outputs
+    out = _copy(trained, tmp_path)
+    assert checkpoint.is_model_card(out / "README.md")
+    result = cli(*_args(tiny_cache, out, "--steps", "1", "--overwrite"))
+    assert result.exit_code == 0, result.stderr
+    assert checkpoint.is_model_card(out / "README.md")
+
+
 @pytest.mark.parametrize(("flags", "named"), [
     (("--rank", "8"), "lora.rank 4 there, 8 now"),
     (("--lora-alpha", "2"), "lora.alpha 4.0 there, 2.0 now"),

@@ -1,0 +1,180 @@
+"""`cogtune lora inspect|convert|merge` from the command line, and `train --save-format`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.lora.conftest import ALPHA, ATTENTION, RANK, write_trained_lora
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tmp_path_factory):
+    """A LoRA on the attention of `tiny` (alpha != rank), as a run folder would hold it."""
+    folder = tmp_path_factory.mktemp("run")
+    write_trained_lora(folder, "tiny", ATTENTION)
+    return folder
+
+
+def test_inspect_a_run_folder_as_json(cli, tiny_lora):
+    result = cli("lora", "inspect", tiny_lora, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["layout"] == "diffusers" and report["model"] == "tiny" and report["family"] == "1.0-sincos"
+    assert report["ranks_alphas"] == [{"rank": RANK, "alpha": ALPHA, "layers": 8}]
+    assert report["alpha_form"] == "metadata" and report["alpha_portable"] is False
+    assert report["target_modules"] == ["attn1.to_k", "attn1.to_out.0", "attn1.to_q", "attn1.to_v"]
+    assert report["buckets"] == ["9x64x64"]
+    assert len(report["per_layer"]) == 8 and report["per_layer"][0]["module"] == "transformer_blocks.0.attn1.to_k"
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "kohya", "diffusers", "sat"])
+def test_convert_then_inspect_reports_the_same_rank_and_alpha(cli, tiny_lora, tmp_path, layout):
+    target = tmp_path / f"{layout}.safetensors"
+    result = cli("lora", "convert", tiny_lora, target, "--to", layout)
+    assert result.exit_code == 0, result.stderr
+    assert f"diffusers -> {layout}" in result.stdout + result.stderr
+    report = json.loads(cli("lora", "inspect", target, "--json").stdout)
+    assert report["layout"] == layout
+    assert report["ranks_alphas"] == [{"rank": RANK, "alpha": ALPHA, "layers": 8}]
+    assert report["alpha_form"] == ("tensors" if layout in ("comfyui", "kohya") else "folded")
+    assert report["alpha_portable"] is True
+    assert report["model"] == "tiny"  # the cogtune record travels with the conversion
+    human = cli("lora", "inspect", target)
+    assert human.exit_code == 0 and layout in human.stdout
+
+
+def test_convert_errors_are_one_line(cli, tiny_lora, tmp_path):
+    target = tmp_path / "out.safetensors"
+    result = cli("lora", "convert", tiny_lora, target, "--to", "onnx")
+    assert result.exit_code == 1 and "unknown LoRA layout 'onnx'" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = cli("lora", "convert", tiny_lora, target, "--to", "kohya", "--from", "comfyui")
+    assert result.exit_code == 1 and "names no CogVideoX transformer module (comfyui layout)" in result.stderr
+    assert "look like the diffusers layout" in result.stderr
+    not_lora = tmp_path / "not_lora.safetensors"
+    not_lora.write_bytes(b"\x00" * 64)
+    result = cli("lora", "inspect", not_lora)
+    assert result.exit_code == 1 and "not a safetensors file" in result.stderr
+    assert cli("lora", "convert", tiny_lora, target, "--to", "kohya").exit_code == 0
+    result = cli("lora", "convert", tiny_lora, target, "--to", "kohya")
+    assert result.exit_code == 1 and "pass --overwrite" in result.stderr
+    assert cli("lora", "convert", tiny_lora, target, "--to", "kohya", "--overwrite").exit_code == 0
+
+
+def _frames(path):
+    from cogtune.data.video import read_all_frames
+
+    return read_all_frames(path).astype(int)
+
+
+@pytest.mark.slow
+def test_merge_then_sample_transformer_is_sample_lora(cli, tiny_lora, tmp_path):
+    """The oracle: diffusers applying the LoRA at sampling time (`sample --lora --lora-scale`)."""
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    merged = tmp_path / "merged"
+    result = cli("lora", "merge", "--model", "tiny", "--lora", tiny_lora, "--scale", "0.5", "--output", merged)
+    assert result.exit_code == 0, result.stderr
+    transformer = CogVideoXTransformer3DModel.from_pretrained(merged)
+    assert transformer.dtype == torch.float32  # tiny's dtype
+    common = ("sample", "--model", "tiny", "--prompt", "A red circle moves left", "--steps", "2")
+    assert cli(*common, "--transformer", merged, "--output", tmp_path / "merged.mp4").exit_code == 0
+    assert cli(*common, "--lora", tiny_lora, "--lora-scale", "0.5", "--output", tmp_path / "lora.mp4").exit_code == 0
+    assert cli(*common, "--output", tmp_path / "base.mp4").exit_code == 0
+    merged_video, lora_video = _frames(tmp_path / "merged.mp4"), _frames(tmp_path / "lora.mp4")
+    base_video = _frames(tmp_path / "base.mp4")
+    assert np.abs(merged_video - lora_video).max() <= 2  # float rounding, then 8-bit video
+    assert np.abs(base_video - lora_video).mean() > 1  # the LoRA does change the video
+
+
+def test_sample_takes_a_lora_in_any_layout(cli, tiny_lora, tmp_path):
+    """`sample --lora` on the ComfyUI and kohya exports gives the video of the diffusers file, which
+    diffusers' own `load_lora_weights` applies (the oracle). Compared on the lossless PNG contact
+    sheets: H.264 turns a one-level rounding difference into larger block differences."""
+    from PIL import Image
+
+    def sheet(name):
+        return np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB")).astype(int)
+
+    common = ("sample", "--model", "tiny", "--prompt", "A red circle moves left", "--steps", "2", "--lora-scale", "0.7",
+              "--preview", "png")
+    assert cli(*common, "--lora", tiny_lora, "--output", tmp_path / "diffusers.mp4").exit_code == 0
+    assert cli(*common[:-4], "--preview", "png", "--output", tmp_path / "base.mp4").exit_code == 0
+    reference = sheet("diffusers")
+    assert np.abs(sheet("base") - reference).mean() > 1  # the LoRA does change the video
+    for layout in ("comfyui", "kohya"):
+        converted = tmp_path / f"{layout}.safetensors"
+        assert cli("lora", "convert", tiny_lora, converted, "--to", layout).exit_code == 0
+        result = cli(*common, "--lora", converted, "--output", tmp_path / f"{layout}.mp4")
+        assert result.exit_code == 0, result.stderr
+        assert np.abs(sheet(layout) - reference).max() <= 1, layout
+
+
+def test_sample_refuses_a_file_that_is_no_lora_before_loading_the_model(cli, tmp_path, monkeypatch):
+    import cogtune.sample
+
+    monkeypatch.setattr(cogtune.sample, "load_any_lora", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "notes.safetensors").write_text("not tensors")
+    result = cli("sample", "--model", "tiny", "--prompt", "x", "--lora", tmp_path / "notes.safetensors",
+                 "--output", tmp_path / "x.mp4")
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "notes.safetensors is not a safetensors file" in line
+
+
+def test_merge_refusals_are_one_line(cli, tiny_lora, tmp_path):
+    other = tmp_path / "other"
+    write_trained_lora(other, "tiny-1.5-i2v", ATTENTION)
+    result = cli("lora", "merge", "--model", "tiny", "--lora", other, "--output", tmp_path / "m1")
+    assert result.exit_code == 1 and "was trained for tiny-1.5-i2v" in result.stderr
+    assert not (tmp_path / "m1").exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "file").write_text("x")
+    result = cli("lora", "merge", "--model", "tiny", "--lora", tiny_lora, "--output", taken)
+    assert result.exit_code == 1 and "exists and is not empty" in result.stderr
+
+
+def test_merge_of_a_lora_without_a_record_into_the_wrong_model(cli, tmp_path):
+    """A LoRA from elsewhere (no cogtune record): the shapes decide, still in one line."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.lora.conftest import ALL_LINEARS
+
+    other = tmp_path / "other"
+    write_trained_lora(other, "tiny-1.5-i2v", ALL_LINEARS)
+    kohya = tmp_path / "kohya.safetensors"
+    assert cli("lora", "convert", other, kohya, "--to", "kohya").exit_code == 0
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(kohya), bare)  # no header, as another trainer writes it
+    assert json.loads(cli("lora", "inspect", bare, "--json").stdout)["fits"] == ["tiny-1.5-i2v"]
+    result = cli("lora", "merge", "--model", "tiny", "--lora", bare, "--output", tmp_path / "m")
+    assert result.exit_code == 1 and "does not fit tiny" in result.stderr, result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_save_format_writes_the_other_layouts(tiny_cache, tmp_path):
+    from safetensors.torch import load_file
+
+    from cogtune.errors import ConfigError
+    from cogtune.lora.layouts import read_lora
+    from cogtune.train import TrainConfig, run_training
+    from cogtune.train.config import LoraConfig, OptimizerConfig, ValidationConfig
+    from tests.lora.test_layouts import read_comfyui
+
+    with pytest.raises(ConfigError, match="lora.save_format 'onnx'"):
+        LoraConfig(save_format="diffusers,onnx")
+    run = tmp_path / "run"
+    run_training(TrainConfig(model="tiny", data=str(tiny_cache), output_dir=str(run), steps=1,
+                             lora=LoraConfig(rank=4, alpha=8, save_format="diffusers,comfyui,kohya"),
+                             optimizer=OptimizerConfig(lr=1e-3), validation=ValidationConfig(final=False)))
+    original = read_lora(run / "pytorch_lora_weights.safetensors")
+    comfy = read_comfyui(load_file(run / "lora_comfyui.safetensors"))
+    for module, layer in original.layers.items():
+        delta = layer.delta()
+        assert ((comfy[f"{module}.weight"] - delta).norm() / delta.norm()) < 1e-6
+    assert read_lora(run / "lora_kohya.safetensors").layout == "kohya"
