@@ -139,6 +139,8 @@ def accelerate_config_yaml(settings: LaunchSettings) -> str:
     if strategy.startswith("zero"):
         lines.append("# Needs `pip install deepspeed` on every machine. Batch, accumulation and clipping come from "
                      "cogtune's flags.")
+        lines.append("# Without GPUs DeepSpeed runs on the CPU over gloo (fp32 or bf16) and compiles its shared-memory "
+                     "op at the first start (needs a C++ compiler).")
     lines.append("# The autocast dtype is cogtune's --mixed-precision (auto: the model's); keep mixed_precision "
                  "below in line with it.")
     body = yaml.safe_dump(accelerate_config(settings), sort_keys=False, default_flow_style=False)

@@ -9,8 +9,12 @@ accelerate's `Accelerator` reads them and wraps the model. What this module adds
   data parallel instead. torch's FSDP2 (`fully_shard`) shards over gloo as well, so a CPU launch
   with an FSDP config gets FSDP, through the same accelerate code (`prepare`, `save_state`,
   `load_state`) as on GPUs. This is how the tests run FSDP on 2 CPU processes.
-- Checks before any weight loads: a DeepSpeed launch needs the deepspeed package and CUDA, FSDP
-  means FSDP2.
+- DeepSpeed without CUDA: its CPU accelerator over gloo (without oneCCL). accelerate's `cpu=True`
+  would turn DeepSpeed off, so the launch's state starts with the gloo backend named instead.
+  ZeRO-2/3, with and without CPU offload, run so on CPU processes; fp16 does not (DeepSpeed's CPU
+  accelerator refuses it) and is refused before any weight loads.
+- Checks before any weight loads: a DeepSpeed launch needs the deepspeed package (and CUDA for
+  fp16), FSDP means FSDP2.
 - Sharded weights (FSDP, ZeRO) gathered into whole tensors on the main process, for saving in
   diffusers format.
 """
@@ -56,28 +60,35 @@ def requested_strategy() -> str:
     return "ddp" if launched_processes() > 1 else "single"
 
 
-def check_launch() -> None:
-    """Refuse, before any weight loads, a launch whose strategy cannot run here."""
+def check_launch(mixed_precision: str = "auto") -> None:
+    """Refuse, before any weight loads, a launch whose strategy cannot run here (`mixed_precision`: the run's flag)."""
     strategy = requested_strategy()
     if strategy == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("this launch uses DeepSpeed (its accelerate config says DEEPSPEED), which is not installed",
-                              hint="pip install deepspeed")
+                              hint="pip install 'cogtune[deepspeed]'")
         import torch
 
-        if not torch.cuda.is_available():
-            raise ConfigError("DeepSpeed needs CUDA GPUs and this machine has none",
-                              hint="use a DDP or FSDP config (`cogtune config accelerate --strategy fsdp`)")
+        if mixed_precision == "fp16" and not torch.cuda.is_available():  # DeepSpeed: "Type fp16 is not supported"
+            raise ConfigError("DeepSpeed trains in fp16 on CUDA GPUs only, and this machine has none",
+                              hint="use --mixed-precision bf16 or no on the CPU")
     if strategy == "fsdp" and os.environ.get("FSDP_VERSION", "1") != "2":
         raise ConfigError("cogtune trains with FSDP2 only; this launch's accelerate config asks for FSDP1",
                           hint="set `fsdp_version: 2`, or make the file with `cogtune config accelerate --strategy fsdp`")
 
 
 def make_accelerator(**kwargs: Any):
-    """accelerate's `Accelerator` for this launch (FSDP included on CPU-only machines)."""
+    """accelerate's `Accelerator` for this launch (FSDP and DeepSpeed included on CPU-only machines)."""
     from accelerate import Accelerator
 
     cpu = force_cpu()
+    if cpu and requested_strategy() == "deepspeed":
+        # accelerate's `cpu=True` turns DeepSpeed off. Named, gloo keeps the processes counted and
+        # DeepSpeed (its CPU accelerator, found by itself) talks over it: the state starts here.
+        from accelerate import PartialState
+
+        PartialState(cpu=False, backend="gloo")
+        cpu = False
     if not (cpu and requested_strategy() == "fsdp"):
         accelerator = Accelerator(cpu=cpu, **kwargs)
     else:

@@ -8,6 +8,9 @@ accelerate loads with `weights_only=False`: resuming runs no code from the check
 Under FSDP and DeepSpeed, accelerate's state also holds the model's own shards (`pytorch_model_fsdp_0/`,
 or DeepSpeed's folder), base weights included; resuming reads those.
 It is assembled under a temporary name and renamed, so a checkpoint folder is complete or absent.
+`trainer_state.json` records the number of processes and the batch (per process x processes x
+accumulation) too: a checkpoint resumes on another number of processes (`load_state`), exactly when
+the batch per micro-step across processes and the accumulation are unchanged.
 
 `trainer_state.json` also records every other file of the checkpoint with its size and SHA-256.
 Resuming verifies them (and that the step is the folder's): a truncated, replaced or missing file is
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +361,9 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: li
         if main and not non_finite:
             write_config(config, staging)
             state = {"step": step, "losses": losses, "lr_scheduler": _plain(lr_scheduler_state),
+                     "processes": accelerator.num_processes,
+                     "global_batch": global_batch(config.batch_size, accelerator.num_processes,
+                                                  config.gradient_accumulation),
                      "files": record_files(staging)}
             atomic_write_text(staging / TRAINER_STATE, json.dumps(state) + "\n")
     except Exception as error:
@@ -386,3 +393,79 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: li
                 remove_tree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def global_batch(batch_size: int, processes: int, accumulation: int) -> dict[str, int]:
+    """A run's batch as trainer_state.json records it."""
+    return {"per_process": batch_size, "processes": processes, "accumulation": accumulation}
+
+
+FSDP_OPTIMIZER_DIR = "optimizer_0"  # accelerate's torch.distributed.checkpoint folder of an FSDP optimizer
+
+
+def load_state(accelerator: Any, config: TrainConfig, checkpoint: Path, model: Any, optimizer: Any,
+               load_trainable: Any) -> None:
+    """Load `checkpoint` into the prepared model and optimizer, whatever number of processes wrote it.
+
+    The same layout (FSDP then and now, or neither) is accelerate's `load_state`: under FSDP that is
+    torch.distributed.checkpoint, which reshards N processes' shards onto M. An FSDP checkpoint
+    resumed without FSDP (one process, DDP) reads the trainable weights from their diffusers files
+    and the optimizer's shards through torch.distributed.checkpoint. A plain checkpoint resumed
+    under FSDP is refused in one line.
+    """
+    from accelerate.utils import DistributedType
+
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    _warn_about_batch(config, accelerator.num_processes, state, checkpoint)
+    sharded_then = (checkpoint / FSDP_OPTIMIZER_DIR).is_dir()
+    sharded_now = accelerator.distributed_type == DistributedType.FSDP
+    if sharded_then == sharded_now:
+        accelerator.load_state(str(checkpoint))
+        return
+    if sharded_now:
+        written = state.get("processes", "several")
+        raise ConfigError(f"{checkpoint} was written without FSDP (by {written} process(es)) and this launch uses "
+                          "FSDP; cogtune resumes it without FSDP only",
+                          hint="resume it with a DDP launch or one process")
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    load_trainable(accelerator.unwrap_model(model), checkpoint)
+    optimizer_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the keys to read
+    # Every DDP process reads the whole optimizer; one process reads it without a process group.
+    with warnings.catch_warnings():  # DCP's note that it reads in one process, which is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(optimizer_state, checkpoint_id=str(checkpoint / FSDP_OPTIMIZER_DIR),
+                 no_dist=not (dist.is_available() and dist.is_initialized()))
+    set_optimizer_state_dict(model, optimizer, optimizer_state["optimizer"])
+
+
+def _warn_about_batch(config: TrainConfig, processes: int, state: dict[str, Any], checkpoint: Path) -> None:
+    """One warning when the run resumes with another batch per micro-step than the checkpoint's run.
+
+    The data schedule is a function of (seed, batch per micro-step across processes): with the same
+    one (N processes x B = M processes x B'), the resumed run trains exactly the samples, in the same
+    order and with the same random draws, that the uninterrupted run would have. With another one,
+    it continues by optimizer step: step S starts at micro-step S x accumulation of the new schedule,
+    which shuffles the epoch's samples into batches of the new size (the epoch's position is kept,
+    not the exact samples).
+    """
+    then = state.get("global_batch")
+    if not isinstance(then, dict):
+        return
+    now = global_batch(config.batch_size, processes, config.gradient_accumulation)
+    if then == now:
+        return
+    micro_then = then.get("per_process", 0) * then.get("processes", 0)
+    micro_now = now["per_process"] * now["processes"]
+    what = (f"{then.get('per_process')} per process x {then.get('processes')} processes x "
+            f"{then.get('accumulation')} accumulation then, {now['per_process']} x {now['processes']} x "
+            f"{now['accumulation']} now")
+    if micro_then == micro_now and then.get("accumulation") == now["accumulation"]:
+        report.info(f"resuming on {processes} process(es) a checkpoint of {then.get('processes')}: the same global "
+                    f"batch ({what}), so the data continues exactly")
+        return
+    report.warn(f"{checkpoint.name} was trained with another batch ({what}): the run continues at step "
+                f"{state.get('step')} of a schedule cut into the new batches, so its samples and random draws "
+                "are not the ones the uninterrupted run would have used")

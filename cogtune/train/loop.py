@@ -152,7 +152,9 @@ def _run_training(config: TrainConfig) -> TrainResult:
     start_step, losses = 0, []
     if resume_from is not None:
         try:
-            accelerator.load_state(str(resume_from))
+            checkpoint.load_state(accelerator, config, resume_from, transformer, optimizer, load_trainable)
+        except ConfigError:
+            raise
         except Exception as exc:  # verified, yet unreadable: name the checkpoint, not just the library's reason
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise TrainingError(f"cannot load the checkpoint {resume_from}: {reason}",

@@ -80,7 +80,7 @@ def drops_learned_positions(config: TrainConfig, spec: ModelSpec, needed: bool) 
 
 def check_strategy(config: TrainConfig) -> None:
     """The launch's strategy (DDP, FSDP, DeepSpeed) can run here and combines with the memory options."""
-    distributed.check_launch()
+    distributed.check_launch(config.mixed_precision)
     strategy = distributed.requested_strategy()
     if strategy not in ("fsdp", "deepspeed"):
         return

@@ -21,22 +21,28 @@ def _one_error_line(result) -> str:
 
 
 def test_deepspeed_without_the_package(cli, tiny_cache, tmp_path, monkeypatch):
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("deepspeed is installed here")
+    real_find_spec = importlib.util.find_spec  # the test extra installs deepspeed: hide it
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
     line = _one_error_line(_train(cli, tiny_cache, tmp_path))
-    assert line.startswith("error: this launch uses DeepSpeed") and "(hint: pip install deepspeed)" in line
+    assert line.startswith("error: this launch uses DeepSpeed") and "(hint: pip install 'cogtune[deepspeed]')" in line
     assert not (tmp_path / "run").exists()
 
 
-def test_deepspeed_without_cuda(cli, tiny_cache, tmp_path, monkeypatch):
+def test_deepspeed_fp16_without_cuda(cli, tiny_cache, tmp_path, monkeypatch):
+    """DeepSpeed runs on the CPU (tests/distributed/test_deepspeed.py), but its CPU accelerator refuses fp16
+    ("Type fp16 is not supported on your device", once the weights are loaded): refused before, in one line."""
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "deepspeed" else real_find_spec(name, *a))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    assert "DeepSpeed needs CUDA GPUs" in _one_error_line(_train(cli, tiny_cache, tmp_path))
+    line = _one_error_line(_train(cli, tiny_cache, tmp_path, "--mixed-precision", "fp16"))
+    assert line.startswith("error: DeepSpeed trains in fp16 on CUDA GPUs only")
+    assert "(hint: use --mixed-precision bf16 or no on the CPU)" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_fsdp1_is_refused(cli, tiny_cache, tmp_path, monkeypatch):
