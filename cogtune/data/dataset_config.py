@@ -53,9 +53,10 @@ class DatasetSource:
 
 _OWN_KEYS = ("name", "repeats", "buckets")
 # Names other trainers' dataset configs use, and the setting that says it here.
-_OTHER_NAMES = {"fps": "sample_fps' with frame_sampling = 'fps", "target_fps": "sample_fps",
-                "stride": "frame_stride", "num_repeats": "repeats", "image_directory": "root",
-                "video_directory": "root"}
+# The names other trainers' dataset files use for the same settings, accepted as they are.
+# `fps` (a dataset's target frame rate) also turns frame sampling by fps on, unless the table sets it.
+KEY_ALIASES = {"fps": "sample_fps", "target_fps": "sample_fps", "stride": "frame_stride", "num_repeats": "repeats",
+               "image_directory": "root", "video_directory": "root"}
 _HEADER = re.compile(r"^\s*\[\[\s*datasets\s*\]\]")
 _TABLE = re.compile(r"^\s*\[")
 
@@ -132,15 +133,20 @@ def load_dataset_sources(path: str | Path, defaults: DatasetConfig | None = None
         origin = _where(path, header)
         data_values: dict[str, Any] = {}
         own_values: dict[str, Any] = {}
-        for key, value in table.items():
-            at = _where(path, lines.key(position, key) or header)
+        for written, value in table.items():
+            at = _where(path, lines.key(position, written) or header)
+            key = KEY_ALIASES.get(written, written)
             if key not in known:
-                close = [_OTHER_NAMES[key]] if key in _OTHER_NAMES else difflib.get_close_matches(key, known, n=1)
+                close = difflib.get_close_matches(key, known, n=1)
                 suggestion = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigError(f"{at}: unknown setting '{key}' in [[datasets]]{suggestion}")
+            if key != written and key in table:
+                raise ConfigError(f"{at}: '{written}' and '{key}' name the same setting; give one of them")
             hint = own_hints[key] if key in _OWN_KEYS else data_hints[key]
-            coerced = _coerce(value, hint, f"{at}: {key}")
+            coerced = _coerce(value, hint, f"{at}: {written}")
             (own_values if key in _OWN_KEYS else data_values)[key] = coerced
+        if "sample_fps" in data_values and "frame_sampling" not in data_values:
+            data_values["frame_sampling"] = "fps"  # a target frame rate given is a frame rate to sample at
         root_text = data_values.pop("root", "")
         if not root_text:
             raise ConfigError(f"{origin}: this [[datasets]] table needs a root (`root = \"data/clips\"`)")

@@ -77,8 +77,9 @@ kind = "images"
 
 @pytest.mark.parametrize(("table", "needle", "message"), [
     ('root = "walks"\nrepeat = 3\n', "repeat = 3", "unknown setting 'repeat' in [[datasets]] (did you mean 'repeats'?)"),
-    ('root = "walks"\nfps = 8\n', "fps = 8",
-     "unknown setting 'fps' in [[datasets]] (did you mean 'sample_fps' with frame_sampling = 'fps'?)"),
+    ('root = "walks"\nfps = 8\nsample_fps = 8\n', "fps = 8", "'fps' and 'sample_fps' name the same setting"),
+    ('root = "walks"\nframe_strid = 8\n', "frame_strid", "unknown setting 'frame_strid' in [[datasets]] (did you "
+     "mean 'frame_stride'?)"),
     ('root = "walks"\nrepeats = "three"\n', "repeats =", "repeats: expected an integer, got 'three'"),
     ('root = "nowhere"\n', 'root = "nowhere"', "root 'nowhere' is not a folder"),
     ('repeats = 2\n', "[[datasets]]", "this [[datasets]] table needs a root"),
@@ -261,3 +262,12 @@ def test_a_chunk_item_decodes_to_the_source_frames_of_its_range(tmp_path):
         assert pixels.shape == (9, 3, 32, 48)
         expected = source[start:end].transpose(0, 3, 1, 2) / 127.5 - 1.0
         assert np.abs(pixels - expected).max() <= 2.5 / 127.5
+
+
+def test_other_trainers_key_names_are_accepted(roots):
+    """`fps`, `stride`, `num_repeats` (musubi-tuner, diffusion-pipe style) mean cogtune's settings."""
+    path = write_toml(roots, '[[datasets]]\nroot = "runs"\nfps = 8\nframe_extraction = "slide"\nstride = 4\n'
+                             'num_repeats = 2\n')
+    (source,) = load_dataset_sources(path)
+    assert (source.data.sample_fps, source.data.frame_sampling) == (8, "fps")
+    assert (source.data.frame_extraction, source.data.frame_stride, source.repeats) == ("slide", 4, 2)
