@@ -58,8 +58,9 @@ def model_card(config: TrainConfig, plan: RunPlan, gif: str | None = None) -> st
     license_fields = BASE_LICENSES.get((base or "").lower(), {})
     if license_fields.get("license") == "other":
         license_fields = {**license_fields, "license_link": f"https://huggingface.co/{base}/blob/main/LICENSE"}
+    # A local folder is not a base_model the Hub accepts (it checks the id): left out, named in the body.
     data = ModelCardData(
-        base_model=base or plan.model.reference, library_name="diffusers", pipeline_tag=task_tag,
+        base_model=base, library_name="diffusers", pipeline_tag=task_tag,
         tags=[task_tag, *([] if config.full else ["lora"]), "cogvideox", "cogtune", "diffusers"],
         **license_fields,
     )

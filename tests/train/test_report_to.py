@@ -140,3 +140,17 @@ def test_wandb_offline_run_gets_the_validation_videos(cli, tiny_cache, tmp_path,
     videos = sorted(path.name.split("_")[1] for path in run.glob("files/media/videos/validation/00_*.mp4"))
     assert videos == ["2", "3"]  # wandb names logged media after the step
     assert f"wandb offline run: {run}" in " ".join(result.stderr.split())
+
+
+def test_a_local_base_model_is_named_in_the_card_but_not_as_hub_metadata(tiny_model_dir, tiny_cache, tmp_path):
+    """The Hub checks `base_model` against its repos, so a local folder there would make a push fail."""
+    from huggingface_hub import ModelCard
+
+    from cogtune.train import TrainConfig
+    from cogtune.train.model_card import model_card
+    from cogtune.train.plan import plan_run
+
+    config = TrainConfig(model=str(tiny_model_dir), data=str(tiny_cache), output_dir=str(tmp_path / "run"))
+    card = ModelCard(model_card(config, plan_run(config)))
+    assert card.data.base_model is None and "cogtune" in card.data.tags
+    assert f"`{tiny_model_dir}`" in card.text
