@@ -18,8 +18,8 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/cogtune demo --output-dir demo
 
-# Two worker processes (pytest-xdist), one test file each at a time: the suite takes about 9 minutes
-# on an idle 2-core machine instead of 13. TEST_WORKERS=0 runs it in one process.
+# Two worker processes (pytest-xdist), one test file each at a time: the suite takes 9 to 11 minutes
+# on an idle 2-core machine (about 14 in one process). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed
