@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(BIN)/cogtune demo --output-dir demo
 
 # Two worker processes (pytest-xdist), one test file each at a time: the suite takes 9 to 11 minutes
-# on an idle 2-core machine (about 14 in one process). TEST_WORKERS=0 runs it in one process.
+# on an idle 2-core machine; one process took 14 minutes before the multi-process tests of issue 19 came in.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed
