@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests.distributed.conftest import accelerate_launch, finish, write_accelerate_config
-from tests.distributed.test_training import ARGS, TOLERANCE, Run, _in_process, _max_difference
+from tests.distributed.test_training import ARGS, Run, _in_process, assert_same_training
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -72,10 +72,7 @@ def test_two_deepspeed_processes_equal_one_with_the_same_global_batch(runs, stra
     assert f"DeepSpeed ZeRO-{strategy[4]}" in two.log
     assert ("offloaded to cpu" in two.log) is strategy.endswith("-offload")
     assert "1 per process x 2 processes x 2 accumulation = 4 per step" in two.log
-    difference = _max_difference(two.weights, one.weights)
-    print(f"{strategy} {method}: largest weight difference {difference:.2e}")
-    assert difference <= TOLERANCE[method]
-    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    assert_same_training(two, one, method, f"{strategy} {method}")
 
 
 @pytest.mark.slow

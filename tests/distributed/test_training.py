@@ -101,6 +101,14 @@ def _max_difference(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor
     return max(float((left[k].float() - right[k].float()).abs().max()) for k in left)
 
 
+def assert_same_training(left: Run, right: Run, method: str, label: str) -> None:
+    """Two runs trained the same: weights within the method's float tolerance, losses within 1e-5."""
+    difference = _max_difference(left.weights, right.weights)
+    print(f"{label}: largest weight difference {difference:.2e}")
+    assert difference <= TOLERANCE[method]
+    assert left.losses == pytest.approx(right.losses, rel=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "method"), [("ddp", "lora"), ("ddp", "full"), ("fsdp", "lora"), ("fsdp", "full"),
                                                   ("fsdp", "i2v")])
@@ -110,10 +118,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs, strategy, meth
     assert {"ddp": "DDP", "fsdp": "FSDP2, full shard"}[strategy] in two.log
     if (strategy, method) == ("fsdp", "full"):
         assert "FSDP activation checkpointing" in two.log
-    difference = _max_difference(two.weights, one.weights)
-    print(f"{strategy} {method}: largest weight difference {difference:.2e}")
-    assert difference <= TOLERANCE[method]
-    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    assert_same_training(two, one, method, f"{strategy} {method}")
 
 
 @pytest.mark.slow
