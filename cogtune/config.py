@@ -71,6 +71,7 @@ def setting(
     metavar: str | None = None,
     path: bool = False,
     choices: tuple[str, ...] | None = None,
+    list_of: tuple[str, ...] | None = None,
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
@@ -84,6 +85,7 @@ def setting(
         `--learning-rate`), listed in `--help` with it.
     metavar: the value's name in `--help`; path: the value is a file or folder (shell completion).
     choices: the allowed strings (a `Literal` type gives them by itself).
+    list_of: the value is a comma-separated list of these strings (`"diffusers,comfyui"`).
     low, high, low_open, high_open: numeric bounds (inclusive unless open); NaN and inf are refused.
     """
     if isinstance(default, (list, dict, set)):
@@ -94,7 +96,7 @@ def setting(
     if any(not alias.startswith("--") for alias in aliases) or (aliases and flag is None):
         raise ValueError(f"aliases {aliases!r} must be long options of a field with a flag")
     metadata = {"help": help, "flag": flag, "short": short, "aliases": tuple(aliases), "metavar": metavar,
-                "path": path, "choices": choices, "bounds": bounds}
+                "path": path, "choices": choices, "list_of": list_of, "bounds": bounds}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -135,6 +137,15 @@ def check_settings(config: Any, prefix: str = "") -> None:
         choices = setting_choices(field, hints[field.name])
         if choices is not None and value not in choices:
             raise ConfigError(f"{prefix}{field.name} '{value}' is not one of {', '.join(choices)}")
+        allowed = field.metadata.get("list_of")
+        unknown = [item for item in list_items(value) if item not in allowed] if allowed else []
+        if unknown:
+            raise ConfigError(f"{prefix}{field.name} '{unknown[0]}' is not one of {', '.join(allowed)}")
+
+
+def list_items(value: str) -> tuple[str, ...]:
+    """The items of a comma-separated setting (`list_of`), blanks dropped."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def require(config: Any, *names: str) -> None:

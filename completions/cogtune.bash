@@ -37,12 +37,14 @@ _cogtune() {
         'train i2v --mixed-precision') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "auto no fp16 bf16" -- "$cur")); return ;;
         'train i2v --learned-positional-embeddings') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "auto keep drop" -- "$cur")); return ;;
         'train i2v --report-to') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "none tensorboard wandb" -- "$cur")); return ;;
+        'train i2v --save-format') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -P "${cur%"${cur##*,}"}" -W "diffusers comfyui kohya" -- "${cur##*,}")); return ;;
         'train i2v --optimizer') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "adamw adam adamw-8bit adamw-8bit-paged adamw-8bit-ao adamw-4bit-ao adamw-cpu-offload prodigy" -- "$cur")); return ;;
         'train i2v --lr-schedule'|'train i2v --lr-scheduler') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "constant constant_with_warmup linear cosine cosine_with_restarts polynomial" -- "$cur")); return ;;
         'train i2v --memory-profile') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "none auto 12gb 16gb 24gb 48gb 80gb" -- "$cur")); return ;;
         'train t2v --mixed-precision') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "auto no fp16 bf16" -- "$cur")); return ;;
         'train t2v --learned-positional-embeddings') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "auto keep drop" -- "$cur")); return ;;
         'train t2v --report-to') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "none tensorboard wandb" -- "$cur")); return ;;
+        'train t2v --save-format') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -P "${cur%"${cur##*,}"}" -W "diffusers comfyui kohya" -- "${cur##*,}")); return ;;
         'train t2v --optimizer') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "adamw adam adamw-8bit adamw-8bit-paged adamw-8bit-ao adamw-4bit-ao adamw-cpu-offload prodigy" -- "$cur")); return ;;
         'train t2v --lr-schedule'|'train t2v --lr-scheduler') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "constant constant_with_warmup linear cosine cosine_with_restarts polynomial" -- "$cur")); return ;;
         'train t2v --memory-profile') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "none auto 12gb 16gb 24gb 48gb 80gb" -- "$cur")); return ;;

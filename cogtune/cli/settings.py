@@ -115,9 +115,16 @@ class SettingOption:
         else:
             metavar = metavar or _METAVARS[value_type]
         option = typer.Option(*self.names, help=self.help(), metavar=metavar, callback=callback, show_default=False,
-                              autocompletion=completes(choices) if choices is not None else None)
+                              autocompletion=self.completion(choices))
         python_type = list[value_type] if self.repeatable else value_type
         return Annotated[Optional[python_type], option]
+
+    def completion(self, choices: tuple[str, ...] | None) -> Any:
+        """What the shell offers for the value: the choices, or the items of a comma-separated list."""
+        if choices is not None:
+            return completes(choices)
+        items = self.field.metadata.get("list_of")
+        return completes(items, comma_list=True) if items else None
 
     def config_value(self, value: Any) -> Any:
         """The config's value for what was typed: tuples for repeated options, strings for paths."""

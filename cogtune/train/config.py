@@ -19,7 +19,7 @@ import dataclasses
 import re
 from typing import Literal
 
-from cogtune.config import MODEL_HELP, check_settings, replace_settings, require, section, setting
+from cogtune.config import MODEL_HELP, check_settings, list_items, replace_settings, require, section, setting
 from cogtune.errors import ConfigError
 from cogtune.train.optimizers import OPTIMIZERS, default_learning_rate
 
@@ -37,19 +37,17 @@ class LoraConfig:
     dropout: float = setting(0.0, "Dropout on the LoRA branch.", low=0, high=1, high_open=True, flag="--lora-dropout")
     target_modules: tuple[str, ...] = setting(DEFAULT_LORA_TARGETS, "Module names LoRA adapts.", flag="--lora-target")
     save_format: str = setting("diffusers", "Layouts of the final LoRA, comma-separated: diffusers (always written), "
-                                            "comfyui, kohya (see `cogtune lora convert`).", flag="--save-format")
+                                            "comfyui, kohya (see `cogtune lora convert`).", flag="--save-format",
+                               list_of=LORA_SAVE_FORMATS)
 
     def __post_init__(self) -> None:
         check_settings(self, "lora.")
         if not self.target_modules:
             raise ConfigError("lora.target_modules must name at least one module")
-        unknown = [name for name in self.save_formats if name not in LORA_SAVE_FORMATS]
-        if unknown:
-            raise ConfigError(f"lora.save_format '{unknown[0]}' is not one of {', '.join(LORA_SAVE_FORMATS)}")
 
     @property
     def save_formats(self) -> tuple[str, ...]:
-        return tuple(name.strip() for name in self.save_format.split(",") if name.strip())
+        return list_items(self.save_format)
 
     @property
     def effective_alpha(self) -> float:

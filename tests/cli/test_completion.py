@@ -19,7 +19,7 @@ from cogtune.cli.app import app as cogtune_app
 from cogtune.cli.completion import FILES, SHELLS, command_tree, generate
 from cogtune.cli.options import completes
 from cogtune.config import setting_choices
-from cogtune.train.config import OptimizerConfig
+from cogtune.train.config import LoraConfig, OptimizerConfig
 
 COMPLETIONS = Path(__file__).resolve().parents[2] / "completions"
 
@@ -224,6 +224,15 @@ def test_bash_completes_every_setting_with_choices():
     for (path, flag, choices), reply in zip(settings, replies):
         assert reply == sorted(choices), f"cogtune {path} {flag}"
 
+
+
+@needs_bash
+def test_bash_completes_the_items_of_a_comma_separated_setting():
+    field = next(f for f in dataclasses.fields(LoraConfig) if f.name == "save_format")
+    layouts = field.metadata["list_of"]
+    replies = _bash_complete("cogtune train t2v --save-format ", "cogtune train i2v --save-format diffusers,ko")
+    assert replies[0] == sorted(layouts)
+    assert replies[1] == [f"diffusers,{name}" for name in layouts if name.startswith("ko")] == ["diffusers,kohya"]
 
 # -- zsh and fish are not installed here: their scripts are checked line by line --------------------------
 
