@@ -324,7 +324,9 @@ def combine(row: Row, outcome: dict[str, Any], estimate: dict[str, Any] | None, 
     else:
         result["estimate"] = {"memory_gib": estimate["memory_gib"],
                               "teraflops_per_step": estimate["teraflops_per_step"],
-                              "label": estimate["label"], "seconds": estimate["seconds"]}
+                              "label": estimate["label"], "seconds": estimate["seconds"],
+                              "host_ram_gib": estimate.get("host_ram_gib"),
+                              "pinned_host_gib": estimate.get("pinned_host_gib")}
     result["label"] = (estimate or {}).get("label") or row.id
     measurement = outcome.get("measurement")
     result["measured"] = None
@@ -333,7 +335,7 @@ def combine(row: Row, outcome: dict[str, Any], estimate: dict[str, Any] | None, 
         result["measured"] = {"memory_gib": measurement["memory_gib"],
                               "allocated_peak_gib": measurement["allocated_peak_gib"],
                               "seconds_per_step": measurement["seconds_per_step"], "device": measurement["device"],
-                              "steps": row.steps}
+                              "steps": row.steps, "host_gib": measurement.get("host_gib")}
     if result["measured"] is None:
         result["error_pct"] = None
         result["error_reason"] = f"no measurement ({outcome['status']})"
@@ -344,6 +346,11 @@ def combine(row: Row, outcome: dict[str, Any], estimate: dict[str, Any] | None, 
         measured, estimated = result["measured"]["memory_gib"], result["estimate"]["memory_gib"]
         errors = {moment: _error_pct(estimated[moment], measured[moment]) for moment in measured}
         errors["allocated_peak"] = _error_pct(estimated.get("allocated_peak"), result["measured"]["allocated_peak_gib"])
+        # host: what the estimate says offloading pins, against the peak of torch's pinned allocator (a run
+        # without offloading pins only small transfers, so a near-zero measurement has no error to give)
+        pinned = (result["measured"].get("host_gib") or {}).get("pinned_gib")
+        if result["estimate"].get("pinned_host_gib"):
+            errors["pinned_host"] = _error_pct(result["estimate"]["pinned_host_gib"], pinned)
         result["error_pct"] = errors
         if not env["torch_cuda_available"]:
             result["error_reason"] = "measured on the CPU (peak RSS of the process): not comparable with GPU figures"
@@ -411,6 +418,17 @@ def markdown(document: dict[str, Any]) -> str:
             lines.append(f"| {row['id']} | " + " | ".join(
                 f"{_fmt(mm.get(m))} / {_fmt(em.get(m))}" for m in
                 ("before_training", "before_validation", "after_validation", "after_testing")) + " |")
+    lines += ["", "## Host memory (GiB): what offloading pins, measured / estimated", "",
+              "| row | peak pinned (torch's pinned allocator) | estimated pinned | error | peak RSS | estimated host RAM |",
+              "|---|---|---|---|---|---|"]
+    for row in document["rows"]:
+        host = (row.get("measured") or {}).get("host_gib") or {}
+        estimate = row.get("estimate") or {}
+        if host or estimate.get("host_ram_gib"):
+            lines.append(f"| {row['id']} | " + " | ".join([
+                _fmt(host.get("pinned_gib")), _fmt(estimate.get("pinned_host_gib")),
+                _fmt((row.get("error_pct") or {}).get("pinned_host"), "+.1f", "%"), _fmt(host.get("rss_gib")),
+                _fmt(estimate.get("host_ram_gib"))]) + " |")
     lines += ["", "## Notes", "", *[f"- {note}" for note in document["notes"]]]
     return "\n".join(lines) + "\n"
 

@@ -25,6 +25,10 @@ import importlib.util
 import os
 from typing import Any
 
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ParallelismConfig
+
 from cogtune.errors import ConfigError
 
 
@@ -35,15 +39,11 @@ def launched_processes() -> int:
 
 def force_cpu() -> bool:
     """True for a multi-process launch on a machine without CUDA."""
-    import torch
-
     return launched_processes() > 1 and not torch.cuda.is_available()
 
 
 def process_state():
     """accelerate's `PartialState` for this process (initializes the process group when launched)."""
-    from accelerate import PartialState
-
     return PartialState(cpu=force_cpu())
 
 
@@ -67,8 +67,6 @@ def check_launch(mixed_precision: str = "auto") -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("this launch uses DeepSpeed (its accelerate config says DEEPSPEED), which is not installed",
                               hint="pip install 'cogtune[deepspeed]'")
-        import torch
-
         if mixed_precision == "fp16" and not torch.cuda.is_available():  # DeepSpeed: "Type fp16 is not supported"
             raise ConfigError("DeepSpeed trains in fp16 on CUDA GPUs only, and this machine has none",
                               hint="use --mixed-precision bf16 or no on the CPU")
@@ -79,14 +77,10 @@ def check_launch(mixed_precision: str = "auto") -> None:
 
 def make_accelerator(**kwargs: Any):
     """accelerate's `Accelerator` for this launch (FSDP and DeepSpeed included on CPU-only machines)."""
-    from accelerate import Accelerator
-
     cpu = force_cpu()
     if cpu and requested_strategy() == "deepspeed":
         # accelerate's `cpu=True` turns DeepSpeed off. Named, gloo keeps the processes counted and
         # DeepSpeed (its CPU accelerator, found by itself) talks over it: the state starts here.
-        from accelerate import PartialState
-
         PartialState(cpu=False, backend="gloo")
         cpu = False
     if not (cpu and requested_strategy() == "fsdp"):
@@ -108,9 +102,6 @@ def make_accelerator(**kwargs: Any):
 
 def _shard_on_cpu(accelerator: Any, hybrid: bool) -> None:
     """Turn on accelerate's FSDP2 path for gloo processes, as accelerate itself does for GPU ones."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ParallelismConfig
-
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables `accelerate launch` set
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
@@ -126,8 +117,6 @@ def _shard_on_cpu(accelerator: Any, hybrid: bool) -> None:
 
 def strategy_name(accelerator: Any) -> str:
     """The strategy in words, for the run summary."""
-    from accelerate.utils import DistributedType
-
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
@@ -155,8 +144,6 @@ def strategy_name(accelerator: Any) -> str:
 
 def is_sharded(accelerator: Any) -> bool:
     """Whether parameters are split across processes, so that every forward needs all of them."""
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type == DistributedType.FSDP:
         return True
     return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
@@ -164,15 +151,11 @@ def is_sharded(accelerator: Any) -> bool:
 
 def fsdp_checkpoints_activations(accelerator: Any) -> bool:
     """Whether the launch's FSDP config wraps each block in activation checkpointing itself."""
-    from accelerate.utils import DistributedType
-
     return accelerator.distributed_type == DistributedType.FSDP and bool(accelerator.state.fsdp_plugin.activation_checkpointing)
 
 
 def configure_deepspeed(accelerator: Any, batch_size: int, gradient_accumulation: int, max_grad_norm: float) -> None:
     """Write the run's batch, accumulation and clipping into the DeepSpeed config (DeepSpeed clips itself)."""
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     plugin = accelerator.state.deepspeed_plugin
@@ -193,8 +176,6 @@ def gather_state_dict(accelerator: Any, model: Any, trainable_only: bool) -> dic
     model's own (no wrapper prefixes). `trainable_only` leaves out the frozen weights where the
     engine can (FSDP2); callers pick what they need from the rest.
     """
-    from accelerate.utils import DistributedType
-
     if accelerator.is_fsdp2:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -7,10 +7,17 @@ from __future__ import annotations
 class CogtuneError(Exception):
     """Base class: a failure with a message meant for the user, not a programming error."""
 
-    def __init__(self, message: str, hint: str | None = None):
+    # True where every process of a launch raises the same error at the same point (they agreed on it, as
+    # on an interrupted run's stop, or decided it from the same settings and files): the main process says
+    # it once (`report.error`). Otherwise each process says its own: a failure of one process alone is shown.
+    shared = False
+
+    def __init__(self, message: str, hint: str | None = None, *, shared: bool | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if shared is not None:
+            self.shared = shared
 
     def __str__(self) -> str:
         return self.message

@@ -11,17 +11,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image, UnidentifiedImageError
+
 from cogtune import report
+from cogtune.data.video import displayed_image
 from cogtune.errors import DataError
 from cogtune.models.registry import ModelSpec
 
 
 def load_condition_image(path: str | Path):
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return displayed_image(image)
     except FileNotFoundError as exc:
         raise DataError(f"image not found: {path}") from exc
     except (UnidentifiedImageError, OSError) as exc:
@@ -64,8 +66,6 @@ def _generate(pipe: Any, spec: ModelSpec, prompt_embeds: Any, negative_prompt_em
               width: int, steps: int, guidance: float, seed: int, images: Sequence[Any] | None, dynamic_cfg: bool,
               attention_kwargs: dict[str, Any] | None, denoising_context: Callable[[], Any],
               progress: report.VideoBars) -> list[Any]:
-    import torch
-
     videos = []
     device = pipe._execution_device
     dtype = pipe.transformer.dtype

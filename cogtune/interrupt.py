@@ -25,7 +25,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(CogtuneError):
-    """The run was asked to stop and stopped at a safe point; what it wrote is kept."""
+    """The run was asked to stop and stopped at a safe point; what it wrote is kept.
+
+    Under a launcher every process stops at the same point (the recipe has them agree) with the same
+    line and exit code: the main process shows it.
+    """
+
+    shared = True
 
     def __init__(self, message: str, hint: str | None = None, signum: int = signal.SIGINT):
         super().__init__(message, hint)
@@ -58,9 +64,10 @@ class StopRequest:
                 raise KeyboardInterrupt
             self.signum = signum
             if signum == signal.SIGINT:
-                report.warn(f"{stopping}; press Ctrl-C again to stop at once")
+                report.warn(f"{stopping}; press Ctrl-C again to stop at once", shared=True)
             else:
-                report.warn(f"{signal.Signals(signum).name} received: {stopping}; a second signal stops at once")
+                report.warn(f"{signal.Signals(signum).name} received: {stopping}; a second signal stops at once",
+                            shared=True)
 
         previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
         try:

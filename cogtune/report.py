@@ -2,7 +2,8 @@
 
 Engine code never calls `print`. Messages and progress go to stderr so that stdout stays clean for
 machine-readable output (`--json`); tables and summaries meant as results go to stdout. In a
-multi-process run only the main process reports (see `set_main_process`).
+multi-process run only the main process reports (see `set_main_process`); warnings and errors show
+on every process, except those every process has in common (`shared`), which the main one shows once.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ _WIDTH = None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", 120))
 stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else _WIDTH)
 stderr = Console(file=StderrProxy(), highlight=False, soft_wrap=True, width=_WIDTH)
 
-_is_main_process = True
+# Until the recipe says (`set_main_process`), the launcher's variables tell: rank 0 is the main process.
+_is_main_process = int(os.environ.get("RANK", "0")) == 0
 # The command line this process was started with (set by the CLI), for messages that tell the
 # user what to run next (e.g. how to resume an interrupted run).
 invocation: list[str] | None = None
@@ -53,6 +55,16 @@ def set_main_process(is_main: bool) -> None:
 
 def _enabled() -> bool:
     return _is_main_process and os.environ.get("COGTUNE_QUIET") != "1"
+
+
+def binary_size(count: float) -> str:
+    """Bytes as people read them in binary units: `512.0 B`, `3.4 MiB`, `18.2 GiB`."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def info(message: str) -> None:
@@ -71,13 +83,21 @@ def success(message: str) -> None:
         stderr.print(f"[green]✓[/] {escape(message)}")
 
 
-def warn(message: str) -> None:
-    """Warnings are shown on every process: a problem on rank 3 matters too."""
+def warn(message: str, shared: bool = False) -> None:
+    """Warnings are shown on every process: a problem on rank 3 matters too.
+
+    `shared`: every process of a launch says the same (the launch's settings, a checkpoint they all
+    read, the Ctrl-C the launcher forwards to each): only the main process shows it.
+    """
+    if shared and not _is_main_process:
+        return
     stderr.print(f"[yellow]warning:[/] {escape(message)}")
 
 
-def error(message: str, hint: str | None = None) -> None:
-    """One line on stderr: the reason, then what to do about it."""
+def error(message: str, hint: str | None = None, shared: bool = False) -> None:
+    """One line on stderr: the reason, then what to do about it (`shared`: as for `warn`)."""
+    if shared and not _is_main_process:
+        return
     suffix = f" [dim](hint: {escape(hint)})[/]" if hint else ""
     stderr.print(f"[red]error:[/] {escape(message)}{suffix}")
 

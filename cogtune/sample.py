@@ -13,9 +13,14 @@ sequential CPU offload, fp8 storage of the transformer's weights) are diffusers'
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
 
 from cogtune import report
 from cogtune.config import write_config
@@ -105,8 +110,6 @@ def load_any_lora(pipe: Any, lora_file: Path, lora: Any) -> None:
     diffusers reads its own layout from the file; the others are converted in memory to it (alpha
     folded in), as `cogtune lora convert --to diffusers` would write them.
     """
-    import json
-
     from cogtune.lora.layouts import ADAPTER_METADATA_KEY, write_state
 
     if lora.layout == "diffusers":
@@ -119,8 +122,6 @@ def load_any_lora(pipe: Any, lora_file: Path, lora: Any) -> None:
 
 def resolve_transformer_folder(path: str | Path, spec: ModelSpec) -> Path:
     """A full fine-tune's `transformer/` folder, checked against the model's architecture."""
-    import json
-
     folder = Path(path)
     if (folder / "transformer" / "config.json").is_file():
         folder = folder / "transformer"
@@ -167,8 +168,6 @@ def plan_sample(config: SampleConfig) -> SamplePlan:
     transformer_folder = resolve_transformer_folder(config.transformer, spec) if config.transformer else None
     drop = bool(info.get("drop_learned_positional_embeddings"))
     if transformer_folder is not None and spec.learned_positional_embeddings:
-        import json
-
         saved = json.loads((transformer_folder / "config.json").read_text())
         drop = not saved.get("use_learned_positional_embeddings", True)  # saved without the table
     shape = resolve_shape(spec, config.frames, config.height, config.width, drop)
@@ -180,8 +179,6 @@ def plan_sample(config: SampleConfig) -> SamplePlan:
         raise ConfigError(f"{len(config.images)} images for {len(prompts)} prompts; give one, or one per prompt")
     images = [load_condition_image(p) for p in config.images]
     if config.offload != "none" or config.fp8:
-        import torch
-
         if not torch.cuda.is_available():
             option = "--fp8" if config.fp8 else f"--offload {config.offload}"
             raise ConfigError(f"{option} needs a CUDA GPU")
@@ -231,8 +228,6 @@ class _PromptEncoder:
 
     def encode(self, prompts: list[str]) -> Any:
         """(N, L, D) embeddings on the CPU; T5 is freed after the last chunk, parked on the CPU otherwise."""
-        import torch
-
         from cogtune.models.text import encode_prompts
 
         if self.text_encoder is None:
@@ -304,9 +299,6 @@ def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtyp
 
 def write_previews(path: Path, video: Any, fps: float, kind: str) -> list[Path]:
     """A GIF and/or a PNG contact sheet (up to 8 frames in a row) beside the mp4."""
-    import numpy as np
-    from PIL import Image
-
     from cogtune.fsutil import atomic_path
 
     frames = (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
@@ -348,7 +340,6 @@ def _run_sample(config: SampleConfig) -> list[Path]:
     spec = plan.model.spec
     frames, height, width = plan.shape
     quiet_libraries()
-    import torch
 
     device = default_device()
     dtype = torch.float32 if device == "cpu" else None  # half precision is slow or missing on CPUs

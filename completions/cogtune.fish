@@ -50,7 +50,7 @@ complete -c cogtune -n "__cogtune_at 'bench memory'" -l no-validation -d 'Leave 
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l estimate -d 'Estimate without a GPU or a download (default)'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l measure -d 'Run real steps on the present GPU'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l gpu-memory -r -d 'GPU size in GiB: which fit, and how to fit the others'
-complete -c cogtune -n "__cogtune_at 'bench memory'" -l host-memory -r -d 'Host RAM in GiB that offloading may fill (checked with --gpu-memory)'
+complete -c cogtune -n "__cogtune_at 'bench memory'" -l host-memory -r -d 'Host RAM in GiB that one GPU\'s offloading may fill (checked with --gpu-memory; with several GPUs on a machine, each one\'s share)'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l gpu -r -d 'GPU for rough step times (H100, A100, RTX 4090...)'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l steps -r -d 'Steps per measured configuration'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l json -r -F -d 'Write the results as JSON'

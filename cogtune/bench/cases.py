@@ -30,7 +30,6 @@ AXES = {
     "offload_blocks": "memory.offload_blocks",
     "offload_activations": "memory.offload_activations",
 }
-METHODS = ("lora", "full")  # the values of the methods axis: full=False or True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,8 @@ class CaseMeasurement:
     memory_gib: dict[str, float]  # the four moments: peak reserved on a GPU, peak RSS on a CPU
     allocated_peak_gib: float | None
     seconds_per_step: float | None
+    # a GPU run's host side at its end: peak RSS, and torch's pinned allocator's peak where torch reports it
+    host_gib: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         from cogtune.train.sizing.estimate import run_summary
@@ -33,7 +35,8 @@ class CaseMeasurement:
         return {"case": run_summary(self.case.config, self.shape, self.case.validation_shape), "label": self.case.label,
                 "device": self.device, "shape": list(self.shape),
                 "memory_gib": self.memory_gib, "allocated_peak_gib": self.allocated_peak_gib,
-                "seconds_per_step": None if self.seconds_per_step is None else round(self.seconds_per_step, 3)}
+                "seconds_per_step": None if self.seconds_per_step is None else round(self.seconds_per_step, 3),
+                "host_gib": self.host_gib}
 
 
 def measure_case(case: BenchCase, steps: int = 4, workdir: str | Path | None = None) -> CaseMeasurement:
@@ -74,8 +77,11 @@ def measure_case(case: BenchCase, steps: int = 4, workdir: str | Path | None = N
     for moment in ("before_validation", "after_validation"):  # no validation: the training peak stands in
         figures.setdefault(moment, figures["after_testing"])
     step_times = summary.get("step_seconds", [])[1:]
+    last = memory["memory_after_testing"]
+    host = {key.removeprefix("max_"): last[key] for key in ("max_rss_gib", "max_pinned_gib") if key in last}
     return CaseMeasurement(
         case=case, shape=shape, device=first["device"], memory_gib=figures,
-        allocated_peak_gib=memory["memory_after_testing"].get("max_allocated_gib") if gpu else None,
+        allocated_peak_gib=last.get("max_allocated_gib") if gpu else None,
         seconds_per_step=statistics.median(step_times) if step_times else None,
+        host_gib=host if gpu else None,
     )

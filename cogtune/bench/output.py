@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cogtune import report
 from cogtune.fsutil import atomic_path, atomic_write_text
 from cogtune.train.memory import MOMENTS
@@ -58,7 +60,8 @@ def part_label(part: str) -> str:
             "autocast_weight_copies": "autocast weight copies", "workspaces": "cuBLAS / attention workspaces",
             "validation_denoise": "validation denoising", "validation_decode": "validation VAE decode",
             "offloaded_blocks": "offloaded blocks (pinned)", "offloaded_activations": "offloaded activations (pinned)",
-            "cpu_optimizer": "CPU optimizer (params, grads, state)"}.get(part, part.replace("_", " "))
+            "cpu_optimizer": "CPU optimizer params and grads (pinned)",
+            "cpu_optimizer_state": "CPU optimizer state"}.get(part, part.replace("_", " "))
 
 
 def print_breakdowns(rows: Sequence[dict[str, Any]]) -> None:
@@ -87,6 +90,9 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, budget: float | None, n
     """The CogVideoX factory's memory-table layout: one row per configuration, the four moments in GiB."""
     header = ["model", "method", "rank", "optimizer", "gradient checkpointing", "options", "batch", "frames x H x W",
               *MOMENTS]
+    host = any(r.get("host_ram_gib") for r in rows)
+    if host:
+        header.append("host RAM")
     if any("seconds_per_step" in r for r in rows):
         header.append("s/step")
     if budget is not None:
@@ -100,6 +106,8 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, budget: float | None, n
         cells = [case["model"], case["method"], str(case["rank"]) if case["method"] == "lora" else "-",
                  case["optimizer"], "on" if case["gradient_checkpointing"] else "off", options, str(case["batch_size"]),
                  shape, *(f"{value:.2f}" for value in row_values(row))]
+        if host:
+            cells.append(f"{row['host_ram_gib']:.2f}" if row.get("host_ram_gib") is not None else "-")
         if "s/step" in header:
             cells.append(f"{row['seconds_per_step']:.2f}" if row.get("seconds_per_step") is not None else "-")
         if budget is not None:
@@ -123,7 +131,6 @@ def write_chart(path: str | Path, rows: Sequence[dict[str, Any]], title: str, bu
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     labels = [row["label"] for row in rows]
     values = np.array([row_values(row) for row in rows])
@@ -155,8 +162,6 @@ def write_chart(path: str | Path, rows: Sequence[dict[str, Any]], title: str, bu
 def _stacked_parts(axis: Any, parts: Sequence[dict[str, float]], positions: Any, labels: Sequence[str],
                    budget: float | None) -> None:
     """The training peak (before validation) of each row, stacked by part."""
-    import numpy as np
-
     from cogtune.train.sizing.estimate import BREAKDOWN_PARTS
 
     names = [p for p in BREAKDOWN_PARTS if any(p in row for row in parts)]

@@ -7,8 +7,11 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from cogtune import report
-from cogtune.bench.cases import AXES, METHODS, BenchCase, grid
+from cogtune.bench import METHODS
+from cogtune.bench.cases import AXES, BenchCase, grid
 from cogtune.train.sizing.estimate import model_spec
 from cogtune.config import setting, write_config
 from cogtune.data.clips import Bucket
@@ -35,7 +38,8 @@ class BenchConfig:
     validation: bool = setting(True, "Include the validation pass (with a run's TOML: as that run validates).")
     mode: Literal["estimate", "measure"] = setting("estimate", "Estimate without a GPU, or measure on the present one.")
     gpu_memory: float | None = setting(None, "GPU size in GiB to fit; default: the present GPU's, if any.")
-    host_memory: float | None = setting(None, "Host RAM in GiB that offloading may fill; default: this machine's.")
+    host_memory: float | None = setting(None, "Host RAM in GiB that one GPU's offloading may fill; default: this "
+                                                "machine's (with several GPUs on it, give each one's share).")
     breakdown: bool = setting(False, "Show each peak in its parts (weights, gradients, optimizer state, activations, "
                                      "workspaces, allocator slack, the validation pass's parts).")
     gpu: str | None = setting(None, "GPU name for rough step times of estimates (H100, A100, RTX 4090, ...).")
@@ -93,8 +97,6 @@ class BenchConfig:
 
 
 def present_gpu() -> tuple[str, float] | None:
-    import torch
-
     if not torch.cuda.is_available():
         return None
     properties = torch.cuda.get_device_properties(0)
@@ -157,7 +159,7 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
             rows.append(row)
             bar.advance()
 
-    title = _title(config, gpu, gpu_name, gpu_memory)
+    title = _title(config, gpu, gpu_name, gpu_memory, host_memory)
     output.print_rows(rows, title, budget)
     if config.breakdown:
         output.print_breakdowns(rows)
@@ -180,16 +182,18 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
     return rows
 
 
-def _title(config: BenchConfig, gpu: tuple[str, float] | None, gpu_name: str, gpu_memory: float | None) -> str:
+def _title(config: BenchConfig, gpu: tuple[str, float] | None, gpu_name: str, gpu_memory: float | None,
+           host_memory: float | None) -> str:
     if config.mode == "measure":
         return f"measured on {gpu[0] if gpu else 'the CPU (RSS)'}"
     size = f", fitting {gpu_memory:g} GiB" if gpu_memory is not None else ""
+    if gpu_memory is not None and host_memory is not None:
+        size += f" and {host_memory:.4g} GiB of host RAM"
     return f"estimated peak reserved GPU memory (GiB){size}; s/step rough for {gpu_name}"
 
 
 def _notes(config: BenchConfig, gpu: tuple[str, float] | None, gpu_name: str) -> list[str]:
     import diffusers
-    import torch
 
     from cogtune import __version__
     from cogtune.train.sizing.fit import ASSUMED_UTILIZATION

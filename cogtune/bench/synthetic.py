@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from cogtune.encode.cache import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -27,8 +29,6 @@ VALIDATION_PROMPT = "A benchmark clip."
 
 
 def write_synthetic_cache(spec: ModelSpec, shape: tuple[int, int, int], items: int, root: str | Path) -> Path:
-    import torch
-
     root = Path(root)
     frames, height, width = shape
     generator = torch.Generator().manual_seed(0)

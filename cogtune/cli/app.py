@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     except CogtuneError as exc:
         if _debug():
             raise
-        report.error(exc.message, exc.hint)
+        report.error(exc.message, exc.hint, shared=exc.shared)
         sys.exit(getattr(exc, "exit_code", 1))  # 130 for a run Ctrl-C stopped (cogtune.interrupt)
     except Exception as exc:  # anything else is still a failed run, reported in one line
         if _debug():

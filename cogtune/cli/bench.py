@@ -22,7 +22,7 @@ def _presets() -> list[str]:
 
 
 def _methods() -> tuple[str, ...]:
-    from cogtune.bench.cases import METHODS
+    from cogtune.bench import METHODS
 
     return METHODS
 
@@ -84,8 +84,9 @@ def memory(
                                       callback=number(low=0, low_open=True))
     ] = None,
     host_memory: Annotated[
-        Optional[float], typer.Option("--host-memory", help="Host RAM in GiB that offloading may fill (checked with "
-                                                            "--gpu-memory). [default: this machine's]",
+        Optional[float], typer.Option("--host-memory", help="Host RAM in GiB that one GPU's offloading may fill "
+                                                            "(checked with --gpu-memory; with several GPUs on a "
+                                                            "machine, each one's share). [default: this machine's]",
                                       callback=number(low=0, low_open=True))
     ] = None,
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU for rough step times (H100, A100, RTX 4090...).")]

@@ -45,16 +45,15 @@ def validate(
     from cogtune import report
     from cogtune.config import load_config
     from cogtune.data.validate import print_report, validate_dataset
-    from cogtune.errors import ModelError
-    from cogtune.models.loading import load_tokenizer, resolve_model
-
-    from cogtune.errors import ConfigError
+    from cogtune.errors import ConfigError, ModelError
 
     if (data_root is None) == (dataset_config is None):
         raise ConfigError("give a DATA_ROOT or --dataset-config FILE.toml (one of the two)")
     config = load_config(DatasetConfig, overrides={**overrides, "root": str(data_root or "")})
     spec = tokenizer = None
     if model is not None:
+        from cogtune.models.loading import load_tokenizer, resolve_model  # loads torch: only with --model
+
         resolved = resolve_model(model)
         spec = resolved.spec
         try:
@@ -66,7 +65,7 @@ def validate(
     if dataset_config is not None:
         _validate_dataset_config(dataset_config, config, frames, height, width, spec, tokenizer, deep, json_output)
     result = validate_dataset(config, frames=frames, height=height, width=width, model=spec, tokenizer=tokenizer,
-                              deep=deep)
+                              deep=deep, i2v=spec is not None and spec.is_i2v)
     if json_output:
         report.stdout.print_json(json.dumps(result.as_json()))
     else:
@@ -87,7 +86,7 @@ def _validate_dataset_config(path: Path, defaults: DatasetConfig, frames: int | 
     from cogtune.data.validate import print_report, validate_dataset_config
 
     results = validate_dataset_config(path, defaults, frames=frames, height=height, width=width, model=spec,
-                                      tokenizer=tokenizer, deep=deep)
+                                      tokenizer=tokenizer, deep=deep, i2v=bool(getattr(spec, "is_i2v", False)))
     ok = all(result.ok for _, result in results)
     if json_output:
         datasets = [{"name": source.name, "repeats": source.repeats, **result.as_json()} for source, result in results]

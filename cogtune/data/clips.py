@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from cogtune.data.video import VideoInfo, probe_video, read_frames
+from cogtune.data.video import VideoInfo, probe_video, read_frames, read_image
 from cogtune.errors import DataError
 
 ResizeMode = Literal["crop", "stretch"]
@@ -223,9 +223,5 @@ def load_clip(path: str | Path, bucket: Bucket, *, mode: ResizeMode = "crop", in
 
 
 def load_image(path: str | Path, height: int, width: int, mode: ResizeMode = "crop"):
-    """An RGB image as float (3, H, W) in [-1, 1], resized like a clip's frames."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"))
-    return resize_frames(pixels[None], height, width, mode)[0]
+    """An image as float (3, H, W) in [-1, 1], upright and in RGB (`read_image`), resized like a clip's frames."""
+    return resize_frames(read_image(path)[None], height, width, mode)[0]

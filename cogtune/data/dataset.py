@@ -12,13 +12,15 @@ Three layouts go through this one reader:
 
 A listing may name still images as well as videos: each still trains as a one-frame item.
 
-Text may carry a UTF-8 BOM, CRLF line ends, trailing blank lines, and (CSV) quoted fields with
-commas and newlines. Every problem is a `Problem` with a stable code, the file it is about, and
+Text may carry a UTF-8 BOM (or be UTF-16 with its BOM), CRLF line ends, trailing blank lines, and
+(CSV) quoted fields with commas and newlines; other text (Latin-1, say) is an error naming its
+line. Every problem is a `Problem` with a stable code, the file it is about, and
 the 1-based line (or table row) of the listing that names it.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import io
@@ -144,9 +146,17 @@ class Entry:
 
 
 def decode_text(data: bytes) -> str:
-    """UTF-8 with or without BOM, any line ending, as one string with `\\n` line ends."""
-    text = data.decode("utf-8-sig")
+    """UTF-8 with or without BOM (or UTF-16 with its BOM, Windows Notepad's "Unicode"), any line ending,
+    as one string with `\\n` line ends."""
+    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    text = data.decode("utf-16") if utf16 else data.decode("utf-8-sig")
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def encoding_problem(exc: UnicodeDecodeError) -> str:
+    """Where a text file stops being UTF-8 (Latin-1 or Windows-1252 text, say), for a one-line error."""
+    line = bytes(exc.object[: exc.start]).count(b"\n") + 1
+    return f"not UTF-8 text (line {line}, byte {exc.start}); save it as UTF-8"
 
 
 def read_text_lines(path: Path) -> list[str]:
@@ -238,7 +248,7 @@ def _read_line_files(root: Path, config: DatasetConfig, problems: list[Problem])
         try:
             return read_text_lines(path)
         except UnicodeDecodeError as exc:
-            problems.append(Problem("bad-encoding", "error", f"not UTF-8 text (byte {exc.start})", column,
+            problems.append(Problem("bad-encoding", "error", encoding_problem(exc), column,
                                     source=column))
             return None
 
@@ -292,7 +302,7 @@ def _table_records(path: Path, name: str, problems: list[Problem]) -> list[tuple
     try:
         text = decode_text(path.read_bytes())
     except UnicodeDecodeError as exc:
-        problems.append(Problem("bad-encoding", "error", f"not UTF-8 text (byte {exc.start})", name, source=name))
+        problems.append(Problem("bad-encoding", "error", encoding_problem(exc), name, source=name))
         return None
     suffix = path.suffix.lower()
     records: list[tuple[int, dict[str, Any]]] = []
@@ -425,7 +435,7 @@ def _read_clip_folder(root: Path, config: DatasetConfig, problems: list[Problem]
         try:
             caption = " ".join(line.strip() for line in read_text_lines(caption_file) if line.strip())
         except UnicodeDecodeError as exc:
-            problems.append(Problem("bad-encoding", "error", f"not UTF-8 text (byte {exc.start})", caption_ref,
+            problems.append(Problem("bad-encoding", "error", encoding_problem(exc), caption_ref,
                                     source=caption_ref))
             continue
         rows.append(_Row(caption, relative, None, relative, None, caption_ref, None))

@@ -2,13 +2,19 @@
 
 decord's bundled FFmpeg has no AV1 decoder, does not read animated GIFs, and mis-sizes frames of
 some widths (e.g. 72 pixels). The ffmpeg binary of imageio-ffmpeg (a dependency already: it
-writes our mp4s) reads all of these. It is used here in three ways, each one subprocess:
+writes our mp4s) reads all of these. It is used here in four ways, each one subprocess:
 
-- `stream_info`: the first video stream's codec, size, sample aspect ratio, rotation and frame
-  rate, and every packet's timestamp, by remuxing to `framecrc` (`-c copy`: nothing is decoded);
+- `stream_headers`: what the container headers say (codec, pixel format, size, sample aspect
+  ratio, rotation, frame rate, how many video streams) of many files in one run: validation's
+  fast path, where starting one ffmpeg per clip took most of the time;
+- `stream_info`: the video stream's codec, pixel format, size, sample aspect ratio, rotation and
+  frame rate, and every packet's timestamp, by remuxing to `framecrc` (`-c copy`: nothing is decoded);
 - `decode`: chosen frames as uint8 RGB, rotated as the file says (ffmpeg's autorotate);
 - `decoded_frame_count`: how many frames actually decode (a full decode, into checksums only),
   which finds files cut short.
+
+The video stream is the one ffmpeg itself picks when told nothing (`-an -sn -dn`, no `-map`): a
+cover-art picture or a thumbnail track listed first is not taken for the clip.
 
 Failures are `FfmpegFailure(code, reason)` with a short reason written for users; ffmpeg's own
 messages are kept out of it (they are shown with --debug only).
@@ -28,6 +34,9 @@ import numpy as np
 from cogtune.quiet import debug_enabled
 
 _TIMEOUT_S = 600
+# No -map: ffmpeg picks the one video stream to read, as its players do (the default-marked, then the
+# largest; never cover art); audio, subtitles and data are dropped.
+_VIDEO_ONLY = ("-an", "-sn", "-dn")
 
 
 class FfmpegFailure(Exception):
@@ -46,6 +55,14 @@ class StreamInfo:
     rotation: int  # degrees, as the display matrix says (0, 90, 180, 270)
     fps: float  # the stream's average frame rate (0 when unknown)
     timestamps: tuple[float, ...]  # every frame's presentation time in seconds, sorted
+    pix_fmt: str = ""  # ffmpeg's name of the decoded pixel format, e.g. yuv420p or yuv420p10le
+    video_streams: int = 1  # video streams in the file, cover art and thumbnails not counted
+
+    @property
+    def high_bit_depth(self) -> bool:
+        """More than 8 bits per sample (yuv420p10le, p010le, gray16le, rgb48le, ...)."""
+        match = re.search(r"(\d+)(le|be)$", self.pix_fmt)
+        return bool(match) and int(match.group(1)) > 8
 
 
 @functools.cache
@@ -101,18 +118,46 @@ def _input_failure(stderr: str, path: str | Path) -> FfmpegFailure:
     if "permission denied" in lowered:
         return FfmpegFailure("permission-denied", "permission denied: the file cannot be read")
     if "matches no streams" in lowered or "does not contain any stream" in lowered:
-        others = sorted(set(re.findall(r"Stream #\d+:\d+.*?: (Audio|Subtitle|Data|Attachment): (\w+)", stderr)))
-        kinds = ", ".join(f"{kind.lower()} ({codec})" for kind, codec in others)
-        return FfmpegFailure("no-video-stream", "file has no video stream" + (f" (only {kinds})" if kinds else ""))
+        return _no_video_stream(stderr)
     return FfmpegFailure("unreadable-video",
                          "not a readable video container (truncated, corrupt or not a video)" + _detail(stderr))
 
 
-def _video_stream_line(stderr: str) -> str | None:
+def _no_video_stream(stderr: str) -> FfmpegFailure:
+    others = sorted(set(re.findall(r"Stream #\d+:\d+.*?: (Audio|Subtitle|Data|Attachment): (\w+)", stderr)))
+    kinds = [f"{kind.lower()} ({codec})" for kind, codec in others]
+    if re.search(r"Stream #\d+:\d+.*: Video: .*\((attached pic|thumbnail)\)", stderr):
+        kinds.append("a cover picture")
+    listed = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
+    return FfmpegFailure("no-video-stream", "file has no video stream" + (f" (only {listed})" if kinds else ""))
+
+
+# ffmpeg's own choice of stream, as it reports it: "Stream #0:1 -> #0:0 (copy)".
+_MAPPED = re.compile(r"Stream #0:(\d+)(?:\[\w+\])?\S* -> #0:0")
+
+
+def _video_stream_lines(stderr: str) -> dict[int, str]:
+    """The input's video streams (cover art and thumbnails left out), by index."""
+    lines = {}
     for line in stderr.splitlines():
-        if re.search(r"Stream #0:\d+.*: Video: ", line):
-            return line
-    return None
+        match = re.search(r"Stream #0:(\d+).*: Video: ", line)
+        if match and "(attached pic)" not in line and "(thumbnail)" not in line:
+            lines[int(match.group(1))] = line
+    return lines
+
+
+def _pixel_format(stream_line: str) -> str:
+    """The pixel format in a stream line: `Video: h264 (High 10) (avc1 / 0x3163), yuv420p10le(tv, ...), 96x64`."""
+    depth, fields, current = 0, [], ""
+    for char in stream_line.partition("Video: ")[2]:
+        depth += (char == "(") - (char == ")")
+        if char == "," and depth == 0:
+            fields.append(current)
+            current = ""
+        else:
+            current += char
+    fields.append(current)
+    return fields[1].strip().partition("(")[0] if len(fields) > 1 else ""
 
 
 def _fraction(text: str) -> float:
@@ -125,8 +170,8 @@ def _fraction(text: str) -> float:
 
 
 def stream_info(path: str | Path) -> StreamInfo:
-    """Metadata and packet timestamps of the first video stream, without decoding it."""
-    result = _run(["-i", str(path), "-map", "0:v:0", "-c", "copy", "-f", "framecrc", "-"])
+    """Metadata and packet timestamps of the video stream ffmpeg picks, without decoding it."""
+    result = _run(["-i", str(path), *_VIDEO_ONLY, "-c", "copy", "-f", "framecrc", "-"])
     stderr, stdout = result.stderr, result.stdout
     header: dict[str, str] = {}
     packets: list[tuple[int, int]] = []  # (pts, dts)
@@ -148,7 +193,11 @@ def stream_info(path: str | Path) -> StreamInfo:
         raise _input_failure(stderr, path)
     if not packets:
         raise FfmpegFailure("unreadable-video", "no frame of its video can be read (the file is truncated or damaged)")
-    stream_line = _video_stream_line(stderr) or ""
+    streams = _video_stream_lines(stderr)
+    mapped = _MAPPED.search(stderr)
+    if mapped and re.search(rf"Stream #0:{mapped.group(1)}\b.*: Video: .*\((attached pic|thumbnail)\)", stderr):
+        raise _no_video_stream(stderr)  # a cover picture is all there is (an audio file)
+    stream_line = streams.get(int(mapped.group(1)), "") if mapped else next(iter(streams.values()), "")
     codec_match = re.search(r"Video: (\w+)", stream_line)
     codec = codec_match.group(1) if codec_match else header.get("codec_id", "unknown")
     width, _, height = header["dimensions"].partition("x")
@@ -166,7 +215,72 @@ def stream_info(path: str | Path) -> StreamInfo:
     timestamps = tuple(round(p * time_base, 6) for p in stamps)
     if fps <= 0 and len(timestamps) > 1 and timestamps[-1] > timestamps[0]:
         fps = (len(timestamps) - 1) / (timestamps[-1] - timestamps[0])
-    return StreamInfo(codec, width_i, height_i, sar, rotation, fps, timestamps)
+    return StreamInfo(codec, width_i, height_i, sar, rotation, fps, timestamps, _pixel_format(stream_line),
+                      max(1, len(streams)))
+
+
+def stream_headers(paths: Sequence[str | Path]) -> list[StreamInfo | FfmpegFailure]:
+    """What each file's container header says of its video stream, for many files in one ffmpeg run.
+
+    Only headers are read (`timestamps` is empty; `stream_info` reads the packets), so this costs one
+    process start for the lot rather than one per file. ffmpeg stops at the first file it cannot
+    open: that file is tried alone (for its own message) and the run goes on after it.
+    """
+    results: list[StreamInfo | FfmpegFailure] = []
+    while len(results) < len(paths):
+        rest = paths[len(results):]
+        stderr = _run([arg for path in rest for arg in ("-i", str(path))]).stderr
+        blocks = _input_blocks(stderr)[: len(rest)]
+        results += [_header_info(block) for block in blocks]
+        if len(blocks) < len(rest):  # rest[len(blocks)] could not be opened
+            path = rest[len(blocks)]
+            alone = _run(["-i", str(path)]).stderr
+            block = _input_blocks(alone)
+            results.append(_header_info(block[0]) if block else _input_failure(alone, path))
+    return results
+
+
+def _input_blocks(stderr: str) -> list[str]:
+    """ffmpeg's dump of each input it opened ("Input #k, ... from '...':" and its indented lines)."""
+    blocks: list[list[str]] = []
+    inside = False
+    for line in stderr.splitlines():
+        if line.startswith("Input #"):
+            blocks.append([line])
+            inside = True
+        elif inside and line.startswith(" "):
+            blocks[-1].append(line)
+        else:
+            inside = False
+    return ["\n".join(block) for block in blocks]
+
+
+def _header_info(block: str) -> StreamInfo | FfmpegFailure:
+    """One input's dump: its video stream (one of several: `video_streams` says how many), or why there is none."""
+    lines = block.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.search(r"Stream #\d+:\d+.*: Video: ", line)
+              and "(attached pic)" not in line and "(thumbnail)" not in line]
+    if not starts:
+        return _no_video_stream(block)
+    first = starts[0]
+    end = next((i for i in range(first + 1, len(lines)) if "Stream #" in lines[i]), len(lines))
+    line, side = lines[first], "\n".join(lines[first + 1 : end])
+    size = re.search(r", (\d+)x(\d+)(?:[ ,\[]|$)", line)
+    if size is None:
+        return FfmpegFailure("unreadable-video", "its video stream has no frame size (the file is damaged)")
+    width, height = int(size.group(1)), int(size.group(2))
+    sar_match = re.search(r"SAR (\d+):(\d+) DAR", line)
+    sar = _fraction(f"{sar_match.group(1)}/{sar_match.group(2)}") if sar_match else 1.0
+    sar = sar or 1.0
+    rotation_match = re.search(r"rotation of (-?[\d.]+) degrees", side)
+    rotation = int(round(float(rotation_match.group(1)))) % 360 if rotation_match else 0
+    if rotation in (90, 270):
+        width, height, sar = height, width, 1.0 / sar
+    fps_match = re.search(r"([\d.]+)(k?) fps", line)
+    fps = float(fps_match.group(1)) * (1000 if fps_match.group(2) else 1) if fps_match else 0.0
+    codec = re.search(r"Video: (\w+)", line)
+    return StreamInfo(codec.group(1) if codec else "unknown", width, height, sar, rotation, fps, (),
+                      _pixel_format(line), len(starts))
 
 
 def decode(path: str | Path, indices: Sequence[int], info: StreamInfo) -> np.ndarray:
@@ -175,7 +289,7 @@ def decode(path: str | Path, indices: Sequence[int], info: StreamInfo) -> np.nda
     if not wanted:
         return np.zeros((0, info.height, info.width, 3), np.uint8)
     selection = "+".join(f"eq(n\\,{i})" for i in wanted)
-    result = _run(["-v", "error", "-i", str(path), "-map", "0:v:0", "-vf", f"select={selection}",
+    result = _run(["-v", "error", "-i", str(path), *_VIDEO_ONLY, "-vf", f"select={selection}",
                    "-fps_mode", "passthrough", "-frames:v", str(len(wanted)), "-f", "rawvideo", "-pix_fmt", "rgb24",
                    "-"], binary=True)
     frame_bytes = info.width * info.height * 3
@@ -197,5 +311,5 @@ def decode(path: str | Path, indices: Sequence[int], info: StreamInfo) -> np.nda
 
 def decoded_frame_count(path: str | Path) -> int:
     """How many frames of the first video stream decode (a full decode; no pixels are transferred)."""
-    result = _run(["-v", "error", "-i", str(path), "-map", "0:v:0", "-fps_mode", "passthrough", "-f", "framecrc", "-"])
+    result = _run(["-v", "error", "-i", str(path), *_VIDEO_ONLY, "-fps_mode", "passthrough", "-f", "framecrc", "-"])
     return sum(1 for line in result.stdout.splitlines() if line.startswith("0,"))

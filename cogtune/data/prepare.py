@@ -130,16 +130,52 @@ def clips_in_shot(start: int, end: int, source_fps: float, fps: float, frames: i
 
 
 def detect_shots(path: Path, threshold: float) -> tuple[list[tuple[int, int]], float]:
-    """Shots as (first frame, end frame exclusive) with PySceneDetect's ContentDetector, and the source fps."""
+    """Shots as (first frame, end frame exclusive) with PySceneDetect's ContentDetector, and the source fps.
+
+    OpenCV reads a file's first video stream; when there are several (cover art in a .mkv, a second
+    angle), shots are found in the one ffmpeg picks, which `cut_clip` cuts, remuxed alone to a
+    temporary file.
+    """
+    import tempfile
+
+    from cogtune.data.video import stream_headers
+
+    header = stream_headers([path])[0]
+    if getattr(header, "video_streams", 1) > 1:
+        with tempfile.TemporaryDirectory(prefix="cogtune-shots-") as folder:
+            alone = Path(folder) / "video.mkv"
+            _ffmpeg(["-i", str(path), "-an", "-sn", "-dn", "-map_metadata", "-1", "-c", "copy", str(alone)],
+                    f"ffmpeg could not read the video stream of {path}")
+            return _detect_shots(alone, threshold, path)
+    return _detect_shots(path, threshold, path)
+
+
+def _ffmpeg(args: list[str], failure: str) -> None:
+    from cogtune.data import ffprobe
+
+    exe = ffprobe.ffmpeg_exe()
+    if exe is None:
+        raise StorageError("cannot read videos: the ffmpeg of imageio-ffmpeg is not available",
+                           hint="pip install imageio-ffmpeg")
+    result = subprocess.run([exe, "-nostdin", "-v", "error", "-y", *args], capture_output=True, text=True,
+                            errors="replace", timeout=3600)
+    if result.returncode != 0:
+        raise DataError(f"{failure}: {(result.stderr.strip().splitlines() or ['unknown error'])[-1][:200]}")
+
+
+def _detect_shots(path: Path, threshold: float, source: Path) -> tuple[list[tuple[int, int]], float]:
     import logging
 
     from scenedetect import ContentDetector, SceneManager, VideoOpenFailure, open_video
+
+    from cogtune.quiet import muted_native_stderr
 
     logger = logging.getLogger("pyscenedetect")
     level = logger.level
     logger.setLevel(logging.ERROR)  # its warnings (backend fallbacks) are not ours to show
     try:
-        video = open_video(str(path))
+        with muted_native_stderr():  # OpenCV's ffmpeg prints its own complaints on a file it cannot open
+            video = open_video(str(path))
         manager = SceneManager()
         # Every cut is kept (min_scene_len 1): a shot merged into its neighbour would put a cut inside a clip,
         # while a spurious cut only makes a shot too short, which is skipped.
@@ -148,10 +184,10 @@ def detect_shots(path: Path, threshold: float) -> tuple[list[tuple[int, int]], f
         scenes = manager.get_scene_list(start_in_scene=True)
         fps = float(video.frame_rate)
     except VideoOpenFailure as exc:
-        raise DataError(f"{path}: cannot be opened as a video") from exc
+        raise DataError(f"{source}: cannot be opened as a video") from exc
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: shot detection failed ({reason})") from exc
+        raise DataError(f"{source}: shot detection failed ({reason})") from exc
     finally:
         logger.setLevel(level)
     return [(start.frame_num, end.frame_num) for start, end in scenes], fps
@@ -172,7 +208,7 @@ def cut_clip(source: Path, target: Path, start: float, source_fps: float, frames
         tmp_video = tmp.with_name(tmp.name + target.suffix)
         try:
             command = [exe, "-nostdin", "-v", "error", "-y", "-ss", f"{seek:.6f}", "-i", str(source),
-                       "-map", "0:v:0", "-an", "-sn", "-dn", "-map_metadata", "-1",
+                       "-an", "-sn", "-dn", "-map_metadata", "-1",  # no -map: ffmpeg's pick, never cover art
                        "-vf", f"fps={fps:g},scale=trunc(iw/2)*2:trunc(ih/2)*2",
                        "-frames:v", str(frames), "-c:v", "libx264", "-preset", "veryfast", "-crf", "17",
                        "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(tmp_video)]
@@ -384,7 +420,12 @@ def _prepare_source(source: Path, out: Path, stem: str, shape: ClipShape, config
     try:
         shots, source_fps = detect_shots(source, config.threshold)
     except DataError as exc:
-        record["error"] = f"unreadable: {exc.message.removeprefix(f'{source}: ')}"
+        reason = exc.message.removeprefix(f"{source}: ")
+        try:
+            probe_video(source)  # its reasons are more precise (empty, no video stream, truncated)
+        except VideoReadError as failure:
+            reason = failure.message.removeprefix(f"{source}: ")
+        record["error"] = f"unreadable: {reason}"
         return record
     record["source_fps"] = source_fps
     sidecar = sidecar_caption(source)

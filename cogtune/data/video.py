@@ -2,8 +2,11 @@
 
 `probe_video` reads container metadata and the frame index and decodes the first and last frames
 only (no full decode), which is what makes validating a large dataset fast while still catching
-files cut short; `read_frames` decodes just the frames asked for. AV1, animated GIFs and the frame
-sizes decord mis-reads go through imageio-ffmpeg's ffmpeg binary (`cogtune.data.ffprobe`).
+files cut short; `read_frames` decodes just the frames asked for. AV1, animated GIFs, the frame
+sizes decord mis-reads, clips of more than 8 bits per sample and files with several video streams
+go through imageio-ffmpeg's ffmpeg binary (`cogtune.data.ffprobe`), whose decode is the reference:
+what ffmpeg shows (its stream choice, rotation and RGB conversion) is what cogtune trains on.
+Stills are read as viewers show them (`read_image`: EXIF orientation applied, 16-bit grey scaled).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
 
 from cogtune.data import ffprobe
@@ -30,7 +34,9 @@ class VideoInfo:
     height: int
     sar: float = 1.0  # sample aspect ratio: stored pixels are `sar` times as wide as tall (anamorphic video)
     codec: str | None = None
-    backend: str = "decord"  # "decord", "ffmpeg" (AV1, GIF, clips decord mis-reads), or "image" (a still)
+    # How frames are read: "decord"; "ffmpeg" for what decord cannot read or reads differently from ffmpeg
+    # (AV1, GIF, some frame sizes, more than 8 bits per sample, several video streams); "image" for a still.
+    backend: str = "decord"
     timestamps: tuple[float, ...] | None = None  # each frame's time (s), kept for variable-frame-rate clips only
 
     @property
@@ -155,24 +161,56 @@ def _variable_rate(timestamps: Sequence[float]) -> bool:
     return mean > 0 and float(np.abs(intervals - mean).max()) > 0.25 * mean
 
 
-def probe_video(path: str | Path) -> VideoInfo:
+def stream_headers(paths: Sequence[str | Path]) -> list[ffprobe.StreamInfo | ffprobe.FfmpegFailure | None]:
+    """What the files' container headers say (one ffmpeg run for all of them), for `probe_video(header=...)`."""
+    if not ffprobe.available():
+        return [None] * len(paths)
+    try:
+        return list(ffprobe.stream_headers(paths))
+    except ffprobe.FfmpegFailure as failure:  # ffmpeg itself failed (timed out): each file is probed alone
+        return [None] * len(paths) if len(paths) > 1 else [failure]
+
+
+def probe_video(path: str | Path, header: ffprobe.StreamInfo | ffprobe.FfmpegFailure | None = None) -> VideoInfo:
     """Frame count, fps, size, sample aspect ratio and (VFR) timestamps, decoding two frames.
 
     The first and the last frame are decoded, so files cut short (an interrupted download) are
     caught here rather than halfway through an encode. Clips decord cannot read (AV1, GIF) or
-    mis-reads (some frame sizes) are read with imageio-ffmpeg's ffmpeg instead.
+    mis-reads (some frame sizes) are read with imageio-ffmpeg's ffmpeg instead, and so are those it
+    reads differently from ffmpeg: more than 8 bits per sample, several video streams. `header` is
+    the file's entry of `stream_headers` (validation reads many headers in one ffmpeg run).
     """
     path = Path(path)
     _check_file(path)
-    stream, stream_failure = _stream_info(path)
+    if header is None:
+        header = stream_headers([path])[0]
+    if isinstance(header, ffprobe.FfmpegFailure) and header.code == "no-video-stream":
+        raise VideoReadError(f"{path}: {header.reason}", header.code)  # e.g. audio only, or audio with cover art
+    stream = header if isinstance(header, ffprobe.StreamInfo) else None
+    if stream is not None and stream.video_streams > 1:
+        # decord picks a stream its own way; the one ffmpeg picks (as players do) is read with ffmpeg
+        return _probe_ffmpeg(path, _packets(path))
     try:
-        return _probe_decord(path, stream)
+        info = _probe_decord(path, stream)
     except VideoReadError as exc:
-        if stream is None:
-            if stream_failure is not None:
-                raise VideoReadError(f"{path}: {stream_failure.reason}", stream_failure.code) from exc
+        full, failure = _stream_info(path)
+        if full is None:
+            if failure is not None:
+                raise VideoReadError(f"{path}: {failure.reason}", failure.code) from exc
             raise
-        return _probe_ffmpeg(path, stream)
+        return _probe_ffmpeg(path, full)
+    if stream is not None and stream.high_bit_depth:
+        # decord's own conversion of 10-bit 4:2:0 to RGB is up to 200 levels off ffmpeg's at colour edges:
+        # its probe stands, the frames are read with ffmpeg.
+        return dataclasses.replace(info, backend="ffmpeg")
+    return info
+
+
+def _packets(path: Path) -> ffprobe.StreamInfo:
+    try:
+        return ffprobe.stream_info(path)
+    except ffprobe.FfmpegFailure as failure:
+        raise VideoReadError(f"{path}: {failure.reason}", failure.code) from failure
 
 
 def _probe_decord(path: Path, stream: ffprobe.StreamInfo | None) -> VideoInfo:
@@ -219,8 +257,13 @@ def _probe_ffmpeg(path: Path, stream: ffprobe.StreamInfo) -> VideoInfo:
                      timestamps=stream.timestamps if _variable_rate(stream.timestamps) else None)
 
 
+# EXIF orientations that turn the picture a quarter turn (its width and height swap when shown).
+_QUARTER_TURNS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
 def probe_image(path: str | Path) -> VideoInfo:
-    """A still image as a one-frame clip (`backend="image"`): its size, read and checked with PIL."""
+    """A still image as a one-frame clip (`backend="image"`): its size as shown (EXIF orientation applied)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -228,10 +271,35 @@ def probe_image(path: str | Path) -> VideoInfo:
     try:
         with Image.open(path) as image:
             width, height = image.size
+            if image.getexif().get(_EXIF_ORIENTATION) in _QUARTER_TURNS:
+                width, height = height, width
             image.load()  # decodes the pixels: a truncated file fails here, not halfway through an encode
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise VideoReadError(f"{path}: image cannot be read ({_first_line(exc)})", "unreadable-image") from exc
     return VideoInfo(frames=1, fps=0.0, width=width, height=height, backend="image")
+
+
+def displayed_image(image):
+    """A PIL image as viewers show it, in RGB: EXIF orientation applied (phone photos are stored sideways),
+    16-bit greyscale scaled to 8 bits (PIL's own conversion clips it to white), palette and alpha dropped."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """A still image as uint8 RGB (H, W, 3), as viewers show it (see `displayed_image`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(displayed_image(image))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise VideoReadError(f"{path}: image cannot be read ({_first_line(exc)})", "unreadable-image") from exc
 
 
 def read_frames(path: str | Path, indices: Sequence[int], info: VideoInfo | None = None) -> np.ndarray:
@@ -299,8 +367,6 @@ def write_video(path: str | Path, frames: np.ndarray | Sequence[np.ndarray], fps
     leaves a truncated, undecodable mp4), so the written file must open with every frame, the last
     one decodable, before it replaces `path`. A full disk is a `StorageError` naming `path`.
     """
-    import imageio.v2 as imageio
-
     from cogtune.fsutil import disk_full_error, is_disk_full
 
     path = Path(path)

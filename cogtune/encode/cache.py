@@ -36,6 +36,10 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from cogtune.data.clips import Bucket
 from cogtune.errors import DataError
 from cogtune.fsutil import atomic_path
@@ -88,8 +92,6 @@ def compatibility(spec: ModelSpec) -> dict[str, Any]:
 
 def tensor_digest(tensors: Mapping[str, Any]) -> str:
     """sha256 of tensors' names, dtypes, shapes and bytes (the same before saving and after loading)."""
-    import torch
-
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
@@ -114,9 +116,6 @@ def file_record(path: Path) -> dict[str, Any]:
     Reads only the header when the file carries its digest (every file this cogtune writes);
     a file written before digests existed is loaded once to compute it.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     with safe_open(str(path), framework="pt") as handle:
         digest = (handle.metadata() or {}).get(DIGEST_KEY)
         tensors = {}
@@ -131,7 +130,7 @@ def file_record(path: Path) -> dict[str, Any]:
 
 def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
     """Save tensors atomically with string metadata (JSON-encoded values) and their digest."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # looked up per call: tests fill the disk by patching it
 
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
@@ -142,8 +141,6 @@ def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[
 
 def read_metadata(path: Path) -> dict[str, str] | None:
     """A safetensors file's metadata, or None when the file is missing or unreadable."""
-    from safetensors import safe_open
-
     if not path.is_file():
         return None
     try:
@@ -294,8 +291,6 @@ class VideoLatentCache:
     # --- loading and verification ------------------------------------------------------------------
 
     def _load(self, relative: str, index: int | None = None) -> dict[str, Any]:
-        from safetensors.torch import load_file
-
         self._check_relative(relative, "cache file" if index is None else f"item {index}'s file")
         path = self.root / relative
         first = relative not in self._verified
@@ -365,8 +360,6 @@ class VideoLatentCache:
     def _verify(self, path: Path, relative: str, tensors: dict[str, Any], record: dict[str, Any] | None,
                 index: int | None) -> None:
         """Names, dtypes and shapes; finite, not all-zero values; the digest when the manifest has one."""
-        import torch
-
         expected = self.expected_shapes(relative, index)
         recorded = (record or {}).get("tensors") if isinstance((record or {}).get("tensors"), dict) else {}
         required = set(expected) | set(recorded)

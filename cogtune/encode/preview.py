@@ -19,6 +19,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+
 from cogtune import report
 from cogtune.encode.cache import VideoLatentCache
 from cogtune.errors import DataError
@@ -63,9 +67,6 @@ def sheet_columns(frames: int) -> list[int]:
 
 def contact_sheet(videos: list[Any], path: Path) -> Path:
     """A PNG grid: one row per video (F, H, W, 3) uint8, the `sheet_columns` frames across."""
-    import numpy as np
-    from PIL import Image
-
     from cogtune.fsutil import atomic_path
 
     rows = [np.concatenate([video[i] for i in sheet_columns(len(video))], axis=1) for video in videos]
@@ -77,7 +78,6 @@ def contact_sheet(videos: list[Any], path: Path) -> Path:
 
 def decode_latent_dist(vae: Any, latent_dist: Any) -> Any:
     """(2C, F', H', W') posterior parameters -> (F, H, W, 3) uint8 frames of the posterior's mean."""
-    import torch
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     parameters = latent_dist[None].to(device=vae.device, dtype=vae.dtype)
@@ -91,8 +91,6 @@ def decode_latent_dist(vae: Any, latent_dist: Any) -> Any:
 def preview_cache(cache_dir: str | Path, count: int = 2, output: str | Path | None = None,
                   model: str | None = None, device: Any = None) -> list[BucketPreview]:
     """Decode the first `count` items of each bucket of the cache at `cache_dir` to mp4 and a contact sheet."""
-    import torch
-
     from cogtune.data.video import write_video
     from cogtune.models.loading import default_device, load_vae, torch_dtype
 

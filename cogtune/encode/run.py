@@ -15,14 +15,19 @@ copy and a latent from its posterior, and applies the image dropout itself.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
+
 from cogtune import __version__, report
 from cogtune.config import write_config
 from cogtune.data.clips import Bucket, choose_bucket, clip_windows, load_clip, load_image, sampleable_frames
-from cogtune.data.dataset import DatasetConfig, Entry
+from cogtune.data.dataset import DatasetConfig, Entry, read_entries
 from cogtune.data.dataset_config import DatasetSource, load_dataset_sources
 from cogtune.data.validate import ValidationReport, validate_dataset
 from cogtune.data.video import VideoInfo
@@ -139,6 +144,11 @@ def plan_encode(config: EncodeConfig) -> EncodePlan:
     for source, buckets in zip(sources, bucket_sets):
         data = source.data
         video_frames = [b.frames for b in buckets if b.frames > 1]
+        still = next((e for e in read_entries(data)[0] if e.still), None) if i2v else None
+        if still is not None:  # known from its name: refused before any file is read
+            raise ConfigError(f"{source.origin or data.root}: '{still.video_ref}' is a still image, which "
+                              "cannot train image-to-video: it would be its own condition image, leaving "
+                              "nothing to generate", hint="train images with a text-to-video model")
         validation = validate_dataset(data, frames=min(video_frames) if video_frames else None, model=spec)
         validations.append(validation)
         usable = {entry.index for entry in _entries_to_encode(validation, config, source)}
@@ -148,10 +158,6 @@ def plan_encode(config: EncodeConfig) -> EncodePlan:
                 next_index += 1
                 continue
             info = validation.video_info[entry.index]
-            if i2v and info.backend == "image":
-                raise ConfigError(f"{source.origin or data.root}: '{entry.video_ref}' is a still image, which "
-                                  "cannot train image-to-video: it would be its own condition image, leaving "
-                                  "nothing to generate", hint="train images with a text-to-video model")
             bucket = choose_bucket(info, buckets, sampleable_frames(info, data.frame_sampling, target_fps))
             if bucket is None:  # validation guarantees the smallest bucket fits; kept as a guard
                 raise DataError(f"{entry.source}:{entry.line}: '{entry.video_ref}' fits no bucket")
@@ -236,18 +242,9 @@ def print_plan(plan: EncodePlan) -> None:
         ("clips to encode", len(plan.pending_latents)),
         ("captions to encode", len(plan.pending_text)),
         ("image latents (I2V)", "yes" if plan.i2v else "no"),
-        ("cache size", _human_bytes(plan.estimated_bytes())),
+        ("cache size", report.binary_size(plan.estimated_bytes())),
     ]
     report.key_values("encode plan", rows, to_stderr=True)
-
-
-def _human_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 class _ClipDataset:
@@ -299,8 +296,6 @@ def _failure_reason(exc: Exception, entry: Entry) -> str:
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    import torch
-
     good = [s for s in samples if "error" not in s]
     batch: dict[str, Any] = {"positions": [s["position"] for s in good],
                              "failures": [(s["position"], s["error"]) for s in samples if "error" in s]}
@@ -317,8 +312,6 @@ def _skip_marker(root: Path, index: int) -> Path:
 
 def _handle_failures(failures: list[tuple[int, str]], items: list[PlannedItem], config: EncodeConfig,
                      root: Path) -> None:
-    import json
-
     from cogtune.data.dataset import Problem
 
     for position, reason in failures:
@@ -414,8 +407,6 @@ def _finished_on_every_process(state: Any, finished: bool) -> bool:
     """Whether no process stopped early (a collective: every process has written all it will)."""
     if state.num_processes == 1:
         return finished
-    from accelerate.utils import gather_object
-
     return all(gather_object([finished]))
 
 
@@ -437,10 +428,8 @@ def _encode_text(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any
     """Caption embeddings of `items`; with `shared`, also the empty and validation prompts.
 
     False when `stop` was requested before all were written."""
-    import torch
-
     from cogtune.models.loading import load_text_encoder, load_tokenizer
-    from cogtune.models.text import encode_prompts
+    from cogtune.models.text import encode_prompts, text_encoder_dtype
 
     spec = plan.model.spec
     validation_key = stable_hash({"prompts": list(config.validation_prompts), "compat": compatibility(spec),
@@ -452,7 +441,7 @@ def _encode_text(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any
     if not items and not need_empty and not need_validation:
         return True
     tokenizer = load_tokenizer(plan.model)
-    text_encoder = load_text_encoder(plan.model, dtype=_encode_dtype(plan.model, device), device=device).eval()
+    text_encoder = load_text_encoder(plan.model, dtype=text_encoder_dtype(spec, device), device=device).eval()
     max_tokens = spec.max_text_tokens
     batch = 8
     with report.progress("encoding captions", total=len(items), unit="captions") as bar:
@@ -479,8 +468,6 @@ def _encode_text(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any
 
 
 def _encode_dtype(model: ResolvedModel, device: Any):
-    import torch
-
     from cogtune.models.loading import torch_dtype
 
     if torch.device(device).type == "cpu":
@@ -498,8 +485,6 @@ def noised_condition_images(images: Any, keys: list[str], samples: int) -> tuple
     The noise depends only on the item's cache key, so a resumed or sharded encode writes
     exactly the bytes an uninterrupted one would.
     """
-    import torch
-
     noisy, sigmas = [], []
     for image, key in zip(images, keys):
         generator = torch.Generator().manual_seed(int(key[:15], 16))
@@ -513,9 +498,6 @@ def noised_condition_images(images: Any, keys: list[str], samples: int) -> tuple
 def _encode_latents(plan: EncodePlan, config: EncodeConfig, root: Path, device: Any,
                     items: list[PlannedItem], stop: StopRequest) -> bool:
     """Latents of `items`, decoded in worker processes; False when `stop` came before all were written."""
-    import torch
-    from torch.utils.data import DataLoader
-
     from cogtune.models.loading import load_vae
 
     if not items:
@@ -608,8 +590,6 @@ class _BatchesUntilStopped:
 
 def _skipped_while_encoding(root: Path, item: PlannedItem) -> bool:
     """Whether `--skip-invalid` skipped this very clip (same cache key) because it failed to decode."""
-    import json
-
     try:
         return json.loads(_skip_marker(root, item.index).read_text()).get("key") == item.latent_key
     except (OSError, ValueError, AttributeError):
@@ -622,7 +602,6 @@ def _dataset_fingerprint(plan: EncodePlan) -> str:
 
 def _library_versions() -> dict[str, str]:
     import diffusers
-    import torch
     import transformers
 
     return {"cogtune": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -653,8 +632,6 @@ def _common_id_token(plan: EncodePlan, config: EncodeConfig) -> str | None:
 
 
 def _write_manifest(plan: EncodePlan, config: EncodeConfig, root: Path) -> None:
-    import json
-
     spec = plan.model.spec
     items = []
     for item in plan.items:

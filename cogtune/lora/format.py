@@ -16,6 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from cogtune.fsutil import atomic_path
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -40,7 +43,6 @@ def save_lora(directory: str | Path, transformer: Any, info: dict[str, Any] | No
     (FSDP, ZeRO-3); the transformer then only supplies the adapter config.
     """
     from diffusers import CogVideoXPipeline
-    from safetensors.torch import save_file
 
     directory = Path(directory)
     target = directory / LORA_WEIGHTS_NAME
@@ -62,8 +64,6 @@ def save_lora(directory: str | Path, transformer: Any, info: dict[str, Any] | No
 
 def read_lora_info(path: str | Path) -> dict[str, Any]:
     """What cogtune recorded about a LoRA file (empty for LoRAs from elsewhere)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     try:
@@ -75,7 +75,6 @@ def read_lora_info(path: str | Path) -> dict[str, Any]:
 def load_lora_state(transformer: Any, path: str | Path) -> None:
     """Load weights saved by `save_lora` into the transformer's existing adapter (for resuming)."""
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     state = load_file(str(path))
     prefix = "transformer."

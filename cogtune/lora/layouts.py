@@ -39,6 +39,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
 from cogtune.errors import ConfigError, DataError
 
 LAYOUTS = ("diffusers", "comfyui", "kohya", "sat")
@@ -267,8 +271,6 @@ def _read_with_alpha_tensors(state: Mapping[str, Any], layout: str, prefix: str,
 
 
 def _read_sat(state: Mapping[str, Any]) -> tuple[dict[str, LoraLayer], str]:
-    import torch
-
     pattern = re.compile(r"^(?:model\.diffusion_model\.)?transformer\.layers\.(\d+)\.(attention\.[a-z_]+)\."
                          r"matrix_([AB])\.(\d+)$")
     parts: dict[tuple[int, str, int], dict[str, Any]] = {}
@@ -344,8 +346,6 @@ def _scaled(tensor, factor: float):
 
 
 def load_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"LoRA file not found: {path}")
@@ -383,8 +383,6 @@ def _trained_alpha_record(lora: LoraLayers) -> float | dict[str, float]:
 def write_state(lora: LoraLayers, layout: str) -> tuple[dict[str, Any], dict[str, str]]:
     """The state dict and safetensors header of `lora` in `layout`, at its trained strength for that
     layout's own loaders (`.alpha` tensors where the layout has them, alpha folded into B where not)."""
-    import torch
-
     state: dict[str, Any] = {}
     info = dict(lora.info)
     if layout == "diffusers":
@@ -421,8 +419,6 @@ def write_state(lora: LoraLayers, layout: str) -> tuple[dict[str, Any], dict[str
 def _write_sat(lora: LoraLayers) -> dict[str, Any]:
     """SAT's fused qkv gets one (A, B) per partition, all of one rank: missing partitions are zeros,
     lower ranks are padded with zero rows/columns (the delta is unchanged)."""
-    import torch
-
     groups: dict[str, dict[int, LoraLayer]] = {}
     for module, layer in lora.layers.items():
         name, partition = _sat_module(module)
@@ -447,8 +443,6 @@ def _write_sat(lora: LoraLayers) -> dict[str, Any]:
 
 def write_lora(lora: LoraLayers, layout: str, target: str | Path) -> Path:
     """Write `lora` in `layout` to `target` (a .safetensors file), atomically."""
-    from safetensors.torch import save_file
-
     from cogtune.fsutil import atomic_path
 
     state, metadata = write_state(lora, layout)

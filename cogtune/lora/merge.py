@@ -9,6 +9,7 @@ layers removed with `unload_lora`, and the result saved in the model's dtype.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from cogtune.errors import ConfigError, ModelError
@@ -17,8 +18,6 @@ from cogtune.lora.layouts import ADAPTER_METADATA_KEY, read_lora, resolve_lora_p
 
 def merge_lora(model: str, lora: str | Path, output: str | Path, scale: float = 1.0) -> Path:
     """Write OUTPUT (config.json + safetensors) = MODEL's transformer + `scale` x the LoRA."""
-    import math
-
     from cogtune.models.loading import load_transformer, resolve_model, save_transformer
     from cogtune.quiet import quiet_libraries
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+
+import torch
+from accelerate import init_empty_weights
 
 from cogtune import report
 from cogtune.errors import ModelError
@@ -229,8 +233,6 @@ def _first_line(exc: BaseException) -> str:
 # --- dtypes and devices ----------------------------------------------------------------------
 
 def torch_dtype(name: str):
-    import torch
-
     try:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
@@ -238,9 +240,22 @@ def torch_dtype(name: str):
         raise ModelError(f"unknown dtype '{name}' (use float32, float16 or bfloat16)") from None
 
 
-def default_device() -> str:
-    import torch
+def available_host_bytes() -> int | None:
+    """Host memory a new allocation can still get, in bytes: the kernel's `MemAvailable` plus free swap
+    (`/proc/meminfo`), else the free pages the OS reports; None where neither is known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle if line.split()[1:]}
+        return fields["MemAvailable"] + fields.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
+
+def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -288,8 +303,6 @@ def materialize_random_(module, device: Any, dtype: Any, seed: int = 0, initiali
     construction (sincos positions) are kept. Tensors are replaced rather than converted in place,
     so this also works under a `FakeTensorMode` (the memory estimator's tracing).
     """
-    import torch
-
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
             if param is None:
@@ -322,8 +335,6 @@ def materialize_random_(module, device: Any, dtype: Any, seed: int = 0, initiali
 
 
 def _build_random(model: ResolvedModel, cls_builder, device: Any, dtype: Any, seed: int):
-    from accelerate import init_empty_weights
-
     with init_empty_weights(include_buffers=False):
         module = cls_builder()
     return materialize_random_(module, device, dtype, seed, initialize=model.source == "random")
@@ -407,7 +418,6 @@ def build_pipeline(model: ResolvedModel, **components: Any):
 
 def count_parameters(spec: ModelSpec) -> int:
     """Transformer parameter count, built on the meta device (no memory, no download)."""
-    import torch
     from diffusers import CogVideoXTransformer3DModel
 
     with torch.device("meta"):
@@ -417,8 +427,6 @@ def count_parameters(spec: ModelSpec) -> int:
 
 def _with_defaults(cls: Any, config: Any) -> dict[str, Any]:
     """`config` with `cls.__init__`'s defaults filled in, private keys dropped, as plain JSON values."""
-    import inspect
-
     defaults = {name: parameter.default for name, parameter in inspect.signature(cls.__init__).parameters.items()
                 if parameter.default is not inspect.Parameter.empty}
     given = {k: v for k, v in dict(config).items() if not k.startswith("_")}

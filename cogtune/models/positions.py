@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from cogtune.models.registry import ModelSpec
 
 
@@ -46,8 +48,6 @@ def pad_latent_frames(spec: ModelSpec, latents: Any) -> tuple[Any, int]:
     The pipelines prepend the padding (and drop it after denoising), so training prepends too.
     Returns the padded latents and the number of frames added.
     """
-    import torch
-
     missing = spec.padded_latent_count(latents.shape[1]) - latents.shape[1]
     if missing == 0:
         return latents, 0

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
+
+import torch
+from accelerate import init_empty_weights
+
+from cogtune.errors import ModelError
 
 
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], max_tokens: int,
@@ -14,8 +20,6 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], ma
     and run the encoder without an attention mask. The token count includes the end token and is
     measured before truncation, so a count above `max_tokens` means the caption was cut.
     """
-    import torch
-
     device = device if device is not None else text_encoder.device
     prompts = list(prompts)
     untruncated = tokenizer(prompts, add_special_tokens=True).input_ids
@@ -32,23 +36,45 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], ma
     return embeds, [len(ids) for ids in untruncated]
 
 
-def text_encoder_dtype(spec: Any, device: Any):
-    """The dtype `cogtune encode` runs T5 in: float32 on a CPU (half precision is slow or missing
-    there), the model's own dtype elsewhere. Embeddings computed elsewhere must use the same rule to
-    equal the cached ones."""
-    import torch
+def text_encoder_dtype(spec: Any, device: Any, available: int | None | Literal["ask"] = "ask"):
+    """The dtype `cogtune encode` runs T5 in: the model's own dtype on a GPU; float32 on a CPU (half
+    precision is slow there), or the model's dtype when the host lacks the memory for float32 weights.
+    Embeddings computed elsewhere use the same rule, to equal the cached ones on the same machine.
 
-    from cogtune.models.loading import torch_dtype
+    `available`: host bytes free for T5 (default: asked of the OS; None: unknown, float32). A host
+    without room even for the model's dtype is refused in one line before anything loads.
+    """
+    from cogtune import report
+    from cogtune.models.loading import available_host_bytes, torch_dtype
 
-    if torch.device(device).type == "cpu":
+    own = torch_dtype(spec.weight_dtype)
+    if torch.device(device).type != "cpu":
+        return own
+    available = available_host_bytes() if available == "ask" else available
+    if available is None or host_room_for(text_encoder_bytes(spec, torch.float32), available):
         return torch.float32
-    return torch_dtype(spec.weight_dtype)
+    needed = text_encoder_bytes(spec, own)
+    if own != torch.float32 and host_room_for(needed, available):
+        report.info(f"T5 runs in {str(own).removeprefix('torch.')} on the CPU: float32 weights would need "
+                    f"{report.binary_size(text_encoder_bytes(spec, torch.float32))} of host memory, "
+                    f"{report.binary_size(available)} is available")
+        return own
+    raise ModelError(f"the text encoder needs {report.binary_size(needed)} of host memory on the CPU (and "
+                     f"{report.binary_size(HOST_MARGIN_BYTES)} to run); {report.binary_size(available)} is available",
+                     hint="free host memory, or run on a machine with a GPU that has room for it")
+
+
+# Room kept for what loading T5 allocates beside its weights (tokenizer, activations, the interpreter).
+HOST_MARGIN_BYTES = 2 * 1024**3
+
+
+def host_room_for(weights: int, available: int) -> bool:
+    """Whether `weights` bytes (and `HOST_MARGIN_BYTES`) fit in `available` host bytes."""
+    return weights + HOST_MARGIN_BYTES <= available
 
 
 def text_encoder_bytes(spec: Any, dtype: Any) -> int:
     """Bytes of the T5 encoder's weights in `dtype`, counted on the meta device (nothing allocated)."""
-    import torch
-    from accelerate import init_empty_weights
     from transformers import T5Config, T5EncoderModel
 
     with init_empty_weights():
@@ -63,10 +89,6 @@ def embed_prompts(model: Any, prompts: Sequence[str], device: Any) -> tuple[Any,
     Returns the embeddings (N, max_tokens, D) on the CPU and each prompt's token count before
     truncation (see `encode_prompts`).
     """
-    import gc
-
-    import torch
-
     from cogtune.models.loading import load_text_encoder, load_tokenizer
 
     tokenizer = load_tokenizer(model)

@@ -10,11 +10,15 @@ written atomically, so concurrent processes (a DDP launch) can ask for the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import string
+import sys
 import zlib
 from pathlib import Path
+
+import torch
 
 from cogtune.errors import ModelError
 from cogtune.fsutil import atomic_directory
@@ -82,7 +86,6 @@ def build_tiny_tokenizer(max_length: int):
 
 def build_tiny_pipeline(spec: ModelSpec):
     """Construct (in memory) the diffusers pipeline of a tiny preset, deterministically."""
-    import torch
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDDIMScheduler,
@@ -117,7 +120,9 @@ def ensure_tiny_model(name: str, destination: str | Path | None = None) -> Path:
 
     quiet_libraries()
     pipeline = build_tiny_pipeline(spec)
-    with atomic_directory(target) as tmp:
+    # Saving goes through accelerate's unwrapping, which imports DeepSpeed when installed; DeepSpeed logs
+    # to stdout, where `--json` output goes. Its log handler keeps the stream it found: stderr, here.
+    with atomic_directory(target) as tmp, contextlib.redirect_stdout(sys.stderr):
         pipeline.save_pretrained(tmp, safe_serialization=True)
         (tmp / "cogtune_preset.json").write_text(
             json.dumps({"preset": name, "builder_version": TINY_BUILD_VERSION}, indent=2) + "\n"

@@ -14,6 +14,8 @@ from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import torch
+
 from cogtune.encode.cache import VideoLatentCache
 
 
@@ -66,8 +68,6 @@ class BatchSchedule:
 
 def load_batch(cache: VideoLatentCache, indices: list[int]) -> dict[str, Any]:
     """Stack the cached tensors of `indices` (all of one bucket)."""
-    import torch
-
     items = [cache.load_item(i) for i in indices]
     batch = {name: torch.stack([item[name] for item in items]) for name in items[0]}
     batch["indices"] = indices

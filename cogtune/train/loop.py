@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate.utils import ProjectConfiguration
+
 from cogtune import distributed, report
 from cogtune.config import write_config
 from cogtune.errors import ConfigError, TrainingError
@@ -82,8 +85,6 @@ def _run_training(config: TrainConfig) -> TrainResult:
     from cogtune.quiet import quiet_libraries
 
     quiet_libraries()
-    import torch
-    from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
 
     from cogtune.models.loading import load_scheduler, torch_dtype
@@ -105,7 +106,7 @@ def _run_training(config: TrainConfig) -> TrainResult:
     launched_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # what the launch's config file says
     if launched_precision not in ("no", mixed_precision):
         report.warn(f"the accelerate config says mixed precision {launched_precision}; cogtune trains with "
-                    f"{mixed_precision} (--mixed-precision {config.mixed_precision})")
+                    f"{mixed_precision} (--mixed-precision {config.mixed_precision})", shared=True)
 
     # The validation prompts' embeddings go into the run's folder now, so that T5 (for prompts the cache
     # lacks) is loaded and freed before the transformer: training's peak stays what it was.
@@ -184,7 +185,7 @@ def _run_training(config: TrainConfig) -> TrainResult:
     transformer.train()
     stop = StopRequest()
     try:
-        with stop.listening(enabled=world == 1, stopping="stopping after this step, with a checkpoint"), \
+        with stop.listening(enabled=True, stopping="stopping after this step, with a checkpoint"), \
                 report.progress("training", total=config.steps, unit="step", completed=start_step) as bar:
             for step in range(start_step, config.steps):
                 started = time.perf_counter()
@@ -211,8 +212,10 @@ def _run_training(config: TrainConfig) -> TrainResult:
                 lr_scheduler.step()
                 keep_tensor_learning_rates(optimizer, tensor_learning_rates)
                 optimizer.zero_grad(set_to_none=True)
+                lr = current_learning_rate(optimizer)
 
-                step_loss = _mean_across_processes(accelerator, step_loss)
+                # A stop asked of any process (a launcher forwards Ctrl-C to each) stops all of them after this step.
+                step_loss, stopping = _agree_across_processes(accelerator, step_loss, stop.requested)
                 if not math.isfinite(step_loss):
                     good = checkpoint.last_good_checkpoint(output_dir)
                     where = f"; the last good checkpoint is {good}" if good else "; no good checkpoint was saved"
@@ -221,19 +224,18 @@ def _run_training(config: TrainConfig) -> TrainResult:
                                         hint="lower --lr or check those items; resume with --resume latest")
                 losses.append(step_loss)
                 done = step + 1
-                lr = current_learning_rate(optimizer)
                 learning_rates.append(lr)
                 step_seconds.append(time.perf_counter() - started)
                 if config.report_to != "none":
                     accelerator.log(tracking.step_values(step_loss, lr, grad_norm, step_seconds[-1], device), step=done)
                 bar.advance(1, loss=step_loss, lr=lr, **_memory_field(device))  # the bar shows s/step itself
-                if (stop.requested or config.checkpointing.every and done % config.checkpointing.every == 0) \
+                if (stopping or config.checkpointing.every and done % config.checkpointing.every == 0) \
                         and done < config.steps:
                     saved = checkpoint.save_checkpoint(accelerator, config, done, losses, lr_scheduler.state_dict())
-                    if stop.requested:
+                    if stopping:
                         raise stop.interrupted(
                             f"interrupted at step {done} of {config.steps}; checkpoint saved: {saved}",
-                            hint=f"resume with: {resume_command(report.invocation)}")
+                            hint=f"resume with: {resume_command(report.invocation, launched=world > 1)}")
                 if config.validation.every and done % config.validation.every == 0 and done < config.steps:
                     validator.run(transformer, f"step-{done:06d}", memory_log)
                     tracking.log_validation_videos(accelerator, output_dir / "validation" / f"step-{done:06d}", done,
@@ -269,18 +271,16 @@ def _run_training(config: TrainConfig) -> TrainResult:
     return TrainResult(output_dir, config.steps, losses, weights, memory_log.records)
 
 
-def _mean_across_processes(accelerator: Any, value: float) -> float:
+def _agree_across_processes(accelerator: Any, loss: float, stop_requested: bool) -> tuple[float, bool]:
+    """The step's loss averaged over the processes, and whether any of them was asked to stop (one collective)."""
     if accelerator.num_processes == 1:
-        return value
-    import torch
-
-    tensor = torch.tensor([value], device=accelerator.device)
-    return float(accelerator.reduce(tensor, reduction="mean").item())
+        return loss, stop_requested
+    tensor = torch.tensor([loss, float(stop_requested)], device=accelerator.device)
+    summed = accelerator.reduce(tensor, reduction="sum")
+    return float((summed[0] / accelerator.num_processes).item()), bool(summed[1].item() > 0)
 
 
 def _memory_field(device: Any) -> dict[str, str]:
-    import torch
-
     if torch.device(device).type == "cuda":
         return {"mem": f"{torch.cuda.max_memory_reserved(device) / 1024**3:.1f}GiB"}
     return {}

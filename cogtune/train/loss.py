@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 
 def compute_v_prediction_loss(model_output: Any, noisy_latents: Any, latents: Any, timesteps: Any,
                               scheduler: Any, frame_mask: Any = None) -> Any:
@@ -35,8 +37,6 @@ def compute_v_prediction_loss(model_output: Any, noisy_latents: Any, latents: An
     `model_output`, `noisy_latents` and `latents` are (B, F, C, H, W); `frame_mask` (B, F), when
     given, excludes padding frames from the mean.
     """
-    import torch
-
     model_output = model_output.float()
     noisy_latents = noisy_latents.float()
     latents = latents.float()

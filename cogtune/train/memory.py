@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from cogtune import report
 from cogtune.fsutil import atomic_write_text
@@ -18,8 +21,6 @@ GIB = 1024**3
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as handle:
-            import os
-
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
@@ -32,8 +33,6 @@ def _max_rss_bytes() -> int:
 
 def snapshot(device: Any) -> dict[str, Any]:
     """Current and peak memory of `device` in GiB (CUDA: allocated and reserved; CPU: RSS)."""
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -43,12 +42,27 @@ def snapshot(device: Any) -> dict[str, Any]:
             "reserved_gib": round(torch.cuda.memory_reserved(device) / GIB, 3),
             "max_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 3),
             "max_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 3),
+            **_host_figures(),
         }
     return {
         "device": device.type,
         "rss_gib": round(_rss_bytes() / GIB, 3),
         "max_rss_gib": round(_max_rss_bytes() / GIB, 3),
     }
+
+
+def _host_figures() -> dict[str, float]:
+    """The host side of a GPU run: the process's RSS (now and peak) and what torch's pinned allocator
+    holds (`torch.cuda.host_memory_stats`, where this torch has it: now and peak)."""
+    figures = {"rss_gib": round(_rss_bytes() / GIB, 3), "max_rss_gib": round(_max_rss_bytes() / GIB, 3)}
+    try:
+        stats = torch.cuda.host_memory_stats()
+    except (AttributeError, RuntimeError):
+        return figures
+    if "allocated_bytes.current" in stats:
+        figures["pinned_gib"] = round(stats["allocated_bytes.current"] / GIB, 3)
+        figures["max_pinned_gib"] = round(stats.get("allocated_bytes.peak", 0) / GIB, 3)
+    return figures
 
 
 class MemoryLog:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
 from cogtune import __version__
 from cogtune.models.positions import drop_learned_positional_embeddings
 from cogtune.models.registry import ModelSpec
@@ -19,8 +22,6 @@ from cogtune.train.step import derive_seed
 
 
 def resolve_mixed_precision(config: TrainConfig, spec: ModelSpec) -> str:
-    import torch
-
     if config.mixed_precision != "auto":
         return config.mixed_precision
     if not torch.cuda.is_available():
@@ -39,7 +40,6 @@ def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, 
     create the LoRA layers in float8), compilation last. `checkpoint_blocks` overrides
     `config.gradient_checkpointing` (off when FSDP checkpoints the blocks itself).
     """
-    import torch
     from diffusers.training_utils import cast_training_params
 
     from cogtune.models.fp8 import store_frozen_linears_in_float8
@@ -80,8 +80,6 @@ def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, 
 
 def ignore_frozen_weights_in_ddp(transformer: Any) -> None:
     """DDP need not broadcast or reduce what does not train (and cannot broadcast float8 over some backends)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     frozen = [name for name, p in transformer.named_parameters() if not p.requires_grad]
     frozen += [name for name, _ in transformer.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
@@ -105,8 +103,6 @@ def lora_info(config: TrainConfig, plan: RunPlan) -> dict[str, Any]:
 
 def activations_offloaded(enabled: bool, device: Any):
     """Keep tensors saved for backward in (pinned) CPU memory; with checkpointing, the block inputs."""
-    import torch
-
     if not enabled:
         return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=torch.device(device).type == "cuda")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 
+import torch
+
 from cogtune import distributed
 from cogtune.encode.cache import VideoLatentCache
 from cogtune.errors import ConfigError
@@ -48,8 +50,6 @@ def plan_run(config: TrainConfig) -> RunPlan:
                           hint=f"pip install 'cogtune[{config.report_to}]'")
     check_push_target(config)
     if config.optimizer.name in CUDA_ONLY:
-        import torch
-
         if not torch.cuda.is_available():
             raise ConfigError(f"optimizer {config.optimizer.name} needs a CUDA GPU")
     check_strategy(config)

@@ -19,6 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import imageio.v3 as iio
+import torch
+
 from cogtune.train.config import TrainConfig
 
 LOGS_DIR = "logs"  # accelerate's logging_dir, inside the run's folder
@@ -42,8 +45,6 @@ def step_values(loss: float, lr: float, grad_norm: Any, seconds: float, device: 
 
 def gpu_memory_values(device: Any) -> dict[str, float]:
     """Peak allocated and reserved memory of a CUDA device so far, in GiB; nothing for a CPU."""
-    import torch
-
     device = torch.device(device)
     if device.type != "cuda":
         return {}
@@ -84,8 +85,6 @@ def _log_tensorboard_gifs(writer: Any, videos: list[Path], step: int, fps: int) 
 
 def video_gif(video: Path | Any, fps: int) -> bytes:
     """An endlessly looping GIF of a video file or of uint8 frames (frames, height, width, 3)."""
-    import imageio.v3 as iio
-
     from cogtune.data.video import read_all_frames
 
     frames = read_all_frames(video) if isinstance(video, (str, Path)) else video

@@ -17,9 +17,15 @@ throw them away. A prompt count that does not divide the process count therefore
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from safetensors.torch import load_file
 
 from cogtune import report
 from cogtune.encode.cache import VideoLatentCache, compatibility, read_metadata, stable_hash, write_safetensors
@@ -43,8 +49,6 @@ def chunked_feed_forward(transformer: Any, chunk_tokens: int = FEED_FORWARD_CHUN
     The chunked forwards are made once per block and reused, so a compiled block sees the same
     function at every validation.
     """
-    import torch
-
     patched = []
     for block in getattr(transformer, "transformer_blocks", []):
         ff = block.ff
@@ -114,8 +118,6 @@ def _run_prompts_key(model: ResolvedModel) -> str:
 
 def stored_validation_prompts(config: TrainConfig, model: ResolvedModel) -> list[str]:
     """Prompts whose embeddings a resumed run reuses from its folder (none for a new run)."""
-    import json
-
     if config.resume is None:
         return []  # a new run embeds afresh: the folder may hold an older run's file (--overwrite)
     meta = read_metadata(Path(config.output_dir) / RUN_PROMPTS_FILE) or {}
@@ -158,8 +160,6 @@ def text_encoder_device(model: ResolvedModel, device: Any) -> Any:
     """Where training embeds new validation prompts: the training device when it is a GPU with room for
     T5's weights and a margin (nothing else is on it yet), else the CPU. Both give what `cogtune
     encode` would have cached on this machine (float32 on the CPU, the model's dtype on the GPU)."""
-    import torch
-
     from cogtune.models.text import text_encoder_bytes, text_encoder_dtype
 
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
@@ -185,8 +185,6 @@ def prepare_validation_embeds(config: TrainConfig, model: ResolvedModel, cache: 
 
 def _write_run_prompts(config: TrainConfig, model: ResolvedModel, cache: VideoLatentCache, prompts: list[str],
                        new: list[str], device: Any) -> None:
-    import torch
-
     from cogtune.models.text import embed_prompts, warn_cut_prompts
 
     path = Path(config.output_dir) / RUN_PROMPTS_FILE
@@ -223,8 +221,6 @@ def _write_run_prompts(config: TrainConfig, model: ResolvedModel, cache: VideoLa
 
 
 def _stored_token_counts(path: Path) -> list[int | None]:
-    import json
-
     try:
         counts = json.loads((read_metadata(path) or {}).get("num_tokens", "[]"))
     except ValueError:
@@ -233,8 +229,6 @@ def _stored_token_counts(path: Path) -> list[int | None]:
 
 
 def _read_run_prompts(path: Path) -> Any:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))["prompt_embeds"]
     except Exception as exc:
@@ -244,8 +238,6 @@ def _read_run_prompts(path: Path) -> Any:
 
 def run_prompt_embeds(output_dir: str | Path, prompts: list[str]) -> Any:
     """(N, L, D) embeddings of `prompts`, from the run's file that `prepare_validation_embeds` wrote."""
-    import json
-
     path = Path(output_dir) / RUN_PROMPTS_FILE
     try:
         stored = json.loads((read_metadata(path) or {}).get("prompts", "[]"))
@@ -321,8 +313,6 @@ class Validator:
         indices, real = self._my_prompts()
         rendered = self._generate(transformer, indices)[:real] if indices else []
         if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
             rendered = gather_object(rendered)
         if self.accelerator.is_main_process:
             for index, video in sorted(rendered, key=lambda item: item[0]):
@@ -331,9 +321,6 @@ class Validator:
 
     def _generate(self, transformer: Any, indices: list[int]) -> list[tuple[int, Any]]:
         """(prompt index, uint8 video) for each index; video i with seed + i, as `cogtune sample` does."""
-        import numpy as np
-        import torch
-
         from cogtune.models.loading import build_pipeline, load_scheduler, load_vae
         from cogtune.generate import generate_videos, load_condition_image
 

@@ -177,3 +177,24 @@ def test_mfu_is_the_estimated_flops_over_the_measured_step_and_the_gpus_peak(kit
     assert combined["mfu"] == 0.5  # 989 TFLOP / (2 s x 989 TFLOP/s)
     assert combined["error_pct"]["after_testing"] == 10.0 and combined["error_pct"]["allocated_peak"] == -5.0
     assert kit.gpu_slug({"dry_run": False, "gpu": "NVIDIA H200"}) == "h200"
+
+
+def test_an_offloading_row_compares_what_it_pins_with_the_estimate(kit):
+    """The host side of a GPU row: torch's pinned allocator's peak (`torch.cuda.host_memory_stats`, through the
+    trainer's memory.json) against the estimate's pinned parts, with its error and a table of its own."""
+    row = next(r for r in kit.plan(dry_run=False) if "offload" in r.id)
+    memory = {"before_training": 10.0, "before_validation": 20.0, "after_validation": 20.0, "after_testing": 22.0}
+    outcome = {"status": "ok", "measurement": {"label": "x", "memory_gib": memory, "allocated_peak_gib": 20.0,
+                                               "seconds_per_step": 2.0, "device": "NVIDIA H200",
+                                               "host_gib": {"rss_gib": 31.0, "pinned_gib": 20.0}}}
+    estimate = {"status": "ok", "label": "x", "teraflops_per_step": 989.0, "seconds": 1.0,
+                "memory_gib": {**memory, "allocated_peak": 20.0}, "host_ram_gib": 25.0, "pinned_host_gib": 18.0}
+    env = {"dry_run": False, "torch_cuda_available": True, "gpu": "NVIDIA H200", "device": "cuda", "versions": {}}
+    combined = kit.combine(row, outcome, estimate, env)
+    assert combined["error_pct"]["pinned_host"] == -10.0
+    document = {"title": "t", "environment": env, "rows": [combined], "notes": [], "command": "c", "budget_s": 1.0,
+                "elapsed_s": 1.0, "finished": True}
+    assert f"| {row.id} | 20.00 | 18.00 | -10.0% | 31.00 | 25.00 |" in kit.markdown(document)
+    # a row that pins nothing by design has no host error to give
+    plain = kit.combine(row, outcome, {**estimate, "pinned_host_gib": 0.0}, env)
+    assert "pinned_host" not in plain["error_pct"]

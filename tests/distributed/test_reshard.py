@@ -6,8 +6,8 @@ checkpoint must end where the uninterrupted run ends, within the tolerance of
 `test_training.py` (float32 sums in another order). DDP checkpoints hold the whole optimizer;
 FSDP2 ones hold its shards (torch.distributed.checkpoint): under FSDP on another number of
 processes torch reshards them (2 x batch 3 -> 3 x batch 2); without FSDP (one process, DDP)
-cogtune reads them back into a whole optimizer. A checkpoint written without FSDP is refused under
-FSDP, in one line.
+cogtune reads them back into a whole optimizer. A checkpoint written without FSDP resumes under
+FSDP: its whole optimizer and trainable weights are broadcast into the shards.
 """
 
 from __future__ import annotations
@@ -125,11 +125,12 @@ def test_fsdp_checkpoint_of_two_processes_resumes_on_three(runs, three_prompt_ca
 
 
 @pytest.mark.slow
-def test_a_checkpoint_without_fsdp_is_refused_under_fsdp_in_one_line(runs, three_prompt_cache, tmp_path):
-    checkpoint = _step_2(runs("one", None))
-    launch = accelerate_launch(write_accelerate_config(tmp_path, "fsdp", gpus=2), "train", "t2v", *ARGS, "--data",
-                               three_prompt_cache, "--output-dir", tmp_path / "run", "--resume", checkpoint,
-                               "--batch-size", "1")
-    output, _ = launch.communicate(timeout=240)
-    assert launch.returncode == 1
-    assert f"error: {checkpoint} was written without FSDP (by 1 process(es))" in " ".join(output.split())
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_checkpoint_of_one_process_resumes_on_two_under_fsdp(runs, method):
+    """A whole optimizer and the trainable weights' files, broadcast into FSDP2's shards by torch."""
+    extra = ("--full",) if method == "full" else ()
+    straight = runs(f"one-{method}" if extra else "one", None, None, *extra)
+    resumed = runs(f"one-{method}-to-fsdp", "fsdp", _step_2(straight), *extra)
+    assert "resumed from" in resumed.log and "at step 2" in resumed.log
+    assert "FSDP2, full shard" in resumed.log
+    _assert_same_run(resumed, straight, method)

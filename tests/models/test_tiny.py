@@ -73,3 +73,14 @@ def test_tiny_tokenizer_is_t5_like():
     padded = tokenizer("A red circle", padding="max_length", max_length=32, truncation=True).input_ids
     assert len(padded) == 32 and padded[-1] == tokenizer.pad_token_id == 0
     assert max(tokenizer("Zebra! 42 ~ {x}").input_ids) < 512
+
+
+def test_building_a_tiny_model_keeps_library_logs_off_stdout(tmp_path, synthetic_data):
+    """The first use of a tiny preset builds and saves it; accelerate's unwrapping then imports DeepSpeed
+    (when installed), which logs to stdout: `--json` output must still be one JSON document."""
+    from tests.conftest import run_subprocess
+
+    result = run_subprocess("dataset", "validate", synthetic_data, "--model", "tiny", "--json",
+                            env={"COGTUNE_HOME": str(tmp_path / "home")})
+    assert (tmp_path / "home" / "models").is_dir()  # the model was built in this process
+    assert json.loads(result.stdout)["ok"] is True, result.stdout[:300]

@@ -22,6 +22,12 @@ LARGE_SEGMENT = 20 << 20
 ROUND_LARGE = 2 << 20
 
 
+def pinned_block(size: int) -> int:
+    """Host bytes one pinned request takes: torch's CachingHostAllocator (aten/src/ATen/core/
+    CachingHostAllocator.h) rounds every request up to a power of two, and page-locks all of it."""
+    return 0 if size <= 0 else 1 << (size - 1).bit_length()
+
+
 def round_request(size: int) -> int:
     return max(MIN_BLOCK, -(-size // MIN_BLOCK) * MIN_BLOCK)
 

@@ -30,10 +30,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
 from cogtune.errors import ModelError
 from cogtune.models.loading import ResolvedModel
 from cogtune.models.registry import ALL_PRESETS, ModelSpec
 from cogtune.train.config import TrainConfig
+from cogtune.train.sizing.allocator import pinned_block
 
 Shape = tuple[int, int, int]
 
@@ -54,7 +59,10 @@ CUDA_CONTEXT_GIB = 0.5
 BREAKDOWN_PARTS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "autocast_weight_copies",
                    "saved_activations", "backward_transients", "workspaces", "vae_weights", "validation_denoise",
                    "validation_decode", "other", "allocator_slack")
-HOST_PARTS = ("offloaded_blocks", "offloaded_activations", "cpu_optimizer")
+HOST_PARTS = ("offloaded_blocks", "offloaded_activations", "cpu_optimizer", "cpu_optimizer_state")
+# The parts held in pinned (page-locked) memory, which torch's pinned allocator counts
+# (`torch.cuda.host_memory_stats`); the CPU optimizer's AdamW state is ordinary memory.
+PINNED_HOST_PARTS = ("offloaded_blocks", "offloaded_activations", "cpu_optimizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +104,10 @@ class RunEstimate:
         return gib_of(sum(self.host_ram.values()))
 
     @property
+    def pinned_host_gib(self) -> float:
+        return gib_of(sum(self.host_ram.get(part, 0) for part in PINNED_HOST_PARTS))
+
+    @property
     def label(self) -> str:
         return run_label(self.config, self.shape)
 
@@ -108,7 +120,7 @@ class RunEstimate:
                 "teraflops_per_step": round(self.teraflops_per_step, 1), "estimator_seconds": round(self.seconds, 1),
                 "breakdown_gib": {moment: rounded_parts(parts, figures[moment])
                                   for moment, parts in self.breakdown.items()},
-                "host_ram_gib": round(self.host_ram_gib, 3),
+                "host_ram_gib": round(self.host_ram_gib, 3), "pinned_host_gib": round(self.pinned_host_gib, 3),
                 "host_ram_breakdown_gib": rounded_parts(self.host_ram, round(self.host_ram_gib, 3))}
 
 
@@ -181,8 +193,6 @@ def traced_mixed_precision(config: TrainConfig, spec: ModelSpec) -> str:
 
 def synthetic_batch(spec: ModelSpec, batch_size: int, shape: Shape) -> dict[str, Any]:
     """CPU tensors shaped as the cache loader gives them for this shape (values are irrelevant)."""
-    import torch
-
     frames, height, width = shape
     latent = (batch_size, 2 * spec.latent_channels, spec.latent_frames(frames),
               height // spec.spatial_compression, width // spec.spatial_compression)
@@ -196,8 +206,6 @@ def synthetic_batch(spec: ModelSpec, batch_size: int, shape: Shape) -> dict[str,
 
 def _offloaded_weight_bytes(transformer: Any) -> int:
     """Bytes that block offloading keeps off the device: frozen weights, minus two layers in flight."""
-    import torch
-
     leaf_bytes = []
     for module in transformer.modules():
         own = [p for p in module.parameters(recurse=False) if not p.requires_grad]
@@ -205,7 +213,6 @@ def _offloaded_weight_bytes(transformer: Any) -> int:
             leaf_bytes.append(sum(p.numel() * p.element_size() for p in own))
     frozen = sum(leaf_bytes)
     in_flight = sum(sorted(leaf_bytes, reverse=True)[:2])
-    del torch
     return max(0, frozen - in_flight)
 
 
@@ -226,9 +233,6 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
     LoRA layers on the meta device; `exact=True` runs the full trace without these shortcuts (its own
     FLOP-counting step under torch's `FlopCounterMode`), which gives the same figures, only slower.
     """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     from cogtune.models.loading import load_scheduler
     from cogtune.models.positions import needs_learned_positions_dropped
     from cogtune.quiet import quiet_libraries
@@ -372,7 +376,7 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
                  "after_testing": validation_breakdown}
     host = {"offloaded_blocks": _pinned_block_bytes(transformer, spec) if memory_settings.offload_blocks else 0,
             "offloaded_activations": host_activations[0] if memory_settings.offload_activations else 0,
-            "cpu_optimizer": _cpu_optimizer_host_bytes(optimizer_name, trainable)}
+            **_cpu_optimizer_host_bytes(optimizer_name, trainable)}
     return RunEstimate(
         config=config, shapes=tuple(shapes), shape=shape, validation_shape=validation_shape, memory=figures,
         trainable_parameters=sum(p.numel() for p in trainable),
@@ -394,22 +398,25 @@ def _shifted(parts: dict[str, int], offloaded: int, extra_state: int) -> dict[st
 
 
 def _pinned_block_bytes(transformer: Any, spec: ModelSpec) -> int:
-    """Host bytes of block offloading: diffusers' group offloading keeps a pinned copy of every frozen
-    parameter and every buffer of the transformer (made when the hooks go on: in the model's dtype, before
-    float8 storage), the two layers in flight included."""
+    """Host bytes of block offloading: diffusers' group offloading pins a copy of every frozen parameter
+    and every buffer of the transformer, one request each (made when the hooks go on: in the model's
+    dtype, before float8 storage), the two layers in flight included."""
     from cogtune.models.loading import torch_dtype
 
     base = torch_dtype(spec.weight_dtype).itemsize
     tensors = [p for p in transformer.parameters() if not p.requires_grad] + list(transformer.buffers())
-    return sum(t.numel() * (base if t.is_floating_point() else t.element_size()) for t in tensors)
+    return sum(pinned_block(t.numel() * (base if t.is_floating_point() else t.element_size())) for t in tensors)
 
 
-def _cpu_optimizer_host_bytes(optimizer: str, trainable: list[Any]) -> int:
-    """torchao's `CPUOffloadOptimizer` keeps, for each trainable tensor of at least 4096 elements, a pinned
-    copy of the parameter and of its gradient and the AdamW state (exp_avg, exp_avg_sq) on the host."""
+def _cpu_optimizer_host_bytes(optimizer: str, trainable: list[Any]) -> dict[str, int]:
+    """torchao's `CPUOffloadOptimizer` pins, for each trainable tensor of at least 4096 elements, a host
+    copy of the parameter and one of its gradient (`cpu_optimizer`); AdamW keeps its two states
+    (exp_avg, exp_avg_sq) of those copies in ordinary host memory (`cpu_optimizer_state`)."""
+    offloaded = [p.numel() * p.element_size() for p in trainable if p.numel() >= CPU_OFFLOAD_MIN_SIZE]
     if optimizer != "adamw-cpu-offload":
-        return 0
-    return sum(4 * p.numel() * p.element_size() for p in trainable if p.numel() >= CPU_OFFLOAD_MIN_SIZE)
+        offloaded = []
+    return {"cpu_optimizer": sum(2 * pinned_block(size) for size in offloaded),
+            "cpu_optimizer_state": sum(2 * size for size in offloaded)}
 
 
 @contextlib.contextmanager
@@ -458,9 +465,6 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
 
     Returns the (reserved, allocated, breakdown) peaks of the denoising step and of the decode.
     """
-    import torch
-    from PIL import Image
-
     from cogtune.models.loading import build_pipeline
     from cogtune.train.sizing.trace import DEVICE
     from cogtune.train.validation import validation_feed_forward_chunks

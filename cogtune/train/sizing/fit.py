@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from cogtune import distributed, report
 from cogtune.config import flatten_settings, replace_settings
 from cogtune.errors import ConfigError
@@ -54,10 +56,23 @@ def host_memory_gib() -> float | None:
         return None
 
 
+def processes_here() -> int:
+    """Training processes the launcher started on this machine (`LOCAL_WORLD_SIZE`; 1 without a launcher).
+    Each keeps its own offloaded blocks, activations and CPU optimizer state in this machine's RAM."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def host_share_gib() -> float | None:
+    """The RAM one process may keep: the machine's, split between the processes launched on it."""
+    total = host_memory_gib()
+    return None if total is None else total / processes_here()
+
+
 def fits_host(estimate: RunEstimate, host_budget: float | None = None) -> bool:
-    """Whether the host RAM the run's offloading keeps (pinned blocks and activations, CPU optimizer state)
-    fits `host_budget` GiB (None: this machine's RAM; unknown RAM fits)."""
-    host_budget = host_memory_gib() if host_budget is None else host_budget
+    """Whether the host RAM the run's offloading keeps per process (pinned blocks and activations, CPU
+    optimizer state) fits `host_budget` GiB (None: this process's share of this machine's RAM,
+    `host_share_gib`; unknown RAM fits)."""
+    host_budget = host_share_gib() if host_budget is None else host_budget
     return host_budget is None or estimate.host_ram_gib <= host_budget
 
 
@@ -181,8 +196,6 @@ def choose_profile(config: TrainConfig, shapes: Any, validation_shape: Any, budg
 def profile_budget(profile: str) -> float:
     """GiB of reserved memory a memory profile allows ('auto': the present GPU)."""
     if profile == "auto":
-        import torch
-
         if not torch.cuda.is_available():
             raise ConfigError("--memory-profile auto needs a GPU to size for; name a size instead (e.g. 24gb)")
         return budget_gib(torch.cuda.get_device_properties(0).total_memory / 1024**3)
@@ -196,8 +209,6 @@ def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
     configured settings. Every process of a DDP launch computes the same choice (the estimate is
     deterministic); other strategies shard memory themselves, so profiles do not apply to them.
     """
-    import torch
-
     strategy = distributed.requested_strategy()
     shapes = plan.cache.bucket_shapes
     validation = validation_shape(config, plan.cache) if plan.validation_prompts else None
@@ -229,14 +240,23 @@ def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
             report.warn(f"memory check skipped: the estimate failed ({_first_line(exc)})")
             return config
         if estimate.memory.after_testing <= budget and not fits_host(estimate):
-            report.warn(f"this run's offloading is estimated to keep {estimate.host_ram_gib:.1f} GiB in host memory; "
-                        f"this machine has {host_memory_gib():.1f} GiB: it will likely run out of host memory")
+            report.warn(_host_shortfall(estimate))
         elif not fits(estimate, budget):
             advice = ", ".join(suggestion.changes) if suggestion else "a smaller clip shape or batch"
             report.warn(f"this run is estimated to peak at {estimate.memory.after_testing:.1f} GiB (bucket "
                         f"{'x'.join(map(str, estimate.shape))}); this GPU gives {budget:.1f} GiB: it will likely run "
                         f"out of memory (try {advice}, or --memory-profile auto)")
     return config
+
+
+def _host_shortfall(estimate: RunEstimate) -> str:
+    """The warning for a run whose offloading does not fit this machine's RAM."""
+    processes = processes_here()
+    kept = f"{estimate.host_ram_gib:.1f} GiB in host memory"
+    if processes > 1:
+        kept += f" per process ({processes * estimate.host_ram_gib:.1f} GiB for the {processes} on this machine)"
+    return (f"this run's offloading is estimated to keep {kept}; this machine has {host_memory_gib():.1f} GiB: "
+            "it will likely run out of host memory")
 
 
 def _first_line(exc: BaseException) -> str:

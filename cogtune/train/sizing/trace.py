@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.flop_counter import FlopCounterMode
 
-from cogtune.train.sizing.allocator import CachingAllocatorModel
+from cogtune.train.sizing.allocator import CachingAllocatorModel, pinned_block
 
 DEVICE = torch.device("meta")
 CUBLAS_WORKSPACE_BYTES = 32 << 20  # Hopper's default cuBLAS workspace (`CUBLAS_WORKSPACE_CONFIG`)
@@ -300,8 +301,6 @@ def _run_meta(func: Any, args: Any, kwargs: Any) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _flop_registry() -> dict[Any, Any]:
-    from torch.utils.flop_counter import FlopCounterMode
-
     return FlopCounterMode().flop_registry
 
 
@@ -386,15 +385,16 @@ def gpu_semantics(compute_dtype: torch.dtype) -> Iterator[CastCache]:
 def activations_offloaded_on_meta(host_bytes: list[int] | None = None) -> Iterator[None]:
     """What `save_on_cpu` does to GPU memory: saved tensors leave the device and come back in backward.
 
-    `host_bytes[0]` grows by the bytes of each host copy `save_on_cpu` makes (one per packed tensor, of
-    its size, so a view or a tensor saved twice is copied whole each time), all alive until backward.
+    `host_bytes[0]` grows by the host bytes of each pinned copy `save_on_cpu` makes (one per packed
+    tensor, of its size rounded up to a power of two by the pinned allocator, so a view or a tensor
+    saved twice is copied whole each time), all alive until backward.
     """
 
     def pack(tensor: torch.Tensor) -> Any:
         if tensor.device != DEVICE:
             return tensor
         if host_bytes is not None:
-            host_bytes[0] += tensor.numel() * tensor.element_size()
+            host_bytes[0] += pinned_block(tensor.numel() * tensor.element_size())
         return ("offloaded", tuple(tensor.shape), tensor.stride(), tensor.dtype)
 
     def unpack(packed: Any) -> torch.Tensor:

@@ -14,6 +14,15 @@ from cogtune.models.registry import ALL_PRESETS
 from cogtune.train.sizing.estimate import BREAKDOWN_PARTS, estimate_run, rounded_parts
 from tests.train.sizing.test_estimate import estimate, run
 
+
+def torch_pinned_request(size: int) -> int:
+    """Host bytes torch's pinned allocator takes for a request of `size` bytes: `c10::llvm::PowerOf2Ceil`
+    (aten/src/ATen/core/CachingHostAllocator.h, `allocate`), written out here as the oracle."""
+    power = 1
+    while power < size:
+        power *= 2
+    return power if size else 0
+
 CONFIGS = [
     {},
     {"full": True, "gradient_checkpointing": False},
@@ -127,7 +136,7 @@ def test_host_ram_of_offloaded_activations_is_what_save_on_cpu_copies(settings, 
             pack, unpack = self.pack_hook, self.unpack_hook
 
             def counting_pack(tensor):
-                packed[0] += tensor.numel() * tensor.element_size()
+                packed[0] += torch_pinned_request(tensor.numel() * tensor.element_size())
                 return pack(tensor)
 
             self.pack_hook = counting_pack
@@ -147,7 +156,7 @@ def test_host_ram_of_offloaded_activations_is_what_save_on_cpu_copies(settings, 
     # The estimate sizes a GPU run, whose flash-attention kernel also saves its philox seed and offset for
     # backward (a uint64 pair and a uint64 scalar, 24 bytes) where the CPU's kernel saves none: 24 bytes per
     # attention call saved in the forward (none under checkpointing, which saves only the blocks' inputs).
-    # Everything else matches to the byte.
+    # Everything else matches to the byte. (Both are powers of two: the pinned allocator keeps them as they are.)
     rng_state = 0 if config.gradient_checkpointing else 24 * spec.transformer_config["num_layers"]
     assert result.host_ram["offloaded_activations"] == packed[0] + rng_state
     assert result.host_ram_gib == (packed[0] + rng_state) / 1024**3
@@ -160,18 +169,24 @@ def test_host_ram_of_offloaded_blocks_is_the_frozen_weights_the_offload_keeps_on
     _, transformer, _, _ = _trainer_pieces(config)
     kept = [p for p in transformer.parameters() if not p.requires_grad] + list(transformer.buffers())
     assert all(t.device.type == "cpu" for t in kept)
-    on_cpu = sum(t.numel() * t.element_size() for t in kept)
+    on_cpu = sum(torch_pinned_request(t.numel() * t.element_size()) for t in kept)  # one pinned copy each
     result = estimate(config)
-    assert result.host_ram == {"offloaded_blocks": on_cpu, "offloaded_activations": 0, "cpu_optimizer": 0}
+    assert result.host_ram == {"offloaded_blocks": on_cpu, "offloaded_activations": 0, "cpu_optimizer": 0,
+                               "cpu_optimizer_state": 0}
+    assert on_cpu > sum(t.numel() * t.element_size() for t in kept)  # the rounding is counted
 
 
 def test_host_ram_of_the_cpu_offload_optimizer_is_its_host_copies_and_state():
-    """torchao's CPUOffloadOptimizer: a host copy of each parameter of 4096+ elements and of its gradient,
-    and AdamW's two states, all float32 (16 bytes a parameter); smaller ones stay on the device."""
+    """torchao's CPUOffloadOptimizer: a pinned host copy of each parameter of 4096+ elements and of its
+    gradient, and AdamW's two states in ordinary memory, all float32 (16 bytes a parameter before the
+    pinned allocator's rounding); smaller ones stay on the device."""
     config = run(full=True, **{"optimizer.name": "adamw-cpu-offload"})
     _, transformer, _, _ = _trainer_pieces(config)
-    big = sum(p.numel() for p in transformer.parameters() if p.requires_grad and p.numel() >= 4096)
-    assert estimate(config).host_ram["cpu_optimizer"] == 16 * big
+    big = [p.numel() * 4 for p in transformer.parameters() if p.requires_grad and p.numel() >= 4096]
+    result = estimate(config)
+    assert result.host_ram["cpu_optimizer"] == sum(2 * torch_pinned_request(size) for size in big)
+    assert result.host_ram["cpu_optimizer_state"] == 2 * sum(big)
+    assert result.pinned_host_gib == result.host_ram["cpu_optimizer"] / 1024**3
 
 
 def test_configurations_without_offloading_need_no_host_ram():
@@ -193,3 +208,21 @@ def test_fitting_checks_the_host_too():
     budget = plain.memory.after_testing - 1e-6
     suggestion = cheapest_fit(plain, budget, host_budget=1e-12)
     assert suggestion is None or sum(suggestion.estimate.host_ram.values()) == 0
+
+
+def test_each_process_on_a_machine_gets_its_share_of_the_host(monkeypatch):
+    """Every process a launcher starts on one machine keeps its own offloaded copies in that machine's
+    RAM (torchrun and accelerate say how many in LOCAL_WORLD_SIZE)."""
+    from cogtune.train.sizing import fit
+
+    offloading = estimate(run(**{"memory.offload_activations": True}))
+    host = offloading.host_ram_gib
+    monkeypatch.setattr(fit, "host_memory_gib", lambda: 3 * host)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert fit.fits_host(offloading)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert fit.fits_host(offloading) and fit.fits(offloading, 100.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert not fit.fits_host(offloading) and not fit.fits(offloading, 100.0)
+    warning = fit._host_shortfall(offloading)
+    assert f"{host:.1f} GiB in host memory per process ({4 * host:.1f} GiB for the 4 on this machine)" in warning
