@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/cogtune demo --output-dir demo
 
-# Two worker processes (pytest-xdist), one test file each at a time: the suite takes 9 to 11 minutes
+# Two worker processes (pytest-xdist), one test file each at a time: the suite takes 11 to 13 minutes
 # on an idle 2-core machine; one process took 14 minutes before the multi-process tests of issue 19 came in.
 TEST_WORKERS ?= 2
 

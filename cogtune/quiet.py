@@ -25,6 +25,10 @@ def debug_enabled() -> bool:
     return os.environ.get("COGTUNE_DEBUG", "") not in ("", "0")
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def quiet_libraries() -> None:
     """Lower the log level of chatty libraries; call before importing them. Idempotent."""
     global _done
@@ -39,6 +43,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed sets its logger's level and adds a stdout handler when it is imported (accelerate imports
+    # it to unwrap or save a model): a filter on the logger outlives both.
+    logging.getLogger("DeepSpeed").addFilter(_errors_only)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")

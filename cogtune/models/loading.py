@@ -272,6 +272,8 @@ def _from_pretrained(model: ResolvedModel, cls: Any, subfolder: str, **kwargs: A
     online = model.source == "hub" and not kwargs.get("local_files_only") and not hub_offline_mode()
     if online:
         check_hub_reachable(model.location)
+    elif model.source == "hub":  # offline as set now, even where a library read HF_HUB_OFFLINE at import
+        kwargs["local_files_only"] = True
     try:
         if online and subfolder in _WEIGHT_FOLDERS:
             _download_with_progress(model, subfolder)
