@@ -144,12 +144,14 @@ def plan_encode(config: EncodeConfig) -> EncodePlan:
     for source, buckets in zip(sources, bucket_sets):
         data = source.data
         video_frames = [b.frames for b in buckets if b.frames > 1]
-        still = next((e for e in read_entries(data)[0] if e.still), None) if i2v else None
-        if still is not None:  # known from its name: refused before any file is read
+        # A still is known from its name: refused before any file is read (with --skip-invalid, validation
+        # reports each one as `still-image-i2v` and it is skipped like any entry with an error).
+        still = next((e for e in read_entries(data)[0] if e.still), None) if i2v and not config.skip_invalid else None
+        if still is not None:
             raise ConfigError(f"{source.origin or data.root}: '{still.video_ref}' is a still image, which "
                               "cannot train image-to-video: it would be its own condition image, leaving "
                               "nothing to generate", hint="train images with a text-to-video model")
-        validation = validate_dataset(data, frames=min(video_frames) if video_frames else None, model=spec)
+        validation = validate_dataset(data, frames=min(video_frames) if video_frames else None, model=spec, i2v=i2v)
         validations.append(validation)
         usable = {entry.index for entry in _entries_to_encode(validation, config, source)}
         target_fps = data.sample_fps or spec.fps

@@ -258,3 +258,16 @@ def test_image_to_video_encode_refuses_stills_without_reading_them(tmp_path):
                                  data=DatasetConfig(root=str(tmp_path)), buckets=("9x64x64",)))
     assert caught.value.message == (f"{tmp_path}: 'still.png' is a still image, which cannot train image-to-video: "
                                     "it would be its own condition image, leaving nothing to generate")
+
+
+def test_image_to_video_encode_with_skip_invalid_skips_the_stills_and_encodes_the_clips(tmp_path):
+    from cogtune.encode import EncodeConfig
+    from cogtune.encode.run import plan_encode
+
+    make_clip(tmp_path / "clip.mp4", "libx264")
+    (tmp_path / "still.png").write_bytes(b"not an image at all")  # still never read: no unreadable-image either
+    write_listing(tmp_path, ["clip.mp4", "still.png"])
+    plan = plan_encode(EncodeConfig(model="tiny-i2v", output_dir=str(tmp_path / "cache"), skip_invalid=True,
+                                    data=DatasetConfig(root=str(tmp_path)), buckets=("9x64x64",)))
+    assert [item.entry.video.name for item in plan.items] == ["clip.mp4"]
+    assert [(p.code, p.path, p.line) for p in plan.validations[0].errors] == [("still-image-i2v", "still.png", 2)]
