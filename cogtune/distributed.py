@@ -37,6 +37,11 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def processes_on_this_machine() -> int:
+    """How many processes the launcher started on this machine (`LOCAL_WORLD_SIZE`; 1 without a launcher)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def force_cpu() -> bool:
     """True for a multi-process launch on a machine without CUDA."""
     return launched_processes() > 1 and not torch.cuda.is_available()

@@ -51,13 +51,13 @@ def text_encoder_dtype(spec: Any, device: Any, available: int | None | Literal["
     if torch.device(device).type != "cpu":
         return own
     available = available_host_bytes() if available == "ask" else available
-    if available is None or host_room_for(text_encoder_bytes(spec, torch.float32), available):
+    full = text_encoder_bytes(spec, torch.float32)
+    if available is None or host_room_for(full, available):
         return torch.float32
-    needed = text_encoder_bytes(spec, own)
+    needed = full // torch.float32.itemsize * own.itemsize
     if own != torch.float32 and host_room_for(needed, available):
         report.info(f"T5 runs in {str(own).removeprefix('torch.')} on the CPU: float32 weights would need "
-                    f"{report.binary_size(text_encoder_bytes(spec, torch.float32))} of host memory, "
-                    f"{report.binary_size(available)} is available")
+                    f"{report.binary_size(full)} of host memory, {report.binary_size(available)} is available")
         return own
     raise ModelError(f"the text encoder needs {report.binary_size(needed)} of host memory on the CPU (and "
                      f"{report.binary_size(HOST_MARGIN_BYTES)} to run); {report.binary_size(available)} is available",

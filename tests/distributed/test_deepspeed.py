@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests.distributed.conftest import accelerate_launch, finish, write_accelerate_config
-from tests.distributed.test_training import ARGS, Run, _in_process, assert_same_training
+from tests.distributed.test_training import ARGS, Run, _in_process, assert_resumed_exactly, assert_same_training
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -108,11 +108,7 @@ def test_zero3_resume_continues_exactly(runs):
     """2 steps, then a resume from that checkpoint (DeepSpeed's sharded model and optimizer state) for 2 more,
     equal 4 steps straight."""
     straight, resumed = runs("zero3", "full"), runs("zero3", "full", resumed=True)
-    assert "resumed from" in resumed.log and "at step 2" in resumed.log
-    left, right = straight.weights, resumed.weights
-    assert left.keys() == right.keys()
-    assert all(torch.equal(left[k], right[k]) for k in left)
-    assert resumed.losses == straight.losses
+    assert_resumed_exactly(straight, resumed)
 
 
 @pytest.mark.gpu

@@ -109,6 +109,15 @@ def assert_same_training(left: Run, right: Run, method: str, label: str) -> None
     assert left.losses == pytest.approx(right.losses, rel=1e-5)
 
 
+def assert_resumed_exactly(straight: Run, resumed: Run) -> None:
+    """A run resumed at step 2 ended bit for bit where the run straight through did, losses included."""
+    assert "resumed from" in resumed.log and "at step 2" in resumed.log
+    left, right = straight.weights, resumed.weights
+    assert left.keys() == right.keys()
+    assert all(torch.equal(left[k], right[k]) for k in left)
+    assert resumed.losses == straight.losses
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "method"), [("ddp", "lora"), ("ddp", "full"), ("fsdp", "lora"), ("fsdp", "full"),
                                                   ("fsdp", "i2v")])
@@ -145,11 +154,7 @@ def test_fsdp_saves_the_same_files_as_one_process(runs):
 def test_fsdp_resume_continues_exactly(runs, method):
     """2 steps, then a resume from that checkpoint for 2 more, equal 4 steps straight (accelerate's sharded state)."""
     straight, resumed = runs("fsdp", method), runs("fsdp", method, resumed=True)
-    assert "resumed from" in resumed.log and "at step 2" in resumed.log
-    left, right = straight.weights, resumed.weights
-    assert left.keys() == right.keys()
-    assert all(torch.equal(left[k], right[k]) for k in left)
-    assert resumed.losses == straight.losses
+    assert_resumed_exactly(straight, resumed)
 
 
 @pytest.mark.slow

@@ -56,16 +56,11 @@ def host_memory_gib() -> float | None:
         return None
 
 
-def processes_here() -> int:
-    """Training processes the launcher started on this machine (`LOCAL_WORLD_SIZE`; 1 without a launcher).
-    Each keeps its own offloaded blocks, activations and CPU optimizer state in this machine's RAM."""
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
 def host_share_gib() -> float | None:
-    """The RAM one process may keep: the machine's, split between the processes launched on it."""
+    """The RAM one process may keep: the machine's, split between the processes launched on it (each keeps
+    its own offloaded blocks, activations and CPU optimizer state)."""
     total = host_memory_gib()
-    return None if total is None else total / processes_here()
+    return None if total is None else total / distributed.processes_on_this_machine()
 
 
 def fits_host(estimate: RunEstimate, host_budget: float | None = None) -> bool:
@@ -251,7 +246,7 @@ def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
 
 def _host_shortfall(estimate: RunEstimate) -> str:
     """The warning for a run whose offloading does not fit this machine's RAM."""
-    processes = processes_here()
+    processes = distributed.processes_on_this_machine()
     kept = f"{estimate.host_ram_gib:.1f} GiB in host memory"
     if processes > 1:
         kept += f" per process ({processes * estimate.host_ram_gib:.1f} GiB for the {processes} on this machine)"
