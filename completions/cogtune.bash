@@ -21,6 +21,7 @@ _cogtune() {
         'config accelerate --strategy'|'config accelerate -s') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "ddp fsdp fsdp-hybrid zero2 zero2-offload zero3 zero3-offload" -- "$cur")); return ;;
         'config accelerate --mixed-precision') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "bf16 fp16 no" -- "$cur")); return ;;
         'dataset download --repo-type') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "dataset model space" -- "$cur")); return ;;
+        'dataset prepare --detector') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "adaptive content threshold" -- "$cur")); return ;;
         'dataset validate --frame-sampling') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "uniform fps" -- "$cur")); return ;;
         'dataset validate --kind') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "videos images" -- "$cur")); return ;;
         'dataset validate --frame-extraction') compopt +o default 2>/dev/null; COMPREPLY=($(compgen -W "uniform head chunk slide" -- "$cur")); return ;;
@@ -63,7 +64,7 @@ _cogtune() {
         'config accelerate') words="--strategy --gpus --machines --machine-rank --main-process-ip --main-process-port --mixed-precision --help" ;;
         'dataset') words="download prepare preview validate --help" ;;
         'dataset download') words="--local-dir --revision --repo-type --include --exclude --max-workers --no-validate --help" ;;
-        'dataset prepare') words="--model --frames --fps --threshold --caption-model --caption-prompt --help" ;;
+        'dataset prepare') words="--model --frames --fps --detector --threshold --caption-model --caption-prompt --help" ;;
         'dataset preview') words="--count --output --model --help" ;;
         'dataset validate') words="--caption-column --video-column --image-column --dataset-file --allow-outside-root --no-allow-outside-root --id-token --frame-sampling --sample-fps --kind --frame-extraction --frame-stride --caption-extension --dataset-config --frames --height --width --model --deep --json --help" ;;
         'demo') words="--output-dir --steps --help" ;;

@@ -145,7 +145,7 @@ def download(
     epilog=examples(
         "cogtune dataset prepare footage/ data/shots --model cogvideox-5b",
         "cogtune dataset prepare footage/ data/shots --model cogvideox1.5-5b --caption-model models/my-vlm",
-        "cogtune dataset prepare footage/ data/shots --frames 49 --fps 8 --threshold 20",
+        "cogtune dataset prepare footage/ data/shots --frames 49 --fps 8 --detector content --threshold 20",
     ),
 )
 @settings_options(PrepareConfig)  # raw and output are the arguments

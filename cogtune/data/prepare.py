@@ -1,7 +1,8 @@
 """`dataset prepare`: raw footage in, a dataset cogtune reads out.
 
-Each source video (searched recursively in RAW) is split into shots by PySceneDetect's
-`ContentDetector`; each shot is cut into back-to-back clips of exactly the model's frame count
+Each source video (searched recursively in RAW) is split into shots by a PySceneDetect detector
+(`--detector`: `adaptive` by default, PySceneDetect's own default; `content`; or `threshold` for fades),
+with the detector's own default threshold unless `--threshold` is given; each shot is cut into back-to-back clips of exactly the model's frame count
 at the model's frame rate (both asked of the `ModelSpec`); a shot too short for one clip is
 skipped and counted. The output folder holds::
 
@@ -32,7 +33,7 @@ import math
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cogtune.config import MODEL_HELP, check_settings, require, setting
 from cogtune.data.dataset import (CAPTION_PLACEHOLDER, DEFAULT_CAPTION_FILE, DEFAULT_VIDEO_FILE, VIDEO_EXTENSIONS,
@@ -59,8 +60,13 @@ class PrepareConfig:
     frames: int | None = setting(None, "Frames per clip; default: the model's.", flag="--frames", short="-F", low=1)
     fps: float | None = setting(None, "Frame rate of the clips; default: the model's.", flag="--fps", low=0,
                                 low_open=True)
-    threshold: float = setting(27.0, "Shot-cut sensitivity (PySceneDetect ContentDetector threshold; lower finds "
-                                     "more cuts).", flag="--threshold", low=0, low_open=True)
+    detector: Literal["adaptive", "content", "threshold"] = setting(
+        "adaptive", "PySceneDetect's shot detector: adaptive (its own default: content changes against their "
+                    "neighbourhood), content (a fixed change threshold) or threshold (fades to and from black).",
+        flag="--detector")
+    threshold: float | None = setting(None, "The detector's threshold (lower finds more cuts); default: the "
+                                            "detector's own (adaptive 3, content 27, threshold 12).",
+                                      flag="--threshold", low=0, low_open=True)
     caption_model: str | None = setting(None, "Local transformers image-text-to-text model folder that captions "
                                               "clips without a sidecar caption.", flag="--caption-model", path=True)
     caption_prompt: str = setting(DEFAULT_CAPTION_PROMPT, "What the caption model is asked.",
@@ -129,8 +135,38 @@ def clips_in_shot(start: int, end: int, source_fps: float, fps: float, frames: i
     return available, [start / source_fps + index * frames / fps for index in range(count)]
 
 
-def detect_shots(path: Path, threshold: float) -> tuple[list[tuple[int, int]], float]:
-    """Shots as (first frame, end frame exclusive) with PySceneDetect's ContentDetector, and the source fps.
+# PySceneDetect's detector for each `--detector` name, and the keyword its threshold goes by.
+_DETECTORS = {"adaptive": ("AdaptiveDetector", "adaptive_threshold"),
+              "content": ("ContentDetector", "threshold"),
+              "threshold": ("ThresholdDetector", "threshold")}
+
+
+def detector_threshold(detector: str, given: float | None) -> float:
+    """The threshold `detector` runs with: the one given, else PySceneDetect's own default for that detector."""
+    if given is not None:
+        return float(given)
+    import inspect
+
+    import scenedetect
+
+    class_name, keyword = _DETECTORS[detector]
+    return float(inspect.signature(getattr(scenedetect, class_name)).parameters[keyword].default)
+
+
+def make_detector(detector: str, threshold: float) -> Any:
+    """A new PySceneDetect detector (they keep state, so one per video)."""
+    import scenedetect
+
+    class_name, keyword = _DETECTORS[detector]
+    # Every cut is kept (min_scene_len 1): a shot merged into its neighbour would put a cut inside a clip,
+    # while a spurious cut only makes a shot too short, which is skipped. A video that ends in a fade-out
+    # keeps its last shot, as PySceneDetect's command line does (`add-last-scene`).
+    extra = {"add_final_scene": True} if detector == "threshold" else {}
+    return getattr(scenedetect, class_name)(**{keyword: threshold}, min_scene_len=1, **extra)
+
+
+def detect_shots(path: Path, detector: str, threshold: float) -> tuple[list[tuple[int, int]], float]:
+    """Shots as (first frame, end frame exclusive) with a PySceneDetect detector, and the source fps.
 
     OpenCV reads a file's first video stream; when there are several (cover art in a .mkv, a second
     angle), shots are found in the one ffmpeg picks, which `cut_clip` cuts, remuxed alone to a
@@ -146,8 +182,8 @@ def detect_shots(path: Path, threshold: float) -> tuple[list[tuple[int, int]], f
             alone = Path(folder) / "video.mkv"
             _ffmpeg(["-i", str(path), "-an", "-sn", "-dn", "-map_metadata", "-1", "-c", "copy", str(alone)],
                     f"ffmpeg could not read the video stream of {path}")
-            return _detect_shots(alone, threshold, path)
-    return _detect_shots(path, threshold, path)
+            return _detect_shots(alone, detector, threshold, path)
+    return _detect_shots(path, detector, threshold, path)
 
 
 def _ffmpeg(args: list[str], failure: str) -> None:
@@ -163,10 +199,10 @@ def _ffmpeg(args: list[str], failure: str) -> None:
         raise DataError(f"{failure}: {(result.stderr.strip().splitlines() or ['unknown error'])[-1][:200]}")
 
 
-def _detect_shots(path: Path, threshold: float, source: Path) -> tuple[list[tuple[int, int]], float]:
+def _detect_shots(path: Path, detector: str, threshold: float, source: Path) -> tuple[list[tuple[int, int]], float]:
     import logging
 
-    from scenedetect import ContentDetector, SceneManager, VideoOpenFailure, open_video
+    from scenedetect import SceneManager, VideoOpenFailure, open_video
 
     from cogtune.quiet import muted_native_stderr
 
@@ -177,9 +213,7 @@ def _detect_shots(path: Path, threshold: float, source: Path) -> tuple[list[tupl
         with muted_native_stderr():  # OpenCV's ffmpeg prints its own complaints on a file it cannot open
             video = open_video(str(path))
         manager = SceneManager()
-        # Every cut is kept (min_scene_len 1): a shot merged into its neighbour would put a cut inside a clip,
-        # while a spurious cut only makes a shot too short, which is skipped.
-        manager.add_detector(ContentDetector(threshold=threshold, min_scene_len=1))
+        manager.add_detector(make_detector(detector, threshold))
         manager.detect_scenes(video=video)
         scenes = manager.get_scene_list(start_in_scene=True)
         fps = float(video.frame_rate)
@@ -292,8 +326,12 @@ def middle_frame(clip: Path, frames: int):
 
 
 def _settings(shape: ClipShape, config: PrepareConfig) -> dict[str, Any]:
-    return {"frames": shape.frames, "fps": shape.fps, "model": shape.model, "detector": "content",
-            "threshold": config.threshold}
+    return {"frames": shape.frames, "fps": shape.fps, "model": shape.model, "detector": config.detector,
+            "threshold": detector_threshold(config.detector, config.threshold)}
+
+
+def _detection(settings: dict[str, Any]) -> str:
+    return f"{settings.get('detector')} detector, threshold {settings.get('threshold'):g}"
 
 
 def _clip_names(raw: Path, sources: list[Path]) -> dict[Path, str]:
@@ -322,9 +360,10 @@ def _open_output(out: Path, raw: Path, settings: dict[str, Any]) -> dict[str, An
             before = manifest.get("settings") or {}
             raise ConfigError(
                 f"{out} was prepared with {before.get('frames')} frames at {before.get('fps'):g} fps "
-                f"(threshold {before.get('threshold'):g}), not {settings['frames']} at {settings['fps']:g} fps "
-                f"(threshold {settings['threshold']:g})",
-                hint="prepare into a new folder, or repeat the earlier settings to resume")
+                f"({_detection(before)}), not {settings['frames']} at {settings['fps']:g} fps "
+                f"({_detection(settings)})",
+                hint="prepare into a new folder, or repeat the earlier settings to resume "
+                     f"(--detector {before.get('detector')} --threshold {before.get('threshold'):g})")
         return manifest
     if out.exists():
         if not out.is_dir():
@@ -389,7 +428,7 @@ def _write_report(out: Path, manifest: dict[str, Any]) -> None:
 
     settings = manifest["settings"]
     title = (f"dataset prepare: {settings['frames']}-frame clips at {settings['fps']:g} fps"
-             + (f" ({settings['model']})" if settings["model"] else ""))
+             + (f" ({settings['model']})" if settings["model"] else "") + f"; shots: {_detection(settings)}")
     text = io.StringIO()
     console = Console(file=text, width=160, highlight=False, soft_wrap=True)
     console.print(report.table(title, REPORT_COLUMNS, report_rows(manifest), to_stderr=True, numeric=False))
@@ -411,14 +450,14 @@ def _totals(manifest: dict[str, Any]) -> dict[str, int]:
                                         if c["caption_source"] == "placeholder")}
 
 
-def _prepare_source(source: Path, out: Path, stem: str, shape: ClipShape, config: PrepareConfig,
+def _prepare_source(source: Path, out: Path, stem: str, shape: ClipShape, settings: dict[str, Any],
                     captioner: Any) -> dict[str, Any]:
     """Shots, clips and skips of one source; clips already on disk (an interrupted run) are kept."""
     from cogtune.data.video import VideoReadError, probe_video
 
     record: dict[str, Any] = {"size": source.stat().st_size, "shots": [], "clips": [], "unused_frames": 0}
     try:
-        shots, source_fps = detect_shots(source, config.threshold)
+        shots, source_fps = detect_shots(source, settings["detector"], settings["threshold"])
     except DataError as exc:
         reason = exc.message.removeprefix(f"{source}: ")
         try:
@@ -507,7 +546,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         with report.progress("preparing", total=len(sources), unit="video", completed=len(sources) - len(pending)) \
                 as bar:
             for source in pending:
-                record = _prepare_source(source, out, names[source], shape, config, captioner)
+                record = _prepare_source(source, out, names[source], shape, settings, captioner)
                 done[source.relative_to(raw).as_posix()] = record
                 manifest["totals"] = _totals(manifest)
                 _write_listings(out, manifest)

@@ -162,6 +162,62 @@ def test_resumes_without_redoing_or_overwriting(tmp_path):
         prepare_dataset(PrepareConfig(raw=str(raw), output=str(out), model="tiny-1.5"))
 
 
+def test_the_default_detector_is_pyscenedetects_own_and_finds_hue_only_cuts(tmp_path):
+    """Red, green, blue of equal brightness and saturation: only the hue changes at each cut.
+
+    The oracle for "the library's own default" is PySceneDetect's command-line configuration (its
+    `default-detector` and each detector's default threshold), read from the library.
+    """
+    from scenedetect._cli.config import CONFIG_MAP
+
+    assert CONFIG_MAP["global"]["default-detector"] == f"detect-{PrepareConfig.__dataclass_fields__['detector'].default}"
+    raw = tmp_path / "raw"
+    make_footage(raw / "hues.mp4", [("0xFF0000", 1.5), ("0x00FF00", 1.5), ("0x0000FF", 1.5)])
+    result = prepare_dataset(PrepareConfig(raw=str(raw), output=str(tmp_path / "out"), model="tiny"))
+    settings = result.manifest["settings"]
+    assert settings["detector"] == "adaptive"
+    assert settings["threshold"] == CONFIG_MAP["detect-adaptive"]["threshold"].value
+    shots = result.manifest["sources"]["hues.mp4"]["shots"]
+    assert [(s["start_frame"], s["end_frame"]) for s in shots] == [(0, 36), (36, 72), (72, 108)]
+    # Each clip shows one colour: no clip spans a cut.
+    for clip, rgb in zip(result.clips, [(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        frames, _ = decode(result.output / clip["video"])
+        assert all(is_colour(frame, rgb) for frame in frames)
+    assert "adaptive detector, threshold 3" in (result.output / "report.txt").read_text()
+
+
+@pytest.mark.parametrize("detector", ["content", "threshold"])
+def test_other_detectors_run_with_their_own_default_threshold(tmp_path, detector):
+    from scenedetect._cli.config import CONFIG_MAP
+
+    raw = tmp_path / "raw"
+    make_footage(raw / "a.mp4", [("testsrc2", 1.5), ("black", 1.5), ("testsrc2", 1.5)])
+    result = prepare_dataset(PrepareConfig(raw=str(raw), output=str(tmp_path / "out"), model="tiny",
+                                           detector=detector))
+    assert result.manifest["settings"]["detector"] == detector
+    assert result.manifest["settings"]["threshold"] == CONFIG_MAP[f"detect-{detector}"]["threshold"].value
+    starts = [s["start_frame"] for s in result.manifest["sources"]["a.mp4"]["shots"]]
+    if detector == "content":  # the cuts into and out of black
+        assert starts == [0, 36, 72]
+    else:  # one cut inside the black stretch (a fade out and in), where PySceneDetect's fade bias puts it
+        assert len(starts) == 2 and 36 < starts[1] < 72
+
+
+def test_a_given_threshold_is_recorded_and_resuming_with_another_detector_is_refused(tmp_path, cli):
+    raw = tmp_path / "raw"
+    make_footage(raw / "a.mp4", [("blue", 1.5)])
+    out = tmp_path / "out"
+    result = cli("dataset", "prepare", raw, out, "--model", "tiny", "--detector", "content", "--threshold", "20")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "prepare.json").read_text())["settings"]["threshold"] == 20
+    result = cli("dataset", "prepare", raw, out, "--model", "tiny")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "content detector, threshold 20" in result.stderr and "adaptive detector, threshold 3" in result.stderr
+    assert "--detector content --threshold 20" in result.stderr
+    result = cli("dataset", "prepare", raw, out, "--model", "tiny", "--detector", "histogram")
+    assert result.exit_code == 2 and "Invalid value for '--detector'" in result.stderr  # a usage error, as elsewhere
+
+
 def test_refuses_a_folder_that_holds_something_else(tmp_path, cli):
     make_footage(tmp_path / "raw" / "a.mp4", [("blue", 1.5)])
     (tmp_path / "out").mkdir()
