@@ -45,6 +45,7 @@ def inspect(
     fits = ", ".join(result["fits"]) or "no known model (shapes match no preset)"
     report.key_values(str(result["file"]), [
         ("layout", result["layout"]),
+        ("loads in", result["loads_in"]),
         ("trained for", f"{result['model']} ({result['family']})" if result["model"] else f"fits {fits}"),
         ("layers", result["layers"]),
         ("alpha", result["alpha_form_text"]),
@@ -81,12 +82,13 @@ def convert(
     """Rewrite a LoRA in another key layout, at the same strength (alpha carried or folded in)."""
     from cogtune import report
     from cogtune.errors import ConfigError
-    from cogtune.lora.layouts import convert_lora
+    from cogtune.lora.layouts import LOADS_IN, convert_lora
 
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} exists; pass --overwrite to replace it")
     lora = convert_lora(source, target, to, from_layout)
-    report.success(f"wrote {target}: {report.plural(len(lora.layers), 'layer')}, {lora.layout} -> {to}")
+    report.success(f"wrote {target}: {report.plural(len(lora.layers), 'layer')}, {lora.layout} -> {to}; "
+                   f"loads in {LOADS_IN[to]}")
 
 
 @app.command(

@@ -46,6 +46,14 @@ from safetensors.torch import save_file
 from cogtune.errors import ConfigError, DataError
 
 LAYOUTS = ("diffusers", "comfyui", "kohya", "sat")
+# Where a file of each layout loads: `convert` and `inspect` say it, and the README's "Use your LoRA elsewhere".
+LOADS_IN = {
+    "diffusers": "diffusers (pipe.load_lora_weights), kijai's ComfyUI-CogVideoXWrapper and cogtune sample --lora",
+    "comfyui": "native ComfyUI's LoRA loader node (ComfyUI/models/loras)",
+    "kohya": "VideoX-Fun and kohya-style tools; not native ComfyUI, whose loader drops every block key "
+             "(use --to comfyui there)",
+    "sat": "THUDM's SAT CogVideo (sat/, its LoRA mixin); not diffusers or ComfyUI",
+}
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key (also in cogtune.lora.format)
 COGTUNE_METADATA_KEY = "cogtune"
 TRAINED_ALPHA_KEY = "trained_alpha"  # in the cogtune header: alpha folded into the weights by a writer
@@ -533,6 +541,7 @@ def inspect_lora(file_or_run: str | Path, layout: str = "auto") -> dict[str, Any
         "alpha_form": lora.alpha_form,
         "alpha_form_text": ALPHA_FORMS[lora.alpha_form],
         "alpha_portable": portable,
+        "loads_in": LOADS_IN[lora.layout],
         "target_modules": targets,
         "buckets": info.get("buckets"),
         "cogtune": info,

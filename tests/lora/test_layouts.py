@@ -187,6 +187,31 @@ def test_comfyui_keys_name_weights_of_comfyuis_native_transformer(tmp_path, trai
     assert len(keys) == 3 * len(modules)
 
 
+def test_kohya_block_keys_name_no_weight_of_comfyuis_native_transformer(tmp_path, trained_lora, cli):
+    """ComfyUI's loader maps `lora_unet_<native weight, underscored>`: kohya's diffusers names in the blocks
+    (`transformer_blocks_N_attn1_to_q`) match none of them, so native ComfyUI drops them, and convert says so."""
+    from safetensors.torch import load_file
+
+    from cogtune.models.registry import TINY_PRESETS
+
+    original, _ = trained_lora("tiny")
+    target = tmp_path / "kohya.safetensors"
+    result = cli("lora", "convert", str(original), str(target), "--to", "kohya")
+    assert result.exit_code == 0, result.stderr
+    assert "not native ComfyUI" in result.stderr and "--to comfyui" in result.stderr
+    native = {name.removesuffix(".weight").replace(".", "_")
+              for name in comfy_native_weights(dict(TINY_PRESETS["tiny"].transformer_config))}
+    modules = {re.sub(r"\.(lora_down\.weight|lora_up\.weight|alpha)$", "", key).removeprefix("lora_unet_")
+               for key in load_file(target)}
+    blocks = {m for m in modules if m.startswith("transformer_blocks_")}
+    assert blocks and not blocks & native
+    comfy = tmp_path / "comfy.safetensors"
+    result = cli("lora", "convert", str(original), str(comfy), "--to", "comfyui")
+    assert result.exit_code == 0 and "native ComfyUI's LoRA loader" in result.stderr
+    shown = cli("lora", "inspect", str(target))
+    assert "VideoX-Fun" in shown.stdout + shown.stderr
+
+
 def test_sat_files_read_with_sats_default_alpha_and_fused_qkv(tmp_path, trained_lora):
     """A SAT LoRA as THUDM's trainer writes it (alpha not stored, q/k/v partitions) reads at 1/rank."""
     import torch
