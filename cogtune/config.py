@@ -40,9 +40,21 @@ MODEL_HELP = (
 )
 
 
+SEED_MAX = 2**64 - 1  # torch's generators take seeds 0 .. 2^64 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what an integer setting may be where no bound is declared
+
+
+def _shown(number: float) -> str:
+    return str(number) if isinstance(number, int) else f"{number:g}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Bounds:
-    """The range a numeric setting must lie in: inclusive unless `low_open`/`high_open`; never NaN or inf."""
+    """The range a numeric setting must lie in: inclusive unless `low_open`/`high_open`; never NaN or inf.
+
+    Integers must also fit in 64 bits (torch sizes and counts) where no wider bound is declared: `rank =
+    10**23` in a TOML file is refused naming the setting, not deep inside torch.
+    """
 
     low: float | None = None
     high: float | None = None
@@ -54,10 +66,13 @@ class Bounds:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"must be a finite number, got {value!r}"
         low, high = self.low, self.high
+        if isinstance(value, int):
+            low = INT64_MIN if low is None else low
+            high = INT64_MAX if high is None else high
         if low is not None and (value <= low if self.low_open else value < low):
-            return f"must be {'>' if self.low_open else '>='} {low:g}, got {value:g}"
+            return f"must be {'>' if self.low_open else '>='} {_shown(low)}, got {_shown(value)}"
         if high is not None and (value >= high if self.high_open else value > high):
-            return f"must be {'<' if self.high_open else '<='} {high:g}, got {value:g}"
+            return f"must be {'<' if self.high_open else '<='} {_shown(high)}, got {_shown(value)}"
         return None
 
 
@@ -129,8 +144,8 @@ def check_settings(config: Any, prefix: str = "") -> None:
         if value is None:
             continue
         bounds = field.metadata.get("bounds")
-        if bounds is None and isinstance(value, float):
-            bounds = Bounds()  # every number must at least be finite
+        if bounds is None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            bounds = Bounds()  # every number must at least be finite, every integer fit in 64 bits
         problem = bounds.problem(value) if bounds is not None else None
         if problem:
             raise ConfigError(f"{prefix}{field.name} {problem}")
@@ -165,6 +180,8 @@ def section(cls: type, help: str) -> Any:
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a TOML config file")
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
@@ -172,6 +189,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # tomllib reads bytes and decodes them itself: a binary file
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from exc
 
 
 def load_config(

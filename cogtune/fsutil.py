@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cogtune.errors import CogtuneError, StorageError
+from cogtune.errors import CogtuneError, ConfigError, StorageError
 
 TEMP_PREFIX = ".tmp-"
 LOCK_NAME = ".cogtune.lock"
@@ -352,6 +352,11 @@ class OutputLock:
                 self.folder.mkdir(parents=True, exist_ok=True)
             except PermissionError as exc:
                 raise StorageError(f"cannot create {self.folder}: permission denied") from exc
+            except (FileExistsError, NotADirectoryError) as exc:  # it, or a folder on its way, is a file
+                blocking = next((p for p in [self.folder, *self.folder.parents] if p.exists() and not p.is_dir()),
+                                self.folder)
+                raise ConfigError(f"{self.folder} cannot be a folder: {blocking} is a file",
+                                  hint="choose another output folder") from exc
             while True:
                 try:
                     fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)

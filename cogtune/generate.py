@@ -15,6 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cogtune import report
+from cogtune.config import SEED_MAX
 from cogtune.data.video import displayed_image
 from cogtune.errors import DataError
 from cogtune.models.registry import ModelSpec
@@ -80,7 +81,7 @@ def _generate(pipe: Any, spec: ModelSpec, prompt_embeds: Any, negative_prompt_em
             "num_inference_steps": steps,
             "guidance_scale": guidance,
             "use_dynamic_cfg": dynamic_cfg,
-            "generator": torch.Generator(device="cpu").manual_seed(seed + index),
+            "generator": torch.Generator(device="cpu").manual_seed((seed + index) % (SEED_MAX + 1)),
             "output_type": "latent",
             "max_sequence_length": spec.max_text_tokens,
             "attention_kwargs": attention_kwargs,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from cogtune.config import MODEL_HELP, check_settings, require, setting
+from cogtune.config import MODEL_HELP, SEED_MAX, check_settings, require, setting
 from cogtune.errors import ConfigError
 
 
@@ -39,7 +39,7 @@ class SampleConfig:
                                 flag="--dynamic-cfg")
     scheduler: Literal["model", "ddim", "dpm"] = setting(
         "model", "Sampler: the model's own (DDIM), or CogVideoX's DPM solver (recommended for 5b).", flag="--scheduler")
-    seed: int = setting(42, "Seed; the i-th video uses seed + i.", flag="--seed")
+    seed: int = setting(42, "Seed; the i-th video uses seed + i (modulo 2^64).", flag="--seed", low=0, high=SEED_MAX)
     fps: int | None = setting(None, "Frame rate of the written mp4; default: the model's.", flag="--fps", low=1)
     vae_tiling: bool = setting(False, "Decode in spatial tiles (less memory).", flag="--vae-tiling")
     vae_slicing: bool = setting(False, "Decode one video at a time.", flag="--vae-slicing")

@@ -104,7 +104,7 @@ class SettingOption:
         metavar = self.field.metadata.get("metavar")
         callback = None
         choices = setting_choices(self.field, self.hint)
-        bounds = self.field.metadata.get("bounds") or (Bounds() if value_type is float else None)
+        bounds = self.field.metadata.get("bounds") or (Bounds() if value_type in (int, float) else None)
         if choices is not None:
             callback = choice(choices)
             metavar = metavar or "|".join(choices)

@@ -26,11 +26,12 @@ import dataclasses
 import io
 import json
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
 from cogtune.config import check_settings, setting
-from cogtune.errors import ConfigError
+from cogtune.errors import ConfigError, DataError
 
 Severity = Literal["error", "warning"]
 
@@ -160,8 +161,13 @@ def encoding_problem(exc: UnicodeDecodeError) -> str:
 
 
 def read_text_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 text file (BOM and CR stripped, trailing blank lines dropped)."""
-    lines = decode_text(path.read_bytes()).split("\n")
+    """Lines of a UTF-8 text file (BOM and CR stripped, trailing blank lines dropped).
+
+    A folder where a file is expected is a `DataError` naming it (every caller's files come from the user).
+    """
+    if Path(path).is_dir():
+        raise DataError(f"{path} is a folder, not a text file")
+    lines = decode_text(Path(path).read_bytes()).split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
@@ -442,6 +448,11 @@ def _read_clip_folder(root: Path, config: DatasetConfig, problems: list[Problem]
     return rows
 
 
+def _control_character(text: str) -> str | None:
+    """The first control character (NUL, escape, ...) in `text`; tabs and line breaks (a quoted CSV field) are fine."""
+    return next((char for char in text if char not in "\t\n\r" and unicodedata.category(char) == "Cc"), None)
+
+
 def _resolve_rows(root: Path, rows: list[_Row], config: DatasetConfig, problems: list[Problem]) -> list[Entry]:
     entries: list[Entry] = []
     for row in rows:
@@ -450,6 +461,10 @@ def _resolve_rows(root: Path, rows: list[_Row], config: DatasetConfig, problems:
         if not caption:
             problems.append(Problem("empty-caption", "error", "caption is empty", row.caption_source, row.line,
                                     row.caption_source))
+        elif _control_character(caption) is not None:
+            problems.append(Problem("control-characters", "error",
+                                    f"caption holds the control character {_control_character(caption)!r} (a binary "
+                                    "or mis-encoded file?)", row.caption_source, row.line, row.caption_source))
         elif is_placeholder_caption(caption):
             problems.append(Problem("placeholder-caption", "error",
                                     f"caption is the placeholder {CAPTION_PLACEHOLDER!r} that `dataset prepare` "

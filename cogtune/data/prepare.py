@@ -99,10 +99,16 @@ class PrepareResult:
 
 def clip_shape(config: PrepareConfig) -> ClipShape:
     """The clips' frame count and rate: given, or the model's; the model's frame rule checked."""
-    if config.model is None:
-        assert config.frames is not None and config.fps is not None
-        return ClipShape(config.frames, config.fps, None)
     from cogtune.models.registry import ALL_PRESETS
+
+    if config.model is None:  # no model named: the clips must suit every CogVideoX family's frame rule
+        assert config.frames is not None and config.fps is not None
+        step = math.lcm(*{spec.frame_step for spec in ALL_PRESETS.values()})
+        if config.frames > 1 and (config.frames - 1) % step:
+            lower = config.frames - (config.frames - 1) % step
+            raise ConfigError(f"--frames {config.frames} breaks CogVideoX's frame rule {step}k+1 (every family's)"
+                              + (f"; nearest below: {lower}" if lower > 1 else f"; at least {step + 1}"))
+        return ClipShape(config.frames, config.fps, None)
 
     spec = ALL_PRESETS.get(config.model)
     if spec is None:

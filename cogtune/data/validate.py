@@ -50,6 +50,7 @@ CODES = {
     "columns-swapped": "captions look like paths: caption and video columns are swapped",
     "empty-dataset": "the dataset lists no entries",
     "empty-caption": "a caption is empty",
+    "control-characters": "a caption holds NUL or another control character (a binary or mis-encoded file)",
     "placeholder-caption": "a caption is the placeholder `dataset prepare` writes for a clip it could not caption",
     "missing-caption": "a clip has no same-named .txt caption (folder layout)",
     "empty-path": "a video or image path is empty",

@@ -19,7 +19,8 @@ import dataclasses
 import re
 from typing import Literal
 
-from cogtune.config import MODEL_HELP, check_settings, list_items, replace_settings, require, section, setting
+from cogtune.config import (MODEL_HELP, SEED_MAX, check_settings, list_items, replace_settings, require, section,
+                            setting)
 from cogtune.errors import ConfigError
 from cogtune.train.optimizers import OPTIMIZERS, default_learning_rate
 
@@ -31,7 +32,8 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    rank: int = setting(64, "LoRA rank.", flag="--rank", short="-r", low=1)
+    # A LoRA update has rank at most min(in, out) of its layer: 3072 at the most in CogVideoX.
+    rank: int = setting(64, "LoRA rank.", flag="--rank", short="-r", low=1, high=4096)
     alpha: float | None = setting(None, "LoRA alpha (scale = alpha / rank); default: equal to the rank.",
                                   flag="--lora-alpha", low=0, low_open=True)
     dropout: float = setting(0.0, "Dropout on the LoRA branch.", low=0, high=1, high_open=True, flag="--lora-dropout")
@@ -89,7 +91,7 @@ class ValidationConfig:
     every: int = setting(0, "Validate every N steps (0: only the final test pass).", flag="--validation-every", low=0)
     steps: int = setting(50, "Denoising steps per validation video.", flag="--validation-steps", low=1)
     guidance: float = setting(6.0, "Classifier-free guidance scale.", low=0, flag="--validation-guidance")
-    seed: int = setting(42, "Seed of the validation noise.", flag="--validation-seed")
+    seed: int = setting(42, "Seed of the validation noise.", flag="--validation-seed", low=0, high=SEED_MAX)
     frames: int | None = setting(None, "Frames of the validation video; default: the first bucket's.", low=1, flag="--validation-frames")
     height: int | None = setting(None, "Height; default: the first bucket's.", low=1, flag="--validation-height")
     width: int | None = setting(None, "Width; default: the first bucket's.", low=1, flag="--validation-width")
@@ -167,7 +169,7 @@ class TrainConfig:
         "auto", "Autocast dtype; auto: the model's dtype on a GPU, none on a CPU.", flag="--mixed-precision")
     gradient_checkpointing: bool = setting(True, "Recompute block activations in the backward pass (less memory).",
                                            flag="--gradient-checkpointing")
-    seed: int = setting(42, "Seed of data order, noise and timesteps.", flag="--seed")
+    seed: int = setting(42, "Seed of data order, noise and timesteps.", flag="--seed", low=0, high=SEED_MAX)
     caption_dropout: float | None = setting(
         None, "Probability of training on the empty caption; default 0 (t2v), 0.05 (i2v).", flag="--caption-dropout",
         low=0, high=1)

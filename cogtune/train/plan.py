@@ -58,7 +58,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
     checked = {f"bucket {bucket}": shape for bucket, shape in zip(cache.buckets, cache.bucket_shapes)}
     prompts = validation_prompts(config, cache, spec.is_i2v)
     new_prompts = prompts_to_embed(config, model, cache, prompts)
-    if prompts:
+    given = (config.validation.frames, config.validation.height, config.validation.width)
+    if prompts or any(value is not None for value in given):  # a shape given is checked even with no prompt
         checked["validation"] = validation_shape(config, cache)
     spec.check_clip_shapes(checked)  # type: ignore[arg-type]
     needed = needs_learned_positions_dropped(spec, list(checked.values()))  # type: ignore[arg-type]
