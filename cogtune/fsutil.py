@@ -227,7 +227,7 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     try:
         with reporting_disk_full(target, folder=tmp):
             yield tmp
-        os.chmod(tmp, DIR_MODE)
+        follow_umask(tmp)
         if target.exists():
             if not replace:
                 return
@@ -246,6 +246,22 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def follow_umask(folder: str | Path) -> None:
+    """Give `folder` and everything in it the modes the user's umask gives new files and folders.
+
+    Writers that go through a temporary file (safetensors' `save_file`, `tempfile`) create it 0600,
+    so a folder of their files would be readable by its owner alone whatever the umask says.
+    """
+    os.chmod(folder, DIR_MODE)
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(root, name), DIR_MODE)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, FILE_MODE)
 
 
 def remove_tree(path: str | Path) -> None:
