@@ -93,6 +93,32 @@ def leave_stopping_to_the_parent(worker_id: int = 0) -> None:  # noqa: ARG001
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_quietly)
+    die_with_parent()
+
+
+PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2  # prctl(2) options
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this (worker) process when its parent dies, whatever kills the parent.
+
+    A parent killed with SIGKILL runs no clean-up, and its workers would decode on until torch's
+    watchdog notices (seconds later), holding the files they inherited: the output folder's lock
+    among them, so an immediate re-run would be refused. Linux only; elsewhere the watchdog stays.
+    """
+    import ctypes
+    import multiprocessing
+    import os
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before the request took effect
+        os._exit(0)
 
 
 def _exit_quietly(signum, frame):  # noqa: ARG001
