@@ -544,6 +544,9 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         # Leftovers of atomic writes a killed run left behind (half-written clips); nothing else writes here.
         for folder in [out, out / CLIPS_FOLDER, *(p for p in (out / CLIPS_FOLDER).rglob("*") if p.is_dir())]:
             sweep_temporaries(folder)
+        # The manifest first, and before the listings each time: a run stopped anywhere (a full disk, a kill)
+        # leaves a folder that says it is prepare's, which a re-run resumes.
+        _write_manifest(out, manifest)
         done = manifest["sources"]
         # A source that failed to open is tried again: it may have been replaced since.
         pending = [s for s in sources if done.get(s.relative_to(raw).as_posix(), {"error": True}).get("error")]
@@ -555,14 +558,14 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
                 record = _prepare_source(source, out, names[source], shape, settings, captioner)
                 done[source.relative_to(raw).as_posix()] = record
                 manifest["totals"] = _totals(manifest)
-                _write_listings(out, manifest)
                 _write_manifest(out, manifest)
+                _write_listings(out, manifest)
                 bar.advance(clips=manifest["totals"]["clips"])
         if captioner is not None:
             _caption_placeholders(out, manifest, captioner, shape.frames)
         manifest["totals"] = _totals(manifest)
-        _write_listings(out, manifest)
         _write_manifest(out, manifest)
+        _write_listings(out, manifest)
         _write_report(out, manifest)
     totals = manifest["totals"]
     if totals["placeholder_captions"]:
