@@ -139,6 +139,41 @@ def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[
         save_file(tensors, str(tmp), metadata=meta)
 
 
+def value_problem(tensors: Mapping[str, Any]) -> str | None:
+    """What makes a cache file's values unfit to train on (NaN, inf, all-zero latents), or None."""
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        # One pass: the L1 norm is NaN or inf when any value is, and 0 only when all are. A VAE
+        # posterior is never all zeros; an embedding may be (synthetic caches use zero ones).
+        total = float(torch.linalg.vector_norm(tensor, ord=1, dtype=torch.float32))
+        if total == 0.0 and "latent" in name:
+            return f"holds {name} of all zeros"
+        if total != total or total in (float("inf"), float("-inf")):
+            if not bool(torch.isfinite(tensor).all()):
+                return f"holds {int((~torch.isfinite(tensor)).sum())} non-finite values (NaN or inf) in {name}"
+            return f"holds values in {name} too large to train on"
+    return None
+
+
+def finished_file_problem(path: Path) -> str | None:
+    """Why a cache file that a re-run would keep (its key matches) cannot be kept, or None.
+
+    Its tensors must load, match the digest its header recorded when it was written, and hold
+    values fit to train on: a re-run verifies what it skips, so "cache ready" means it.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            digest = (handle.metadata() or {}).get(DIGEST_KEY)
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as exc:  # safetensors' own errors for a damaged file
+        return f"cannot be read ({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]})"
+    if digest is not None and tensor_digest(tensors) != digest:
+        return "does not match the digest written with it (corrupt or replaced)"
+    return value_problem(tensors)
+
+
 def read_metadata(path: Path) -> dict[str, str] | None:
     """A safetensors file's metadata, or None when the file is missing or unreadable."""
     if not path.is_file():
@@ -386,20 +421,9 @@ class VideoLatentCache:
                     else "text settings"
                 raise self._bad_file(path, index, f"holds {name} of shape {_shape(shape)}; the manifest's {bucket} "
                                                   f"needs {_shape(expected[name])}")
-        for name in sorted(tensors):
-            tensor = tensors[name]
-            if not tensor.is_floating_point() or tensor.numel() == 0:
-                continue
-            # One pass: the L1 norm is NaN or inf when any value is, and 0 only when all are. A VAE
-            # posterior is never all zeros; an embedding may be (synthetic caches use zero ones).
-            total = float(torch.linalg.vector_norm(tensor, ord=1, dtype=torch.float32))
-            if total == 0.0 and "latent" in name:
-                raise self._bad_file(path, index, f"holds {name} of all zeros")
-            if total != total or total in (float("inf"), float("-inf")):
-                if not bool(torch.isfinite(tensor).all()):
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    raise self._bad_file(path, index, f"holds {bad} non-finite values (NaN or inf) in {name}")
-                raise self._bad_file(path, index, f"holds values in {name} too large to train on")
+        problem = value_problem(tensors)
+        if problem:
+            raise self._bad_file(path, index, problem)
         digest = (record or {}).get("sha256")
         if isinstance(digest, str) and tensor_digest(tensors) != digest:
             raise self._bad_file(path, index, "does not match the digest the manifest recorded (it changed after "

@@ -40,6 +40,7 @@ from cogtune.encode.cache import (
     VALIDATION_PROMPTS_FILE,
     compatibility,
     file_record,
+    finished_file_problem,
     latent_file,
     read_metadata,
     stable_hash,
@@ -195,6 +196,13 @@ def plan_encode(config: EncodeConfig) -> EncodePlan:
             path = root / (latent_file(item.index) if files == "latents" else text_file(item.index))
             meta = None if config.overwrite else read_metadata(path)
             if meta is None or meta.get("key") != getattr(item, key_name):
+                if meta is None and not config.overwrite and path.exists():
+                    report.warn(f"{path} cannot be read (damaged header): encoding it again")
+                todo.append(item)
+                continue
+            problem = finished_file_problem(path)  # a re-run verifies what it keeps
+            if problem:
+                report.warn(f"{path} {problem}: encoding it again")
                 todo.append(item)
         return todo
 
