@@ -16,7 +16,8 @@ import warnings
 from collections.abc import Iterator
 
 _NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "torch._dynamo", "diffusers", "transformers",
-                  "accelerate", "peft", "huggingface_hub")
+                  "accelerate", "peft", "huggingface_hub",
+                  "kernels")  # transformers' kernel hub: "Skipping publisher trust check ... offline mode" per load
 
 _done = False
 

@@ -105,3 +105,26 @@ def test_prepare_without_a_model_keeps_cogvideoxs_frame_rule(cli, tmp_path):
                                 "--fps", "8"))
     assert "--frames 10 breaks CogVideoX's frame rule 8k+1" in stderr and "nearest below: 9" in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_target_that_matches_no_module_is_refused_before_loading(cli, tmp_path, tiny_cache, monkeypatch):
+    from cogtune.models import loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(loading, "load_transformer", no_load)
+    stderr = one_line_error(cli("train", "t2v", "--model", "tiny", "--data", tiny_cache, "--output-dir",
+                                tmp_path / "run", "--steps", "1", "--lora-target", "to_q", "--lora-target", "to_qq"))
+    assert "--lora-target to_qq matches no module of tiny's transformer" in stderr and "attn1.to_q" in stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_peft_matches_the_default_targets_on_every_family():
+    """The check uses peft's own matching: every default target adapts some module of each family."""
+    from cogtune.models.registry import TINY_PRESETS
+    from cogtune.train.config import LoraConfig
+    from cogtune.train.lora import check_lora_targets
+
+    for spec in TINY_PRESETS.values():
+        check_lora_targets(spec, LoraConfig())

@@ -22,6 +22,7 @@ from cogtune.models.positions import needs_learned_positions_dropped
 from cogtune.models.registry import ModelSpec
 from cogtune.train.config import TrainConfig
 from cogtune.train.hub import check_push_target
+from cogtune.train.lora import check_lora_targets
 from cogtune.train.optimizers import CUDA_ONLY
 from cogtune.train.validation import prompts_to_embed, validation_prompts, validation_shape
 
@@ -53,6 +54,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
         if not torch.cuda.is_available():
             raise ConfigError(f"optimizer {config.optimizer.name} needs a CUDA GPU")
     check_strategy(config)
+    if not config.full:
+        check_lora_targets(spec, config.lora)
     cache = VideoLatentCache(config.data)
     cache.check_compatible(spec, needs_image_latents=config.task == "i2v")
     checked = {f"bucket {bucket}": shape for bucket, shape in zip(cache.buckets, cache.bucket_shapes)}
