@@ -187,7 +187,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     with reporting_disk_full(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}.", dir=target.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(target), dir=target.parent)
         os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -197,6 +197,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             os.chmod(tmp, FILE_MODE)
             os.replace(tmp, target)
         _fsync_dir(target.parent)
+        sweep_abandoned(target)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -223,7 +224,7 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     target = Path(target)
     with reporting_disk_full(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}.", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), dir=target.parent))
     try:
         with reporting_disk_full(target, folder=tmp):
             yield tmp
@@ -243,6 +244,7 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
                 if not target.exists():
                     raise
         _fsync_dir(target.parent)
+        sweep_abandoned(target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -275,6 +277,42 @@ def remove_tree(path: str | Path) -> None:
         return
     _fsync_dir(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _temporary_prefix(target: Path) -> str:
+    """`.tmp-NAME.PID.`: the writing process is named, so a later write can tell an abandoned temporary."""
+    return f"{TEMP_PREFIX}{target.name}.{os.getpid()}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
+
+
+def sweep_abandoned(target: str | Path) -> int:
+    """Remove the temporaries of `target` that a killed writer left (its process is gone), after a write of it.
+
+    Outputs without a folder lock (a converted or merged LoRA, a sample, a model) are written through
+    such temporaries too; a writer killed mid-write leaves one, which the next successful write of the
+    same target removes. A temporary of a live process (a concurrent write) is left alone.
+    """
+    target = Path(target)
+    prefix = f"{TEMP_PREFIX}{target.name}."
+    removed = 0
+    for entry in target.parent.iterdir() if target.parent.is_dir() else ():
+        pid = entry.name[len(prefix):].split(".", 1)[0] if entry.name.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def sweep_temporaries(directory: str | Path) -> int:
