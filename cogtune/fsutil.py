@@ -315,6 +315,15 @@ def sweep_abandoned(target: str | Path) -> int:
     return removed
 
 
+def unreadable_reason(path: str | Path) -> str:
+    """Why an existing file cannot be opened for reading ("permission denied", ...), as the system says it."""
+    try:
+        with open(path, "rb"):
+            return "it opens now (it was replaced meanwhile?)"
+    except OSError as error:
+        return (error.strerror or str(error)).lower()
+
+
 def sweep_temporaries(directory: str | Path) -> int:
     """Remove leftovers of interrupted atomic writes directly inside `directory`."""
     removed = 0

@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 
 from cogtune.data.clips import Bucket
 from cogtune.errors import DataError
-from cogtune.fsutil import atomic_path
+from cogtune.fsutil import atomic_path, unreadable_reason
 from cogtune.models.registry import ModelSpec
 
 CACHE_FORMAT = "cogtune-latent-cache"
@@ -343,6 +343,9 @@ class VideoLatentCache:
         try:
             tensors = load_file(str(path))
         except FileNotFoundError as exc:
+            if path.exists():  # safetensors says "No such file" of a file it may not open
+                raise DataError(f"cache file {path} cannot be read: {unreadable_reason(path)}",
+                                hint="check its permissions (ls -l); cogtune only reads the cache") from exc
             raise DataError(f"cache file {path} is missing; re-run `cogtune encode` on this cache") from exc
         except Exception as exc:
             raise DataError(f"cache file {path} is unreadable ({exc}); re-run `cogtune encode --overwrite`") from exc
