@@ -30,16 +30,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ParallelismConfig
 
 from cogtune.errors import ConfigError
-
-
-def launched_processes() -> int:
-    """How many processes the launcher started (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def processes_on_this_machine() -> int:
-    """How many processes the launcher started on this machine (`LOCAL_WORLD_SIZE`; 1 without a launcher)."""
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+from cogtune.launch import launched_processes
 
 
 def force_cpu() -> bool:

@@ -482,11 +482,6 @@ class OutputLock:
             self._created = None
 
 
-def is_main_launch_process() -> bool:
-    """Whether this is the main process of a launch (or no launch): rank 0 in the launcher's variables."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -33,6 +33,7 @@ from rich.progress import (
 from rich.table import Column, Table
 from rich.text import Text
 
+from cogtune.launch import is_main_launch_process
 from cogtune.quiet import StderrProxy
 
 # Without a terminal (CI logs, pipes) rich assumes 80 columns, which squeezes the progress fields.
@@ -41,7 +42,7 @@ stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatt
 stderr = Console(file=StderrProxy(), highlight=False, soft_wrap=True, width=_WIDTH)
 
 # Until the recipe says (`set_main_process`), the launcher's variables tell: rank 0 is the main process.
-_is_main_process = int(os.environ.get("RANK", "0")) == 0
+_is_main_process = is_main_launch_process()
 # The command line this process was started with (set by the CLI), for messages that tell the
 # user what to run next (e.g. how to resume an interrupted run).
 invocation: list[str] | None = None

@@ -62,10 +62,6 @@ def check_lora_fits(info: dict[str, Any], spec: ModelSpec, lora_file: Path) -> N
                          hint="sample it with the model it was trained for")
 
 
-def read_prompts(config: SampleConfig) -> list[str]:
-    return read_prompts_with_origins(config)[0]
-
-
 def read_prompts_with_origins(config: SampleConfig) -> tuple[list[str], list[str]]:
     """The prompts, and where each came from (`--prompt 2`, `line 7 of prompts.txt`) for messages."""
     prompts = list(config.prompts)

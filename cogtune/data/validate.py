@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import os
 import statistics
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -158,26 +159,13 @@ def validate_dataset(
         if problem.severity == "error":
             bad.add(entry.index)
 
-    if model is not None:
-        if frames is not None:
-            problems += [Problem("frame-rule", "error", message) for message in model.frame_problems(frames)]
-        if height is not None and width is not None:
-            problems += [Problem("resolution-rule", "error", m) for m in model.resolution_problems(height, width)]
+    problems += _model_rule_problems(model, frames, height, width)
     # Without a model, the fewest frames any CogVideoX accepts: a 1-frame "video" (an image renamed .mp4) is no clip.
     min_frames = max(frames or 0, model.min_frames if model is not None else min(p.min_frames for p in PRESETS.values()))
     target_fps = config.sample_fps or (model.fps if model is not None else None)
     if config.frame_sampling == "fps" and target_fps is None:
         raise DataError("frame_sampling 'fps' needs --sample-fps (or --model, whose fps is the default)")
-
-    first_listing: dict[str, int | None] = {}
-    for entry in entries:
-        key = str(entry.video)
-        if key in first_listing:
-            where = f"line {first_listing[key]}" if first_listing[key] is not None else "another entry"
-            problems.append(Problem("duplicate-entry", "warning", f"also listed on {where}", entry.video_ref,
-                                    entry.line, entry.source))
-        else:
-            first_listing[key] = entry.line
+    problems += _duplicate_entries(entries)
 
     if i2v:
         for entry in [e for e in entries if e.still]:
@@ -187,7 +175,52 @@ def validate_dataset(
         to_probe = [e for e in entries if not e.still]
     else:
         to_probe = entries
+    infos = _probe_and_check(to_probe, flag, config, deep=deep, min_frames=min_frames, height=height, width=width,
+                             target_fps=target_fps)
 
+    if tokenizer is not None and model is not None:
+        problems += _check_caption_lengths(entries, tokenizer, model.max_text_tokens, config)
+    bad.update(entry.index for entry in entries if not entry.caption or is_placeholder_caption(entry.caption))
+
+    errors = [p for p in problems if p.severity == "error"]
+    warnings = [p for p in problems if p.severity == "warning"]
+    return ValidationReport(len(entries), errors, warnings, _statistics(entries, infos, Path(config.root)),
+                            entries, infos, bad)
+
+
+def _model_rule_problems(model: ModelSpec | None, frames: int | None, height: int | None,
+                         width: int | None) -> list[Problem]:
+    """The requested clip shape against the model's frame and resolution rules."""
+    if model is None:
+        return []
+    problems = []
+    if frames is not None:
+        problems += [Problem("frame-rule", "error", message) for message in model.frame_problems(frames)]
+    if height is not None and width is not None:
+        problems += [Problem("resolution-rule", "error", m) for m in model.resolution_problems(height, width)]
+    return problems
+
+
+def _duplicate_entries(entries: list[Entry]) -> list[Problem]:
+    """A warning for each entry whose video an earlier entry lists too."""
+    problems = []
+    first_listing: dict[str, int | None] = {}
+    for entry in entries:
+        key = str(entry.video)
+        if key in first_listing:
+            where = f"line {first_listing[key]}" if first_listing[key] is not None else "another entry"
+            problems.append(Problem("duplicate-entry", "warning", f"also listed on {where}", entry.video_ref,
+                                    entry.line, entry.source))
+        else:
+            first_listing[key] = entry.line
+    return problems
+
+
+def _probe_and_check(to_probe: list[Entry], flag: Callable[[Entry, Problem], None], config: DatasetConfig, *,
+                     deep: bool, min_frames: int, height: int | None, width: int | None,
+                     target_fps: float | None) -> dict[int, VideoInfo]:
+    """Probe the clips (and stills) in a thread pool, in batches, and check each: its problems go to `flag`.
+    Returns what was probed, by entry index."""
     infos: dict[int, VideoInfo] = {}
     workers = max(1, min(8, (os.cpu_count() or 1) * 2))
     with report.progress("validating", total=len(to_probe), unit="clips") as bar, \
@@ -210,15 +243,7 @@ def validate_dataset(
             if entry.image is not None:
                 for problem in _check_image(entry):
                     flag(entry, problem)
-
-    if tokenizer is not None and model is not None:
-        problems += _check_caption_lengths(entries, tokenizer, model.max_text_tokens, config)
-    bad.update(entry.index for entry in entries if not entry.caption or is_placeholder_caption(entry.caption))
-
-    errors = [p for p in problems if p.severity == "error"]
-    warnings = [p for p in problems if p.severity == "warning"]
-    return ValidationReport(len(entries), errors, warnings, _statistics(entries, infos, Path(config.root)),
-                            entries, infos, bad)
+    return infos
 
 
 def validate_dataset_config(

@@ -49,7 +49,8 @@ from cogtune.encode.cache import (
 )
 from cogtune.encode.config import EncodeConfig
 from cogtune.errors import ConfigError, DataError
-from cogtune.fsutil import OutputLock, atomic_write_text, is_main_launch_process, sweep_temporaries
+from cogtune.fsutil import OutputLock, atomic_write_text, sweep_temporaries
+from cogtune.launch import is_main_launch_process
 from cogtune.interrupt import StopRequest, leave_stopping_to_the_parent, rerun_command
 from cogtune.models.loading import ResolvedModel, resolve_model
 

@@ -25,7 +25,8 @@ from accelerate.utils import ProjectConfiguration
 from cogtune import distributed, report
 from cogtune.config import write_config
 from cogtune.errors import ConfigError, TrainingError
-from cogtune.fsutil import OutputLock, atomic_write_text, is_main_launch_process
+from cogtune.fsutil import OutputLock, atomic_write_text
+from cogtune.launch import is_main_launch_process
 from cogtune.interrupt import StopRequest
 from cogtune.lora.format import LORA_WEIGHTS_NAME, load_lora_state, save_lora
 from cogtune.train import checkpoint, hub, tracking
@@ -112,9 +113,8 @@ def _run_training(config: TrainConfig) -> TrainResult:
     # lacks) is loaded and freed before the transformer: training's peak stays what it was.
     prepare_validation_embeds(config, plan.model, cache, accelerator, plan.validation_prompts, plan.prompts_to_embed)
     scheduler = load_scheduler(plan.model)
-    # With FSDP's own activation checkpointing (its config's choice) the model's would recompute twice.
-    checkpoint_blocks = config.gradient_checkpointing and not distributed.fsdp_checkpoints_activations(accelerator)
-    transformer, compute_dtype = load_trainable_transformer(config, plan, device, mixed_precision, checkpoint_blocks)
+    transformer, compute_dtype = load_trainable_transformer(config, plan, device, mixed_precision,
+                                                            distributed.fsdp_checkpoints_activations(accelerator))
     opt = config.optimizer
     optimizer = make_optimizer(opt.name, [p for p in transformer.parameters() if p.requires_grad],
                                lr=opt.effective_lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,

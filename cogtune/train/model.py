@@ -17,6 +17,7 @@ from cogtune.models.positions import drop_learned_positional_embeddings
 from cogtune.models.registry import ModelSpec
 from cogtune.train.config import TrainConfig
 from cogtune.train.lora import add_lora
+from cogtune.train.placement import HOST_COPIES, memory_placement
 from cogtune.train.plan import RunPlan
 from cogtune.train.step import derive_seed
 
@@ -30,26 +31,28 @@ def resolve_mixed_precision(config: TrainConfig, spec: ModelSpec) -> str:
 
 
 def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, mixed_precision: str,
-                               checkpoint_blocks: bool | None = None):
+                               fsdp_checkpoints_activations: bool = False):
     """The transformer with the right parameters trainable, in the right dtypes, and its compute dtype.
 
     LoRA: frozen base weights in the model's dtype (float32 on a CPU; float8 storage with
     `memory.fp8_weights`), LoRA weights in float32. Full: float32 master weights; autocast (mixed
-    precision) runs the matmuls in bf16/fp16. Order matters: block offloading hooks go on before
-    the LoRA layers exist (so that they stay on the GPU), float8 storage after (so that peft does not
-    create the LoRA layers in float8), compilation last. `checkpoint_blocks` overrides
-    `config.gradient_checkpointing` (off when FSDP checkpoints the blocks itself).
+    precision) runs the matmuls in bf16/fp16. The memory options are applied as their placement
+    (`cogtune.train.placement`) describes; `fsdp_checkpoints_activations`: the launch's FSDP config
+    checkpoints the blocks itself. Order matters: block offloading hooks go on before the LoRA layers
+    exist (so that they stay on the GPU), float8 storage after (so that peft does not create the LoRA
+    layers in float8), compilation last.
     """
     from diffusers.training_utils import cast_training_params
 
     from cogtune.models.fp8 import store_frozen_linears_in_float8
     from cogtune.models.loading import load_transformer, torch_dtype
 
-    memory = config.memory
+    placement = memory_placement(config, fsdp_checkpoints_activations)
     on_cpu = torch.device(device).type == "cpu"
     base_dtype = torch.float32 if config.full or on_cpu else torch_dtype(plan.model.spec.weight_dtype)
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, base_dtype)
-    transformer = load_transformer(plan.model, dtype=base_dtype, device="cpu" if memory.offload_blocks else device)
+    transformer = load_transformer(plan.model, dtype=base_dtype,
+                                   device="cpu" if placement.frozen_weights_on_host else device)
     if plan.drop_learned_positions:
         drop_learned_positional_embeddings(transformer)
     if config.full:
@@ -58,21 +61,21 @@ def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, 
             transformer.patch_embed.pos_embedding.requires_grad_(False)  # unused, so it gets no gradient
     else:
         transformer.requires_grad_(False)
-        if memory.offload_blocks:
+        if placement.frozen_weights_on_host:  # leaf by leaf, the next one prefetched on a side stream
             transformer.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
                                              offload_type="leaf_level", use_stream=not on_cpu)
         torch.manual_seed(derive_seed(config.seed, "lora-init"))  # the LoRA's A matrices start random
         add_lora(transformer, config.lora)
-        if memory.offload_blocks:
+        if placement.frozen_weights_on_host:
             for name, parameter in transformer.named_parameters():
                 if parameter.requires_grad:
                     parameter.data = parameter.data.to(device)  # only the frozen weights travel
-        if memory.fp8_weights:
+        if placement.frozen_weights_in_float8:
             store_frozen_linears_in_float8(transformer, compute_dtype)
         cast_training_params(transformer, dtype=torch.float32)
-    if config.gradient_checkpointing if checkpoint_blocks is None else checkpoint_blocks:
+    if placement.checkpoint_blocks:
         transformer.enable_gradient_checkpointing()
-    if memory.compile:
+    if placement.compiled_blocks:
         for block in transformer.transformer_blocks:
             block.compile()
     return transformer, compute_dtype
@@ -102,7 +105,8 @@ def lora_info(config: TrainConfig, plan: RunPlan) -> dict[str, Any]:
 
 
 def activations_offloaded(enabled: bool, device: Any):
-    """Keep tensors saved for backward in (pinned) CPU memory; with checkpointing, the block inputs."""
+    """Keep tensors saved for backward in host memory (`memory.offload_activations`), pinned on a GPU."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=torch.device(device).type == "cuda")
+    pinned = HOST_COPIES["offloaded_activations"].pinned and torch.device(device).type == "cuda"
+    return torch.autograd.graph.save_on_cpu(pin_memory=pinned)

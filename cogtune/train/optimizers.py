@@ -22,6 +22,9 @@ from cogtune.errors import ConfigError
 OPTIMIZERS = ("adamw", "adam", "adamw-8bit", "adamw-8bit-paged", "adamw-8bit-ao", "adamw-4bit-ao",
               "adamw-cpu-offload", "prodigy")
 CUDA_ONLY = ("adamw-cpu-offload",)
+# adamw-cpu-offload moves tensors of at least this many elements to the host; smaller ones (and their
+# state) stay on the device, where their copies would cost more than they save.
+CPU_OFFLOAD_MIN_ELEMENTS = 4096
 
 
 def default_learning_rate(name: str) -> float:
@@ -51,7 +54,8 @@ def make_optimizer(name: str, parameters: list[Any], *, lr: float, betas: tuple[
 
         # Offloaded gradients are copied, not summed, on each backward: only without accumulation.
         return torchao.optim.CPUOffloadOptimizer(
-            parameters, torch.optim.AdamW, offload_gradients=gradient_accumulation == 1, lr=lr, betas=betas,
+            parameters, torch.optim.AdamW, offload_gradients=gradient_accumulation == 1,
+            minimal_size=CPU_OFFLOAD_MIN_ELEMENTS, lr=lr, betas=betas,
             eps=eps, weight_decay=weight_decay,
         )
     if name == "prodigy":

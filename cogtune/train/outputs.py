@@ -13,6 +13,7 @@ from cogtune.train.config import TrainConfig
 from cogtune.models.loading import save_transformer
 from cogtune.train.full import TRANSFORMER_DIR
 from cogtune.train.model import lora_info
+from cogtune.train.placement import memory_placement
 from cogtune.train.plan import RunPlan
 
 
@@ -100,11 +101,11 @@ def print_run_summary(config: TrainConfig, plan: RunPlan, accelerator: Any, mixe
         rows.append(("push to", f"{config.push_to_hub}{' (private)' if config.hub_private else ''} at the end"))
     if plan.drop_learned_positions:
         rows.append(("positions", "learned positional embeddings dropped (rotary only)"))
-    memory = config.memory
-    options = [name for name, on in (("gradient checkpointing", config.gradient_checkpointing
-                                      and not distributed.fsdp_checkpoints_activations(accelerator)),
-                                     ("fp8 weights", memory.fp8_weights), ("offloaded blocks", memory.offload_blocks),
-                                     ("offloaded activations", memory.offload_activations),
-                                     ("compiled blocks", memory.compile)) if on]
+    placement = memory_placement(config, distributed.fsdp_checkpoints_activations(accelerator))
+    options = [name for name, on in (("gradient checkpointing", placement.checkpoint_blocks),
+                                     ("fp8 weights", placement.frozen_weights_in_float8),
+                                     ("offloaded blocks", placement.frozen_weights_on_host),
+                                     ("offloaded activations", placement.saved_activations_on_host),
+                                     ("compiled blocks", placement.compiled_blocks)) if on]
     rows.append(("memory", ", ".join(options) or "none"))
     report.key_values("training run", rows, to_stderr=True)

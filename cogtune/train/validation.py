@@ -33,6 +33,7 @@ from cogtune.errors import ConfigError, DataError
 from cogtune.models.loading import ResolvedModel
 from cogtune.train.config import TrainConfig
 from cogtune.train.memory import MemoryLog
+from cogtune.train.placement import memory_placement
 
 
 FEED_FORWARD_CHUNK_TOKENS = 4096
@@ -70,10 +71,10 @@ def chunked_feed_forward(transformer: Any, chunk_tokens: int = FEED_FORWARD_CHUN
             del ff.forward  # the instance attribute; the class's forward shows through again
 
 
-def validation_feed_forward_chunks(transformer: Any, offload_blocks: bool) -> Any:
-    """`chunked_feed_forward`, except with offloaded blocks, whose layers would be brought to the
-    device once per chunk (their weights, not the activations, are that run's memory)."""
-    return contextlib.nullcontext() if offload_blocks else chunked_feed_forward(transformer)
+def validation_feed_forward_chunks(transformer: Any, config: TrainConfig) -> Any:
+    """`chunked_feed_forward` where the run's placement says so (not with offloaded blocks)."""
+    chunked = memory_placement(config).chunked_validation_feed_forward
+    return chunked_feed_forward(transformer) if chunked else contextlib.nullcontext()
 
 
 def validation_prompts(config: TrainConfig, cache: VideoLatentCache, is_i2v: bool) -> list[str]:
@@ -343,7 +344,7 @@ class Validator:
         with report.video_progress(len(indices), validation.steps, description="validation") as bars:
             for index in indices:
                 image = [load_condition_image(validation.images[index])] if validation.images else None
-                with validation_feed_forward_chunks(unwrapped, self.config.memory.offload_blocks):
+                with validation_feed_forward_chunks(unwrapped, self.config):
                     (video,) = generate_videos(pipe, spec, prompt_embeds=self.embeds[index : index + 1],
                                                negative_prompt_embeds=negative, frames=frames, height=height,
                                                width=width, steps=validation.steps, guidance=validation.guidance,

@@ -120,6 +120,21 @@ def test_offloading_does_not_change_the_result(memory, tiny_cache, tmp_path):
     assert all(torch.equal(left[k], right[k]) for k in left)
 
 
+def test_fsdp_activation_checkpointing_turns_the_models_own_off(tiny_cache, tmp_path):
+    """Where the launch's FSDP config checkpoints the blocks, the model's own would recompute them twice."""
+    from cogtune.train.model import load_trainable_transformer
+    from cogtune.train.placement import memory_placement
+    from cogtune.train.plan import plan_run
+
+    config = _config(tiny_cache, tmp_path / "run")
+    assert memory_placement(config).checkpoint_blocks
+    assert not memory_placement(config, fsdp_checkpoints_activations=True).checkpoint_blocks
+    assert not memory_placement(dataclasses.replace(config, gradient_checkpointing=False)).checkpoint_blocks
+    assert _trainable(config).is_gradient_checkpointing
+    transformer, _ = load_trainable_transformer(config, plan_run(config), "cpu", "no", fsdp_checkpoints_activations=True)
+    assert not transformer.is_gradient_checkpointing
+
+
 def test_memory_option_rules():
     with pytest.raises(ConfigError, match="not full fine-tuning"):
         TrainConfig(model="tiny", data="c", output_dir="o", full=True, memory=MemoryConfig(fp8_weights=True))

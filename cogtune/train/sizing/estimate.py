@@ -9,8 +9,10 @@ runs two steps forward and backward, a torch optimizer steps for real
 (others' state is added by its known size), and the validation pass runs the real diffusers
 pipeline for one denoising step and the VAE decode. The tracker replays every allocation into a
 model of the CUDA caching allocator, so the figures are *reserved* memory, what
-`torch.cuda.max_memory_reserved` reports. Block offloading is applied as arithmetic: the frozen
-weights leave the device except the two largest layers in flight.
+`torch.cuda.max_memory_reserved` reports. What the memory options keep where comes from the
+trainer's own description (`cogtune.train.placement`): block offloading is applied as arithmetic
+(the frozen weights leave the device except the largest layers in flight), and the host memory the
+options keep is counted by its `HOST_COPIES`.
 
 The four moments are the trainer's `memory.json`: before training (weights loaded), before
 validation (the training peak), after validation and after testing (the peak including the
@@ -38,6 +40,8 @@ from cogtune.errors import ModelError
 from cogtune.models.loading import ResolvedModel
 from cogtune.models.registry import ALL_PRESETS, ModelSpec
 from cogtune.train.config import TrainConfig
+from cogtune.train.optimizers import CPU_OFFLOAD_MIN_ELEMENTS
+from cogtune.train.placement import HOST_COPIES, OFFLOADED_LAYERS_ON_DEVICE, memory_placement
 from cogtune.train.sizing.allocator import pinned_block
 
 Shape = tuple[int, int, int]
@@ -50,19 +54,19 @@ STATE_BYTES_PER_PARAMETER = {
     "adamw-8bit-ao": 2 * (1 + 4 / 256),
     "adamw-4bit-ao": 2 * (0.5 + 4 / 128),
     "prodigy": 16.0,  # exp_avg, exp_avg_sq, s, p0 in float32
-    "adamw-cpu-offload": 0.0,  # state on the CPU (tensors under 4096 elements stay: see below)
+    "adamw-cpu-offload": 0.0,  # state on the CPU (small tensors' stays: see `_optimizer_state_bytes`)
 }
-CPU_OFFLOAD_MIN_SIZE = 4096
+TRACED_OPTIMIZERS = ("adamw", "adam")
 CUDA_CONTEXT_GIB = 0.5
 
 # What a peak is made of, in the order the table and the chart show the parts.
 BREAKDOWN_PARTS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "autocast_weight_copies",
                    "saved_activations", "backward_transients", "workspaces", "vae_weights", "validation_denoise",
                    "validation_decode", "other", "allocator_slack")
-HOST_PARTS = ("offloaded_blocks", "offloaded_activations", "cpu_optimizer", "cpu_optimizer_state")
+HOST_PARTS = tuple(HOST_COPIES)
 # The parts held in pinned (page-locked) memory, which torch's pinned allocator counts
-# (`torch.cuda.host_memory_stats`); the CPU optimizer's AdamW state is ordinary memory.
-PINNED_HOST_PARTS = ("offloaded_blocks", "offloaded_activations", "cpu_optimizer")
+# (`torch.cuda.host_memory_stats`).
+PINNED_HOST_PARTS = tuple(part for part, copy in HOST_COPIES.items() if copy.pinned)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,14 +209,14 @@ def synthetic_batch(spec: ModelSpec, batch_size: int, shape: Shape) -> dict[str,
 
 
 def _offloaded_weight_bytes(transformer: Any) -> int:
-    """Bytes that block offloading keeps off the device: frozen weights, minus two layers in flight."""
+    """Bytes that block offloading keeps off the device: frozen weights, minus the layers in flight."""
     leaf_bytes = []
     for module in transformer.modules():
         own = [p for p in module.parameters(recurse=False) if not p.requires_grad]
         if own:
             leaf_bytes.append(sum(p.numel() * p.element_size() for p in own))
     frozen = sum(leaf_bytes)
-    in_flight = sum(sorted(leaf_bytes, reverse=True)[:2])
+    in_flight = sum(sorted(leaf_bytes, reverse=True)[:OFFLOADED_LAYERS_ON_DEVICE])
     return max(0, frozen - in_flight)
 
 
@@ -220,7 +224,7 @@ def _optimizer_state_bytes(optimizer: str, trainable: list[Any]) -> int:
     per_parameter = STATE_BYTES_PER_PARAMETER[optimizer]
     total = sum(p.numel() for p in trainable) * per_parameter
     if optimizer == "adamw-cpu-offload":  # small tensors stay on the device, with float32 AdamW state
-        total += sum(p.numel() * 8 for p in trainable if p.numel() < CPU_OFFLOAD_MIN_SIZE)
+        total += sum(p.numel() * 8 for p in trainable if p.numel() < CPU_OFFLOAD_MIN_ELEMENTS)
     return int(total)
 
 
@@ -233,22 +237,27 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
     LoRA layers on the meta device; `exact=True` runs the full trace without these shortcuts (its own
     FLOP-counting step under torch's `FlopCounterMode`), which gives the same figures, only slower.
     """
-    from cogtune.models.loading import load_scheduler
-    from cogtune.models.positions import needs_learned_positions_dropped
     from cogtune.quiet import quiet_libraries
-    from cogtune.train.model import load_trainable_transformer
-    from cogtune.train.plan import RunPlan, drops_learned_positions
-    from cogtune.train.sizing.trace import (
-        DEVICE,
-        AllocationTracker,
-        activations_offloaded_on_meta,
-        gib,
-        gpu_semantics,
-    )
-    from cogtune.train.step import StepSettings, training_step
 
     quiet_libraries()
     started = time.perf_counter()
+    shape, plan = _sized_run(config, shapes, validation_shape)
+    transformer, compute_dtype = _traced_transformer(config, plan, exact)
+    vae = None
+    if validation_shape is not None:  # built untracked, counted when loaded
+        memory = config.memory
+        vae = _validation_vae(plan.model, compute_dtype,
+                              memory.validation_tile_size if memory.validation_vae_tiling else None)
+    traced = _trace(config, plan.model, transformer, vae, shape, validation_shape, compute_dtype, steps, exact)
+    return _estimate(config, tuple(shapes), shape, validation_shape, transformer, traced,
+                     time.perf_counter() - started)
+
+
+def _sized_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape: Shape | None) -> tuple[Shape, Any]:
+    """The bucket that decides the peak, and the run's plan (its shapes checked first)."""
+    from cogtune.models.positions import needs_learned_positions_dropped
+    from cogtune.train.plan import RunPlan, drops_learned_positions
+
     if not shapes:
         raise ModelError("no clip shape to size")
     spec = model_spec(config.model)
@@ -256,99 +265,141 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
     if validation_shape is not None:
         named["validation"] = validation_shape
     spec.check_clip_shapes(named)
-    shape = largest_shape(spec, shapes)
     model = ResolvedModel(config.model, spec, "fake", None)
     drop = drops_learned_positions(config, spec, needs_learned_positions_dropped(spec, list(named.values())))
     plan = RunPlan(model, None, drop, [])  # type: ignore[arg-type]  # the cache is not used to build the model
-    memory_settings = config.memory
+    return largest_shape(spec, shapes), plan
+
+
+def _traced_transformer(config: TrainConfig, plan: Any, exact: bool) -> tuple[Any, Any]:
+    """The trainer's transformer on the meta device, and its compute dtype."""
+    from cogtune.train.model import load_trainable_transformer
+    from cogtune.train.sizing.trace import DEVICE
+
     # Block offloading is arithmetic here (its hooks move tensors between real devices); compiled kernels
     # cannot run on the meta device.
-    traced = dataclasses.replace(config, memory=dataclasses.replace(memory_settings, offload_blocks=False,
+    traced = dataclasses.replace(config, memory=dataclasses.replace(config.memory, offload_blocks=False,
                                                                     compile=False))
     # The fast path builds every tensor on the meta device from the start (peft would initialize the LoRA
     # layers on the CPU, then move them); only the finished parameters are counted, so nothing changes.
     with contextlib.nullcontext() if exact else torch.device(DEVICE):
-        transformer, compute_dtype = load_trainable_transformer(traced, plan, DEVICE,
-                                                                traced_mixed_precision(config, spec))
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
-    offloaded = _offloaded_weight_bytes(transformer) if memory_settings.offload_blocks else 0
+        return load_trainable_transformer(traced, plan, DEVICE, traced_mixed_precision(config, plan.model.spec))
 
-    vae = None
-    if validation_shape is not None:  # built untracked, counted when loaded
-        vae = _validation_vae(model, compute_dtype, memory_settings.validation_tile_size
-                              if memory_settings.validation_vae_tiling else None)
+
+@dataclasses.dataclass(frozen=True)
+class _Peak:
+    reserved: int
+    allocated: int
+    parts: dict[str, int]  # what the bytes are, by `BREAKDOWN_PARTS`
+
+
+@dataclasses.dataclass(frozen=True)
+class _Trace:
+    """What the trace saw, before the arithmetic (offloaded weights, untraced optimizer state)."""
+
+    before_training: _Peak  # the weights loaded (current, not peak)
+    training: _Peak
+    with_validation: _Peak  # the training peak, or the validation pass's where it is higher
+    validation_denoise_allocated: int
+    validation_decode_allocated: int
+    flops: float
+    host_activations: int  # bytes `save_on_cpu` would copy to the host in a step
+
+
+class _TracedSteps:
+    """The trainer's step on the meta device, its allocations tagged by what they are: `training_step`,
+    its backward, the optimizer (torch's steps for real; others' state is added by its known size)."""
+
+    def __init__(self, config: TrainConfig, model: ResolvedModel, transformer: Any, shape: Shape,
+                 compute_dtype: Any, tracker: Any):
+        from cogtune.models.loading import load_scheduler
+        from cogtune.train.step import StepSettings
+
+        spec = model.spec
+        self.config, self.spec, self.transformer, self.tracker = config, spec, transformer, tracker
+        self.compute_dtype = compute_dtype
+        self.trainable = [p for p in transformer.parameters() if p.requires_grad]
+        self.scheduler = load_scheduler(model)
+        self.batch = synthetic_batch(spec, config.batch_size, shape)
+        self.empty = torch.zeros(spec.max_text_tokens, spec.text_embed_dim)
+        self.settings = StepSettings(caption_dropout=config.effective_caption_dropout,
+                                     image_dropout=config.image_dropout if spec.is_i2v else 0.0)
+        self.offload_activations = memory_placement(config).saved_activations_on_host
+        self.optimizer = None
+        self.host_activations = 0  # bytes save_on_cpu copies to the host in a traced step (all alive until backward)
+
+    def start_optimizer(self) -> None:
+        """torch's optimizers step on meta tensors: their state is traced (others' is arithmetic)."""
+        name = self.config.optimizer.name
+        if name in TRACED_OPTIMIZERS:
+            cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+            self.optimizer = cls(self.trainable, lr=1e-4, foreach=True)  # CUDA's default implementation
+
+    def __call__(self, cast_cache: Any, traced: bool = True) -> None:
+        from cogtune.train.sizing.trace import DEVICE, activations_offloaded_on_meta
+        from cogtune.train.step import training_step
+
+        tracker = self.tracker
+        generators = [torch.Generator().manual_seed(i) for i in range(self.config.batch_size)]
+        host_bytes = [0] if traced else None
+        offloading = activations_offloaded_on_meta(host_bytes) if self.offload_activations else contextlib.nullcontext()
+        tracker.kind = "saved_activations"  # what the forward keeps (or still holds) for backward
+        with offloading:
+            loss = training_step(self.transformer, self.scheduler, self.spec, self.batch, self.empty, self.settings,
+                                 generators, DEVICE, self.compute_dtype)
+        if host_bytes is not None:
+            self.host_activations = host_bytes[0]
+        cast_cache.clear()  # the autocast region ends with the forward; backward runs outside it
+        tracker.kind = "backward_transients"  # a checkpointed block's recompute, activation gradients
+        loss.backward()
+        del loss
+        tracker.kind = "optimizer_state"  # the state, and the step's own temporaries
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            for parameter in self.trainable:
+                parameter.grad = None
+        gc.collect()
+        tracker.kind = "other"
+
+
+def _trace(config: TrainConfig, model: ResolvedModel, transformer: Any, vae: Any, shape: Shape,
+           validation_shape: Shape | None, compute_dtype: Any, steps: int, exact: bool) -> _Trace:
+    """The allocations of loading, `steps` training steps and the validation pass, replayed into the
+    caching allocator's model."""
+    from cogtune.train.sizing.trace import AllocationTracker, gpu_semantics
+
     tracker = AllocationTracker(memoize=not exact)
     # In the order a run allocates them: the loaded weights, then the LoRA layers peft adds.
     parameters = list(transformer.named_parameters())
     tracker.adopt([p for name, p in parameters if "lora_" not in name] + list(transformer.buffers()))
     tracker.adopt([p for name, p in parameters if "lora_" in name])
     allocator = tracker.allocator
-    before_training_reserved, before_training_allocated = allocator.reserved, allocator.allocated
-    before_training_parts = tracker.current_breakdown()
-
-    optimizer_name = config.optimizer.name
-    traced_optimizer = optimizer_name in ("adamw", "adam")
-    extra_state = 0 if traced_optimizer else _optimizer_state_bytes(optimizer_name, trainable)
-    scheduler = load_scheduler(model)
-    batch = synthetic_batch(spec, config.batch_size, shape)
-    empty = torch.zeros(spec.max_text_tokens, spec.text_embed_dim)
-    settings = StepSettings(caption_dropout=config.effective_caption_dropout,
-                            image_dropout=config.image_dropout if spec.is_i2v else 0.0)
-    optimizer = None
-
-    host_activations = [0]  # bytes save_on_cpu copies to the host in a traced step (all alive until backward)
-
-    def train_step(cast_cache: dict, traced: bool = True) -> None:
-        generators = [torch.Generator().manual_seed(i) for i in range(config.batch_size)]
-        if traced:
-            host_activations[0] = 0
-        offloading = (activations_offloaded_on_meta(host_activations if traced else None)
-                      if memory_settings.offload_activations else contextlib.nullcontext())
-        tracker.kind = "saved_activations"  # what the forward keeps (or still holds) for backward
-        with offloading:
-            loss = training_step(transformer, scheduler, spec, batch, empty, settings, generators, DEVICE,
-                                 compute_dtype)
-        cast_cache.clear()  # the autocast region ends with the forward; backward runs outside it
-        tracker.kind = "backward_transients"  # a checkpointed block's recompute, activation gradients
-        loss.backward()
-        del loss
-        tracker.kind = "optimizer_state"  # the state, and the step's own temporaries
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            for parameter in trainable:
-                parameter.grad = None
-        gc.collect()
-        tracker.kind = "other"
-
-    for parameter in trainable:  # a gradient is one once accumulated into `.grad`
+    before_training = _Peak(allocator.reserved, allocator.allocated, tracker.current_breakdown())
+    train_step = _TracedSteps(config, model, transformer, shape, compute_dtype, tracker)
+    for parameter in train_step.trainable:  # a gradient is one once accumulated into `.grad`
         parameter.register_post_accumulate_grad_hook(lambda p: tracker.retag(p.grad, "gradients"))
 
     with _young_garbage_only(not exact), tracker, gpu_semantics(compute_dtype) as cast_cache:
         cast_cache.tag = lambda copy: tracker.retag(copy, "autocast_weight_copies")
-        if traced_optimizer:
-            cls = torch.optim.AdamW if optimizer_name == "adamw" else torch.optim.Adam
-            optimizer = cls(trainable, lr=1e-4, foreach=True)  # CUDA's default implementation
+        train_step.start_optimizer()
         for index in range(steps):
             if not exact and index == steps - 1:
                 tracker.flops = 0  # the last step, with the optimizer state in place, is counted
             train_step(cast_cache)
         flop_count = tracker.flops
         tracker.flops = None
-        training_peak_reserved, training_peak_allocated = allocator.peak_reserved, allocator.peak_allocated
-        training_parts = tracker.peak_breakdown()
-        validation_peak_reserved, validation_peak_allocated = training_peak_reserved, training_peak_allocated
-        validation_parts = training_parts
-        denoise = decode = (0, 0, {})
+        training = with_validation = _Peak(allocator.peak_reserved, allocator.peak_allocated,
+                                           tracker.peak_breakdown())
+        denoise = decode = _Peak(0, 0, {})
         if validation_shape is not None:
             tracker.reset_peaks()
             denoise, decode = _trace_validation(model, transformer, vae, config, validation_shape, compute_dtype,
                                                 tracker, cast_cache)
-            validation_peak_reserved = max(training_peak_reserved, denoise[0], decode[0])
-            validation_peak_allocated = max(training_peak_allocated, denoise[1], decode[1])
-            validation_parts = max((training_peak_reserved, training_parts), (denoise[0], denoise[2]),
-                                   (decode[0], decode[2]), key=lambda pair: pair[0])[1]
+            highest = max(training, denoise, decode, key=lambda peak: peak.reserved)
+            with_validation = _Peak(max(training.reserved, denoise.reserved, decode.reserved),
+                                    max(training.allocated, denoise.allocated, decode.allocated), highest.parts)
         cast_cache.tag = None
 
     if exact:  # torch's own counter, in a step of its own (it keeps tensors alive)
@@ -356,33 +407,48 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
         with counter, gpu_semantics(compute_dtype) as cast_cache:
             train_step(cast_cache, traced=False)
         flop_count = counter.get_total_flops()
+    return _Trace(before_training, training, with_validation, denoise.allocated, decode.allocated, flop_count,
+                  train_step.host_activations)
 
+
+def _estimate(config: TrainConfig, shapes: tuple[Shape, ...], shape: Shape, validation_shape: Shape | None,
+              transformer: Any, traced: _Trace, seconds: float) -> RunEstimate:
+    """The estimate: the trace with the arithmetic applied (`memory_placement`'s offloaded weights off the
+    device, the state of optimizers whose step is not traced added) and the host memory it keeps."""
+    from cogtune.train.sizing.trace import gib
+
+    placement = memory_placement(config)
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    offloaded = _offloaded_weight_bytes(transformer) if placement.frozen_weights_on_host else 0
+    optimizer_name = config.optimizer.name
+    extra_state = 0 if optimizer_name in TRACED_OPTIMIZERS else _optimizer_state_bytes(optimizer_name, trainable)
     shift = extra_state - offloaded  # state the trace did not see; weights that would not be on the device
+    validated = validation_shape is not None
     figures = MemoryFigures(
-        before_training=gib(before_training_reserved - offloaded),
-        before_validation=gib(training_peak_reserved + shift),
-        after_validation=gib(validation_peak_reserved + shift),
-        after_testing=gib(validation_peak_reserved + shift),
-        allocated_before_training=gib(before_training_allocated - offloaded),
-        allocated_peak_training=gib(training_peak_allocated + shift),
-        allocated_peak=gib(validation_peak_allocated + shift),
-        validation_denoise=gib(denoise[1] + shift) if validation_shape is not None else 0.0,
-        validation_decode=gib(decode[1] + shift) if validation_shape is not None else 0.0,
+        before_training=gib(traced.before_training.reserved - offloaded),
+        before_validation=gib(traced.training.reserved + shift),
+        after_validation=gib(traced.with_validation.reserved + shift),
+        after_testing=gib(traced.with_validation.reserved + shift),
+        allocated_before_training=gib(traced.before_training.allocated - offloaded),
+        allocated_peak_training=gib(traced.training.allocated + shift),
+        allocated_peak=gib(traced.with_validation.allocated + shift),
+        validation_denoise=gib(traced.validation_denoise_allocated + shift) if validated else 0.0,
+        validation_decode=gib(traced.validation_decode_allocated + shift) if validated else 0.0,
     )
-    training_breakdown = _shifted(training_parts, offloaded, extra_state)
-    validation_breakdown = _shifted(validation_parts, offloaded, extra_state)
-    breakdown = {"before_training": _shifted(before_training_parts, offloaded, 0),
+    training_breakdown = _shifted(traced.training.parts, offloaded, extra_state)
+    validation_breakdown = _shifted(traced.with_validation.parts, offloaded, extra_state)
+    breakdown = {"before_training": _shifted(traced.before_training.parts, offloaded, 0),
                  "before_validation": training_breakdown, "after_validation": validation_breakdown,
                  "after_testing": validation_breakdown}
-    host = {"offloaded_blocks": _pinned_block_bytes(transformer, spec) if memory_settings.offload_blocks else 0,
-            "offloaded_activations": host_activations[0] if memory_settings.offload_activations else 0,
-            **_cpu_optimizer_host_bytes(optimizer_name, trainable)}
+    blocks = _pinned_block_bytes(transformer, model_spec(config.model)) if placement.frozen_weights_on_host else 0
+    host = {"offloaded_blocks": blocks,
+            "offloaded_activations": traced.host_activations if placement.saved_activations_on_host else 0,
+            **_cpu_optimizer_host_bytes(trainable, placement.optimizer_on_host)}
     return RunEstimate(
-        config=config, shapes=tuple(shapes), shape=shape, validation_shape=validation_shape, memory=figures,
+        config=config, shapes=shapes, shape=shape, validation_shape=validation_shape, memory=figures,
         trainable_parameters=sum(p.numel() for p in trainable),
         transformer_parameters=sum(p.numel() for name, p in transformer.named_parameters() if "lora_" not in name),
-        teraflops_per_step=flop_count / 1e12, seconds=time.perf_counter() - started,
-        breakdown=breakdown, host_ram=host,
+        teraflops_per_step=traced.flops / 1e12, seconds=seconds, breakdown=breakdown, host_ram=host,
     )
 
 
@@ -408,12 +474,12 @@ def _pinned_block_bytes(transformer: Any, spec: ModelSpec) -> int:
     return sum(pinned_block(t.numel() * (base if t.is_floating_point() else t.element_size())) for t in tensors)
 
 
-def _cpu_optimizer_host_bytes(optimizer: str, trainable: list[Any]) -> dict[str, int]:
-    """torchao's `CPUOffloadOptimizer` pins, for each trainable tensor of at least 4096 elements, a host
-    copy of the parameter and one of its gradient (`cpu_optimizer`); AdamW keeps its two states
-    (exp_avg, exp_avg_sq) of those copies in ordinary host memory (`cpu_optimizer_state`)."""
-    offloaded = [p.numel() * p.element_size() for p in trainable if p.numel() >= CPU_OFFLOAD_MIN_SIZE]
-    if optimizer != "adamw-cpu-offload":
+def _cpu_optimizer_host_bytes(trainable: list[Any], on_host: bool) -> dict[str, int]:
+    """torchao's `CPUOffloadOptimizer` pins, for each trainable tensor of `CPU_OFFLOAD_MIN_ELEMENTS` or
+    more, a host copy of the parameter and one of its gradient (`cpu_optimizer`); AdamW keeps its two
+    states (exp_avg, exp_avg_sq) of those copies in ordinary host memory (`cpu_optimizer_state`)."""
+    offloaded = [p.numel() * p.element_size() for p in trainable if p.numel() >= CPU_OFFLOAD_MIN_ELEMENTS]
+    if not on_host:
         offloaded = []
     return {"cpu_optimizer": sum(2 * pinned_block(size) for size in offloaded),
             "cpu_optimizer_state": sum(2 * size for size in offloaded)}
@@ -459,11 +525,11 @@ def _shape_only_scheduler(model: ResolvedModel):
 
 
 def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: TrainConfig, shape: Shape,
-                      compute_dtype: Any, tracker: Any, cast_cache: Any) -> tuple[tuple[int, int, dict], tuple[int, int, dict]]:
+                      compute_dtype: Any, tracker: Any, cast_cache: Any) -> tuple[_Peak, _Peak]:
     """One denoising step of the real pipeline (under autocast; a classifier-free guidance batch when the
     guidance is above 1) and the VAE decode (outside it), as `generate_videos` runs them.
 
-    Returns the (reserved, allocated, breakdown) peaks of the denoising step and of the decode.
+    Returns the peaks of the denoising step and of the decode.
     """
     from cogtune.models.loading import build_pipeline
     from cogtune.train.sizing.trace import DEVICE
@@ -485,14 +551,14 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
         kwargs["image"] = Image.new("RGB", (width, height))
     with torch.no_grad():
         tracker.kind = "validation_denoise"
-        with validation_feed_forward_chunks(transformer, config.memory.offload_blocks):  # as the validator
+        with validation_feed_forward_chunks(transformer, config):  # as the validator
             latents = pipe(**kwargs).frames[:, spec.padded_latent_frames(frames) - spec.latent_frames(frames):]
         allocator = tracker.allocator
-        denoise = (allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())
+        denoise = _Peak(allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())
         allocator.release_cached()  # generate_videos empties the cache before the decode
         tracker.reset_peaks()
         tracker.kind = "validation_decode"
         with cast_cache.outside_autocast():
             pipe.decode_latents(latents.to(vae.dtype))
         tracker.kind = "other"
-        return denoise, (allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())
+        return denoise, _Peak(allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cogtune import distributed, report
+from cogtune import distributed, launch, report
 from cogtune.config import flatten_settings, replace_settings
 from cogtune.errors import ConfigError
 from cogtune.train.config import TrainConfig
@@ -60,7 +60,7 @@ def host_share_gib() -> float | None:
     """The RAM one process may keep: the machine's, split between the processes launched on it (each keeps
     its own offloaded blocks, activations and CPU optimizer state)."""
     total = host_memory_gib()
-    return None if total is None else total / distributed.processes_on_this_machine()
+    return None if total is None else total / launch.processes_on_this_machine()
 
 
 def fits_host(estimate: RunEstimate, host_budget: float | None = None) -> bool:
@@ -225,8 +225,8 @@ def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
                     f"(estimated peak {estimate.memory.after_testing:.1f} GiB of {budget:.1f} GiB, "
                     f"bucket {'x'.join(map(str, estimate.shape))})")
         return chosen
-    main = int(os.environ.get("RANK", "0")) == 0
-    if config.memory.check and torch.cuda.is_available() and strategy in ("single", "ddp") and main:
+    if (config.memory.check and torch.cuda.is_available() and strategy in ("single", "ddp")
+            and launch.is_main_launch_process()):
         budget = budget_gib(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3)
         try:
             estimate = estimate_run(config, shapes, validation)
@@ -246,7 +246,7 @@ def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
 
 def _host_shortfall(estimate: RunEstimate) -> str:
     """The warning for a run whose offloading does not fit this machine's RAM."""
-    processes = distributed.processes_on_this_machine()
+    processes = launch.processes_on_this_machine()
     kept = f"{estimate.host_ram_gib:.1f} GiB in host memory"
     if processes > 1:
         kept += f" per process ({processes * estimate.host_ram_gib:.1f} GiB for the {processes} on this machine)"
