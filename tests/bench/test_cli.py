@@ -197,3 +197,20 @@ def test_the_table_and_the_markdown_show_the_same_columns():
         header = output.markdown(rows, "t", budget).splitlines()[2]
         assert header.endswith(" | ".join(output.MOMENTS + tuple(expected)) + " |")
         assert ("host RAM" in header) == ("host RAM" in expected)
+
+
+def test_bench_memory_keeps_every_option_and_alias(cli):
+    """Made from BenchConfig's fields, the command still takes every option (and short alias) it had."""
+    import typer
+
+    from cogtune.cli.app import app
+
+    command = typer.main.get_command(app).commands["bench"].commands["memory"]
+    names = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
+    assert {"--model", "-m", "--method", "--rank", "--gradient-checkpointing", "--optimizer", "--batch-size",
+            "--frames", "-F", "--height", "-H", "--width", "-W", "--shape", "--fp8", "--offload-blocks",
+            "--offload-activations", "--no-validation", "--estimate", "--measure", "--gpu-memory", "--host-memory",
+            "--gpu", "--steps", "--json", "--markdown", "--plot", "--breakdown", "--random-weights", "--config",
+            "--data", "-d"} <= names
+    result = cli("bench", "memory", "--help")
+    assert result.exit_code == 0 and "Comma-separated." in result.stdout and "on|off,..." in result.stdout

@@ -250,9 +250,9 @@ def test_bench_memory_accepts_random_weights(cli):
     assert result.exit_code == 2 and "Invalid value for '--gpu-memory'" in result.stderr  # parsed past the flag
 
 
-def test_bench_memorys_hand_written_override_keys_are_bench_settings(cli, monkeypatch):
-    """bench's grid options (comma-separated lists) are not generated from fields; `load_config` checks
-    every override key, even those not given, so one run with no options proves they all exist."""
+def test_bench_memory_without_options_is_the_default_bench_config(cli, monkeypatch):
+    """`load_config` checks every override key, even those not given, so one run with no options proves
+    that every key the command passes (its own `shapes` and `mode` too) is a bench setting."""
     import cogtune.bench.run
 
     configs = []
