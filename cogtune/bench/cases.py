@@ -82,9 +82,9 @@ def grid(base: TrainConfig, axes: dict[str, Sequence[Any]], shape_sets: Sequence
 def base_run(bench: BenchConfig) -> TrainConfig:
     """The run the grid varies: the run's TOML, else the defaults (with random weights: nothing downloaded).
 
-    The TOML is read as `cogtune train --config` reads it, with bench's options in the place of
-    train's flags: `--data` wins over the file, and where the file is silent on the model the
-    grid's first model fills it in (each row then sets its own).
+    The TOML is read as `cogtune train --config` reads it, bench's options in the place of train's
+    flags and with the same precedence: `--data` wins over the file, as each axis given does in
+    every row (`grid`); where the file is silent on the model, the grid's first one fills it in.
     """
     first_model = bench.models[0] if bench.models else None
     if bench.run_config is None:
