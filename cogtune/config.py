@@ -87,6 +87,8 @@ def setting(
     path: bool = False,
     choices: tuple[str, ...] | None = None,
     list_of: tuple[str, ...] | None = None,
+    comma_list: bool = False,
+    offers: tuple[str, ...] | None = None,
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
@@ -101,6 +103,9 @@ def setting(
     metavar: the value's name in `--help`; path: the value is a file or folder (shell completion).
     choices: the allowed strings (a `Literal` type gives them by itself).
     list_of: the value is a comma-separated list of these strings (`"diffusers,comfyui"`).
+    comma_list: a tuple typed on the command line as one comma-separated value (`--rank 16,64`;
+        booleans as `on,off`) rather than by repeating the option; a list in the TOML file.
+    offers: values the shell completes for an open-ended setting (model presets: a Hub id works too).
     low, high, low_open, high_open: numeric bounds (inclusive unless open); NaN and inf are refused.
     """
     if isinstance(default, (list, dict, set)):
@@ -110,8 +115,11 @@ def setting(
     bounds = Bounds(low, high, low_open, high_open) if (low, high) != (None, None) else None
     if any(not alias.startswith("--") for alias in aliases) or (aliases and flag is None):
         raise ValueError(f"aliases {aliases!r} must be long options of a field with a flag")
+    if comma_list and not isinstance(default, tuple):
+        raise TypeError("a comma_list setting is a tuple")
     metadata = {"help": help, "flag": flag, "short": short, "aliases": tuple(aliases), "metavar": metavar,
-                "path": path, "choices": choices, "list_of": list_of, "bounds": bounds}
+                "path": path, "choices": choices, "list_of": list_of, "comma_list": comma_list, "offers": offers,
+                "bounds": bounds}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -135,27 +143,37 @@ def strip_optional(hint: Any) -> Any:
 def check_settings(config: Any, prefix: str = "") -> None:
     """Raise ConfigError, naming `prefix + field`, for a value outside its declared bounds or choices.
 
-    Each config dataclass calls this first in `__post_init__`; the command line checks the same
-    declarations in the options' callbacks, so the two cannot drift apart.
+    A tuple's items are checked one by one. Each config dataclass calls this first in
+    `__post_init__`; the command line checks the same declarations in the options' callbacks,
+    so the two cannot drift apart.
     """
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if value is None:
             continue
-        bounds = field.metadata.get("bounds")
-        if bounds is None and isinstance(value, (int, float)) and not isinstance(value, bool):
-            bounds = Bounds()  # every number must at least be finite, every integer fit in 64 bits
-        problem = bounds.problem(value) if bounds is not None else None
-        if problem:
-            raise ConfigError(f"{prefix}{field.name} {problem}")
-        choices = setting_choices(field, hints[field.name])
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{prefix}{field.name} '{value}' is not one of {', '.join(choices)}")
-        allowed = field.metadata.get("list_of")
-        unknown = [item for item in list_items(value) if item not in allowed] if allowed else []
-        if unknown:
-            raise ConfigError(f"{prefix}{field.name} '{unknown[0]}' is not one of {', '.join(allowed)}")
+        for item in value if isinstance(value, tuple) else (value,):
+            problem = _setting_problem(field, hints[field.name], item)
+            if problem:
+                raise ConfigError(f"{prefix}{field.name} {problem}")
+
+
+def _setting_problem(field: dataclasses.Field, hint: Any, value: Any) -> str | None:
+    """Why one value of `field` is refused, or None."""
+    bounds = field.metadata.get("bounds")
+    if bounds is None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        bounds = Bounds()  # every number must at least be finite, every integer fit in 64 bits
+    problem = bounds.problem(value) if bounds is not None else None
+    if problem:
+        return problem
+    choices = setting_choices(field, hint)
+    if choices is not None and value not in choices:
+        return f"'{value}' is not one of {', '.join(choices)}"
+    allowed = field.metadata.get("list_of")
+    unknown = [item for item in list_items(value) if item not in allowed] if allowed else []
+    if unknown:
+        return f"'{unknown[0]}' is not one of {', '.join(allowed)}"
+    return None
 
 
 def list_items(value: str) -> tuple[str, ...]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +22,25 @@ def row_values(row: dict[str, Any]) -> list[float]:
             memory["after_testing"]]
 
 
-def print_rows(rows: Sequence[dict[str, Any]], title: str, budget: float | None) -> None:
-    columns = ["configuration", "before training", "before validation", "after validation", "after testing"]
-    host = any("host_ram_gib" in r for r in rows)
-    if host:
-        columns.append("host RAM")
-    if any("seconds_per_step" in r for r in rows):
-        columns.append("s/step")
+def optional_columns(rows: Sequence[dict[str, Any]], budget: float | None) -> list[tuple[str, Callable[[dict], Any]]]:
+    """The columns after the four moments, the same in the table and the markdown: each one's title and
+    how a row gives its cell (None: no figure). Host RAM where some configuration needs it (offloading),
+    s/step where the rows have step times, whether each fits where a GPU size is given."""
+    columns: list[tuple[str, Callable[[dict], Any]]] = []
+    if any(row.get("host_ram_gib") for row in rows):
+        columns.append(("host RAM", lambda row: row.get("host_ram_gib")))
+    if any("seconds_per_step" in row for row in rows):
+        columns.append(("s/step", lambda row: row.get("seconds_per_step")))
     if budget is not None:
-        columns.append(f"fits {budget:g} GiB")
-    table_rows = []
-    for row in rows:
-        cells: list[Any] = [row["label"], *row_values(row)]
-        if host:
-            cells.append(row.get("host_ram_gib"))
-        if "s/step" in columns:
-            cells.append(row.get("seconds_per_step"))
-        if budget is not None:
-            cells.append(_fit_text(row))
-        table_rows.append(cells)
+        columns.append((f"fits {budget:g} GiB", _fit_text))
+    return columns
+
+
+def print_rows(rows: Sequence[dict[str, Any]], title: str, budget: float | None) -> None:
+    extra = optional_columns(rows, budget)
+    columns = ["configuration", "before training", "before validation", "after validation", "after testing",
+               *(name for name, _ in extra)]
+    table_rows = [[row["label"], *row_values(row), *(cell(row) for _, cell in extra)] for row in rows]
     report.table(title, columns, table_rows)
     for row in rows:
         if row.get("suggestion"):
@@ -88,15 +88,9 @@ def print_breakdowns(rows: Sequence[dict[str, Any]]) -> None:
 
 def markdown(rows: Sequence[dict[str, Any]], title: str, budget: float | None, notes: Sequence[str] = ()) -> str:
     """The CogVideoX factory's memory-table layout: one row per configuration, the four moments in GiB."""
+    extra = optional_columns(rows, budget)
     header = ["model", "method", "rank", "optimizer", "gradient checkpointing", "options", "batch", "frames x H x W",
-              *MOMENTS]
-    host = any(r.get("host_ram_gib") for r in rows)
-    if host:
-        header.append("host RAM")
-    if any("seconds_per_step" in r for r in rows):
-        header.append("s/step")
-    if budget is not None:
-        header.append(f"fits {budget:g} GiB")
+              *MOMENTS, *(name for name, _ in extra)]
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         case = row["case"]
@@ -105,16 +99,17 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, budget: float | None, n
         shape = "x".join(str(v) for v in row["shape"])
         cells = [case["model"], case["method"], str(case["rank"]) if case["method"] == "lora" else "-",
                  case["optimizer"], "on" if case["gradient_checkpointing"] else "off", options, str(case["batch_size"]),
-                 shape, *(f"{value:.2f}" for value in row_values(row))]
-        if host:
-            cells.append(f"{row['host_ram_gib']:.2f}" if row.get("host_ram_gib") is not None else "-")
-        if "s/step" in header:
-            cells.append(f"{row['seconds_per_step']:.2f}" if row.get("seconds_per_step") is not None else "-")
-        if budget is not None:
-            cells.append(_fit_text(row))
+                 shape, *(f"{value:.2f}" for value in row_values(row)),
+                 *(_markdown_cell(cell(row)) for _, cell in extra)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *notes]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _markdown_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else f"{value:.2f}"
 
 
 def write_json(path: str | Path, document: dict[str, Any]) -> Path:

@@ -5,7 +5,9 @@ becomes the option `--lr`: its help, the default it shows, its short alias, the 
 its checks all come from the field (find where a flag is declared with
 `grep -rn 'flag="--lr"' cogtune`). The option's own default is None, "not given", so that a value
 from the `--config` file is never shadowed; a boolean is `--x/--no-x`, so that `true` in the file
-can be switched off on the command line.
+can be switched off on the command line. A tuple is a repeatable option, or with `comma_list=True`
+one comma-separated value (`--rank 16,64`; booleans `--fp8 on,off`), read and checked item by item
+before the command runs (a one-line error, exit 1).
 
 `@settings_options(TrainConfig)` puts one option per flagged field (sections included) where the
 command declares its `overrides` parameter, and calls the command with `overrides`: each option's
@@ -27,12 +29,15 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cogtune.cli.options import choice, completes, number
-from cogtune.config import Bounds, setting_choices, strip_optional
+from cogtune.config import Bounds, list_items, setting_choices, strip_optional
+from cogtune.errors import ConfigError
 
 Overrides = dict[str, Any]
 """What a command decorated with `settings_options` receives: dotted field path -> value or None."""
 
 _METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
+_ON_OFF = ("on", "off")  # the words `--help` and completion use for a boolean's items
+_TRUE_WORDS, _FALSE_WORDS = ("on", "true", "yes"), ("off", "false", "no")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,18 +59,28 @@ class SettingOption:
         return f"{name}_" if keyword.iskeyword(name) else name
 
     @property
-    def repeatable(self) -> bool:
-        return typing.get_origin(self.hint) is tuple
+    def comma_list(self) -> bool:
+        """Typed as one comma-separated value (`--rank 16,64`, `--fp8 on,off`): a tuple in the config."""
+        return bool(self.field.metadata.get("comma_list"))
 
     @property
-    def value_type(self) -> type:
-        """The type of one value on the command line (a Literal's strings are `str`)."""
-        base = typing.get_args(self.hint)[0] if self.repeatable else self.hint
+    def repeatable(self) -> bool:
+        return typing.get_origin(self.hint) is tuple and not self.comma_list
+
+    @property
+    def item_type(self) -> type:
+        """The type of one value (a tuple's item; a Literal's strings are `str`)."""
+        base = typing.get_args(self.hint)[0] if typing.get_origin(self.hint) is tuple else self.hint
         if typing.get_origin(base) is typing.Literal:
             base = type(typing.get_args(base)[0])
         if base is str and self.field.metadata.get("path"):
             return Path
         return base
+
+    @property
+    def value_type(self) -> type:
+        """The type of what follows the flag on the command line: one value, or a comma list's text."""
+        return str if self.comma_list else self.item_type
 
     @property
     def names(self) -> list[str]:
@@ -95,6 +110,8 @@ class SettingOption:
         text = self.field.metadata["help"]
         if self.repeatable:
             text += " Repeatable."
+        elif self.comma_list:
+            text += " Comma-separated."
         shown = self.shown_default()
         return f"{text} [default: {shown}]" if shown is not None else text
 
@@ -105,7 +122,10 @@ class SettingOption:
         callback = None
         choices = setting_choices(self.field, self.hint)
         bounds = self.field.metadata.get("bounds") or (Bounds() if value_type in (int, float) else None)
-        if choices is not None:
+        if self.comma_list:  # its items are checked as the list is read (`config_value`)
+            item = "|".join(_ON_OFF) if self.item_type is bool else "|".join(choices) if choices else None
+            metavar = f"{metavar or item or _METAVARS[self.item_type]},..."
+        elif choices is not None:
             callback = choice(choices)
             metavar = metavar or "|".join(choices)
         elif bounds is not None:
@@ -120,19 +140,46 @@ class SettingOption:
         return Annotated[Optional[python_type], option]
 
     def completion(self, choices: tuple[str, ...] | None) -> Any:
-        """What the shell offers for the value: the choices, or the items of a comma-separated list."""
-        if choices is not None:
-            return completes(choices)
+        """What the shell offers for the value: the choices or the values the field offers (for a comma
+        list, for the item after the last comma), or the items of a `list_of` setting."""
+        offered = choices or self.field.metadata.get("offers")
+        if self.comma_list:
+            offered = offered or (_ON_OFF if self.item_type is bool else None)
+            return completes(offered, comma_list=True) if offered else None
+        if offered:
+            return completes(offered)
         items = self.field.metadata.get("list_of")
         return completes(items, comma_list=True) if items else None
 
     def config_value(self, value: Any) -> Any:
-        """The config's value for what was typed: tuples for repeated options, strings for paths."""
+        """The config's value for what was typed: tuples for repeated options and comma lists, strings for paths."""
         if value is None:
             return None
+        if self.comma_list:
+            return tuple(self._list_item(item) for item in list_items(value)) or None
         if self.repeatable:
             return tuple(str(item) for item in value) or None
         return str(value) if isinstance(value, Path) else value
+
+    def _list_item(self, text: str) -> Any:
+        """One item of a comma list (`16`, `on`), checked against the field's choices and bounds."""
+        kind = self.item_type
+        if kind is bool:
+            if text.lower() not in _TRUE_WORDS + _FALSE_WORDS:
+                raise ConfigError(f"{self.flag}: '{text}' is not on or off")
+            return text.lower() in _TRUE_WORDS
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise ConfigError(f"{self.flag}: '{text}' is not a {kind.__name__}") from exc
+        choices = setting_choices(self.field, self.hint)
+        bounds = self.field.metadata.get("bounds") or (Bounds() if kind is float else None)
+        problem = bounds.problem(value) if bounds is not None else None
+        if choices is not None and value not in choices:
+            problem = f"'{value}' is not one of {', '.join(choices)}"
+        if problem:
+            raise ConfigError(f"{self.flag}: {problem}")
+        return value
 
 
 def setting_options(config_cls: type, exclude: Iterable[str] = ()) -> list[SettingOption]:

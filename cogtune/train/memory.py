@@ -31,6 +31,16 @@ def _max_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def _rss_figures() -> dict[str, float]:
+    """The process's RSS now and its peak so far, in GiB, from bytes and rounded alike.
+
+    The peak is read after the RSS and is never below it: the kernel's high-water mark
+    (`ru_maxrss`) is updated lazily, so on its own it can trail the RSS just read."""
+    rss = _rss_bytes()
+    peak = max(_max_rss_bytes(), rss)
+    return {"rss_gib": round(rss / GIB, 3), "max_rss_gib": round(peak / GIB, 3)}
+
+
 def snapshot(device: Any) -> dict[str, Any]:
     """Current and peak memory of `device` in GiB (CUDA: allocated and reserved; CPU: RSS)."""
     device = torch.device(device)
@@ -44,17 +54,13 @@ def snapshot(device: Any) -> dict[str, Any]:
             "max_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 3),
             **_host_figures(),
         }
-    return {
-        "device": device.type,
-        "rss_gib": round(_rss_bytes() / GIB, 3),
-        "max_rss_gib": round(_max_rss_bytes() / GIB, 3),
-    }
+    return {"device": device.type, **_rss_figures()}
 
 
 def _host_figures() -> dict[str, float]:
     """The host side of a GPU run: the process's RSS (now and peak) and what torch's pinned allocator
     holds (`torch.cuda.host_memory_stats`, where this torch has it: now and peak)."""
-    figures = {"rss_gib": round(_rss_bytes() / GIB, 3), "max_rss_gib": round(_max_rss_bytes() / GIB, 3)}
+    figures = _rss_figures()
     try:
         stats = torch.cuda.host_memory_stats()
     except (AttributeError, RuntimeError):
@@ -73,8 +79,12 @@ class MemoryLog:
         self.records: dict[str, dict[str, Any]] = {}
 
     def record(self, moment: str) -> dict[str, Any]:
-        self.records[moment] = snapshot(self.device)
-        return self.records[moment]
+        figures = snapshot(self.device)
+        if "max_rss_gib" in figures:  # a peak is never below a figure it was taken over, at an earlier moment too
+            earlier = [values["max_rss_gib"] for values in self.records.values()]
+            figures["max_rss_gib"] = max([figures["max_rss_gib"], *earlier])
+        self.records[moment] = figures
+        return figures
 
     def write(self, path: str | Path) -> Path:
         return atomic_write_text(path, json.dumps(self.records, indent=2) + "\n")

@@ -160,3 +160,57 @@ def test_the_estimate_never_stops_a_training_run(tiny_cache, tmp_path, monkeypat
     assert result.weights.is_file()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "memory profile 12gb" in line]
     assert len(warnings) == 1 and "the estimate failed: the tracer met an operator it does not know" in warnings[0]
+
+
+def test_bench_config_takes_the_grids_model_where_the_toml_is_silent(cli, tiny_cache, tmp_path):
+    """`--config` as `train --config` reads it: a model given on the command line fills in a TOML without one;
+    the TOML's other settings still hold. Without either, the error says both ways to give it."""
+    toml = tmp_path / "run.toml"
+    toml.write_text(RUN_TOML.format(data=tiny_cache, out=tmp_path / "run").replace('model = "tiny"\n', ""))
+    result = cli("bench", "memory", "--config", toml, "--model", "tiny", "--json", tmp_path / "m.json")
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert row["case"]["model"] == "tiny" and row["case"]["rank"] == 8 and row["bucket"] == "9x64x64"
+
+    result = cli("bench", "memory", "--config", toml)
+    assert result.exit_code == 1
+    assert "model is required (--model, or `model = ...` in the --config file)" in result.stderr
+
+
+def test_the_table_and_the_markdown_show_the_same_columns():
+    """One decision for both: host RAM only where some configuration needs it, s/step where known, the fit
+    where a GPU size is given."""
+    from cogtune.bench import output
+
+    def row(host_ram, seconds):
+        case = {"model": "tiny", "method": "lora", "rank": 4, "optimizer": "adamw", "gradient_checkpointing": True,
+                "fp8": False, "offload_blocks": False, "offload_activations": host_ram > 0, "batch_size": 1}
+        return {"label": "tiny", "case": case, "shape": [9, 64, 64], "host_ram_gib": host_ram, "fits": True,
+                "seconds_per_step": seconds, "memory_gib": dict.fromkeys(output.BREAKDOWN_MOMENTS, 1.0)}
+
+    for rows, budget, expected in [
+        ([row(0.0, 0.5), row(0.0, None)], None, ["s/step"]),
+        ([row(0.0, 0.5), row(2.0, 0.5)], 24.0, ["host RAM", "s/step", "fits 24 GiB"]),
+    ]:
+        columns = [name for name, _ in output.optional_columns(rows, budget)]
+        assert columns == expected
+        header = output.markdown(rows, "t", budget).splitlines()[2]
+        assert header.endswith(" | ".join(output.MOMENTS + tuple(expected)) + " |")
+        assert ("host RAM" in header) == ("host RAM" in expected)
+
+
+def test_bench_memory_keeps_every_option_and_alias(cli):
+    """Made from BenchConfig's fields, the command still takes every option (and short alias) it had."""
+    import typer
+
+    from cogtune.cli.app import app
+
+    command = typer.main.get_command(app).commands["bench"].commands["memory"]
+    names = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
+    assert {"--model", "-m", "--method", "--rank", "--gradient-checkpointing", "--optimizer", "--batch-size",
+            "--frames", "-F", "--height", "-H", "--width", "-W", "--shape", "--fp8", "--offload-blocks",
+            "--offload-activations", "--no-validation", "--estimate", "--measure", "--gpu-memory", "--host-memory",
+            "--gpu", "--steps", "--json", "--markdown", "--plot", "--breakdown", "--random-weights", "--config",
+            "--data", "-d"} <= names
+    result = cli("bench", "memory", "--help")
+    assert result.exit_code == 0 and "Comma-separated." in result.stdout and "on|off,..." in result.stdout

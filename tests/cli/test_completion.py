@@ -167,6 +167,7 @@ def test_bash_completes_option_values():
         "cogtune completion ",
         "cogtune bench memory --optimizer adamw,adamw-8",
         "cogtune bench memory --fp8 on,",
+        "cogtune bench memory -m tiny,tiny-1",
     )
     assert replies[0] == sorted(name for name in optimizers if name.startswith("ad"))
     assert replies[0] and len(replies[0]) < len(optimizers)
@@ -176,6 +177,7 @@ def test_bash_completes_option_values():
     assert replies[4] == sorted(SHELLS)
     assert replies[5] == sorted(f"adamw,{name}" for name in optimizers if name.startswith("adamw-8"))
     assert replies[6] == ["on,off", "on,on"]
+    assert replies[7] == ["tiny,tiny-1.5", "tiny,tiny-1.5-i2v"]
 
 
 @needs_bash
@@ -199,14 +201,15 @@ def test_bash_still_completes_flags_at_a_flag_position():
                        ["--machine-rank", "--machines"], ["train"]]
 
 
-def _settings_with_choices() -> list[tuple[str, str, tuple[str, ...]]]:
-    """(command path, flag, choices) of every setting option with a closed set of values, from the configs."""
+def _settings_with_choices(comma_list: bool = False) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(command path, flag, choices) of every setting option with a closed set of values, from the configs:
+    those that take one value, or with `comma_list` those that take a comma-separated list of them."""
     found = []
 
     def walk(command, path):
         for option in getattr(getattr(command, "callback", None), "settings", ()):
             choices = setting_choices(option.field, option.hint)
-            if choices:
+            if choices and option.comma_list == comma_list:
                 found.append((path, option.flag, choices))
         for name, child in sorted((getattr(command, "commands", {}) or {}).items()):
             walk(child, f"{path} {name}".strip())
@@ -223,6 +226,11 @@ def test_bash_completes_every_setting_with_choices():
     replies = _bash_complete(*(f"cogtune {path} {flag} " for path, flag, _ in settings))
     for (path, flag, choices), reply in zip(settings, replies):
         assert reply == sorted(choices), f"cogtune {path} {flag}"
+    lists = _settings_with_choices(comma_list=True)
+    assert {"--method"} <= {flag for _, flag, _ in lists}
+    replies = _bash_complete(*(f"cogtune {path} {flag} {choices[0]}," for path, flag, choices in lists))
+    for (path, flag, choices), reply in zip(lists, replies):
+        assert reply == sorted(f"{choices[0]},{choice}" for choice in choices), f"cogtune {path} {flag}"
 
 
 
@@ -253,6 +261,9 @@ def test_zsh_script_completes_values_for_the_right_command():
         assert _case_words(zsh, f"{path} {flag}") == list(choices)
     assert _case_words(zsh, "config accelerate --strategy") == list(STRATEGIES)
     assert "'config accelerate -s'" in zsh
+    for path, flag, choices in _settings_with_choices(comma_list=True):
+        line = next(line for line in zsh.splitlines() if line.strip().startswith(f"'{path} {flag}'"))
+        assert f"_values -s , '{flag[2:]}'" in line and _case_words(zsh, f"{path} {flag}") == list(choices)
     bench = next(line for line in zsh.splitlines() if line.strip().startswith("'bench memory --optimizer'"))
     assert "_values -s , 'optimizer'" in bench and _case_words(zsh, "bench memory --optimizer") == list(optimizers)
     assert not any(line.strip().startswith("'sample --optimizer'") for line in zsh.splitlines())
@@ -273,6 +284,9 @@ def test_fish_script_completes_values_for_the_right_command():
             assert re.search(r"""-n "__cogtune_at '[^'"()]*'" """, line), line
     for path, flag, choices in _settings_with_choices():
         assert any(f"-l {flag[2:]} -x -a '{' '.join(choices)}'" in line for line in _fish_lines(fish, path)), flag
+    for path, flag, choices in _settings_with_choices(comma_list=True):
+        assert any(f"-l {flag[2:]} -x -a '(__cogtune_list {' '.join(choices)})'" in line
+                   for line in _fish_lines(fish, path)), flag
     assert any(f"-l strategy -s s -x -a '{' '.join(STRATEGIES)}'" in line
                for line in _fish_lines(fish, "config accelerate"))
     assert any(f"-l optimizer -x -a '(__cogtune_list {' '.join(optimizers)})'" in line

@@ -250,9 +250,9 @@ def test_bench_memory_accepts_random_weights(cli):
     assert result.exit_code == 2 and "Invalid value for '--gpu-memory'" in result.stderr  # parsed past the flag
 
 
-def test_bench_memorys_hand_written_override_keys_are_bench_settings(cli, monkeypatch):
-    """bench's grid options (comma-separated lists) are not generated from fields; `load_config` checks
-    every override key, even those not given, so one run with no options proves they all exist."""
+def test_bench_memory_without_options_is_the_default_bench_config(cli, monkeypatch):
+    """`load_config` checks every override key, even those not given, so one run with no options proves
+    that every key the command passes (its own `shapes` and `mode` too) is a bench setting."""
     import cogtune.bench.run
 
     configs = []
@@ -260,6 +260,96 @@ def test_bench_memorys_hand_written_override_keys_are_bench_settings(cli, monkey
     result = cli("bench", "memory")
     assert result.exit_code == 0, result.stderr
     assert configs == [cogtune.bench.run.BenchConfig()]
+
+
+def _bench_options():
+    from cogtune.bench.config import BenchConfig
+
+    return setting_options(BenchConfig)
+
+
+# a value for each of bench memory's options, as typed, and the field value it gives
+_BENCH_VALUES = {
+    "models": ("tiny,tiny-i2v", ("tiny", "tiny-i2v")), "methods": ("lora, full", ("lora", "full")),
+    "ranks": ("16,64", (16, 64)), "gradient_checkpointing": ("on,off", (True, False)),
+    "optimizers": ("adamw,adamw-8bit", ("adamw", "adamw-8bit")), "batch_sizes": ("1,2", (1, 2)),
+    "shapes": ("9x64x64,17x64x96", ("9x64x64", "17x64x96")), "fp8": ("true,no", (True, False)),
+    "offload_blocks": ("off", (False,)), "offload_activations": ("ON,yes", (True, True)),
+    "validation": (False, False), "gpu_memory": ("24", 24.0), "host_memory": ("64.5", 64.5), "gpu": ("A100", "A100"),
+    "steps": ("3", 3), "breakdown": (True, True), "run_config": ("run.toml", "run.toml"), "data": ("cache", "cache"),
+}
+
+
+@pytest.fixture
+def benched(monkeypatch):
+    import cogtune.bench.run
+
+    configs = []
+    monkeypatch.setattr(cogtune.bench.run, "run_bench", lambda config, **kwargs: configs.append(config))
+    return configs
+
+
+def test_every_bench_field_with_a_flag_has_a_value_here():
+    assert {o.path for o in _bench_options()} == set(_BENCH_VALUES)
+
+
+@pytest.mark.parametrize("option", _bench_options(), ids=lambda option: option.flag)
+def test_each_bench_flag_sets_its_field(option, cli, benched, monkeypatch, tmp_path):
+    """bench memory's options are BenchConfig's fields: each sets its own (a comma list, a tuple), and its
+    help is the field's."""
+    from cogtune.bench.config import BenchConfig
+
+    monkeypatch.chdir(tmp_path)
+    typed, expected = _BENCH_VALUES[option.path]
+    if isinstance(typed, bool):
+        args = [option.flag if typed else f"--no-{option.flag[2:]}"]
+    else:
+        args = [option.flag, typed]
+    result = cli("bench", "memory", *args)
+    assert result.exit_code == 0, result.stderr
+    assert benched == [dataclasses.replace(BenchConfig(), **{option.path: expected})]
+    param = next(p for p in _click_tree()["bench memory"].params if p.name == option.param)
+    assert param.help.startswith(option.field.metadata["help"]) and param.default is None
+    if option.comma_list:
+        assert param.metavar.endswith(",...") and "Comma-separated." in param.help
+
+
+def test_bench_short_aliases_and_modes(cli, benched):
+    from cogtune.bench.config import BenchConfig
+
+    result = cli("bench", "memory", "-m", "tiny", "-d", "cache", "--measure", "-F", "9", "-H", "64", "-W", "96")
+    assert result.exit_code == 0, result.stderr
+    assert benched == [BenchConfig(models=("tiny",), data="cache", mode="measure", shapes=("9x64x96",))]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--method", "lora,fulll"), "--method: 'fulll' is not one of lora, full"),
+    (("--batch-size", "1,two"), "--batch-size: 'two' is not a int"),
+    (("--shape", "9x64"), "bucket '9x64' is not FRAMESxHEIGHTxWIDTH"),
+    (("--shape", "9x64x64", "-F", "9"), "--shape and --frames/--height/--width exclude each other"),
+    (("-F", "9",), "--frames, --height and --width go together"),
+])
+def test_bench_list_errors_are_one_line_errors(cli, benched, args, message):
+    result = cli("bench", "memory", *args)
+    assert result.exit_code == 1 and message in result.stderr and not benched
+
+
+def test_bench_bounds_are_declared_once_for_the_option_and_the_dataclass(cli, benched):
+    """As for every setting: the field's bounds refuse a value on the command line (exit 2) and in Python."""
+    from cogtune.bench.config import BenchConfig
+    from cogtune.errors import ConfigError
+
+    for flag, value, problem in [("--steps", "1", "must be >= 2, got 1"), ("--gpu-memory", "0", "must be > 0, got 0"),
+                                 ("--host-memory", "inf", "must be a finite number")]:
+        result = cli("bench", "memory", flag, value)
+        assert result.exit_code == 2 and f"Invalid value for '{flag}': {problem}" in result.stderr
+    with pytest.raises(ConfigError, match="steps must be >= 2, got 1"):
+        BenchConfig(steps=1)
+    with pytest.raises(ConfigError, match="host_memory must be > 0, got -1"):
+        BenchConfig(host_memory=-1.0)
+    with pytest.raises(ConfigError, match="methods 'fulll' is not one of lora, full"):
+        BenchConfig(methods=("lora", "fulll"))
+    assert not benched
 
 
 @pytest.mark.parametrize(("alias", "value", "path", "expected"), [
