@@ -34,7 +34,8 @@ class BenchConfig:
     ranks: tuple[int, ...] = _axis("LoRA ranks; default: the run's (64).", "--rank")
     gradient_checkpointing: tuple[bool, ...] = _axis("Gradient checkpointing on and/or off; default: the run's (on).",
                                                      "--gradient-checkpointing")
-    optimizers: tuple[str, ...] = _axis("Optimizers; default: the run's (adamw).", "--optimizer", choices=OPTIMIZERS)
+    optimizers: tuple[str, ...] = _axis("Optimizers; default: the run's (adamw).", "--optimizer", metavar="NAME",
+                                        choices=OPTIMIZERS)
     batch_sizes: tuple[int, ...] = _axis("Batch sizes; default: the run's (1).", "--batch-size")
     shapes: tuple[str, ...] = _axis("Clip shapes, one row each (a resolution grid); default: the cache's buckets, "
                                     "else the model's default clip.", "--shape", metavar="FxHxW")
