@@ -88,7 +88,7 @@ class Training:
     optimizer: Any  # prepared by accelerate
     lr_scheduler: Any  # stepped once per optimizer step by the loop (not prepared: accelerate steps per process)
     trainable: list[Any]  # the trained parameters after `prepare` (FSDP replaces them with shards)
-    tensor_learning_rates: Any
+    tensor_learning_rates: Any  # learning rates an optimizer keeps as tensors (`keep_tensor_learning_rates`)
     hooks: checkpoint.CheckpointHooks
     load_trainable: Any  # `(model, folder)`: a run folder's or checkpoint's trainable weights into the model
 
@@ -240,27 +240,27 @@ def _resume(training: Training, resume_from: Path, history: History) -> int:
 # --- the loop --------------------------------------------------------------------------------------
 
 
-def _train(t: Training, start_step: int, history: History, validator: Validator, memory_log: MemoryLog) -> None:
+def _train(training: Training, start_step: int, history: History, validator: Validator, memory_log: MemoryLog) -> None:
     """Optimizer steps from `start_step` on; after each, what its number asks for: a checkpoint, validation."""
-    config, accelerator, cache = t.config, t.accelerator, t.plan.cache
+    config, accelerator, cache = training.config, training.accelerator, training.plan.cache
     schedule = BatchSchedule.for_cache(cache, config.batch_size, accelerator.num_processes, config.seed)
     loader = BatchLoader(cache, schedule, accelerator.process_index)
     empty_embeds = cache.empty_prompt_embeds()
     settings = StepSettings(caption_dropout=config.effective_caption_dropout,
-                            image_dropout=config.image_dropout if t.plan.model.spec.is_i2v else 0.0)
-    t.transformer.train()
+                            image_dropout=config.image_dropout if training.plan.model.spec.is_i2v else 0.0)
+    training.transformer.train()
     stop = StopRequest()
     try:
         with stop.listening(enabled=True, stopping="stopping after this step, with a checkpoint"), \
                 report.progress("training", total=config.steps, unit="step", completed=start_step) as bar:
             for step in range(start_step, config.steps):
                 started = time.perf_counter()
-                step_loss, grad_norm = _optimizer_step(t, loader, step, settings, empty_embeds)
-                lr = current_learning_rate(t.optimizer)
+                step_loss, grad_norm = _optimizer_step(training, loader, step, settings, empty_embeds)
+                lr = current_learning_rate(training.optimizer)
                 # A stop asked of any process (a launcher forwards Ctrl-C to each) stops all of them after this step.
                 step_loss, stopping = _agree_across_processes(accelerator, step_loss, stop.requested)
                 if not math.isfinite(step_loss):
-                    good = checkpoint.last_good_checkpoint(t.run.root)
+                    good = checkpoint.last_good_checkpoint(training.run.root)
                     where = f"; the last good checkpoint is {good}" if good else "; no good checkpoint was saved"
                     items = describe_items(cache, step_items(schedule, step, config.gradient_accumulation))
                     raise TrainingError(f"loss became {step_loss} at step {step + 1}{where}; the step's items: {items}",
@@ -275,21 +275,22 @@ def _train(t: Training, start_step: int, history: History, validator: Validator,
                 bar.advance(1, loss=step_loss, lr=lr, **_memory_field(accelerator.device))  # the bar shows s/step
                 if (stopping or _every(config.checkpointing.every, done)) and done < config.steps:
                     saved = checkpoint.save_checkpoint(accelerator, config, done, history.losses,
-                                                       t.lr_scheduler.state_dict(), t.hooks)
+                                                       training.lr_scheduler.state_dict(), training.hooks)
                     if stopping:
                         command = resume_command(report.invocation, launched=accelerator.num_processes > 1)
                         raise stop.interrupted(f"interrupted at step {done} of {config.steps}; checkpoint saved: "
                                                f"{saved}", hint=f"resume with: {command}")
                 if _every(config.validation.every, done) and done < config.steps:
-                    _validate(t, validator, memory_log, step_name(done), done)
+                    _validate(training, validator, memory_log, step_name(done), done)
     finally:
         loader.close()
 
 
-def _optimizer_step(t: Training, loader: BatchLoader, step: int, settings: StepSettings,
+def _optimizer_step(training: Training, loader: BatchLoader, step: int, settings: StepSettings,
                     empty_embeds: Any) -> tuple[float, Any]:
     """One optimizer step over `accumulation` micro-steps: its mean loss, and the gradients' norm before clipping."""
-    config, accelerator, device = t.config, t.accelerator, t.accelerator.device
+    config, accelerator, device = training.config, training.accelerator, training.accelerator.device
+    transformer, optimizer = training.transformer, training.optimizer
     accumulation, process = config.gradient_accumulation, accelerator.process_index
     step_loss = 0.0
     for micro in range(accumulation):
@@ -298,29 +299,30 @@ def _optimizer_step(t: Training, loader: BatchLoader, step: int, settings: StepS
         batch = loader.get(step * accumulation + micro)
         generators = sample_generators(config.seed, step, micro, process * config.batch_size, len(batch["indices"]))
         # accumulate(): gradients synchronise on the last micro-step only (DeepSpeed steps there).
-        with accelerator.accumulate(t.transformer):
+        with accelerator.accumulate(transformer):
             # Backward runs outside autocast, so that its cache of low-precision weight copies is
             # freed first (checkpointed blocks re-enter autocast when they recompute).
             with accelerator.autocast(), activations_offloaded(config.memory.offload_activations, device):
-                loss = training_step(t.transformer, t.noise_scheduler, t.plan.model.spec, batch, empty_embeds, settings,
-                                     generators, device, t.compute_dtype)
+                loss = training_step(transformer, training.noise_scheduler, training.plan.model.spec, batch,
+                                     empty_embeds, settings, generators, device, training.compute_dtype)
             accelerator.backward(loss)  # divided by the accumulation steps
         step_loss += loss.detach().float().item() / accumulation
     grad_norm = None  # the norm before clipping, for the tracker
     if config.optimizer.max_grad_norm > 0:
-        grad_norm = clip_gradients(accelerator, t.optimizer, t.trainable, config.optimizer.max_grad_norm)
-    t.optimizer.step()
-    t.lr_scheduler.step()
-    keep_tensor_learning_rates(t.optimizer, t.tensor_learning_rates)
-    t.optimizer.zero_grad(set_to_none=True)
+        grad_norm = clip_gradients(accelerator, optimizer, training.trainable, config.optimizer.max_grad_norm)
+    optimizer.step()
+    training.lr_scheduler.step()
+    keep_tensor_learning_rates(optimizer, training.tensor_learning_rates)
+    optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm
 
 
-def _validate(t: Training, validator: Validator, memory_log: MemoryLog, name: str, step: int) -> None:
+def _validate(training: Training, validator: Validator, memory_log: MemoryLog, name: str, step: int) -> None:
     """A validation pass into `RunFolder.validation(name)`, logged to the tracker at `step`."""
-    validator.run(t.transformer, name, memory_log)
-    tracking.log_validation_videos(t.accelerator, t.run.validation(name), step, t.plan.validation_prompts,
-                                   t.plan.model.spec.fps)
+    validator.run(training.transformer, name, memory_log)
+    plan = training.plan
+    tracking.log_validation_videos(training.accelerator, training.run.validation(name), step, plan.validation_prompts,
+                                   plan.model.spec.fps)
 
 
 def _every(interval: int, step: int) -> bool:
@@ -331,26 +333,26 @@ def _every(interval: int, step: int) -> bool:
 # --- the finish ------------------------------------------------------------------------------------
 
 
-def _finish(t: Training, history: History, validator: Validator, memory_log: MemoryLog) -> TrainResult:
+def _finish(training: Training, history: History, validator: Validator, memory_log: MemoryLog) -> TrainResult:
     """The final weights, the last checkpoint and validation, then every other output; the upload last."""
     from cogtune.models.loading import torch_dtype
 
-    config, accelerator, run = t.config, t.accelerator, t.run
-    dtype = torch_dtype(t.plan.model.spec.weight_dtype)  # the final weights': the model's own
-    weights = save_final_weights(accelerator, config, t.plan, t.transformer, dtype)
+    config, accelerator, run = training.config, training.accelerator, training.run
+    dtype = torch_dtype(training.plan.model.spec.weight_dtype)  # the final weights': the model's own
+    weights = save_final_weights(accelerator, config, training.plan, training.transformer, dtype)
     if config.checkpointing.every:
-        checkpoint.save_checkpoint(accelerator, config, config.steps, history.losses, t.lr_scheduler.state_dict(),
-                                   t.hooks)
+        checkpoint.save_checkpoint(accelerator, config, config.steps, history.losses,
+                                   training.lr_scheduler.state_dict(), training.hooks)
     if config.validation.final:
-        _validate(t, validator, memory_log, FINAL_PASS, config.steps)
+        _validate(training, validator, memory_log, FINAL_PASS, config.steps)
     memory_log.record("memory_after_testing")
     if accelerator.is_main_process:
         memory_log.write(run.memory)
         memory_log.print_table()
         write_loss_curve(history.losses, run.loss_curve)
-        write_training_summary(run.summary, config, t.plan, weights, history.losses, history.learning_rates,
+        write_training_summary(run.summary, config, training.plan, weights, history.losses, history.learning_rates,
                                history.step_seconds)
-        card = write_model_card(config, t.plan)
+        card = write_model_card(config, training.plan)
         logs = tracking.logs_message(accelerator, config)
         if logs:
             report.info(logs)
