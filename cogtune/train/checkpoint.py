@@ -128,6 +128,7 @@ def last_good_checkpoint(output_dir: Path, warn: bool = False) -> Path | None:
 # The settings that make a checkpoint's weights mean something; resuming with others would mix runs.
 RUN_IDENTITY = ("task", "model", "full", "lora.rank", "lora.alpha", "lora.target_modules")
 
+
 def _identity(values: dict[str, Any]) -> dict[str, Any]:
     found = {}
     for dotted in RUN_IDENTITY:
