@@ -25,14 +25,13 @@ def run_demo(output_dir: str | Path, steps: int = 100, clips: int = 6) -> dict[s
     from cogtune.data.synthetic import make_synthetic_dataset
     from cogtune.data.validate import print_report, validate_dataset
     from cogtune.encode import EncodeConfig, encode_dataset
-    from cogtune.errors import DataError
+    from cogtune.errors import ConfigError, DataError
     from cogtune.models.loading import load_tokenizer, resolve_model
     from cogtune.models.tiny import ensure_tiny_model
     from cogtune.sample import SampleConfig, run_sample
     from cogtune.train import TrainConfig, run_training
     from cogtune.train.config import CheckpointConfig, LoraConfig, OptimizerConfig, ValidationConfig
-
-    from cogtune.errors import ConfigError
+    from cogtune.train.run_folder import RunFolder
 
     root = Path(output_dir)
     if root.is_dir() and any(root.iterdir()):
@@ -87,13 +86,14 @@ def run_demo(output_dir: str | Path, steps: int = 100, clips: int = 6) -> dict[s
         model=str(paths["model"]), prompts=(DEMO_PROMPT,), output=str(paths["sample"]), lora=str(paths["run"]),
         frames=frames, height=height, width=width, steps=10, overwrite=True,
     ))
+    run = RunFolder(paths["run"])
     report.key_values("demo outputs", [
         ("model (usable as --model)", paths["model"]),
         ("dataset", paths["data"]),
         ("latent cache", paths["cache"]),
-        ("LoRA weights", paths["run"] / "pytorch_lora_weights.safetensors"),
-        ("loss curve", paths["run"] / "loss.png"),
-        ("memory table", paths["run"] / "memory.json"),
+        ("LoRA weights", run.lora_weights),
+        ("loss curve", run.loss_curve),
+        ("memory table", run.memory),
         ("sample video", paths["sample"]),
     ])
     report.info("the tiny model is random and minutes of CPU training teach it little: its videos look like noise. "

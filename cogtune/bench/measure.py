@@ -44,12 +44,14 @@ def measure_case(case: BenchCase, steps: int = 4, workdir: str | Path | None = N
     from cogtune.bench.synthetic import VALIDATION_PROMPT, write_synthetic_cache
     from cogtune.config import replace_settings
     from cogtune.train import run_training
+    from cogtune.train.run_folder import RunFolder
     from cogtune.train.sizing.estimate import largest_shape, model_spec
 
     spec = model_spec(case.config.model)
     shape = largest_shape(spec, case.shapes)
     with tempfile.TemporaryDirectory(prefix="cogtune-measure-", dir=workdir) as tmp:
         root = Path(tmp)
+        run = RunFolder(root / "run")
         cache = write_synthetic_cache(spec, shape, items=max(2, case.config.batch_size), root=root / "cache")
         images: tuple[str, ...] = ()
         validating = case.validation_shape is not None
@@ -61,15 +63,15 @@ def measure_case(case: BenchCase, steps: int = 4, workdir: str | Path | None = N
             images = (str(root / "image.png"),)
         frames, height, width = case.validation_shape or shape
         config = replace_settings(case.config, {
-            "data": str(cache), "output_dir": str(root / "run"), "random_weights": not spec.tiny, "steps": steps,
+            "data": str(cache), "output_dir": str(run.root), "random_weights": not spec.tiny, "steps": steps,
             "resume": None, "report_to": "none", "push_to_hub": None, "checkpointing.every": 0,
             "validation.prompts": (VALIDATION_PROMPT,) if validating else (), "validation.images": images,
             "validation.every": 0, "validation.steps": 2, "validation.final": validating,
             "validation.frames": frames, "validation.height": height, "validation.width": width,
         })
         run_training(config)
-        memory = json.loads((root / "run" / "memory.json").read_text())
-        summary = json.loads((root / "run" / "training_summary.json").read_text())
+        memory = json.loads(run.memory.read_text())
+        summary = json.loads(run.summary.read_text())
     first = next(iter(memory.values()))
     gpu = "max_reserved_gib" in first
     key = "max_reserved_gib" if gpu else "max_rss_gib"

@@ -368,9 +368,11 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 def resolve_lora_path(file_or_run: str | Path) -> Path:
     """A LoRA file, or the pytorch_lora_weights.safetensors of a run folder."""
+    from cogtune.lora.format import LORA_WEIGHTS_NAME
+
     path = Path(file_or_run)
     if path.is_dir():
-        path = path / "pytorch_lora_weights.safetensors"
+        path = path / LORA_WEIGHTS_NAME
     if not path.is_file():
         raise DataError(f"LoRA weights not found: {path}")
     return path

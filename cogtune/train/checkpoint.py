@@ -1,18 +1,16 @@
-"""Resumable checkpoints through accelerate, holding only what trains.
+"""Resumable checkpoints through accelerate, holding only what trains: saving, verifying, finding one.
 
-A checkpoint is `OUT/checkpoints/step-NNNNNN/`: accelerate's state (optimizer, RNG), the trainable
-weights (a diffusers LoRA file, or a `transformer/` folder for full fine-tuning; never the frozen
-base), the run's `config.toml`, and `trainer_state.json` (step, losses and the LR schedule's state),
-written last. The schedule's state is JSON rather than accelerate's custom-object pickle, which
-accelerate loads with `weights_only=False`: resuming runs no code from the checkpoint.
-Under FSDP and DeepSpeed, accelerate's state also holds the model's own shards (`pytorch_model_fsdp_0/`,
-or DeepSpeed's folder), base weights included; resuming reads those.
+A checkpoint is `OUT/checkpoints/step-NNNNNN/` (`RunFolder.checkpoint`): accelerate's state
+(optimizer, RNG), the trainable weights (a diffusers LoRA file, or a `transformer/` folder for full
+fine-tuning; never the frozen base), the run's `config.toml`, and `trainer_state.json` (step, losses
+and the LR schedule's state), written last. The schedule's state is JSON rather than accelerate's
+custom-object pickle, which accelerate loads with `weights_only=False`: resuming runs no code from
+the checkpoint. Under FSDP and DeepSpeed, accelerate's state also holds the model's own shards
+(`pytorch_model_fsdp_0/`, or DeepSpeed's folder), base weights included; resuming reads those
+(`cogtune.train.reshard`, which also loads a checkpoint across strategies and process counts).
 It is assembled under a temporary name and renamed, so a checkpoint folder is complete or absent.
 `trainer_state.json` records the number of processes and the batch (per process x processes x
-accumulation) too: a checkpoint resumes on another number of processes (`load_state`), exactly when
-the batch per micro-step across processes and the accumulation are unchanged; a DeepSpeed checkpoint
-resumes under DeepSpeed on as many processes only, which is checked before any weight loads
-(`check_loadable_here`).
+accumulation) too.
 
 `trainer_state.json` also records every other file of the checkpoint with its size and SHA-256.
 Resuming verifies them (and that the step is the folder's): a truncated, replaced or missing file is
@@ -23,14 +21,13 @@ before deleting it, so a half-deleted one never counts as complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
 
 from cogtune import report
 from cogtune.config import CONFIG_FILENAME, config_to_dict, read_toml, write_config
@@ -45,16 +42,14 @@ from cogtune.fsutil import (
     sweep_temporaries,
 )
 from cogtune.train.config import TrainConfig
-from cogtune.train.full import TRANSFORMER_DIR
-from cogtune.lora.format import LAYOUT_FILE_NAMES, LORA_WEIGHTS_NAME
+from cogtune.train.run_folder import RunFolder
 
-CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = output_dir / CHECKPOINTS_DIR
+    root = RunFolder(output_dir).checkpoints
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / TRAINER_STATE).is_file()]
@@ -130,53 +125,8 @@ def last_good_checkpoint(output_dir: Path, warn: bool = False) -> Path | None:
     return None
 
 
-# What a finished or interrupted run leaves in its output folder (the markers), and all it writes there.
-RUN_MARKERS = (CONFIG_FILENAME, CHECKPOINTS_DIR, LORA_WEIGHTS_NAME, TRANSFORMER_DIR, "training_summary.json")
-MODEL_CARD_GIF = "model_card.gif"  # the validation video the card shows
-RUN_OUTPUTS = (*RUN_MARKERS, *LAYOUT_FILE_NAMES.values(), "memory.json", "loss.png", "validation", "logs",
-               "validation_prompts.safetensors", MODEL_CARD_GIF)
-MODEL_CARD_NAME = "README.md"  # the run's model card (train/model_card.py); a README of the user's is never replaced
 # The settings that make a checkpoint's weights mean something; resuming with others would mix runs.
 RUN_IDENTITY = ("task", "model", "full", "lora.rank", "lora.alpha", "lora.target_modules")
-
-
-def is_model_card(path: Path) -> bool:
-    """Whether `path` is a model card cogtune wrote: YAML front matter whose tags include `cogtune`."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")[:8192]
-    except OSError:
-        return False
-    parts = text.split("---", 2)
-    return text.startswith("---") and len(parts) == 3 and any(
-        line.strip() == "- cogtune" for line in parts[1].splitlines())
-
-
-def check_new_run_folder(config: TrainConfig) -> None:
-    """A run without `--resume` never writes into a folder that holds another run's outputs, unless
-    `--overwrite` says to start over: then the old run's outputs (and only those) are deleted first."""
-    output_dir = Path(config.output_dir)
-    card = output_dir / MODEL_CARD_NAME
-    if card.exists() and not is_model_card(card):
-        raise ConfigError(f"{card} is not a model card cogtune wrote, and the run writes its model card there; "
-                          "refusing to replace it", hint="move that file, or train into another --output-dir")
-    if config.resume is not None or not output_dir.is_dir():
-        return
-    found = [name for name in RUN_MARKERS if (output_dir / name).exists()]
-    if not found:
-        return
-    if not config.overwrite:
-        raise ConfigError(f"{output_dir} already holds a training run ({', '.join(found)}); refusing to write over it",
-                          hint="continue it with --resume latest, start over with --overwrite, or train into a new "
-                               "--output-dir")
-    for name in RUN_OUTPUTS:
-        path = output_dir / name
-        if path.is_dir() and not path.is_symlink():
-            remove_tree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    if card.exists():
-        card.unlink()  # a cogtune card: checked above
-    report.warn(f"--overwrite: deleted the previous run's outputs in {output_dir} ({', '.join(found)}, ...)")
 
 
 def _identity(values: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +174,8 @@ def _same_architecture(ours: Any, theirs: Any) -> bool:
 def find_resume_checkpoint(config: TrainConfig) -> Path | None:
     """The checkpoint `--resume` names: 'latest' in the run's folder, or an explicit folder; verified.
 
-    'latest' is the newest checkpoint that verifies; one that is named explicitly must verify.
+    'latest' is the newest checkpoint that verifies; one that is named explicitly must verify. Whether
+    this launch's strategy can load it is `cogtune.train.reshard.check_loadable_here`'s to say.
     """
     if config.resume is None:
         return None
@@ -235,24 +186,23 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
             return None
         good = last_good_checkpoint(Path(config.output_dir), warn=True)
         if good is None:
-            raise TrainingError(f"no checkpoint in {Path(config.output_dir) / CHECKPOINTS_DIR} can be resumed; "
+            raise TrainingError(f"no checkpoint in {RunFolder.of(config).checkpoints} can be resumed; "
                                 f"the newest: {verify_checkpoint(found[-1])}",
                                 hint="train without --resume into a new --output-dir to start over")
         if good != found[-1]:
             report.warn(f"resuming from {good}, the newest checkpoint that verifies", shared=True)
         check_same_run(config, good)
-        check_loadable_here(good)
         return good
     path = Path(config.resume)
     if not (path / TRAINER_STATE).is_file():
         raise ConfigError(f"{path} is not a complete cogtune checkpoint (no {TRAINER_STATE})")
     reason = verify_checkpoint(path)
     if reason is not None:
-        others = last_good_checkpoint(path.parent.parent) if path.parent.name == CHECKPOINTS_DIR else None
+        in_a_run = path.parent.name == RunFolder.checkpoints.name
+        others = last_good_checkpoint(path.parent.parent) if in_a_run else None
         raise TrainingError(f"cannot resume from {path}: {reason}",
                             hint=f"resume from {others} instead" if others else "train without --resume to start over")
     check_same_run(config, path)
-    check_loadable_here(path)
     return path
 
 
@@ -282,7 +232,18 @@ def check_optimizer_steps(optimizer: Any, step: int, checkpoint: Path) -> None:
                             hint="resume from another checkpoint, or train without --resume")
 
 
-def register_hooks(accelerator: Any, config: TrainConfig, save_trainable: Any, load_trainable: Any) -> None:
+@dataclasses.dataclass
+class CheckpointHooks:
+    """The run's accelerate hooks (`register_hooks`) and what the save hook found in the save in progress.
+
+    `non_finite`: the names of trainable weights that were not finite (main process); `save_checkpoint`
+    empties it before it saves and reads it after.
+    """
+
+    non_finite: list[str] = dataclasses.field(default_factory=list)
+
+
+def register_hooks(accelerator: Any, config: TrainConfig, save_trainable: Any, load_trainable: Any) -> CheckpointHooks:
     """Make accelerate save/load only the trainable weights, through the given functions.
 
     `save_trainable(model, folder, state_dict)` runs on the main process with the weights gathered
@@ -293,11 +254,13 @@ def register_hooks(accelerator: Any, config: TrainConfig, save_trainable: Any, l
     """
     from cogtune.distributed import gather_state_dict
 
+    hooks = CheckpointHooks()
+
     def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
         for model in models:
             state = gather_state_dict(accelerator, model, trainable_only=not config.full)  # collective when sharded
             if accelerator.is_main_process:
-                _NON_FINITE[:] = _non_finite_names(accelerator.unwrap_model(model), state)
+                hooks.non_finite = _non_finite_names(accelerator.unwrap_model(model), state)
                 save_trainable(accelerator.unwrap_model(model), Path(output_dir), state)
             if weights:
                 weights.pop()
@@ -308,9 +271,7 @@ def register_hooks(accelerator: Any, config: TrainConfig, save_trainable: Any, l
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-
-_NON_FINITE: list[str] = []  # trainable weights that were not finite at the last save (main process)
+    return hooks
 
 
 def _non_finite_names(model: Any, state: dict[str, Any]) -> list[str]:
@@ -343,24 +304,26 @@ def _plain(value: Any) -> Any:
 
 
 def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: list[float],
-                    lr_scheduler_state: dict[str, Any]) -> Path:
+                    lr_scheduler_state: dict[str, Any], hooks: CheckpointHooks) -> Path:
     """Write checkpoint `step` (all processes call this) and prune old ones beyond the retention limit.
+
+    `hooks` are the run's (`register_hooks`): accelerate's `save_state` writes the weights through them.
 
     A full disk is a `StorageError` naming the file that was being written (the partial checkpoint
     is removed); weights that are not finite are a `TrainingError` naming the last good checkpoint.
     """
-    root = Path(config.output_dir) / CHECKPOINTS_DIR
-    final = root / f"step-{step:06d}"
-    staging = root / f".tmp-step-{step:06d}"
+    final = RunFolder.of(config).checkpoint(step)
+    root = final.parent
+    staging = root / f".tmp-{final.name}"
     main = accelerator.is_main_process
     if main:
         sweep_temporaries(root)  # leftovers of killed saves and prunes (this run holds the folder's lock)
     accelerator.wait_for_everyone()
-    _NON_FINITE.clear()
+    hooks.non_finite = []
     try:
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()
-        non_finite = _on_any_process(accelerator, bool(_NON_FINITE))
+        non_finite = _on_any_process(accelerator, bool(hooks.non_finite))
         if main and not non_finite:
             write_config(config, staging)
             state = {"step": step, "losses": losses, "lr_scheduler": _plain(lr_scheduler_state),
@@ -383,7 +346,7 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: li
         if main:
             remove_tree(staging)
         good = last_good_checkpoint(Path(config.output_dir))
-        first = f" ({_NON_FINITE[0]})" if _NON_FINITE else ""
+        first = f" ({hooks.non_finite[0]})" if hooks.non_finite else ""
         where = f"; the last good checkpoint is {good}" if good else "; no good checkpoint was saved"
         raise TrainingError(f"the weights became non-finite (NaN or infinity) at step {step}{first}{where}",
                             hint="lower --lr or check the data; resume with --resume latest")
@@ -402,175 +365,3 @@ def global_batch(batch_size: int, processes: int, accumulation: int) -> dict[str
     """A run's batch as trainer_state.json records it."""
     return {"per_process": batch_size, "processes": processes, "accumulation": accumulation}
 
-
-FSDP_OPTIMIZER_DIR = "optimizer_0"  # accelerate's torch.distributed.checkpoint folder of an FSDP optimizer
-DEEPSPEED_DIR = "pytorch_model"  # accelerate's folder of DeepSpeed's own checkpoint (one ZeRO partition per process)
-
-
-def check_loadable_here(checkpoint: Path) -> None:
-    """Refuse, before any weight loads, a checkpoint that this launch's strategy cannot load.
-
-    DeepSpeed's checkpoint holds the ZeRO optimizer state as one partition per process, and DeepSpeed
-    loads it on as many processes only ("automatic adjustment of ZeRO's optimizer state partitioning
-    with a new world size is not currently supported"), and only under DeepSpeed; nor does it load a
-    checkpoint it did not write. Other strategies resume across process counts (`load_state`).
-    """
-    from cogtune.distributed import launched_processes, requested_strategy
-
-    deepspeed_then = (checkpoint / DEEPSPEED_DIR).is_dir()
-    deepspeed_now = requested_strategy() == "deepspeed"
-    if not (deepspeed_then or deepspeed_now):
-        return
-    written = json.loads((checkpoint / TRAINER_STATE).read_text()).get("processes")
-    if written is None and deepspeed_then:  # written before cogtune recorded it: count DeepSpeed's partitions
-        written = len(list((checkpoint / DEEPSPEED_DIR).glob("zero_pp_rank_*_optim_states.pt"))) or None
-    now = launched_processes()
-    if deepspeed_then and deepspeed_now and written in (None, now):
-        return
-    if deepspeed_then:
-        count = report.plural(written, "process", "processes") if written else "another number of processes"
-        here = (f"DeepSpeed on {report.plural(now, 'process', 'processes')}" if deepspeed_now
-                else f"{requested_strategy().upper() if now > 1 else 'one process'} without DeepSpeed")
-        raise ConfigError(f"{checkpoint} holds DeepSpeed's ZeRO state split over {count}, which only DeepSpeed on "
-                          f"{count} can resume; this launch is {here}",
-                          hint=f"resume it with a DeepSpeed launch of {count}, or train without --resume", shared=True)
-    raise ConfigError(f"{checkpoint} was written without DeepSpeed, and DeepSpeed resumes only its own checkpoints",
-                      hint="resume it without DeepSpeed (one process, DDP or FSDP), or train without --resume",
-                      shared=True)
-
-
-def load_state(accelerator: Any, config: TrainConfig, checkpoint: Path, model: Any, optimizer: Any,
-               load_trainable: Any) -> None:
-    """Load `checkpoint` into the prepared model and optimizer, whatever number of processes wrote it.
-
-    The same layout (FSDP then and now, or neither) is accelerate's `load_state`: under FSDP that is
-    torch.distributed.checkpoint, which reshards N processes' shards onto M. An FSDP checkpoint
-    resumed without FSDP (one process, DDP) reads the trainable weights from their diffusers files
-    and the optimizer's shards through torch.distributed.checkpoint. A plain checkpoint (one process,
-    DDP) resumed under FSDP: see `_load_whole_into_fsdp`.
-    """
-    state = json.loads((checkpoint / TRAINER_STATE).read_text())
-    _warn_about_batch(config, accelerator.num_processes, state, checkpoint)
-    sharded_then = (checkpoint / FSDP_OPTIMIZER_DIR).is_dir()
-    sharded_now = accelerator.distributed_type == DistributedType.FSDP
-    if sharded_then == sharded_now:
-        accelerator.load_state(str(checkpoint))
-        return
-    if sharded_now:
-        _load_whole_into_fsdp(accelerator, config, checkpoint, model, optimizer)
-        return
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp  # 1.5 s to import; only FSDP checkpoints need it
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    load_trainable(accelerator.unwrap_model(model), checkpoint)
-    optimizer_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the keys to read
-    # Every DDP process reads the whole optimizer; one process reads it without a process group.
-    with warnings.catch_warnings():  # DCP's note that it reads in one process, which is the point here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(optimizer_state, checkpoint_id=str(checkpoint / FSDP_OPTIMIZER_DIR),
-                 no_dist=not (dist.is_available() and dist.is_initialized()))
-    set_optimizer_state_dict(model, optimizer, optimizer_state["optimizer"])
-
-
-OPTIMIZER_FILE = "optimizer.bin"  # accelerate's file of a whole optimizer's state (`Optimizer.state_dict()`)
-
-
-def _load_whole_into_fsdp(accelerator: Any, config: TrainConfig, checkpoint: Path, model: Any, optimizer: Any) -> None:
-    """A checkpoint written without FSDP (whole weights and optimizer) into an FSDP2 model and optimizer.
-
-    The main process reads the trainable weights (their diffusers files) and the optimizer's state, and
-    names both by the parameters' names; torch's `set_model_state_dict` and `set_optimizer_state_dict`
-    broadcast them and keep each process's shard. The RNG states are not needed: every micro-step
-    seeds its own draws.
-    """
-    from accelerate.utils import broadcast_object_list
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    # The trained parameters by name, in the optimizer's order: what the checkpoint's numbered entries are.
-    names = [name for group in get_optimizer_state_dict(model, optimizer)["param_groups"] for name in group["params"]]
-    weights: dict[str, Any] = {}
-    optimizer_state: dict[str, Any] = {}
-    problem = None
-    if accelerator.is_main_process:
-        try:
-            weights = _trainable_weights_by_name(accelerator.unwrap_model(model), config, checkpoint, names)
-            optimizer_state = _optimizer_state_by_name(checkpoint / OPTIMIZER_FILE, names)
-        except Exception as error:  # told to every process: the others would wait for the weights
-            problem = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    [problem] = broadcast_object_list([problem])
-    if problem:
-        raise RuntimeError(problem)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-
-
-def _trainable_weights_by_name(model: Any, config: TrainConfig, checkpoint: Path, names: list[str]) -> dict[str, Any]:
-    """The checkpoint's trainable weights, keyed by the names of the parameters they are."""
-    if config.full:
-        from diffusers import CogVideoXTransformer3DModel
-
-        loaded = CogVideoXTransformer3DModel.from_pretrained(checkpoint / TRANSFORMER_DIR, torch_dtype=torch.float32)
-        found = loaded.state_dict()
-        missing = [name for name in names if name not in found and name != "patch_embed.pos_embedding"]
-    else:
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        # peft names each parameter in the diffusers file (the function that wrote it), diffusers adds "transformer."
-        file_key = {f"transformer.{key}": name for key, name in
-                    get_peft_model_state_dict(model, state_dict={name: name for name in names}).items()}
-        saved = load_file(str(checkpoint / LORA_WEIGHTS_NAME))
-        found = {file_key[key]: value for key, value in saved.items() if key in file_key}
-        missing = [key for key in file_key if key not in saved] + [key for key in saved if key not in file_key]
-    if missing:
-        raise RuntimeError(f"its trainable weights do not match the model's: {missing[:3]}")
-    return {name: found[name] for name in names if name in found}
-
-
-def _optimizer_state_by_name(path: Path, names: list[str]) -> dict[str, Any]:
-    """A whole optimizer's saved state (parameters numbered in its order) with each parameter's name instead."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    numbers = [number for group in saved["param_groups"] for number in group["params"]]
-    if len(numbers) != len(names):
-        raise RuntimeError(f"{path.name} holds the state of {len(numbers)} parameters; the model trains {len(names)}")
-    name_of = dict(zip(numbers, names))
-    return {"state": {name_of[number]: value for number, value in saved["state"].items()},
-            "param_groups": [{**group, "params": [name_of[number] for number in group["params"]]}
-                             for group in saved["param_groups"]]}
-
-
-def _warn_about_batch(config: TrainConfig, processes: int, state: dict[str, Any], checkpoint: Path) -> None:
-    """One warning when the run resumes with another batch per micro-step than the checkpoint's run.
-
-    The data schedule is a function of (seed, batch per micro-step across processes): with the same
-    one (N processes x B = M processes x B'), the resumed run trains exactly the samples, in the same
-    order and with the same random draws, that the uninterrupted run would have. With another one,
-    it continues by optimizer step: step S starts at micro-step S x accumulation of the new schedule,
-    which shuffles the epoch's samples into batches of the new size (the epoch's position is kept,
-    not the exact samples).
-    """
-    then = state.get("global_batch")
-    if not isinstance(then, dict):
-        return
-    now = global_batch(config.batch_size, processes, config.gradient_accumulation)
-    if then == now:
-        return
-    micro_then = then.get("per_process", 0) * then.get("processes", 0)
-    micro_now = now["per_process"] * now["processes"]
-    what = (f"{then.get('per_process')} per process x {then.get('processes')} processes x "
-            f"{then.get('accumulation')} accumulation then, {now['per_process']} x {now['processes']} x "
-            f"{now['accumulation']} now")
-    if micro_then == micro_now and then.get("accumulation") == now["accumulation"]:
-        report.info(f"resuming on {processes} process(es) a checkpoint of {then.get('processes')}: the same global "
-                    f"batch ({what}), so the data continues exactly")
-        return
-    report.warn(f"{checkpoint.name} was trained with another batch ({what}): the run continues at step "
-                f"{state.get('step')} of a schedule cut into the new batches, so its samples and random draws "
-                "are not the ones the uninterrupted run would have used", shared=True)

@@ -11,9 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-TRANSFORMER_DIR = "transformer"
-
-
 def load_full_transformer_into(transformer: Any, folder: Path) -> None:
     """Load a saved `transformer/` folder's weights into a live (training) transformer, in its dtype."""
     from diffusers import CogVideoXTransformer3DModel

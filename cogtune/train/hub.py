@@ -16,13 +16,10 @@ import shlex
 from pathlib import Path
 
 from cogtune import __version__, report
-from cogtune.config import CONFIG_FILENAME
 from cogtune.errors import ConfigError, StorageError
-from cogtune.lora.format import LAYOUT_FILE_NAMES, LORA_WEIGHTS_NAME
-from cogtune.train.checkpoint import MODEL_CARD_NAME
+from cogtune.lora.format import LAYOUT_FILE_NAMES
 from cogtune.train.config import TrainConfig
-from cogtune.train.full import TRANSFORMER_DIR
-
+from cogtune.train.run_folder import RunFolder
 
 
 def check_push_target(config: TrainConfig) -> None:
@@ -52,12 +49,13 @@ def check_push_target(config: TrainConfig) -> None:
 def files_to_push(config: TrainConfig, card_files: list[str]) -> list[str]:
     """The upload's patterns, relative to the run's folder: the weights, config.toml, the card and
     what the card shows (checkpoints, logs and validation videos stay local)."""
+    run = RunFolder.of(config)
     if config.full:
-        weights = [f"{TRANSFORMER_DIR}/*"]
+        weights = [f"{run.transformer.name}/*"]
     else:  # the extra layouts by exact name (`*.safetensors` would take the checkpoints too)
-        weights = [LORA_WEIGHTS_NAME, *(LAYOUT_FILE_NAMES[name] for name in config.lora.save_formats
-                                        if name in LAYOUT_FILE_NAMES)]
-    return [*weights, CONFIG_FILENAME, MODEL_CARD_NAME, *card_files]
+        weights = [run.lora_weights.name, *(run.layout(name).name for name in config.lora.save_formats
+                                            if name in LAYOUT_FILE_NAMES)]
+    return [*weights, run.config_file.name, run.model_card.name, *card_files]
 
 
 def retry_command(repo_id: str, output_dir: str | Path, patterns: list[str], private: bool) -> str:

@@ -16,9 +16,9 @@ from typing import Any
 
 from cogtune import __version__
 from cogtune.fsutil import atomic_write_bytes, atomic_write_text
-from cogtune.train.checkpoint import MODEL_CARD_GIF, MODEL_CARD_NAME
 from cogtune.train.config import TrainConfig
 from cogtune.train.plan import RunPlan
+from cogtune.train.run_folder import RunFolder
 
 # The licenses of the published CogVideoX weights (their model cards' metadata): 2b is Apache 2.0,
 # the 5b models and 1.5 carry the CogVideoX license.
@@ -38,13 +38,13 @@ class ModelCardFiles:
 
 def write_model_card(config: TrainConfig, plan: RunPlan) -> ModelCardFiles:
     """Write OUT/README.md (and the GIF of the newest validation video it shows) atomically."""
-    output_dir = Path(config.output_dir)
+    run = RunFolder.of(config)
     shown = []
-    gif = _validation_gif(output_dir, plan.model.spec.fps)
+    gif = _validation_gif(run, plan.model.spec.fps)
     if gif is not None:
-        shown.append(gif.relative_to(output_dir).as_posix())
+        shown.append(gif.relative_to(run.root).as_posix())
     card = model_card(config, plan, shown[0] if shown else None)
-    path = atomic_write_text(output_dir / MODEL_CARD_NAME, card)
+    path = atomic_write_text(run.model_card, card)
     return ModelCardFiles(path, shown)
 
 
@@ -151,17 +151,17 @@ def _snippet(config: TrainConfig, plan: RunPlan, pipeline: str, base: str | None
     return "\n".join([*imports, *load, *image, call, f"export_to_video(video, \"output.mp4\", fps={spec.fps})"])
 
 
-def _validation_gif(output_dir: Path, fps: int) -> Path | None:
+def _validation_gif(run: RunFolder, fps: int) -> Path | None:
     """A GIF of the first video of the newest validation pass (`final`, else the last step), beside the
     card (not among the validation videos, which stay one mp4 per prompt)."""
     from cogtune.train.tracking import video_gif
 
-    passes = sorted((output_dir / "validation").glob("step-*"))
-    final = output_dir / "validation" / "final"
+    passes = sorted(run.validation_videos.glob("step-*"))
+    final = run.final_validation
     for folder in ([final] if final.is_dir() else []) + passes[::-1]:
         videos = sorted(folder.glob("*.mp4"))
         if videos:
-            return atomic_write_bytes(output_dir / MODEL_CARD_GIF, video_gif(videos[0], fps))
+            return atomic_write_bytes(run.model_card_gif, video_gif(videos[0], fps))
     return None
 
 

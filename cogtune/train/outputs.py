@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from cogtune import distributed, report
 from cogtune.config import flatten_settings
-from cogtune.lora.format import LORA_WEIGHTS_NAME, save_lora
+from cogtune.fsutil import atomic_path, atomic_write_text
+from cogtune.lora.format import save_lora
 from cogtune.lora.layouts import save_layouts
-from cogtune.train.config import TrainConfig
 from cogtune.models.loading import save_transformer
-from cogtune.train.full import TRANSFORMER_DIR
+from cogtune.train.config import TrainConfig
 from cogtune.train.model import lora_info
 from cogtune.train.placement import memory_placement
 from cogtune.train.plan import RunPlan
+from cogtune.train.run_folder import RunFolder
 
 
 def save_final_weights(accelerator: Any, config: TrainConfig, plan: RunPlan, transformer: Any, dtype: Any) -> Path:
@@ -24,15 +26,15 @@ def save_final_weights(accelerator: Any, config: TrainConfig, plan: RunPlan, tra
     same plain diffusers files as a one-process run's (no `zero_to_fp32` step).
     """
     accelerator.wait_for_everyone()
-    output_dir = Path(config.output_dir)
+    run = RunFolder.of(config)
     state = distributed.gather_state_dict(accelerator, transformer, trainable_only=not config.full)
     unwrapped = accelerator.unwrap_model(transformer)
-    target = output_dir / TRANSFORMER_DIR if config.full else output_dir / LORA_WEIGHTS_NAME
+    target = run.weights(config.full)
     if accelerator.is_main_process:
         if config.full:
             save_transformer(unwrapped, target, dtype, plan.drop_learned_positions, state)
         else:
-            save_lora(output_dir, unwrapped, lora_info(config, plan), state)
+            save_lora(run.root, unwrapped, lora_info(config, plan), state)  # writes `run.lora_weights`
         report.success(f"weights saved: {target}")
         if not config.full:
             for path in save_layouts(target, config.lora.save_formats):  # `--save-format comfyui,kohya`
@@ -41,15 +43,22 @@ def save_final_weights(accelerator: Any, config: TrainConfig, plan: RunPlan, tra
     return target
 
 
-def write_loss_curve(losses: list[float], output_dir: Path) -> None:
+def write_training_summary(path: Path, config: TrainConfig, plan: RunPlan, weights: Path, losses: list[float],
+                           learning_rates: list[float], step_seconds: list[float]) -> None:
+    """`training_summary.json`: the session's losses, learning rates and step times, and where the weights are."""
+    summary = {"steps": config.steps, "final_loss": losses[-1] if losses else None, "losses": losses,
+               "learning_rates": learning_rates, "step_seconds": [round(t, 4) for t in step_seconds],
+               "weights": str(weights), "learned_positional_embeddings_dropped": plan.drop_learned_positions}
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+
+
+def write_loss_curve(losses: list[float], path: Path) -> None:
     if not losses:
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from cogtune.fsutil import atomic_path
 
     figure, axis = plt.subplots(figsize=(7, 3.5), dpi=120)
     steps = range(1, len(losses) + 1)
@@ -67,7 +76,7 @@ def write_loss_curve(losses: list[float], output_dir: Path) -> None:
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    with atomic_path(output_dir / "loss.png") as tmp:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     plt.close(figure)
 
@@ -96,7 +105,7 @@ def print_run_summary(config: TrainConfig, plan: RunPlan, accelerator: Any, mixe
         ("output", config.output_dir),
     ]
     if config.report_to != "none":
-        rows.append(("tracker", f"{config.report_to}, logs in {Path(config.output_dir) / 'logs'}"))
+        rows.append(("tracker", f"{config.report_to}, logs in {RunFolder.of(config).logs}"))
     if config.push_to_hub:
         rows.append(("push to", f"{config.push_to_hub}{' (private)' if config.hub_private else ''} at the end"))
     if plan.drop_learned_positions:

@@ -23,16 +23,16 @@ import imageio.v3 as iio
 import torch
 
 from cogtune.train.config import TrainConfig
+from cogtune.train.run_folder import RunFolder
 
-LOGS_DIR = "logs"  # accelerate's logging_dir, inside the run's folder
-PROJECT = "cogtune"  # the trackers' project name (TensorBoard: a folder in LOGS_DIR)
+PROJECT = "cogtune"  # the trackers' project name (TensorBoard: a folder in the run's logs, `RunFolder.logs`)
 GIB = 1024**3
 
 
 def tracker_init_kwargs(config: TrainConfig) -> dict[str, dict[str, Any]]:
     """accelerate's `init_kwargs`: wandb writes its files into the run's folder too, named after it."""
-    output_dir = Path(config.output_dir)
-    return {"wandb": {"dir": str(output_dir / LOGS_DIR), "name": output_dir.resolve().name}}
+    run = RunFolder.of(config)
+    return {"wandb": {"dir": str(run.logs), "name": run.root.resolve().name}}
 
 
 def step_values(loss: float, lr: float, grad_norm: Any, seconds: float, device: Any) -> dict[str, float]:
@@ -95,7 +95,7 @@ def logs_message(accelerator: Any, config: TrainConfig) -> str | None:
     """Where the tracker's logs are, and how to look at them (for the end of the run)."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            logs = Path(config.output_dir) / LOGS_DIR
+            logs = RunFolder.of(config).logs
             return f"tensorboard logs: {logs / PROJECT} (view with: tensorboard --logdir {logs})"
         if tracker.name == "wandb":
             run = tracker.run

@@ -34,6 +34,7 @@ from cogtune.models.loading import ResolvedModel
 from cogtune.train.config import TrainConfig
 from cogtune.train.memory import MemoryLog
 from cogtune.train.placement import memory_placement
+from cogtune.train.run_folder import RunFolder
 
 
 FEED_FORWARD_CHUNK_TOKENS = 4096
@@ -110,9 +111,6 @@ def validation_prompts(config: TrainConfig, cache: VideoLatentCache, is_i2v: boo
 # and are embedded with the model's T5 otherwise; a resumed run (`--resume`) reuses the file's
 # embeddings, so it needs neither the text encoder nor the cache's validation prompts.
 
-RUN_PROMPTS_FILE = "validation_prompts.safetensors"
-
-
 def _run_prompts_key(model: ResolvedModel) -> str:
     return stable_hash({"compat": compatibility(model.spec), "model": model.location})
 
@@ -121,7 +119,7 @@ def stored_validation_prompts(config: TrainConfig, model: ResolvedModel) -> list
     """Prompts whose embeddings a resumed run reuses from its folder (none for a new run)."""
     if config.resume is None:
         return []  # a new run embeds afresh: the folder may hold an older run's file (--overwrite)
-    meta = read_metadata(Path(config.output_dir) / RUN_PROMPTS_FILE) or {}
+    meta = read_metadata(RunFolder.of(config).validation_prompts) or {}
     if meta.get("key") != _run_prompts_key(model):
         return []
     try:
@@ -188,7 +186,7 @@ def _write_run_prompts(config: TrainConfig, model: ResolvedModel, cache: VideoLa
                        new: list[str], device: Any) -> None:
     from cogtune.models.text import embed_prompts, warn_cut_prompts
 
-    path = Path(config.output_dir) / RUN_PROMPTS_FILE
+    path = RunFolder.of(config).validation_prompts
     stored = stored_validation_prompts(config, model)
     if not new and set(prompts) <= set(stored):
         return  # a resumed run with the same prompts: the file stays as it is
@@ -239,7 +237,7 @@ def _read_run_prompts(path: Path) -> Any:
 
 def run_prompt_embeds(output_dir: str | Path, prompts: list[str]) -> Any:
     """(N, L, D) embeddings of `prompts`, from the run's file that `prepare_validation_embeds` wrote."""
-    path = Path(output_dir) / RUN_PROMPTS_FILE
+    path = RunFolder(Path(output_dir)).validation_prompts
     try:
         stored = json.loads((read_metadata(path) or {}).get("prompts", "[]"))
     except ValueError:
@@ -284,12 +282,12 @@ class Validator:
         return run_prompt_embeds(self.config.output_dir, self.prompts)
 
     def run(self, transformer: Any, name: str, memory: MemoryLog) -> None:
-        """Render the validation videos into `validation/<name>/`."""
+        """Render the validation videos into the pass's folder (`RunFolder.validation(name)`)."""
         if not self.prompts:
             return
         if "memory_before_validation" not in memory.records:
             memory.record("memory_before_validation")
-        self._render(transformer, Path(self.config.output_dir) / "validation" / name)
+        self._render(transformer, RunFolder.of(self.config).validation(name))
         self.accelerator.wait_for_everyone()
         if "memory_after_validation" not in memory.records:
             memory.record("memory_after_validation")

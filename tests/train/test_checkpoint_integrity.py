@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from cogtune.train import checkpoint
+from cogtune.train.run_folder import is_model_card
 
 STEP = "step-{:06d}"
 
@@ -222,10 +223,10 @@ def test_a_readme_of_the_users_is_never_replaced_by_the_model_card(cli, trained,
     assert mine.read_text() == "# my notes\n"
     # the card of a finished run is the run's own: --overwrite replaces it like the other outputs
     out = _copy(trained, tmp_path)
-    assert checkpoint.is_model_card(out / "README.md")
+    assert is_model_card(out / "README.md")
     result = cli(*_args(tiny_cache, out, "--steps", "1", "--overwrite"))
     assert result.exit_code == 0, result.stderr
-    assert checkpoint.is_model_card(out / "README.md")
+    assert is_model_card(out / "README.md")
 
 
 @pytest.mark.parametrize(("flags", "named"), [

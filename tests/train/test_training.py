@@ -117,8 +117,8 @@ def test_ten_steps_equal_five_plus_resume_plus_five(family_cache, tmp_path, monk
 
     real_save = checkpoint.save_checkpoint
 
-    def save_then_crash(accelerator, config, step, losses, lr_scheduler_state):
-        path = real_save(accelerator, config, step, losses, lr_scheduler_state)
+    def save_then_crash(accelerator, config, step, losses, lr_scheduler_state, hooks):
+        path = real_save(accelerator, config, step, losses, lr_scheduler_state, hooks)
         if step == 5:
             raise _Crash()
         return path

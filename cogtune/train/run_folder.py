@@ -1,0 +1,154 @@
+"""The run folder: every path a training run writes, named in one place.
+
+`RunFolder(root)` answers where each of a run's files goes (`run.memory`, `run.checkpoint(step)`,
+`run.validation("final")`, `run.weights(full)`, ...), and every module that writes or reads a run's
+files asks it. Each output is declared once, as an `_Output` on the class; the declarations are
+also the list of what a run writes (`RunFolder.outputs()`), which is what `--overwrite` deletes, so
+a new output declared here is covered by it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import overload
+
+from cogtune import report
+from cogtune.config import CONFIG_FILENAME
+from cogtune.errors import ConfigError
+from cogtune.fsutil import remove_tree
+from cogtune.lora.format import LAYOUT_FILE_NAMES, LORA_WEIGHTS_NAME
+from cogtune.train.config import TrainConfig
+
+
+class _Output:
+    """One file or folder a run writes, `name` inside the run's folder: on a `RunFolder`, its path.
+
+    `marks_a_run`: a folder holding it holds a (finished or interrupted) training run.
+    """
+
+    def __init__(self, name: str, marks_a_run: bool = False):
+        self.name = name
+        self.marks_a_run = marks_a_run
+
+    @overload
+    def __get__(self, folder: None, owner: type) -> _Output: ...
+
+    @overload
+    def __get__(self, folder: RunFolder, owner: type) -> Path: ...
+
+    def __get__(self, folder: RunFolder | None, owner: type) -> Path | _Output:
+        return self if folder is None else folder.root / self.name
+
+
+FINAL_PASS = "final"  # the validation pass after the last step
+
+
+def step_name(step: int) -> str:
+    """The name of a step's checkpoint and of its validation pass: `step-000100`."""
+    return f"step-{step:06d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """A training run's output folder (`--output-dir`) and every path the run writes in it."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))  # a str is welcome too
+
+    # What a run leaves whether it finished or was interrupted: a folder holding one of these holds a run.
+    config_file = _Output(CONFIG_FILENAME, marks_a_run=True)  # the resolved settings (`cogtune.config`)
+    checkpoints = _Output("checkpoints", marks_a_run=True)  # `step-NNNNNN/` folders (`cogtune.train.checkpoint`)
+    lora_weights = _Output(LORA_WEIGHTS_NAME, marks_a_run=True)  # a LoRA run's final weights
+    transformer = _Output("transformer", marks_a_run=True)  # a full fine-tune's final weights, a diffusers folder
+    summary = _Output("training_summary.json", marks_a_run=True)  # losses, learning rates, step times
+    # Everything else a run writes.
+    memory = _Output("memory.json")  # the memory snapshots (`cogtune.train.memory`), read by `bench --measure`
+    loss_curve = _Output("loss.png")
+    validation_videos = _Output("validation")  # `step-NNNNNN/` and `final/` folders of `NN.mp4` videos
+    logs = _Output("logs")  # the trackers' (`--report-to`) files
+    validation_prompts = _Output("validation_prompts.safetensors")  # the validation prompts' embeddings
+    model_card = _Output("README.md")  # replaced only when cogtune wrote it (`is_model_card`)
+    model_card_gif = _Output("model_card.gif")  # the validation video the card shows
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> RunFolder:
+        return cls(Path(config.output_dir))
+
+    @classmethod
+    def outputs(cls) -> list[str]:
+        """The names of everything a run writes into its folder, the `--save-format` layouts included."""
+        declared = [value.name for value in vars(cls).values() if isinstance(value, _Output)]
+        return [*declared, *LAYOUT_FILE_NAMES.values()]
+
+    @classmethod
+    def markers(cls) -> list[str]:
+        """The names whose presence says a folder holds a training run."""
+        return [value.name for value in vars(cls).values() if isinstance(value, _Output) and value.marks_a_run]
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / step_name(step)
+
+    def validation(self, name: str) -> Path:
+        """The folder of one validation pass: `step_name(step)` or `FINAL_PASS`."""
+        return self.validation_videos / name
+
+    @property
+    def final_validation(self) -> Path:
+        return self.validation(FINAL_PASS)
+
+    def weights(self, full: bool) -> Path:
+        """The trainable weights: the LoRA file, or the `transformer/` folder of a full fine-tune."""
+        return self.transformer if full else self.lora_weights
+
+    def layout(self, name: str) -> Path:
+        """The LoRA file in another layout (`--save-format comfyui`), beside the diffusers one."""
+        return self.root / LAYOUT_FILE_NAMES[name]
+
+
+def weights_in(folder: Path, full: bool) -> Path:
+    """The trainable weights in a run's folder or in one of its checkpoints, which hold them alike."""
+    return RunFolder(folder).weights(full)
+
+
+def is_model_card(path: Path) -> bool:
+    """Whether `path` is a model card cogtune wrote: YAML front matter whose tags include `cogtune`."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")[:8192]
+    except OSError:
+        return False
+    parts = text.split("---", 2)
+    return text.startswith("---") and len(parts) == 3 and any(
+        line.strip() == "- cogtune" for line in parts[1].splitlines())
+
+
+def check_new_run_folder(config: TrainConfig) -> None:
+    """A run without `--resume` never writes into a folder that holds another run's outputs, unless
+    `--overwrite` says to start over: then the old run's outputs (and only those) are deleted first."""
+    run = RunFolder.of(config)
+    card = run.model_card
+    if card.exists() and not is_model_card(card):
+        raise ConfigError(f"{card} is not a model card cogtune wrote, and the run writes its model card there; "
+                          "refusing to replace it", hint="move that file, or train into another --output-dir")
+    if config.resume is not None or not run.root.is_dir():
+        return
+    found = [name for name in RunFolder.markers() if (run.root / name).exists()]
+    if not found:
+        return
+    if not config.overwrite:
+        raise ConfigError(f"{run.root} already holds a training run ({', '.join(found)}); refusing to write over it",
+                          hint="continue it with --resume latest, start over with --overwrite, or train into a new "
+                               "--output-dir")
+    for name in RunFolder.outputs():  # the model card among them: a cogtune card, checked above
+        _delete(run.root / name)
+    report.warn(f"--overwrite: deleted the previous run's outputs in {run.root} ({', '.join(found)}, ...)")
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        remove_tree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
