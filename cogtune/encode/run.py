@@ -191,25 +191,34 @@ def plan_encode(config: EncodeConfig) -> EncodePlan:
     # The manifest lists the buckets items took (plus, for one --data-root, the configured ones, as always).
     buckets = sorted(used_buckets if config.dataset_config else used_buckets | set(run_buckets))
 
-    def pending(files: str, key_name: str) -> list[PlannedItem]:
-        todo = []
-        for item in items:
-            path = root / (latent_file(item.index) if files == "latents" else text_file(item.index))
-            meta = None if config.overwrite else read_metadata(path)
-            if meta is None or meta.get("key") != getattr(item, key_name):
-                if meta is None and not config.overwrite and path.exists():
-                    report.warn(f"{path} cannot be read (damaged header): encoding it again")
-                todo.append(item)
-                continue
-            problem = finished_file_problem(path)  # a re-run verifies what it keeps
-            if problem:
-                report.warn(f"{path} {problem}: encoding it again")
-                todo.append(item)
-        return todo
-
-    return EncodePlan(model, buckets, items, pending("latents", "latent_key"), pending("text", "text_key"), i2v,
+    latents = _to_encode(items, [root / latent_file(item.index) for item in items],
+                         [item.latent_key for item in items], config.overwrite)
+    texts = _to_encode(items, [root / text_file(item.index) for item in items],
+                       [item.text_key for item in items], config.overwrite)
+    return EncodePlan(model, buckets, items, latents, texts, i2v,
                       validations, config.data.sample_fps or spec.fps, config.image_noise_samples if i2v else 0,
                       sources if config.dataset_config else [])
+
+
+def _to_encode(items: list[PlannedItem], paths: list[Path], keys: list[str], overwrite: bool) -> list[PlannedItem]:
+    """The items whose file is missing, of another key (other settings or data), or damaged.
+
+    A re-run verifies the files it keeps (`finished_file_problem`): a damaged one is encoded again,
+    with a warning naming it.
+    """
+    todo = []
+    for item, path, key in zip(items, paths, keys):
+        meta = None if overwrite else read_metadata(path)
+        if meta is None or meta.get("key") != key:
+            if meta is None and not overwrite and path.exists():
+                report.warn(f"{path} cannot be read (damaged header): encoding it again")
+            todo.append(item)
+            continue
+        problem = finished_file_problem(path)
+        if problem:
+            report.warn(f"{path} {problem}: encoding it again")
+            todo.append(item)
+    return todo
 
 
 # Errors that make the whole listing untrustworthy: skipping entries cannot fix them.
