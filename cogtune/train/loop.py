@@ -60,7 +60,7 @@ from cogtune.train.outputs import (
 )
 from cogtune.train.plan import RunPlan, plan_run
 from cogtune.train.reshard import check_loadable_here, load_state
-from cogtune.train.run_folder import FINAL_PASS, RunFolder, check_new_run_folder, step_name, weights_in
+from cogtune.train.run_folder import FINAL_PASS, RunFolder, check_run_folder, step_name, weights_in
 from cogtune.train.sizing.fit import fit_memory
 from cogtune.train.step import StepSettings, derive_seed, sample_generators, training_step
 from cogtune.train.validation import Validator, prepare_validation_embeds
@@ -113,7 +113,7 @@ def run_training(config: TrainConfig) -> TrainResult:
 def _run_training(config: TrainConfig) -> TrainResult:
     plan = plan_run(config)
     if is_main_launch_process():  # only the main one: the others may start after it has written config.toml
-        check_new_run_folder(config)
+        check_run_folder(config)
     config = fit_memory(config, plan).resolved()
     resume_from = checkpoint.find_resume_checkpoint(config)
     if resume_from is not None:

@@ -88,6 +88,21 @@ class RunFolder:
         """The names whose presence says a folder holds a training run."""
         return [value.name for value in vars(cls).values() if isinstance(value, _Output) and value.marks_a_run]
 
+    def written_by(self, record: dict) -> list[str]:
+        """What the run whose config.toml is `record` may have written here: its kind of weights (not the
+        other kind's name), its `--save-format` layouts, logs only with a tracker, its model card only if
+        cogtune wrote it."""
+        full = bool(record.get("full"))
+        lora = record.get("lora") if isinstance(record.get("lora"), dict) else {}
+        layouts = {name.strip() for name in str(lora.get("save_format", "")).split(",")}
+        skipped = {self.weights(not full).name, *(LAYOUT_FILE_NAMES[name] for name in LAYOUT_FILE_NAMES
+                                                  if name not in layouts)}
+        if record.get("report_to", "none") == "none":
+            skipped.add(self.logs.name)
+        if not is_model_card(self.model_card):
+            skipped.add(self.model_card.name)
+        return [name for name in self.outputs() if name not in skipped]
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / step_name(step)
 
@@ -124,31 +139,62 @@ def is_model_card(path: Path) -> bool:
         line.strip() == "- cogtune" for line in parts[1].splitlines())
 
 
-def check_new_run_folder(config: TrainConfig) -> None:
-    """A run without `--resume` never writes into a folder that holds another run's outputs, unless
-    `--overwrite` says to start over: then the old run's outputs (and only those) are deleted first."""
+def run_record(folder: Path) -> dict | None:
+    """The settings a training run recorded in `folder` (its config.toml), or None when the folder holds
+    no training run's record (no config.toml, or another command's: a cache's, a sample's)."""
+    import tomllib
+
+    try:
+        record = tomllib.loads((folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    return record if record.get("task") in ("t2v", "i2v") and set(record) <= fields else None
+
+
+# What other folders hold, to say what a folder that is no training run is.
+_FOREIGN = (("model_index.json", "a diffusers pipeline (model_index.json)"),
+            ("manifest.json", "a cogtune latent cache (manifest.json)"),
+            ("prepare.json", "a prepared dataset (prepare.json)"),
+            ("transformer/config.json", "a diffusers model (transformer/config.json)"),
+            ("config.json", "a model (config.json)"))
+
+
+def check_run_folder(config: TrainConfig) -> None:
+    """The run writes into a new folder, its own earlier run's (`--resume`, or `--overwrite`: starting over),
+    or a folder of the user's that holds nothing a run writes; never into a model, a cache or a dataset.
+
+    `--overwrite` deletes only what the earlier run's record (its config.toml) says that run wrote.
+    """
     run = RunFolder.of(config)
     card = run.model_card
     if card.exists() and not is_model_card(card):
         raise ConfigError(f"{card} is not a model card cogtune wrote, and the run writes its model card there; "
                           "refusing to replace it", hint="move that file, or train into another --output-dir")
-    if config.resume is not None or not run.root.is_dir():
+    if not run.root.is_dir():
         return
     found = [name for name in RunFolder.markers() if (run.root / name).exists()]
-    if not found:
+    record = run_record(run.root)
+    if found and record is None:
+        what = next((text for name, text in _FOREIGN if (run.root / name).exists()),
+                    f"{', '.join(found)} that no training run recorded")
+        raise ConfigError(f"{run.root} is not a cogtune training run: it holds {what}; refusing to train into it "
+                          "or delete anything there", hint="train into a new or empty --output-dir")
+    if config.resume is not None or not found:
         return
     if not config.overwrite:
         raise ConfigError(f"{run.root} already holds a training run ({', '.join(found)}); refusing to write over it",
                           hint="continue it with --resume latest, start over with --overwrite, or train into a new "
                                "--output-dir")
-    for name in RunFolder.outputs():  # the model card among them: a cogtune card, checked above
-        _delete(run.root / name)
-    report.warn(f"--overwrite: deleted the previous run's outputs in {run.root} ({', '.join(found)}, ...)")
+    deleted = [name for name in run.written_by(record) if _delete(run.root / name)]
+    report.warn(f"--overwrite: deleted the previous run's outputs in {run.root} ({', '.join(deleted)})")
 
 
-def _delete(path: Path) -> None:
+def _delete(path: Path) -> bool:
     if path.is_dir() and not path.is_symlink():
         remove_tree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
+    else:
+        return False
+    return True
