@@ -28,7 +28,7 @@ from cogtune.errors import ConfigError, TrainingError
 from cogtune.fsutil import OutputLock
 from cogtune.launch import is_main_launch_process
 from cogtune.interrupt import StopRequest
-from cogtune.lora.format import load_lora_state, save_lora
+from cogtune.lora.format import LAYOUT_FILE_NAMES, load_lora_state, save_lora
 from cogtune.models.loading import save_transformer
 from cogtune.train import checkpoint, hub, tracking
 from cogtune.train.config import TrainConfig
@@ -121,13 +121,17 @@ def _run_training(config: TrainConfig) -> TrainResult:
     training = _set_up(config, plan)
     history = History(losses=[])
     start_step = _resume(training, resume_from, history) if resume_from is not None else 0
-    if start_step >= config.steps:
+    if start_step > config.steps:
         raise ConfigError(f"the checkpoint is at step {start_step}; --steps {config.steps} leaves nothing to train",
                           hint="raise --steps to continue training")
     memory_log = MemoryLog(training.accelerator.device)
     memory_log.record("memory_before_training")
     validator = Validator(config, plan.model, plan.cache, training.accelerator, training.compute_dtype,
                           plan.validation_prompts)
+    if start_step == config.steps:  # trained to the end, then stopped while finishing (killed, a full disk)
+        report.info(f"training is done ({resume_from} is step {start_step} of {config.steps}); writing the "
+                    "outputs the run's finish did not")
+        return _finish(training, history, validator, memory_log, completing=True)
     _train(training, start_step, history, validator, memory_log)
     return _finish(training, history, validator, memory_log)
 
@@ -332,26 +336,45 @@ def _every(interval: int, step: int) -> bool:
 # --- the finish ------------------------------------------------------------------------------------
 
 
-def _finish(training: Training, history: History, validator: Validator, memory_log: MemoryLog) -> TrainResult:
-    """The final weights, the last checkpoint and validation, then every other output; the upload last."""
+def _finish(training: Training, history: History, validator: Validator, memory_log: MemoryLog,
+            completing: bool = False) -> TrainResult:
+    """The final weights, the last checkpoint and validation, then every other output; the upload last.
+
+    `completing`: the run resumed from its last step's checkpoint, because its finish was cut short;
+    only what is missing is written (the model card and the upload are redone), each named.
+    """
     from cogtune.models.loading import torch_dtype
 
     config, accelerator, run = training.config, training.accelerator, training.run
-    dtype = torch_dtype(training.plan.model.spec.weight_dtype)  # the final weights': the model's own
-    weights = save_final_weights(accelerator, config, training.plan, training.transformer, dtype)
-    if config.checkpointing.every:
+    weights = run.weights(config.full)
+    done = [weights, *(run.layout(name) for name in config.lora.save_formats if name in LAYOUT_FILE_NAMES)]
+    # What a cut-short finish left out, in the order it is written now.
+    missing = [path.name for path in done if completing and not path.exists()]
+    missing_reports = [path.name for path in (run.memory, run.loss_curve, run.summary) if not path.exists()]
+    if not completing or not all(path.exists() for path in done):
+        dtype = torch_dtype(training.plan.model.spec.weight_dtype)  # the final weights': the model's own
+        weights = save_final_weights(accelerator, config, training.plan, training.transformer, dtype)
+    if config.checkpointing.every and not completing:
         checkpoint.save_checkpoint(accelerator, config, config.steps, history.losses,
                                    training.lr_scheduler.state_dict(), training.hooks)
-    if config.validation.final:
+    if config.validation.final and not (completing and validator.rendered(FINAL_PASS)):
+        if completing:
+            missing.append(f"{run.final_validation.relative_to(run.root)}/")
         _validate(training, validator, memory_log, FINAL_PASS, config.steps)
     memory_log.record("memory_after_testing")
     if accelerator.is_main_process:
-        memory_log.write(run.memory)
+        if not (completing and run.memory.exists()):
+            memory_log.write(run.memory)
         memory_log.print_table()
-        write_loss_curve(history.losses, run.loss_curve)
-        write_training_summary(run.summary, config, training.plan, weights, history.losses, history.learning_rates,
-                               history.step_seconds)
+        if not (completing and run.loss_curve.exists()):
+            write_loss_curve(history.losses, run.loss_curve)
+        if not (completing and run.summary.exists()):
+            write_training_summary(run.summary, config, training.plan, weights, history.losses,
+                                   history.learning_rates, history.step_seconds)
         card = write_model_card(config, training.plan)
+        if completing:
+            written = [*missing, *missing_reports, run.model_card.name]
+            report.success(f"run finished: wrote {', '.join(written)} in {run.root}")
         logs = tracking.logs_message(accelerator, config)
         if logs:
             report.info(logs)

@@ -292,6 +292,11 @@ class Validator:
         if "memory_after_validation" not in memory.records:
             memory.record("memory_after_validation")
 
+    def rendered(self, name: str) -> bool:
+        """Whether pass `name` wrote every prompt's video (a pass killed half-way did not)."""
+        folder = RunFolder.of(self.config).validation(name)
+        return all((folder / f"{index:02d}.mp4").is_file() for index in range(len(self.prompts)))
+
     def _my_prompts(self) -> tuple[list[int], int]:
         """The prompt indices this process renders, and how many of them are real (the rest pad)."""
         from cogtune.distributed import is_sharded
