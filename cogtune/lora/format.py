@@ -83,3 +83,8 @@ def load_lora_state(transformer: Any, path: str | Path) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"unexpected LoRA keys in {path}: {unexpected[:3]}")
+    # The base weights are missing by design (the file holds the LoRA only); a LoRA weight must not be:
+    # its layer would silently start again from its initial value.
+    missing = [key for key in getattr(result, "missing_keys", []) if ".lora_" in key]
+    if missing:
+        raise RuntimeError(f"{path} lacks {len(missing)} of the LoRA's weights, e.g. {missing[0]}")

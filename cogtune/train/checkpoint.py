@@ -22,6 +22,7 @@ before deleting it, so a half-deleted one never counts as complete.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -75,17 +76,53 @@ def record_files(folder: Path) -> dict[str, dict[str, Any]]:
     return dict(sorted(records.items()))
 
 
+def _state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of a trainer state's content (its own digest left out), as `trainer_state.json` records it."""
+    content = {key: value for key, value in state.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def verify_checkpoint(checkpoint: Path) -> str | None:
-    """None if `checkpoint` is what was written; otherwise why not, naming the file at fault."""
+    """None if `checkpoint` is what was written; otherwise why not, naming the file at fault.
+
+    The bytes (each file's size and SHA-256, `trainer_state.json`'s own digest) and the contents: every
+    tensor of its safetensors files finite, so that a checkpoint of NaN weights is never resumed nor
+    called good (`load_lora_state` checks, as the weights load, that every LoRA tensor is there).
+    """
     state_path = checkpoint / TRAINER_STATE
     if not state_path.is_file():
         return f"{state_path} is missing"
     try:
-        step, _, _ = read_trainer_state(checkpoint)
+        read_trainer_state(checkpoint)
     except ConfigError as error:
         return error.message
     state = json.loads(state_path.read_text())
+    if "digest" in state and state["digest"] != _state_digest(state):
+        return f"{state_path} was changed after it was written (its digest differs)"
+    problem = _bytes_problem(checkpoint, state_path, state)
+    return problem or _values_problem(checkpoint)
+
+
+def _values_problem(checkpoint: Path) -> str | None:
+    """The first safetensors file of `checkpoint` holding NaN or infinity, named with its tensor; one tensor at a time."""
+    from safetensors import safe_open
+
+    for path in sorted(checkpoint.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    tensor = handle.get_tensor(name)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        return f"{path} holds NaN or infinite values ({name})"
+        except Exception as error:  # safetensors' own errors for a damaged file
+            return f"{path} cannot be read ({(str(error).strip().splitlines() or [type(error).__name__])[0][:120]})"
+    return None
+
+
+def _bytes_problem(checkpoint: Path, state_path: Path, state: dict[str, Any]) -> str | None:
+    """Whether each file recorded in `state` is there with the size and SHA-256 it was written with."""
     folder_step = _folder_step(checkpoint)
+    step = int(state["step"])
     if folder_step is not None and step != folder_step:
         return f"{state_path} says step {step}, but it is in the checkpoint of step {folder_step}"
     files = state.get("files")
@@ -331,7 +368,7 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: li
                      "global_batch": global_batch(config.batch_size, accelerator.num_processes,
                                                   config.gradient_accumulation),
                      "files": record_files(staging)}
-            atomic_write_text(staging / TRAINER_STATE, json.dumps(state) + "\n")
+            atomic_write_text(staging / TRAINER_STATE, json.dumps({**state, "digest": _state_digest(state)}) + "\n")
     except Exception as error:
         if not main:
             raise

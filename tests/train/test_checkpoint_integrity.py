@@ -81,11 +81,16 @@ def test_an_explicit_damaged_checkpoint_is_refused_naming_the_file(cli, trained,
     assert "Traceback" not in result.stderr and "Error" not in lines[-1]
 
 
+def _forge(state_file, state):
+    """Write a trainer state with its digest re-made, as someone who knows the format would."""
+    state_file.write_text(json.dumps({**state, "digest": checkpoint._state_digest(state)}))
+
+
 def test_a_trainer_state_whose_step_disagrees_is_refused(cli, trained, tiny_cache, tmp_path):
     out = _copy(trained, tmp_path)
     state_file = _ckpt(out, 4) / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({**state, "step": 3}))
+    _forge(state_file, {**state, "step": 3})
     assert checkpoint.verify_checkpoint(_ckpt(out, 4)) == (
         f"{state_file} says step 3, but it is in the checkpoint of step 4")
 
@@ -93,11 +98,78 @@ def test_a_trainer_state_whose_step_disagrees_is_refused(cli, trained, tiny_cach
     shutil.rmtree(_ckpt(out, 4))
     shutil.copytree(_ckpt(out, 2), _ckpt(out, 4))
     state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({**state, "step": 4}))
+    _forge(state_file, {**state, "step": 4})
     result = cli(*_args(tiny_cache, out, "--steps", "5", "--resume", _ckpt(out, 4)))
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: {state_file} says step 4, but the optimizer state in {_ckpt(out, 4)} has taken 2 steps")
+
+
+def test_an_edited_trainer_state_is_damaged_and_skipped(cli, trained, tiny_cache, tmp_path):
+    """An edit of the learning-rate schedule's state would resume silently with other results."""
+    out = _copy(trained, tmp_path)
+    state_file = _ckpt(out, 4) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["lr_scheduler"]["base_lrs"] = [1.0]
+    state_file.write_text(json.dumps(state))
+    result = cli(*_args(tiny_cache, out, "--steps", "5", "--resume", "latest"))
+    assert result.exit_code == 0, result.stderr
+    assert (f"warning: checkpoint step-000004 is damaged: {state_file} was changed after it was written (its "
+            "digest differs); trying step-000002") in result.stderr
+    assert f"resumed from {_ckpt(out, 2)} at step 2" in result.stderr
+
+
+def _rewrite_lora(path, change):
+    """Rewrite a checkpoint's LoRA file through `change(tensors)`, and re-make every record of it (forged)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+    state_file = path.parent / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["files"] = checkpoint.record_files(path.parent)
+    _forge(state_file, state)
+
+
+def test_nan_weights_with_their_hashes_remade_are_never_resumed_nor_good(cli, trained, tiny_cache, tmp_path):
+    import torch
+
+    out = _copy(trained, tmp_path)
+    weights = _ckpt(out, 4) / "pytorch_lora_weights.safetensors"
+    first = {}
+
+    def poison(tensors):
+        first["name"] = sorted(tensors)[0]
+        tensors[first["name"]] = torch.full_like(tensors[first["name"]], float("nan"))
+
+    _rewrite_lora(weights, poison)
+    assert checkpoint.verify_checkpoint(_ckpt(out, 4)) == f"{weights} holds NaN or infinite values ({first['name']})"
+    assert checkpoint.last_good_checkpoint(out) == _ckpt(out, 2)
+    result = cli(*_args(tiny_cache, out, "--steps", "5", "--resume", "latest"))
+    assert result.exit_code == 0, result.stderr
+    assert f"resumed from {_ckpt(out, 2)} at step 2" in result.stderr
+
+
+def test_a_lora_file_lacking_a_tensor_is_refused_naming_it(cli, trained, tiny_cache, tmp_path):
+    out = _copy(trained, tmp_path)
+    weights = _ckpt(out, 4) / "pytorch_lora_weights.safetensors"
+    dropped = {}
+
+    def drop(tensors):
+        dropped["name"] = sorted(tensors)[-1]
+        del tensors[dropped["name"]]
+
+    _rewrite_lora(weights, drop)
+    result = cli(*_args(tiny_cache, out, "--steps", "5", "--resume", _ckpt(out, 4)))
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot load the checkpoint {_ckpt(out, 4)}: {weights} lacks 1 of the LoRA's "
+                           "weights, e.g. ")
+    assert "Traceback" not in result.stderr
 
 
 class _Killed(BaseException):
