@@ -359,6 +359,9 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: li
     hooks.non_finite = []
     try:
         accelerator.save_state(str(staging))
+        # accelerate pickles each process's RNG states: cogtune seeds every micro-step's draws itself, so a
+        # checkpoint carries no pickle it does not need (a resume would read one, with the weights-only unpickler).
+        (staging / f"random_states_{accelerator.process_index}.pkl").unlink(missing_ok=True)
         accelerator.wait_for_everyone()
         non_finite = _on_any_process(accelerator, bool(hooks.non_finite))
         if main and not non_finite:

@@ -11,6 +11,7 @@ before any weight loads (`check_loadable_here`).
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,50 @@ def load_state(accelerator: Any, config: TrainConfig, checkpoint: Path, model: A
     """
     state = json.loads((checkpoint / TRAINER_STATE).read_text())
     _warn_about_batch(config, accelerator.num_processes, state, checkpoint)
+    check_pickles(checkpoint, up_to_bytes=PRECHECKED_PICKLE_BYTES)
+    try:
+        _load_state(accelerator, config, checkpoint, model, optimizer, load_trainable)
+    except Exception as error:
+        if "weights only load failed" in str(error).lower() or isinstance(error, pickle.UnpicklingError):
+            check_pickles(checkpoint)  # which file: named in one line
+        raise
+
+
+# Pickled files (accelerate's optimizer, scaler, RNG states) are loaded with torch's weights-only unpickler,
+# which builds tensors and plain containers and runs no code. Those up to this size are tried before
+# anything loads, so that a refused one is named; a larger one (a full fine-tune's optimizer) only when
+# the load fails, rather than read twice.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+PRECHECKED_PICKLE_BYTES = 256 * 1024**2
+
+
+def check_pickles(checkpoint: Path, up_to_bytes: int | None = None) -> None:
+    """Refuse, naming it, a pickled file of a plain checkpoint that torch's weights-only unpickler refuses.
+
+    FSDP's and DeepSpeed's own folders are left to their loaders (torch.distributed.checkpoint,
+    DeepSpeed).
+    """
+    from accelerate.utils import load  # torch.load with weights_only=True and accelerate's safe globals
+
+    own = {checkpoint / FSDP_OPTIMIZER_DIR, checkpoint / DEEPSPEED_DIR}
+    files = [path for path in checkpoint.rglob("*") if path.suffix in PICKLE_SUFFIXES and path.is_file()
+             and not any(folder in path.parents for folder in own)]
+    for path in sorted(files, key=lambda item: item.stat().st_size):
+        if up_to_bytes is not None and path.stat().st_size > up_to_bytes:
+            continue
+        try:
+            with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: the refusal says it
+                warnings.simplefilter("ignore")
+                load(str(path), map_location="cpu")
+        except Exception as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise ConfigError(f"{path} cannot be loaded without running code from it (torch's weights-only "
+                              f"unpickler refused it: {reason}); cogtune loads nothing else",
+                              hint="resume from a checkpoint you trust, or train without --resume") from error
+
+
+def _load_state(accelerator: Any, config: TrainConfig, checkpoint: Path, model: Any, optimizer: Any,
+                load_trainable: Any) -> None:
     sharded_then = (checkpoint / FSDP_OPTIMIZER_DIR).is_dir()
     sharded_now = accelerator.distributed_type == DistributedType.FSDP
     if sharded_then == sharded_now:

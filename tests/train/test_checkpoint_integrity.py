@@ -8,6 +8,7 @@ the file.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -361,3 +362,31 @@ def test_overwrite_starts_over_and_keeps_other_files(cli, trained, tiny_cache, t
 def test_overwrite_and_resume_exclude_each_other(cli, trained, tiny_cache, tmp_path):
     result = cli(*_args(tiny_cache, tmp_path / "run", "--overwrite", "--resume", "latest"))
     assert result.exit_code == 1 and "exclude each other" in result.stderr
+
+
+def test_a_checkpoint_holds_no_rng_pickle(trained):
+    assert not list(_ckpt(trained, 4).glob("random_states_*.pkl"))
+
+
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin"])
+def test_a_pickle_that_would_run_code_is_refused_naming_the_file(cli, trained, tiny_cache, tmp_path, name):
+    """A crafted pickle (its reduce calls os.system) with every hash re-made: nothing runs, the file is named."""
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    out = _copy(trained, tmp_path)
+    path = _ckpt(out, 4) / name
+    path.write_bytes(pickle.dumps({"state": Exploit()}))
+    state_file = _ckpt(out, 4) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["files"] = checkpoint.record_files(_ckpt(out, 4))
+    _forge(state_file, state)
+    result = cli(*_args(tiny_cache, out, "--steps", "5", "--resume", _ckpt(out, 4)))
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path} cannot be loaded without running code from it")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "pwned").exists()
