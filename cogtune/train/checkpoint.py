@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from cogtune import report
 from cogtune.config import CONFIG_FILENAME, config_to_dict, read_toml, write_config
 from cogtune.errors import CogtuneError, ConfigError, StorageError, TrainingError
 from cogtune.fsutil import (
+    TEMP_PREFIX,
     atomic_write_text,
     disk_full_error,
     is_disk_full,
@@ -49,19 +51,30 @@ TRAINER_STATE = "trainer_state.json"
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """A run's checkpoint folders (`step-NNNNNN`), oldest first, complete or not (`verify_checkpoint` tells).
+
+    Other entries (a user's `step-backup`, a file) are not checkpoints; `stray_entries` names them.
+    Temporaries (`.tmp-*`: a save or a prune in progress or killed) never count.
+    """
     root = RunFolder(output_dir).checkpoints
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / TRAINER_STATE).is_file()]
+    found = [p for p in root.iterdir() if _folder_step(p) is not None and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def stray_entries(output_dir: Path) -> list[Path]:
+    """What a run's checkpoints folder holds besides checkpoints and temporaries."""
+    root = RunFolder(output_dir).checkpoints
+    found = set(checkpoint_dirs(output_dir))
+    return sorted(p for p in root.iterdir() if p not in found and not p.name.startswith(TEMP_PREFIX)) \
+        if root.is_dir() else []
+
+
 def _folder_step(checkpoint: Path) -> int | None:
-    try:
-        return int(checkpoint.name.split("-")[1])
-    except (IndexError, ValueError):
-        return None
+    """N of a folder named `step-N` (digits only), else None."""
+    match = re.fullmatch(r"step-(\d+)", checkpoint.name)
+    return int(match[1]) if match else None
 
 
 def record_files(folder: Path) -> dict[str, dict[str, Any]]:
@@ -217,6 +230,8 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
     if config.resume is None:
         return None
     if config.resume == "latest":
+        for stray in stray_entries(Path(config.output_dir)):
+            report.warn(f"ignoring {stray}: not a checkpoint (cogtune names them step-NNNNNN)", shared=True)
         found = checkpoint_dirs(Path(config.output_dir))
         if not found:
             report.warn(f"--resume latest: no checkpoint in {config.output_dir}; starting from step 0", shared=True)

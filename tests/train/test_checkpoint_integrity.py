@@ -390,3 +390,20 @@ def test_a_pickle_that_would_run_code_is_refused_naming_the_file(cli, trained, t
     assert last.startswith(f"error: {path} cannot be loaded without running code from it")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_stray_folder_and_a_step_without_its_state_are_named(cli, trained, tiny_cache, tmp_path):
+    """`checkpoints/step-backup` (a user's copy) is ignored with a warning; `step-000004` without its
+    trainer_state.json is a damaged checkpoint, skipped with a warning, like any other."""
+    out = _copy(trained, tmp_path)
+    shutil.copytree(_ckpt(out, 4), out / "checkpoints" / "step-backup")
+    (out / "checkpoints" / "notes.txt").write_text("mine")
+    (_ckpt(out, 4) / "trainer_state.json").unlink()
+    result = cli(*_args(tiny_cache, out, "--steps", "5", "--resume", "latest"))
+    assert result.exit_code == 0, result.stderr
+    assert f"warning: ignoring {out / 'checkpoints' / 'step-backup'}: not a checkpoint" in result.stderr
+    assert f"warning: ignoring {out / 'checkpoints' / 'notes.txt'}: not a checkpoint" in result.stderr
+    assert (f"warning: checkpoint step-000004 is damaged: {_ckpt(out, 4) / 'trainer_state.json'} is missing; "
+            "trying step-000002") in result.stderr
+    assert f"resumed from {_ckpt(out, 2)} at step 2" in result.stderr
+    assert (out / "checkpoints" / "step-backup" / "trainer_state.json").is_file()  # a user's folder: left alone
