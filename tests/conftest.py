@@ -88,6 +88,43 @@ def cli(capsys):
     return run
 
 
+@dataclasses.dataclass
+class Sampled:
+    latents: list  # per video, the denoised latents the VAE decodes (before any 8-bit video)
+    prompt_embeds: list  # per video, the prompt embeddings it was denoised with
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """What each video of `cogtune sample` was made of, recorded through diffusers' own pipeline
+    methods: tests compare these tensors, not the 8-bit mp4 (H.264 turns a rounding difference in the
+    last float bit into a difference of several levels)."""
+    import cogtune.models.loading as loading
+    import cogtune.sample as sample
+
+    record = Sampled([], [])
+    build, generate = loading.build_pipeline, sample.generate_videos
+
+    def recording_build(*args, **kwargs):
+        pipe = build(*args, **kwargs)
+        decode = pipe.decode_latents
+
+        def recording_decode(latents):
+            record.latents.append(latents.detach().clone())
+            return decode(latents)
+
+        pipe.decode_latents = recording_decode
+        return pipe
+
+    def recording_generate(*args, **kwargs):
+        record.prompt_embeds.extend(row.clone() for row in kwargs["prompt_embeds"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "build_pipeline", recording_build)
+    monkeypatch.setattr(sample, "generate_videos", recording_generate)
+    return record
+
+
 def run_subprocess(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m cogtune ARGS` as a user would, in a fresh process."""
     return subprocess.run(
