@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,40 +29,70 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def run_once(tmp_path_factory):
+    """`run_once(name, build)`: the folder `build(folder)` fills, made once for the whole test run.
+
+    Under pytest-xdist every worker has its own session, so session fixtures alone would build each
+    tiny model, dataset and cache once per worker. The workers share their base folder's parent: the
+    first to ask builds there under a file lock, the others wait for it and reuse the result (read only).
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+
+    def made(name: str, build) -> Path:
+        folder, done = root / name, root / f"{name}.done"
+        with FileLock(str(root / f"{name}.lock")):
+            if not done.exists():
+                if folder.exists():
+                    shutil.rmtree(folder)  # a build that failed half-way
+                build(folder)
+                done.touch()
+        return folder
+
+    return made
+
+
 @pytest.fixture(scope="session", autouse=True)
-def cogtune_home(tmp_path_factory):
-    """Tiny models are built once per session, here (subprocesses inherit it)."""
-    home = tmp_path_factory.mktemp("cogtune-home")
+def cogtune_home(run_once):
+    """Tiny models are built once per test run, here (subprocesses and the other workers share it;
+    `ensure_tiny_model` writes each atomically, so concurrent builds are safe)."""
+    home = run_once("cogtune-home", lambda folder: folder.mkdir())
     os.environ["COGTUNE_HOME"] = str(home)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return home
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(cogtune_home):
+def tiny_model_dir(cogtune_home, run_once):
     from cogtune.models.tiny import ensure_tiny_model
 
+    run_once("tiny-model", lambda folder: (ensure_tiny_model("tiny"), folder.mkdir()))  # one worker builds it
     return ensure_tiny_model("tiny")
 
 
 @pytest.fixture(scope="session")
-def synthetic_data(tmp_path_factory):
+def synthetic_data(run_once):
     from cogtune.data.synthetic import make_synthetic_dataset
 
-    return make_synthetic_dataset(tmp_path_factory.mktemp("data"), count=4, frames=17, height=64, width=64)
+    return run_once("data", lambda folder: make_synthetic_dataset(folder, count=4, frames=17, height=64, width=64))
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory, synthetic_data, cogtune_home):
+def tiny_cache(run_once, synthetic_data, cogtune_home):
     """A t2v cache of the synthetic dataset for the `tiny` model, with one validation prompt."""
     from cogtune.data.dataset import DatasetConfig
     from cogtune.encode import EncodeConfig, encode_dataset
 
-    root = tmp_path_factory.mktemp("cache") / "tiny"
-    encode_dataset(EncodeConfig(model="tiny", output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)),
-                                buckets=("9x64x64",), validation_prompts=("A red circle moves left.",),
-                                num_workers=0))
-    return root
+    def build(root):
+        encode_dataset(EncodeConfig(model="tiny", output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)),
+                                    buckets=("9x64x64",), validation_prompts=("A red circle moves left.",),
+                                    num_workers=0))
+
+    return run_once("tiny-cache", build)
 
 
 @dataclasses.dataclass
