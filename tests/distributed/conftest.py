@@ -37,6 +37,22 @@ def i2v_cache(run_once, synthetic_data, cogtune_home):
         image_noise_samples=2, num_workers=0)))
 
 
+@pytest.fixture(scope="session")
+def shared_runs(run_once):
+    """`shared_runs(name, train)`: (folder, log) of the run `train(folder) -> log` makes, trained once per test
+    run: test_training.py and test_reshard.py start from the same runs, on whichever xdist worker asks first."""
+
+    def get(name: str, train) -> tuple[Path, str]:
+        def build(root: Path) -> None:
+            root.mkdir(parents=True)
+            (root / "launch.log").write_text(train(root / "run"))
+
+        root = run_once(f"run-{name}", build)
+        return root / "run", (root / "launch.log").read_text()
+
+    return get
+
+
 def write_accelerate_config(folder: Path, strategy: str, **settings) -> Path:
     """The file `cogtune config accelerate` prints, for CPU processes (no mixed precision)."""
     from cogtune.accelerate_config import LaunchSettings, accelerate_config_yaml
