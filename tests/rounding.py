@@ -1,12 +1,13 @@
 """Tolerances from float32 arithmetic, for two computations that agree in exact arithmetic.
 
-A float32 dot product of length n carries a relative error of at most n·u (u = 2^-24, Higham's
-gamma_n bound, first order). Through a chain of such products, each taking the previous one's
-output, the relative errors add. Two runs of the same network that differ only in the order of
-their float32 operations (a LoRA merged into the weights or added beside them, a batch of 2
-prompts or of 5) therefore differ by at most 2 x (sum of the chain's dot-product lengths) x u of
-the result's scale. A wrong scale, a missing layer or a swapped prompt differs by whole units
-instead: the tiny models' LoRAs move the latents by ~0.5.
+A float32 dot product of length n is off by at most n·u (u = 2^-24) times the sum of its terms'
+magnitudes (Higham's gamma_n bound, to first order). Along a chain of such products, each taking
+the previous one's output, these relative errors add. Two runs of the same network that differ only
+in the order of their float32 operations (a LoRA merged into the weights or added beside them, a
+batch of 2 prompts or of 5) therefore differ by about 2 x (the chain's summed dot-product lengths) x u
+of the result's scale: the bound below, first order, with the result's largest magnitude as the scale.
+A wrong scale, a missing layer or a swapped prompt differs by whole units instead (the tiny models'
+LoRAs move the latents by ~0.5; the bound is ~4e-4 of a scale of ~2, the measured difference ~3e-6).
 """
 
 from __future__ import annotations
