@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/cogtune demo --output-dir demo
 
-# Two worker processes (pytest-xdist), one test file each at a time: the suite takes 11 to 13 minutes
-# on an idle 2-core machine; one process took 14 minutes before the multi-process tests of issue 19 came in.
+# Two worker processes (pytest-xdist), one test file each at a time; tiny models, caches and the
+# multi-process runs several files resume are built once per run and shared by the workers (tests/conftest.py).
+# Measured on a 2-core machine that other work kept at a load of 4 to 5: 15 minutes; not yet timed idle.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed

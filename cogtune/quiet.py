@@ -1,4 +1,4 @@
-"""Keep third-party chatter (torchao, bitsandbytes, torch, diffusers, decord) off the user's terminal.
+"""Keep third-party chatter (torchao, bitsandbytes, kernels, torch, diffusers, decord) off the user's terminal.
 
 Messages of these libraries at import time are about optional kernels we do not use, and decord
 prints its own errors for files we already report; they bury cogtune's own output. `--debug`
@@ -15,9 +15,10 @@ import threading
 import warnings
 from collections.abc import Iterator
 
-_NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "torch._dynamo", "diffusers", "transformers",
-                  "accelerate", "peft", "huggingface_hub",
-                  "kernels")  # transformers' kernel hub: "Skipping publisher trust check ... offline mode" per load
+# kernels: bitsandbytes, imported on a CPU with AVX512-BF16, asks it for a Hub kernel, and offline it warns
+# "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' ...".
+_NOISY_LOGGERS = ("torchao", "bitsandbytes", "kernels", "torch.utils._pytree", "torch._dynamo", "diffusers",
+                  "transformers", "accelerate", "peft", "huggingface_hub")
 
 _done = False
 

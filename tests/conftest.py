@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,40 +29,70 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def run_once(tmp_path_factory):
+    """`run_once(name, build)`: the folder `build(folder)` fills, made once for the whole test run.
+
+    Under pytest-xdist every worker has its own session, so session fixtures alone would build each
+    tiny model, dataset and cache once per worker. The workers share their base folder's parent: the
+    first to ask builds there under a file lock, the others wait for it and reuse the result (read only).
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+
+    def made(name: str, build) -> Path:
+        folder, done = root / name, root / f"{name}.done"
+        with FileLock(str(root / f"{name}.lock")):
+            if not done.exists():
+                if folder.exists():
+                    shutil.rmtree(folder)  # a build that failed half-way
+                build(folder)
+                done.touch()
+        return folder
+
+    return made
+
+
 @pytest.fixture(scope="session", autouse=True)
-def cogtune_home(tmp_path_factory):
-    """Tiny models are built once per session, here (subprocesses inherit it)."""
-    home = tmp_path_factory.mktemp("cogtune-home")
+def cogtune_home(run_once):
+    """Tiny models are built once per test run, here (subprocesses and the other workers share it;
+    `ensure_tiny_model` writes each atomically, so concurrent builds are safe)."""
+    home = run_once("cogtune-home", lambda folder: folder.mkdir())
     os.environ["COGTUNE_HOME"] = str(home)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return home
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(cogtune_home):
+def tiny_model_dir(cogtune_home, run_once):
     from cogtune.models.tiny import ensure_tiny_model
 
+    run_once("tiny-model", lambda folder: (ensure_tiny_model("tiny"), folder.mkdir()))  # one worker builds it
     return ensure_tiny_model("tiny")
 
 
 @pytest.fixture(scope="session")
-def synthetic_data(tmp_path_factory):
+def synthetic_data(run_once):
     from cogtune.data.synthetic import make_synthetic_dataset
 
-    return make_synthetic_dataset(tmp_path_factory.mktemp("data"), count=4, frames=17, height=64, width=64)
+    return run_once("data", lambda folder: make_synthetic_dataset(folder, count=4, frames=17, height=64, width=64))
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory, synthetic_data, cogtune_home):
+def tiny_cache(run_once, synthetic_data, cogtune_home):
     """A t2v cache of the synthetic dataset for the `tiny` model, with one validation prompt."""
     from cogtune.data.dataset import DatasetConfig
     from cogtune.encode import EncodeConfig, encode_dataset
 
-    root = tmp_path_factory.mktemp("cache") / "tiny"
-    encode_dataset(EncodeConfig(model="tiny", output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)),
-                                buckets=("9x64x64",), validation_prompts=("A red circle moves left.",),
-                                num_workers=0))
-    return root
+    def build(root):
+        encode_dataset(EncodeConfig(model="tiny", output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)),
+                                    buckets=("9x64x64",), validation_prompts=("A red circle moves left.",),
+                                    num_workers=0))
+
+    return run_once("tiny-cache", build)
 
 
 @dataclasses.dataclass
@@ -86,6 +118,43 @@ def cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@dataclasses.dataclass
+class Sampled:
+    latents: list  # per video, the denoised latents the VAE decodes (before any 8-bit video)
+    prompt_embeds: list  # per video, the prompt embeddings it was denoised with
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """What each video of `cogtune sample` was made of, recorded through diffusers' own pipeline
+    methods: tests compare these tensors, not the 8-bit mp4 (H.264 turns a rounding difference in the
+    last float bit into a difference of several levels)."""
+    import cogtune.models.loading as loading
+    import cogtune.sample as sample
+
+    record = Sampled([], [])
+    build, generate = loading.build_pipeline, sample.generate_videos
+
+    def recording_build(*args, **kwargs):
+        pipe = build(*args, **kwargs)
+        decode = pipe.decode_latents
+
+        def recording_decode(latents):
+            record.latents.append(latents.detach().clone())
+            return decode(latents)
+
+        pipe.decode_latents = recording_decode
+        return pipe
+
+    def recording_generate(*args, **kwargs):
+        record.prompt_embeds.extend(row.clone() for row in kwargs["prompt_embeds"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "build_pipeline", recording_build)
+    monkeypatch.setattr(sample, "generate_videos", recording_generate)
+    return record
 
 
 def run_subprocess(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -16,27 +16,41 @@ VALIDATION_PROMPTS = ("A red circle moves left.", "A blue square moves right.", 
 
 
 @pytest.fixture(scope="session")
-def three_prompt_cache(tmp_path_factory, synthetic_data, cogtune_home):
+def three_prompt_cache(run_once, synthetic_data, cogtune_home):
     """A t2v cache for `tiny` with three validation prompts (more prompts than the 2 processes)."""
     from cogtune.data.dataset import DatasetConfig
     from cogtune.encode import EncodeConfig, encode_dataset
 
-    root = tmp_path_factory.mktemp("cache") / "tiny-3-prompts"
-    encode_dataset(EncodeConfig(model="tiny", output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)),
-                                buckets=("9x64x64",), validation_prompts=VALIDATION_PROMPTS, num_workers=0))
-    return root
+    return run_once("tiny-3-prompts", lambda root: encode_dataset(EncodeConfig(
+        model="tiny", output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)), buckets=("9x64x64",),
+        validation_prompts=VALIDATION_PROMPTS, num_workers=0)))
 
 
 @pytest.fixture(scope="session")
-def i2v_cache(tmp_path_factory, synthetic_data, cogtune_home):
+def i2v_cache(run_once, synthetic_data, cogtune_home):
     """An i2v cache for `tiny-i2v` (condition latents with 2 noise-augmented copies each)."""
     from cogtune.data.dataset import DatasetConfig
     from cogtune.encode import EncodeConfig, encode_dataset
 
-    root = tmp_path_factory.mktemp("cache") / "tiny-i2v"
-    encode_dataset(EncodeConfig(model="tiny-i2v", output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)),
-                                buckets=("9x64x64",), image_noise_samples=2, num_workers=0))
-    return root
+    return run_once("tiny-i2v-cache", lambda root: encode_dataset(EncodeConfig(
+        model="tiny-i2v", output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)), buckets=("9x64x64",),
+        image_noise_samples=2, num_workers=0)))
+
+
+@pytest.fixture(scope="session")
+def shared_runs(run_once):
+    """`shared_runs(name, train)`: (folder, log) of the run `train(folder) -> log` makes, trained once per test
+    run: test_training.py and test_reshard.py start from the same runs, on whichever xdist worker asks first."""
+
+    def get(name: str, train) -> tuple[Path, str]:
+        def build(root: Path) -> None:
+            root.mkdir(parents=True)
+            (root / "launch.log").write_text(train(root / "run"))
+
+        root = run_once(f"run-{name}", build)
+        return root / "run", (root / "launch.log").read_text()
+
+    return get
 
 
 def write_accelerate_config(folder: Path, strategy: str, **settings) -> Path:

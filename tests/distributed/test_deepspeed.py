@@ -111,6 +111,61 @@ def test_zero3_resume_continues_exactly(runs):
     assert_resumed_exactly(straight, resumed)
 
 
+# --- a DeepSpeed checkpoint on another number of processes, or without DeepSpeed: refused in one line,
+# before any weight loads. DeepSpeed keeps the ZeRO optimizer state as one partition per process and loads
+# it on as many processes only (its own error: "Automatic adjustment of ZeRO's optimizer state partitioning
+# with a new world size is not currently supported"), under every ZeRO stage (the check is the same for all,
+# so ZeRO-2 stands for them here); nor does it load a checkpoint it did not write (an AssertionError deep
+# inside). cogtune says so up front. The checkpoints are the step-2 ones of the runs above.
+
+def _refused_launch(tmp_path, tiny_cache, strategy: str, processes: int, checkpoint) -> tuple[int, str]:
+    """`accelerate launch` of 2 training steps on `processes` x batch (2 / processes), resuming `checkpoint`:
+    its exit code and its output, unwrapped."""
+    folder = tmp_path / f"{strategy}-{processes}"
+    folder.mkdir()
+    config = write_accelerate_config(folder, strategy, gpus=processes)
+    process = accelerate_launch(config, "train", "t2v", *ARGS, "--steps", "2", "--data", tiny_cache,
+                                "--output-dir", tmp_path / "run", "--batch-size", str(2 // processes),
+                                "--resume", checkpoint)
+    log, _ = process.communicate(timeout=400)
+    return process.returncode, " ".join(log.split())
+
+
+def _errors(log: str) -> list[str]:
+    return [f"error:{part.split(' (hint:')[0]}" for part in log.split("error:")[1:]]
+
+
+@pytest.mark.slow
+def test_a_zero2_checkpoint_of_two_processes_is_refused_on_one(runs, cli, tmp_path, tiny_cache):
+    checkpoint = runs("zero2", "lora").output_dir / "checkpoints" / "step-000002"  # the launch succeeded (finish)
+    assert (checkpoint / "pytorch_model").is_dir()
+
+    code, log = _refused_launch(tmp_path, tiny_cache, "zero2", 1, checkpoint)  # DeepSpeed, 1 process
+    assert code != 0
+    assert _errors(log) == [f"error: {checkpoint} holds DeepSpeed's ZeRO state split over 2 processes, which only "
+                            "DeepSpeed on 2 processes can resume; this launch is DeepSpeed on 1 process"]
+    assert "training run" not in log  # before the run's summary, so before any weight loads
+
+    result = cli("train", "t2v", *ARGS, "--steps", "2", "--data", tiny_cache, "--output-dir", tmp_path / "one",
+                 "--batch-size", "2", "--resume", checkpoint)  # one process without DeepSpeed
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {checkpoint} holds DeepSpeed's ZeRO state split over 2 processes, which only DeepSpeed on 2 "
+        "processes can resume; this launch is one process without DeepSpeed (hint: resume it with a DeepSpeed launch "
+        "of 2 processes, or train without --resume)"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_without_deepspeed_is_refused_under_deepspeed(runs, tmp_path, tiny_cache):
+    checkpoint = runs("one", "lora").output_dir / "checkpoints" / "step-000002"  # one process, no DeepSpeed
+    code, log = _refused_launch(tmp_path, tiny_cache, "zero3", 2, checkpoint)
+    assert code != 0
+    # every process refuses it; the user reads it once
+    assert _errors(log) == [f"error: {checkpoint} was written without DeepSpeed, and DeepSpeed resumes only its own "
+                            "checkpoints"]
+    assert "training run" not in log  # before the run's summary, so before any weight loads
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_deepspeed_fp16_on_gpus(tmp_path, tiny_cache):

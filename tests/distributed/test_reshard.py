@@ -19,20 +19,28 @@ import pytest
 
 from tests.distributed.conftest import accelerate_launch, finish, write_accelerate_config
 from tests.distributed.test_training import TOLERANCE, Run, _in_process, _max_difference
+from tests.distributed.test_training import training_runs  # noqa: F401 (a fixture: the runs resumed here)
 
 ARGS = ("--model", "tiny", "--steps", "4", "--rank", "4", "--lr", "1e-3", "--lr-schedule", "cosine",
         "--warmup-steps", "1", "--gradient-accumulation", "2", "--checkpoint-every", "2", "--keep-checkpoints", "0",
         "--no-validation-final")
 
 
+# The uninterrupted runs test_training.py trains too (with validation, which reseeds nothing: every
+# micro-step seeds its own draws), by name here: (strategy, method) there.
+TRAINED_THERE = {"ddp": ("ddp", "lora"), "fsdp": ("fsdp", "lora"), "one": ("one", "lora"), "one-full": ("one", "full")}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, three_prompt_cache):
+def runs(tmp_path_factory, three_prompt_cache, training_runs):
     """Runs by name, each made once per module: a strategy is 2 launched processes x batch 1, `None` one process
     x batch 2 (in this process), unless `extra` gives `--batch-size`."""
     root = tmp_path_factory.mktemp("reshard")
     made: dict[str, Run] = {}
 
     def get(name: str, strategy: str | None, resume: Path | None = None, *extra: str) -> Run:
+        if name in TRAINED_THERE:
+            return training_runs(*TRAINED_THERE[name])
         if name in made:
             return made[name]
         output = root / name

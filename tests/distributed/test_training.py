@@ -47,42 +47,40 @@ class Run:
         return json.loads((self.output_dir / "training_summary.json").read_text())["losses"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, three_prompt_cache, i2v_cache):
-    """Runs by (strategy, method, resumed), each made once per module: 'one' is one process with batch 2.
+@pytest.fixture(scope="session")
+def training_runs(shared_runs, three_prompt_cache, i2v_cache):
+    """Runs by (strategy, method, resumed), each made once per test run: 'one' is one process with batch 2.
 
     Methods: 'lora' and 'full' (t2v on `tiny`), 'i2v' (a LoRA on `tiny-i2v`). FSDP full fine-tuning
     lets FSDP checkpoint the block activations (`fsdp_activation_checkpointing: true`); the other
-    runs use cogtune's own checkpointing.
+    runs use cogtune's own checkpointing. test_reshard.py resumes some of them.
     """
-    root = tmp_path_factory.mktemp("runs")
-    made: dict[tuple[str, str, bool], Run] = {}
 
     def get(strategy: str, method: str, resumed: bool = False) -> Run:
-        key = (strategy, method, resumed)
-        if key in made:
-            return made[key]
-        output = root / f"{strategy}-{method}{'-resumed' if resumed else ''}"
-        args = ["train", "t2v", *ARGS, "--data", three_prompt_cache, "--output-dir", output]
-        if method == "full":
-            args.append("--full")
-        if method == "i2v":
-            args = ["train", "i2v", *ARGS, "--model", "tiny-i2v", "--data", i2v_cache, "--output-dir", output]
-        if resumed:
-            args += ["--resume", get(strategy, method).output_dir / "checkpoints" / "step-000002"]
-        if strategy == "one":
-            log = _in_process(*args, "--batch-size", "2")
-        else:
-            config = write_accelerate_config(root, strategy, gpus=2)
+        def train(output: Path) -> str:
+            args = ["train", "t2v", *ARGS, "--data", three_prompt_cache, "--output-dir", output]
+            if method == "full":
+                args.append("--full")
+            if method == "i2v":
+                args = ["train", "i2v", *ARGS, "--model", "tiny-i2v", "--data", i2v_cache, "--output-dir", output]
+            if resumed:
+                args += ["--resume", get(strategy, method).output_dir / "checkpoints" / "step-000002"]
+            if strategy == "one":
+                return _in_process(*args, "--batch-size", "2")
+            config = write_accelerate_config(output.parent, strategy, gpus=2)
             if (strategy, method) == ("fsdp", "full"):
-                config = root / "fsdp-activation-checkpointing.yaml"
-                config.write_text(write_accelerate_config(root, strategy, gpus=2).read_text().replace(
-                    "fsdp_activation_checkpointing: false", "fsdp_activation_checkpointing: true"))
-            log = finish(accelerate_launch(config, *args, "--batch-size", "1"))
-        made[key] = Run(output, log)
-        return made[key]
+                config.write_text(config.read_text().replace("fsdp_activation_checkpointing: false",
+                                                             "fsdp_activation_checkpointing: true"))
+            return finish(accelerate_launch(config, *args, "--batch-size", "1"))
+
+        return Run(*shared_runs(f"{strategy}-{method}{'-resumed' if resumed else ''}", train))
 
     return get
+
+
+@pytest.fixture
+def runs(training_runs):
+    return training_runs
 
 
 def _in_process(*args) -> str:

@@ -29,13 +29,19 @@ def test_preview_writes_decodable_mp4s_and_contact_sheets(tiny_cache, tmp_path):
         assert sheet.format == "PNG" and sheet.size == (8 * 64, 2 * 64)
 
 
-def test_preview_matches_diffusers_decode_of_the_cached_posterior(tiny_cache, tmp_path):
+def test_preview_matches_diffusers_decode_of_the_cached_posterior(tiny_cache, tmp_path, monkeypatch):
     from diffusers import AutoencoderKLCogVideoX
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.video_processor import VideoProcessor
 
+    import cogtune.data.video
     from cogtune.models.tiny import ensure_tiny_model
+    from tests.rounding import UNIT_ROUNDOFF
 
+    encoded = []  # the 8-bit frames handed to the H.264 encoder
+    write_video = cogtune.data.video.write_video
+    monkeypatch.setattr(cogtune.data.video, "write_video", lambda path, frames, fps: (
+        encoded.append(np.asarray(frames)), write_video(path, frames, fps))[1])
     preview_cache(tiny_cache, count=1, output=tmp_path / "preview", device="cpu")
     vae = AutoencoderKLCogVideoX.from_pretrained(ensure_tiny_model("tiny") / "vae", torch_dtype=torch.float32)
     latent_dist = VideoLatentCache(tiny_cache).load_item(0)["latent_dist"]
@@ -47,6 +53,12 @@ def test_preview_matches_diffusers_decode_of_the_cached_posterior(tiny_cache, tm
     assert np.abs(written - expected).mean() < 8  # H.264 at high quality; a wrong scale or frame order is far off
     first = np.asarray(Image.open(tmp_path / "preview" / "9x64x64.png").convert("RGB"), np.float32)[:64, :64]
     assert np.abs(first - expected[0]).mean() < 1  # the sheet holds the decoded frames themselves (PNG: lossless)
+    # Before H.264: the same VAE decode of the same latents, then rounded to 8 bits (half a level), after
+    # cogtune's (x + 1) * 127.5 and diffusers' (x / 2 + 0.5) * 255 round differently (a few ulps of 255).
+    (frames,) = encoded
+    assert frames.dtype == np.uint8 and frames.shape == expected.shape
+    assert np.abs(frames - expected).max() <= 0.5 + 8 * 255 * UNIT_ROUNDOFF
+    assert np.array_equal(first, frames[0])  # PNG is lossless: the sheet's first cell is the first frame
 
 
 def test_dataset_preview_command(cli, tiny_cache, tmp_path):

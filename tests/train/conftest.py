@@ -1,4 +1,4 @@
-"""Caches for each tiny family, built once per session."""
+"""Caches for each tiny family, built once per test run (shared by the xdist workers)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,18 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def family_cache(tmp_path_factory, synthetic_data):
+def family_cache(run_once, synthetic_data, cogtune_home):
     """`family_cache(model, bucket)`: a cache of the synthetic clips for a tiny preset (I2V ones with images)."""
     from cogtune.data.dataset import DatasetConfig
     from cogtune.encode import EncodeConfig, encode_dataset
 
-    made = {}
-
     def build(model: str, bucket: str = "9x64x64"):
-        key = (model, bucket)
-        if key not in made:
-            root = tmp_path_factory.mktemp("family") / f"{model}-{bucket}"
+        def encode(root):
             encode_dataset(EncodeConfig(model=model, output_dir=str(root), data=DatasetConfig(root=str(synthetic_data)),
                                         buckets=(bucket,), validation_prompts=("A red circle moves left.",),
                                         image_noise_samples=2, num_workers=0))
-            made[key] = root
-        return made[key]
+
+        return run_once(f"family-{model}-{bucket}", encode)
 
     return build
 
