@@ -199,7 +199,7 @@ complete -c cogtune -n "__cogtune_at 'sample'" -l guidance -r -d 'Classifier-fre
 complete -c cogtune -n "__cogtune_at 'sample'" -l dynamic-cfg -d 'Raise guidance over the denoising steps (CogVideoX\'s dynamic CFG)'
 complete -c cogtune -n "__cogtune_at 'sample'" -l no-dynamic-cfg -d 'Raise guidance over the denoising steps (CogVideoX\'s dynamic CFG)'
 complete -c cogtune -n "__cogtune_at 'sample'" -l scheduler -x -a 'model ddim dpm' -d 'Sampler: the model\'s own (DDIM), or CogVideoX\'s DPM solver (recommended for 5b)'
-complete -c cogtune -n "__cogtune_at 'sample'" -l seed -r -d 'Seed; the i-th video uses seed + i'
+complete -c cogtune -n "__cogtune_at 'sample'" -l seed -r -d 'Seed; the i-th video uses seed + i (modulo 2^64)'
 complete -c cogtune -n "__cogtune_at 'sample'" -l fps -r -d 'Frame rate of the written mp4; default: the model\'s'
 complete -c cogtune -n "__cogtune_at 'sample'" -l vae-tiling -d 'Decode in spatial tiles (less memory)'
 complete -c cogtune -n "__cogtune_at 'sample'" -l no-vae-tiling -d 'Decode in spatial tiles (less memory)'
