@@ -94,8 +94,11 @@ def is_disk_full(exc: BaseException, where: str | Path | None = None) -> bool:
     return False
 
 
+DISK_FULL_PREFIX = "no space left on device while writing "
+
+
 def disk_full_error(path: str | Path) -> StorageError:
-    return StorageError(f"no space left on device while writing {path}",
+    return StorageError(f"{DISK_FULL_PREFIX}{path}",
                         hint="free some space on that disk (or write somewhere else) and run again")
 
 

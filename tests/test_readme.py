@@ -90,8 +90,8 @@ def test_readme_command_parses(command, cli, monkeypatch, tmp_path):
     monkeypatch.setattr(cogtune.data.prepare, "prepare_dataset", recorder("prepare"))
     monkeypatch.setattr(cogtune.encode.preview, "preview_cache", recorder("preview"))
     inspected = {"file": "f", "layout": "diffusers", "model": "tiny", "family": "1.0-sincos", "fits": [], "layers": 1,
-                 "alpha_form_text": "metadata", "alpha_portable": True, "target_modules": [], "buckets": [],
-                 "ranks_alphas": [], "cogtune": {}}
+                 "alpha_form_text": "metadata", "alpha_portable": True, "loads_in": "diffusers", "target_modules": [],
+                 "buckets": [], "ranks_alphas": [], "cogtune": {}}
     monkeypatch.setattr(cogtune.lora.layouts, "inspect_lora", lambda *a, **k: calls.append("inspect") or inspected)
     monkeypatch.setattr(cogtune.lora.layouts, "convert_lora",
                         lambda *a, **k: calls.append("convert") or SimpleNamespace(layers=[], layout="diffusers"))

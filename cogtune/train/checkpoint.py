@@ -35,6 +35,7 @@ from cogtune import report
 from cogtune.config import CONFIG_FILENAME, config_to_dict, read_toml, write_config
 from cogtune.errors import CogtuneError, ConfigError, StorageError, TrainingError
 from cogtune.fsutil import (
+    DISK_FULL_PREFIX,
     TEMP_PREFIX,
     atomic_write_text,
     disk_full_error,
@@ -390,10 +391,13 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, losses: li
     except Exception as error:
         if not main:
             raise
-        full = isinstance(error, StorageError) and error.message.startswith("no space left")
+        full = isinstance(error, StorageError) and error.message.startswith(DISK_FULL_PREFIX)
         if not full and (isinstance(error, CogtuneError) or not is_disk_full(error, staging)):
             raise
-        written = newest_file(staging) if staging.is_dir() else None
+        # The file being written: the one an inner atomic write named, else the newest in the staging folder.
+        said = Path(error.message.removeprefix(DISK_FULL_PREFIX)) if full else None
+        written = said if said is not None and staging in said.parents else \
+            newest_file(staging) if staging.is_dir() else None
         remove_tree(staging)  # gives back the space it took
         named = final / written.relative_to(staging) if written is not None else final
         raise disk_full_error(named) from error

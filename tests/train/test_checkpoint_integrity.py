@@ -407,3 +407,26 @@ def test_a_stray_folder_and_a_step_without_its_state_are_named(cli, trained, tin
             "trying step-000002") in result.stderr
     assert f"resumed from {_ckpt(out, 2)} at step 2" in result.stderr
     assert (out / "checkpoints" / "step-backup" / "trainer_state.json").is_file()  # a user's folder: left alone
+
+
+def test_a_full_disk_at_a_checkpoints_weights_names_the_weights_file(cli, tiny_cache, tmp_path, monkeypatch):
+    """The checkpoint's LoRA file fills the disk (safetensors reports ENOSPC): the file is named, not the folder."""
+    import errno
+
+    from cogtune.lora import format as lora_format
+
+    real = lora_format.save_file
+
+    def full(weights, filename, *args, **kwargs):
+        if ".tmp-step-" in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(weights, filename, *args, **kwargs)
+
+    monkeypatch.setattr(lora_format, "save_file", full)
+    out = tmp_path / "run"
+    result = cli(*_args(tiny_cache, out, "--steps", "4"))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no space left on device while writing {_ckpt(out, 2)}/pytorch_lora_weights.safetensors "
+        "(hint: free some space on that disk (or write somewhere else) and run again)")
+    assert not list((out / "checkpoints").iterdir())
