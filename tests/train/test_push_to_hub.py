@@ -65,8 +65,16 @@ def test_push_uploads_the_weights_config_and_model_card(cli, hub, tiny_cache, tm
 
 
 @pytest.mark.parametrize("status", [403, pytest.param(500, marks=pytest.mark.slow)])
-def test_a_failed_upload_keeps_the_run_and_names_the_retry_command(cli, hub, tiny_cache, tmp_path, status):
-    """403: refused at once; 500: huggingface_hub retries the commit 5 times (about 23 s) first."""
+def test_a_failed_upload_keeps_the_run_and_names_the_retry_command(cli, hub, tiny_cache, tmp_path, status,
+                                                                     monkeypatch):
+    """403: refused at once; 500: huggingface_hub retries the commit 5 times first, with its exponential
+    backoff (1 + 2 + 4 + 8 + 8 s), which the test records instead of sleeping through."""
+    import types
+
+    import huggingface_hub.utils._http as hub_http
+
+    waits: list[float] = []
+    monkeypatch.setattr(hub_http, "time", types.SimpleNamespace(**{**vars(hub_http.time), "sleep": waits.append}))
     output = tmp_path / "run"
     hub.fail_commits(status, times=6)
 
@@ -79,6 +87,7 @@ def test_a_failed_upload_keeps_the_run_and_names_the_retry_command(cli, hub, tin
     for name in ("pytorch_lora_weights.safetensors", "config.toml", "README.md", "training_summary.json"):
         assert (output / name).is_file(), name
     assert not hub.commits and len(hub.requests_for("POST", "/commit/main")) == (6 if status == 500 else 1)
+    assert len(waits) == (5 if status == 500 else 0)  # huggingface_hub's own retries, each after a backoff
     _assert_token_nowhere(result, output)
 
     # The command the error names makes the upload, run as the user would (huggingface_hub's own CLI).
