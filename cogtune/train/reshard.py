@@ -91,13 +91,23 @@ PRECHECKED_PICKLE_BYTES = 256 * 1024**2
 
 
 def check_pickles(checkpoint: Path, up_to_bytes: int | None = None) -> None:
-    """Refuse, naming it, a pickled file of a plain checkpoint that torch's weights-only unpickler refuses.
+    """Refuse, naming it, a pickled file that would run code: accelerate's files (torch's weights-only
+    unpickler must take them) and torch.distributed.checkpoint's `.metadata` (FSDP's shards), which
+    torch reads with a plain `pickle.load`, so it is parsed here first with `_DcpMetadataUnpickler`.
 
-    FSDP's and DeepSpeed's own folders are left to their loaders (torch.distributed.checkpoint,
-    DeepSpeed).
+    DeepSpeed's own folder is left to DeepSpeed's loader.
     """
     from accelerate.utils import load  # torch.load with weights_only=True and accelerate's safe globals
 
+    for path in sorted(checkpoint.rglob(".metadata")):
+        try:
+            with open(path, "rb") as handle:
+                _DcpMetadataUnpickler(handle).load()
+        except Exception as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise ConfigError(f"{path} cannot be loaded without running code from it ({reason}); cogtune loads "
+                              "nothing else", hint="resume from a checkpoint you trust, or train without --resume"
+                              ) from error
     own = {checkpoint / FSDP_OPTIMIZER_DIR, checkpoint / DEEPSPEED_DIR}
     files = [path for path in checkpoint.rglob("*") if path.suffix in PICKLE_SUFFIXES and path.is_file()
              and not any(folder in path.parents for folder in own)]
@@ -113,6 +123,30 @@ def check_pickles(checkpoint: Path, up_to_bytes: int | None = None) -> None:
             raise ConfigError(f"{path} cannot be loaded without running code from it (torch's weights-only "
                               f"unpickler refused it: {reason}); cogtune loads nothing else",
                               hint="resume from a checkpoint you trust, or train without --resume") from error
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Unpickles what torch.distributed.checkpoint's `.metadata` holds, and nothing that could run code:
+    its metadata classes, tensor sizes, dtypes and layouts, paths and plain containers."""
+
+    _ALLOWED = {
+        "torch.distributed.checkpoint.metadata": None,  # its dataclasses and enums, all of them
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.distributed.checkpoint.planner": {"LoadItemType", "WriteItemType"},
+        "torch.serialization": {"_get_layout"},
+        "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+        "collections": {"OrderedDict"},
+        "builtins": {"set", "frozenset", "slice", "complex"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = self._ALLOWED.get(module, ())
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if allowed is None or (allowed and name in allowed):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which torch.distributed.checkpoint's "
+                                     "metadata never holds")
 
 
 def _load_state(accelerator: Any, config: TrainConfig, checkpoint: Path, model: Any, optimizer: Any,

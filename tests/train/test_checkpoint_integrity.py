@@ -430,3 +430,33 @@ def test_a_full_disk_at_a_checkpoints_weights_names_the_weights_file(cli, tiny_c
         f"error: no space left on device while writing {_ckpt(out, 2)}/pytorch_lora_weights.safetensors "
         "(hint: free some space on that disk (or write somewhere else) and run again)")
     assert not list((out / "checkpoints").iterdir())
+
+
+def test_fsdp_metadata_that_would_run_code_is_refused_before_torch_reads_it(tmp_path):
+    """torch.distributed.checkpoint reads its `.metadata` with a plain pickle.load: cogtune parses it first
+    with an unpickler that takes only what that file holds (a real one, written by torch, passes)."""
+    import pickle
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from cogtune.errors import ConfigError
+    from cogtune.train.reshard import FSDP_OPTIMIZER_DIR, check_pickles
+
+    folder = tmp_path / "step-000002" / FSDP_OPTIMIZER_DIR
+    state = {"optimizer": {"state": {"w": {"exp_avg": torch.ones(3, 4), "step": torch.tensor(2.0)}},
+                           "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": ["w"]}]}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    check_pickles(folder.parent)  # torch's own metadata passes
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (folder / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(ConfigError, match=f"^{folder / '.metadata'} cannot be loaded without running code"):
+        check_pickles(folder.parent)
+    assert not (tmp_path / "pwned").exists()
