@@ -241,11 +241,15 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_file(cli, tiny_c
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    out = tmp_path / "run"
-    result = cli(*_args(tiny_cache, out, "--steps", "4"))
+    _assert_the_full_disk_names(cli, tiny_cache, tmp_path / "run", "optimizer.bin")
+
+
+def _assert_the_full_disk_names(cli, cache, out, name):
+    """The first checkpoint fills the disk: one line naming its file `name`, and no checkpoint is left."""
+    result = cli(*_args(cache, out, "--steps", "4"))
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: no space left on device while writing {_ckpt(out, 2)}/optimizer.bin "
+        f"error: no space left on device while writing {_ckpt(out, 2)}/{name} "
         "(hint: free some space on that disk (or write somewhere else) and run again)")
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
 
@@ -423,13 +427,7 @@ def test_a_full_disk_at_a_checkpoints_weights_names_the_weights_file(cli, tiny_c
         return real(weights, filename, *args, **kwargs)
 
     monkeypatch.setattr(lora_format, "save_file", full)
-    out = tmp_path / "run"
-    result = cli(*_args(tiny_cache, out, "--steps", "4"))
-    assert result.exit_code == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: no space left on device while writing {_ckpt(out, 2)}/pytorch_lora_weights.safetensors "
-        "(hint: free some space on that disk (or write somewhere else) and run again)")
-    assert not list((out / "checkpoints").iterdir())
+    _assert_the_full_disk_names(cli, tiny_cache, tmp_path / "run", "pytorch_lora_weights.safetensors")
 
 
 def test_fsdp_metadata_that_would_run_code_is_refused_before_torch_reads_it(tmp_path):
