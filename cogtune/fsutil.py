@@ -182,10 +182,13 @@ def _fsync_file(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
+def atomic_path(target: str | Path, sweep: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` atomically.
 
-    A failure for lack of space is a `StorageError` naming `target`.
+    A failure for lack of space is a `StorageError` naming `target`. `sweep`: then remove the
+    temporaries of `target` that killed writers left (`sweep_abandoned`); folders of thousands of
+    files that their command sweeps once under its lock (a cache's, prepare's clips) pass False, so
+    that each write does not list the folder again.
     """
     target = Path(target)
     with reporting_disk_full(target):
@@ -200,7 +203,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             os.chmod(tmp, FILE_MODE)
             os.replace(tmp, target)
         _fsync_dir(target.parent)
-        sweep_abandoned(target)
+        if sweep:
+            sweep_abandoned(target)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -244,7 +244,7 @@ def cut_clip(source: Path, target: Path, start: float, source_fps: float, frames
                            hint="pip install imageio-ffmpeg")
     # Seek half a source frame early: the shot's first frame is kept, the one before it is not.
     seek = max(0.0, start - 0.5 / source_fps)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, sweep=False) as tmp:  # clips/ is swept once, under the lock
         tmp_video = tmp.with_name(tmp.name + target.suffix)
         try:
             command = [exe, "-nostdin", "-v", "error", "-y", "-ss", f"{seek:.6f}", "-i", str(source),
@@ -499,7 +499,7 @@ def _prepare_source(source: Path, out: Path, stem: str, shape: ClipShape, settin
                 if whole:
                     from cogtune.fsutil import atomic_path
 
-                    with atomic_path(target) as tmp:
+                    with atomic_path(target, sweep=False) as tmp:  # swept at the start
                         shutil.copyfile(source, tmp)
                     method = "copy"
                 else:

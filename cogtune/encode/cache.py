@@ -135,7 +135,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     meta.setdefault(DIGEST_KEY, tensor_digest(tensors))
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sweep=False) as tmp:  # `encode` sweeps the cache once, under its lock
         save_file(tensors, str(tmp), metadata=meta)
 
 
