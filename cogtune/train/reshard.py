@@ -95,7 +95,9 @@ def check_pickles(checkpoint: Path, up_to_bytes: int | None = None) -> None:
     unpickler must take them) and torch.distributed.checkpoint's `.metadata` (FSDP's shards), which
     torch reads with a plain `pickle.load`, so it is parsed here first with `_DcpMetadataUnpickler`.
 
-    DeepSpeed's own folder is left to DeepSpeed's loader.
+    DeepSpeed's own folder (`pytorch_model/`), which DeepSpeed reads with an unrestricted `torch.load`, is
+    read first by torch's weights-only unpickler with DeepSpeed's few state classes allowed
+    (`_check_deepspeed_pickles`), every file whatever its size: memory-mapped, its tensors are not read.
     """
     from accelerate.utils import load  # torch.load with weights_only=True and accelerate's safe globals
 
@@ -119,10 +121,40 @@ def check_pickles(checkpoint: Path, up_to_bytes: int | None = None) -> None:
                 warnings.simplefilter("ignore")
                 load(str(path), map_location="cpu")
         except Exception as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-            raise ConfigError(f"{path} cannot be loaded without running code from it (torch's weights-only "
-                              f"unpickler refused it: {reason}); cogtune loads nothing else",
-                              hint="resume from a checkpoint you trust, or train without --resume") from error
+            raise _refused(path, error) from error
+    if (checkpoint / DEEPSPEED_DIR).is_dir():
+        _check_deepspeed_pickles(checkpoint / DEEPSPEED_DIR)
+
+
+def _refused(path: Path, error: Exception) -> ConfigError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return ConfigError(f"{path} cannot be loaded without running code from it (torch's weights-only unpickler "
+                       f"refused it: {reason}); cogtune loads nothing else",
+                       hint="resume from a checkpoint you trust, or train without --resume")
+
+
+# What DeepSpeed's checkpoint files hold besides tensors and plain containers (its ZeRO optimizer's
+# `state_dict` and the engine's model states, deepspeed 0.19): the loss scaler, the ZeRO stage enum and
+# the parameter-slice records. Building each runs only its constructor or sets its attributes.
+DEEPSPEED_STATE_CLASSES = (
+    ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+    ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+    ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+)
+
+
+def _check_deepspeed_pickles(folder: Path) -> None:
+    import importlib
+
+    allowed = [getattr(importlib.import_module(module), name)
+               for module, names in DEEPSPEED_STATE_CLASSES for name in names]
+    for path in sorted(item for item in folder.rglob("*") if item.suffix in PICKLE_SUFFIXES and item.is_file()):
+        try:
+            with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:
+            raise _refused(path, error) from error
 
 
 class _DcpMetadataUnpickler(pickle.Unpickler):

@@ -111,6 +111,39 @@ def test_zero3_resume_continues_exactly(runs):
     assert_resumed_exactly(straight, resumed)
 
 
+@pytest.mark.slow
+def test_deepspeed_state_is_read_without_running_code(runs, tmp_path):
+    """DeepSpeed reads its own `pytorch_model/*.pt` with an unrestricted torch.load. cogtune reads each first
+    with torch's weights-only unpickler (DeepSpeed's state classes allowed): DeepSpeed's real files pass, under
+    ZeRO-2 and ZeRO-3, and a crafted one (every other file unchanged) is named in one line and nothing runs."""
+    import os
+
+    from cogtune.errors import ConfigError
+    from cogtune.train.reshard import DEEPSPEED_DIR, check_pickles
+
+    for strategy, method in (("zero2", "lora"), ("zero3", "full")):
+        genuine = runs(strategy, method).output_dir / "checkpoints" / "step-000002"
+        assert sorted(genuine.glob(f"{DEEPSPEED_DIR}/*optim_states.pt")) and sorted(genuine.glob(f"{DEEPSPEED_DIR}/*model_states.pt"))
+        check_pickles(genuine)
+
+    crafted = tmp_path / "step-000002"
+    shutil.copytree(genuine, crafted)
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    [target, *_] = sorted(crafted.glob(f"{DEEPSPEED_DIR}/*optim_states.pt"))
+    state = torch.load(target, map_location="cpu", weights_only=False)  # DeepSpeed's own file, written above
+    state["loss_scaler"] = Exploit()
+    torch.save(state, target)
+    with pytest.raises(ConfigError) as refused:
+        check_pickles(crafted)
+    assert str(refused.value).startswith(f"{target} cannot be loaded without running code from it")
+    assert "\n" not in str(refused.value) and not marker.exists()
+
+
 # --- a DeepSpeed checkpoint on another number of processes, or without DeepSpeed: refused in one line,
 # before any weight loads. DeepSpeed keeps the ZeRO optimizer state as one partition per process and loads
 # it on as many processes only (its own error: "Automatic adjustment of ZeRO's optimizer state partitioning
