@@ -73,9 +73,15 @@ def accelerate_launch(config_file: Path, *args: str, machine_rank: int | None = 
     if machine_rank is not None:
         command += ["--machine_rank", str(machine_rank)]
     command += ["-m", "cogtune", *[str(a) for a in args]]
+    env = dict(os.environ)
+    if "distributed_type: DEEPSPEED" in config_file.read_text():  # gloo instead of DeepSpeed's shared-memory op: see gloo_only/
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GLOO_ONLY), env.get("PYTHONPATH")]))
     # A session of its own, so that a hung launch is killed with all its worker processes.
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
+
+
+GLOO_ONLY = Path(__file__).parent / "gloo_only"
 
 
 def finish(process: subprocess.Popen, timeout: float = 240, check: bool = True) -> str:

@@ -76,9 +76,9 @@ def _dead_or_dying(pid: int) -> bool:
 def test_kill_9_of_encodes_main_process_alone_leaves_no_worker_and_no_lock(tmp_path):
     from cogtune.data.synthetic import make_synthetic_dataset
 
-    data = make_synthetic_dataset(tmp_path / "data", count=12, frames=17, height=96, width=96)
+    data = make_synthetic_dataset(tmp_path / "data", count=6, frames=9, height=64, width=64)
     command = [sys.executable, "-m", "cogtune", "encode", "--model", "tiny", "--data-root", str(data),
-               "--output-dir", str(tmp_path / "cache"), "--buckets", "17x96x96", "--num-workers", "2"]
+               "--output-dir", str(tmp_path / "cache"), "--buckets", "9x64x64", "--num-workers", "2"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: list[int] = []
     deadline = time.monotonic() + 300
