@@ -2,7 +2,8 @@
 
 - DDP through `torchrun --nnodes 2 --node_rank 0|1 --nproc_per_node 1 --master_addr --master_port`
   (torch's static rendezvous, what the README shows), equal to one process with the same global
-  batch. FSDP2 hybrid over two machines needs accelerate's config (torchrun alone asks for DDP):
+  batch. This is also the suite's test of a torchrun launch training as one process does (one machine's
+  `torchrun --nproc_per_node 2` sets the same variables and runs the same cogtune code). FSDP2 hybrid over two machines needs accelerate's config (torchrun alone asks for DDP):
   `test_training.py::test_hybrid_shard_over_two_machines_equals_one_process` runs it through two
   `accelerate launch --machine_rank 0|1`.
 - A machine that never joins: the launcher waits for it in its rendezvous, before any cogtune code

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +15,6 @@ from cogtune.train import TrainConfig, run_training
 from cogtune.train.config import CheckpointConfig, LoraConfig, OptimizerConfig, ValidationConfig
 from cogtune.lora.format import load_lora_state, read_lora_info
 from cogtune.train.lora import add_lora
-from tests.ports import free_port
 
 FAMILIES = [("tiny", "t2v"), ("tiny-rotary", "t2v"), ("tiny-1.5", "t2v"), ("tiny-i2v", "i2v"), ("tiny-1.5-i2v", "i2v")]
 
@@ -201,25 +198,6 @@ def test_report_to_needs_its_package(tiny_cache, tmp_path):
         pytest.skip("wandb is installed here")
     with pytest.raises(ConfigError, match="needs the wandb package"):
         run_training(_config("tiny", "t2v", tiny_cache, tmp_path / "run", report_to="wandb"))
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(tiny_cache, tmp_path):
-    args = ["train", "t2v", "--model", "tiny", "--data", str(tiny_cache), "--steps", "4", "--rank", "4", "--lr", "1e-3"]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "-m", "cogtune", *args, "--batch-size", "1", "--output-dir",
-         str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "1 per process x 2 processes x 1 accumulation = 2 per step" in two.stderr
-    one = run_training(TrainConfig(model="tiny", data=str(tiny_cache), output_dir=str(tmp_path / "one"), steps=4,
-                                   batch_size=2, lora=LoraConfig(rank=4), optimizer=OptimizerConfig(lr=1e-3)))
-    left = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
-    right = load_file(one.weights)
-    for key in left:
-        torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=1e-5)
-    summary = json.loads((tmp_path / "two" / "training_summary.json").read_text())
-    assert summary["losses"] == pytest.approx(one.losses, rel=1e-4)
 
 
 def test_a_lora_trained_without_learned_positions_samples_at_its_resolution(family_cache, condition_image, tmp_path):
