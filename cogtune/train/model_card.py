@@ -80,6 +80,7 @@ def _base_model(plan: RunPlan) -> str | None:
 
 def _body(config: TrainConfig, plan: RunPlan, base: str | None, gif: str | None) -> str:
     from cogtune.models.loading import pipeline_class
+    from cogtune.train.evaluation import model_card_lines
     from cogtune.train.validation import validation_shape
 
     spec = plan.model.spec
@@ -112,8 +113,9 @@ def _body(config: TrainConfig, plan: RunPlan, base: str | None, gif: str | None)
         rows.append(("positional embeddings", "learned ones dropped (rotary only)"))
     lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {key} | {_markdown_text(value)} |" for key, value in rows]
+    lines += ["", *model_card_lines(RunFolder.of(config).evaluation)]
     frames, height, width = validation_shape(config, plan.cache)
-    lines += ["", "## Use with diffusers", "", "```python",
+    lines += ["## Use with diffusers", "", "```python",
               _snippet(config, plan, pipeline_class(spec).__name__, base, (frames, height, width), id_token),
               "```", "",
               "The full settings are in `config.toml`; `cogtune sample --lora` samples it too.", ""]
