@@ -170,7 +170,7 @@ class EvaluationLog:
         report.warn(f"the LoRA barely changes the model: at step {record.step} its predictions differ from the "
                     f"base's by {record.effect:.2g} (relative; under {settings.effect_threshold:g}). Usual causes: "
                     f"the learning rate (--lr), the alpha/rank scale (--lora-alpha, --rank), target modules that "
-                    f"miss what matters (--lora-target), too few steps (--steps)")
+                    f"miss what matters (--lora-target), too few steps (--steps)", shared=True)
 
     def _warn_about_overfitting(self) -> None:
         rises = self.config.evaluation.overfit_evaluations
@@ -186,7 +186,7 @@ class EvaluationLog:
         report.warn(f"the held-out loss rose for {rises} evaluations ({window[0].loss:.4g} at step {window[0].step} "
                     f"-> {window[-1].loss:.4g} at step {window[-1].step}) while the training loss fell: the LoRA may "
                     f"be overfitting; the best held-out loss so far is {best.loss:.4g} at step {best.step}"
-                    + ("" if self.config.evaluation.keep_best else " (--keep-best keeps its weights)"))
+                    + ("" if self.config.evaluation.keep_best else " (--keep-best keeps its weights)"), shared=True)
 
     def summary(self) -> dict[str, Any]:
         """What training_summary.json and the run's last table say about the evaluations."""

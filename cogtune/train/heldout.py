@@ -89,8 +89,8 @@ def _check_same_split(config: TrainConfig, record: dict[str, Any] | None) -> Non
     theirs = {key: record.get(key) for key in ("split", "data")} if record else {"split": 0.0, "data": None}
     ours = _setting(config)
     if (theirs["data"] or None, float(theirs["split"] or 0)) != (ours["data"] or None, float(ours["split"] or 0)):
-        raise ConfigError(f"the run being resumed trained with {_describe(theirs)}, not {_describe(ours)}: its "
-                          "held-out items must stay out of training", hint=f"resume with {_describe(theirs)}"
+        raise ConfigError(f"the run being resumed trained with {_describe(theirs)}, this resume asks for "
+                          f"{_describe(ours)}: a run keeps its held-out items", hint=f"resume with {_describe(theirs)}"
                           if theirs["data"] or theirs["split"] else "resume without --eval-split/--eval-data")
 
 
