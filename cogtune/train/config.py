@@ -97,6 +97,9 @@ class ValidationConfig:
     height: int | None = setting(None, "Height; default: the first bucket's.", low=1, flag="--validation-height")
     width: int | None = setting(None, "Width; default: the first bucket's.", low=1, flag="--validation-width")
     final: bool = setting(True, "Run the test pass (validation prompts) after the last step.", flag="--validation-final")
+    compare_base: bool = setting(True, "LoRA: also write base | LoRA side by side for each prompt and pass (the base, "
+                                       "the LoRA switched off, rendered once with the same seed and noise).",
+                                 flag="--validation-compare-base")
 
     def __post_init__(self) -> None:
         check_settings(self, "validation.")
