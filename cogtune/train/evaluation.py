@@ -78,8 +78,15 @@ class Evaluator:
         self.scheduler, self.accelerator, self.compute_dtype = scheduler, accelerator, compute_dtype
         self.timesteps = fixed_timesteps(scheduler.config.num_train_timesteps, config.evaluation.timesteps)
 
+    @property
+    def measures(self) -> bool:
+        """Whether an evaluation says anything: a held-out loss, or the effect of a LoRA (not of a full fine-tune)."""
+        return self.held.held_out or not self.config.full
+
     def due(self, step: int) -> bool:
         """Whether the loop evaluates after `step` (the finish evaluates after the last)."""
+        if not self.measures:
+            return False
         validates = bool(self.config.validation.every) and step % self.config.validation.every == 0
         return validates or (self.held.held_out and step % self.config.evaluation.every_for(self.config.steps) == 0)
 

@@ -90,3 +90,31 @@ def test_an_eval_split_that_leaves_nothing_to_train_is_refused(tiny_cache, tmp_p
     with pytest.raises(ConfigError, match="leaving none to train on"):
         run_training(_config(tiny_cache, tmp_path / "run", evaluation=EvaluationConfig(split=0.9)))
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_overfitting_is_warned_once_naming_the_best_step(capsys):
+    """The held-out loss rising for `overfit_evaluations` evaluations while the training loss falls."""
+    from cogtune.train.evaluation import Evaluation, EvaluationLog
+
+    config = TrainConfig(model="tiny", data="cache", output_dir="run", steps=100,
+                         evaluation=EvaluationConfig(split=0.1, overfit_evaluations=2))
+    log = EvaluationLog(config)
+
+    def add(step, loss, train_loss):
+        return log.add(Evaluation(step=step, loss=loss, base_loss=0.6, effect=0.01, seconds=0.1,
+                                  train_loss=train_loss))
+
+    assert add(10, 0.50, 0.9) and add(20, 0.40, 0.8)  # each the best so far
+    assert not add(30, 0.45, 0.7)
+    assert "overfitting" not in capsys.readouterr().err  # one rise is not yet a trend
+    add(40, 0.47, 0.6)
+    add(50, 0.49, 0.5)
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "overfitting" in line]
+    assert "the best held-out loss so far is 0.4 at step 20" in warning
+    assert log.summary()["best_step"] == 20 and log.summary()["last_step"] == 50
+
+    rising_together = EvaluationLog(config)  # both losses rise: no sign of overfitting
+    for step, loss in ((10, 0.4), (20, 0.45), (30, 0.5)):
+        rising_together.add(Evaluation(step=step, loss=loss, base_loss=None, effect=None, seconds=0.1,
+                                       train_loss=loss + 0.5))
+    assert "overfitting" not in capsys.readouterr().err
