@@ -49,6 +49,8 @@ def plan_held_out(config: TrainConfig, spec: ModelSpec, cache: VideoLatentCache,
     if evaluation.data:
         other = VideoLatentCache(evaluation.data)
         other.check_compatible(spec, needs_image_latents=config.task == "i2v")
+        spec.check_clip_shapes({f"--eval-data bucket {bucket}": shape
+                                for bucket, shape in zip(other.buckets, other.bucket_shapes)})
         held = HeldOut(other, tuple(range(len(other))), frozenset(), held_out=True)
     elif evaluation.split:
         held = _split(cache, evaluation.split, config.seed)
@@ -115,6 +117,15 @@ def read_record(path: Path) -> dict[str, Any] | None:
     if not isinstance(record, dict) or not isinstance(record.get("items"), list):
         raise DataError(f"{path} is not a held-out record cogtune wrote")
     return record
+
+
+def held_out_of_training(config: TrainConfig) -> int:
+    """How many of the training cache's items the run in `config`'s folder held out (for the model card)."""
+    try:
+        record = read_record(RunFolder.of(config).heldout_items)
+    except DataError:
+        return 0
+    return len(record["items"]) if record is not None and not record.get("data") else 0
 
 
 def write_record(config: TrainConfig, held: HeldOut) -> None:

@@ -106,7 +106,7 @@ def _body(config: TrainConfig, plan: RunPlan, base: str | None, gif: str | None)
             ("learning rate", f"{opt.effective_lr:g} ({opt.name}, {opt.lr_schedule}, {opt.warmup_steps} warm-up steps)"),
             ("batch", f"{config.batch_size} per process x {config.gradient_accumulation} accumulation"),
             ("buckets (frames x height x width)", ", ".join(plan.cache.buckets)),
-            ("training items", str(len(plan.cache))), ("seed", str(config.seed))]
+            ("training items", _training_items(config, plan)), ("seed", str(config.seed))]
     if id_token:
         rows.insert(3, ("trigger", f"`{id_token}`"))
     if plan.drop_learned_positions:
@@ -120,6 +120,13 @@ def _body(config: TrainConfig, plan: RunPlan, base: str | None, gif: str | None)
               "```", "",
               "The full settings are in `config.toml`; `cogtune sample --lora` samples it too.", ""]
     return "\n".join(lines)
+
+
+def _training_items(config: TrainConfig, plan: RunPlan) -> str:
+    from cogtune.train.heldout import held_out_of_training
+
+    held = held_out_of_training(config)
+    return f"{len(plan.cache) - held} ({held} more held out)" if held else str(len(plan.cache))
 
 
 def _snippet(config: TrainConfig, plan: RunPlan, pipeline: str, base: str | None, shape: tuple[int, int, int],

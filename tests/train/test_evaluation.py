@@ -67,7 +67,8 @@ def test_held_out_items_stay_out_of_training_across_a_resume(tiny_cache, tmp_pat
     assert (summary["best_step"], summary["last_step"]) == (best["step"], 6)
     assert json.loads((run / "best" / "best.json").read_text()) == {"step": best["step"]}
     assert (run / "best" / "pytorch_lora_weights.safetensors").is_file()
-    assert "## Held-out loss" in (run / "README.md").read_text()
+    card = (run / "README.md").read_text()
+    assert "## Held-out loss" in card and "| training items | 2 (2 more held out) |" in card
     # A healthy LoRA (lr 1e-3, the scale alpha / rank = 1) changes the predictions measurably: no warning.
     assert all(row["effect"] > 1e-4 for row in evaluations)
     assert NO_EFFECT not in capsys.readouterr().err
