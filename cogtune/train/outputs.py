@@ -109,6 +109,9 @@ def write_loss_curve(losses: list[float], path: Path, evaluations: list[Any] = (
     held_out = [(record.step, record.loss) for record in evaluations if record.loss is not None]
     if held_out:
         axis.plot(*zip(*held_out), marker="o", linewidth=1.5, label="held-out loss")
+    base = [(record.step, record.base_loss) for record in evaluations if record.base_loss is not None]
+    if base:
+        axis.plot(*zip(*base), linestyle="--", color="gray", linewidth=1, label="held-out loss, LoRA off")
     positive = [value for value in losses if value > 0]
     if positive and max(positive) / min(positive) > 20:  # a log axis only when the loss spans decades
         axis.set_yscale("log")
