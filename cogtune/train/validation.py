@@ -350,8 +350,11 @@ class Validator:
                               scheduler=load_scheduler(self.model))
         negative = self.cache.empty_prompt_embeds()[None]
         videos = []
-        bases = [index for index in indices if index not in self.base_videos] if self._compares(unwrapped) else []
-        with report.video_progress(len(indices) + len(bases), validation.steps, description="validation") as bars:
+        # The bases are rendered at the first pass, for every index this process has (padding ones too: under
+        # FSDP and ZeRO-3 every process must run as many forwards as the others).
+        render_bases = self._compares(unwrapped) and not self.base_videos
+        with report.video_progress(len(indices) * (2 if render_bases else 1), validation.steps,
+                                   description="validation") as bars:
             for index in indices:
                 image = [load_condition_image(validation.images[index])] if validation.images else None
                 arguments = dict(prompt_embeds=self.embeds[index : index + 1], negative_prompt_embeds=negative,
@@ -360,8 +363,9 @@ class Validator:
                                  denoising_context=self.accelerator.autocast, progress=bars)
                 with validation_feed_forward_chunks(unwrapped, self.config):
                     (video,) = generate_videos(pipe, spec, **arguments)
-                    base = self._base_video(pipe, unwrapped, index, arguments)
-                videos.append((index, _uint8(video), base))
+                    if render_bases:
+                        self.base_videos[index] = self._base_video(pipe, unwrapped, arguments)
+                videos.append((index, _uint8(video), self.base_videos.get(index)))
         del pipe, vae
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -369,22 +373,18 @@ class Validator:
             unwrapped.train()
         return videos
 
-    def _base_video(self, pipe: Any, unwrapped: Any, index: int, arguments: dict[str, Any]) -> Any:
-        """The prompt's video with the LoRA switched off (peft's switch), rendered at the first pass and kept:
-        the base's weights do not train. None without a LoRA or with `validation.compare_base` off."""
+    def _base_video(self, pipe: Any, unwrapped: Any, arguments: dict[str, Any]) -> Any:
+        """The prompt's video with the LoRA switched off (peft's switch): rendered at the first pass and kept,
+        since the base's weights do not train."""
         from cogtune.generate import generate_videos
         from cogtune.lora.switch import lora_disabled
 
-        if not self._compares(unwrapped):
-            return None
-        if index not in self.base_videos:
-            with lora_disabled(unwrapped):
-                (video,) = generate_videos(pipe, self.model.spec, **arguments)
-            self.base_videos[index] = _uint8(video)
-        return self.base_videos[index]
-
+        with lora_disabled(unwrapped):
+            (video,) = generate_videos(pipe, self.model.spec, **arguments)
+        return _uint8(video)
 
     def _compares(self, unwrapped: Any) -> bool:
+        """Whether validation writes base | LoRA videos: a LoRA run with `validation.compare_base` on."""
         from cogtune.lora.switch import lora_layers
 
         return self.config.validation.compare_base and bool(lora_layers(unwrapped))
