@@ -163,6 +163,10 @@ class EvaluationLog:
         self._warn_about_overfitting()
         return record.loss is not None and (earlier is None or record.loss < earlier.loss)
 
+    def made(self, step: int) -> bool:
+        """Whether the evaluation after `step` is recorded (a run completing its cut-short finish has it)."""
+        return any(record.step == step for record in self.records)
+
     def best(self) -> Evaluation | None:
         scored = [record for record in self.records if record.loss is not None]
         return min(scored, key=lambda record: record.loss) if scored else None

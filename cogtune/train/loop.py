@@ -401,7 +401,7 @@ def _finish(training: Training, history: History, validator: Validator, evaluato
     if config.checkpointing.every and not completing:
         checkpoint.save_checkpoint(accelerator, config, config.steps, history.losses,
                                    training.lr_scheduler.state_dict(), training.hooks)
-    if evaluator.measures and not (history.evaluations.records and history.evaluations.records[-1].step == config.steps):
+    if evaluator.measures and not history.evaluations.made(config.steps):
         _evaluate(training, evaluator, history, config.steps)
     if config.validation.final and not (completing and validator.rendered(FINAL_PASS)):
         if completing:
