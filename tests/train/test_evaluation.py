@@ -119,3 +119,18 @@ def test_overfitting_is_warned_once_naming_the_best_step(capsys):
         rising_together.add(Evaluation(step=step, loss=loss, base_loss=None, effect=None, seconds=0.1,
                                        train_loss=loss + 0.5))
     assert "overfitting" not in capsys.readouterr().err
+
+
+def test_eval_data_scores_another_cache_and_trains_on_all_of_data(tiny_cache, family_cache, tmp_path,
+                                                                   trained_batches):
+    from cogtune.encode.cache import VideoLatentCache
+
+    other = family_cache("tiny")
+    run_training(_config(tiny_cache, tmp_path / "run", steps=4, checkpointing=CheckpointConfig(every=0),
+                         evaluation=EvaluationConfig(data=str(other), every=2)))
+    record = json.loads((tmp_path / "run" / "heldout_items.json").read_text())
+    assert record["data"] == str(other) and record["cache"] == str(other)
+    assert [item["id"] for item in record["items"]] == [item["latent_file"] for item in VideoLatentCache(other).items]
+    assert set(trained_batches) == set(range(len(VideoLatentCache(tiny_cache))))  # nothing of --data held out
+    evaluations = json.loads((tmp_path / "run" / "evaluation.json").read_text())["evaluations"]
+    assert [row["step"] for row in evaluations] == [2, 4] and all(row["loss"] > 0 for row in evaluations)
