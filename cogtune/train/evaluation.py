@@ -178,10 +178,10 @@ class EvaluationLog:
         if record.step < settings.effect_warn_after * self.config.steps:
             return
         self.warned_effect = True
-        report.warn(f"the LoRA barely changes the model: at step {record.step} its predictions differ from the "
-                    f"base's by {record.effect:.2g} (relative; under {settings.effect_threshold:g}). Usual causes: "
-                    f"the learning rate (--lr), the alpha/rank scale (--lora-alpha, --rank), target modules that "
-                    f"miss what matters (--lora-target), too few steps (--steps)", shared=True)
+        report.warn(f"the LoRA has almost no effect: at step {record.step} its predictions differ from the base "
+                    f"model's by {record.effect:.2g} (relative; near zero is under {settings.effect_threshold:g}). "
+                    f"Usual causes: the learning rate (--lr), the alpha/rank scale (--lora-alpha, --rank), target "
+                    f"modules that miss what matters (--lora-target), too few steps (--steps)", shared=True)
 
     def _warn_about_overfitting(self) -> None:
         rises = self.config.evaluation.overfit_evaluations

@@ -13,7 +13,7 @@ from cogtune.errors import ConfigError
 from cogtune.train import TrainConfig, run_training
 from cogtune.train.config import CheckpointConfig, EvaluationConfig, LoraConfig, OptimizerConfig, ValidationConfig
 
-NO_EFFECT = "warning: the LoRA barely changes the model"
+NO_EFFECT = "warning: the LoRA has almost no effect"
 
 
 def _config(cache, output, **changes) -> TrainConfig:
