@@ -30,8 +30,8 @@ def run_demo(output_dir: str | Path, steps: int = 100, clips: int = 6) -> dict[s
     from cogtune.models.tiny import ensure_tiny_model
     from cogtune.sample import SampleConfig, run_sample
     from cogtune.train import TrainConfig, run_training
-    from cogtune.train.config import CheckpointConfig, LoraConfig, OptimizerConfig, ValidationConfig
-    from cogtune.train.run_folder import RunFolder
+    from cogtune.train.config import CheckpointConfig, EvaluationConfig, LoraConfig, OptimizerConfig, ValidationConfig
+    from cogtune.train.run_folder import FINAL_PASS, RunFolder
 
     root = Path(output_dir)
     if root.is_dir() and any(root.iterdir()):
@@ -75,6 +75,8 @@ def run_demo(output_dir: str | Path, steps: int = 100, clips: int = 6) -> dict[s
         lora=LoraConfig(rank=16), optimizer=OptimizerConfig(lr=1e-3),
         validation=ValidationConfig(prompts=(DEMO_PROMPT,), steps=10),
         checkpointing=CheckpointConfig(every=max(1, steps // 2), keep=1),
+        # a quarter of the clips held out: the held-out loss in loss.png (needs one clip left to train on)
+        evaluation=EvaluationConfig(split=0.25) if clips > 1 else EvaluationConfig(),
     ))
     window = max(1, min(10, steps // 4))
     first, last = result.losses[:window], result.losses[-window:]
@@ -92,7 +94,8 @@ def run_demo(output_dir: str | Path, steps: int = 100, clips: int = 6) -> dict[s
         ("dataset", paths["data"]),
         ("latent cache", paths["cache"]),
         ("LoRA weights", run.lora_weights),
-        ("loss curve", run.loss_curve),
+        ("loss curve (and held-out loss)", run.loss_curve),
+        ("base | LoRA video", run.comparison(FINAL_PASS) / "00.mp4"),
         ("memory table", run.memory),
         ("sample video", paths["sample"]),
     ])

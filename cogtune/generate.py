@@ -110,3 +110,35 @@ def _step_reporter(bar: report.VideoBar) -> Callable[..., dict[str, Any]]:
         return callback_kwargs
 
     return on_step_end
+
+
+COMPARISON_LABELS = ("base", "LoRA")
+LABEL_HEIGHT = 16  # pixels of the strip above each half that names it
+
+
+def side_by_side(left: Any, right: Any, labels: Sequence[str] = COMPARISON_LABELS) -> Any:
+    """Two videos (F, H, W, 3 float in [0, 1]) as one, left | right, each under a strip that names it.
+
+    The halves' pixels are the videos' own, below the strip: `comparison_halves` takes them back out.
+    """
+    import numpy as np
+    from PIL import ImageDraw
+
+    frames, height, width, _ = left.shape
+    strip = Image.new("RGB", (2 * width, LABEL_HEIGHT), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    for column, label in enumerate(labels):
+        draw.text((column * width + 4, 2), label, fill=(255, 255, 255))
+    header = np.broadcast_to(np.asarray(strip, dtype=np.float32)[None] / 255.0, (frames, LABEL_HEIGHT, 2 * width, 3))
+    return np.concatenate([header, np.concatenate([left, right], axis=2)], axis=1)
+
+
+def comparison_halves(video: Any) -> tuple[Any, Any]:
+    """The (left, right) videos of a `side_by_side` one."""
+    width = video.shape[2] // 2
+    return video[:, LABEL_HEIGHT:, :width], video[:, LABEL_HEIGHT:, width:]
+
+
+def comparison_path(path: Path) -> Path:
+    """Where `sample --compare-base` writes the side-by-side of the video at `path`."""
+    return path.with_name(f"{path.stem}.base-vs-lora.mp4")

@@ -179,6 +179,12 @@ def plan_sample(config: SampleConfig) -> SamplePlan:
             option = "--fp8" if config.fp8 else f"--offload {config.offload}"
             raise ConfigError(f"{option} needs a CUDA GPU")
     paths = output_paths(config.output, len(prompts), config.overwrite)
+    if config.compare_base and not config.overwrite:
+        from cogtune.generate import comparison_path
+
+        existing = [comparison_path(p) for p in paths if comparison_path(p).exists()]
+        if existing:
+            raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace it")
     check_writable(paths[0].parent)  # before minutes of generation, not after
     return SamplePlan(model, prompts, paths, shape, images, lora_file, transformer_folder, drop, tuple(origins), lora)
 
@@ -316,6 +322,18 @@ def write_previews(path: Path, video: Any, fps: float, kind: str) -> list[Path]:
     return written
 
 
+def write_comparison(pipe: Any, spec: ModelSpec, arguments: dict[str, Any], video: Any, path: Path, fps: float) -> Path:
+    """`--compare-base`: the same video with the LoRA switched off (peft's switch; same seed and noise), written
+    base | LoRA side by side beside `path`."""
+    from cogtune.data.video import write_video
+    from cogtune.generate import comparison_path, side_by_side
+    from cogtune.lora.switch import lora_disabled
+
+    with lora_disabled(pipe.transformer):
+        base = generate_videos(pipe, spec, **arguments)[0]
+    return write_video(comparison_path(path), side_by_side(base, video), fps=fps)
+
+
 def run_sample(config: SampleConfig) -> list[Path]:
     """Generate one mp4 per prompt (and previews); returns the written mp4 paths.
 
@@ -349,7 +367,7 @@ def _run_sample(config: SampleConfig) -> list[Path]:
     attention_kwargs = {"scale": config.lora_scale} if plan.lora_file is not None else None
     fps = config.fps or spec.fps
     written = []
-    with report.video_progress(len(plan.paths), config.steps) as videos:
+    with report.video_progress(len(plan.paths) * (2 if config.compare_base else 1), config.steps) as videos:
         for index, path in enumerate(plan.paths):
             if index and index % PROMPT_CHUNK == 0:  # the next chunk, just before it is generated
                 if index + PROMPT_CHUNK >= len(plan.prompts):
@@ -357,12 +375,14 @@ def _run_sample(config: SampleConfig) -> list[Path]:
                 embeds = encoder.encode(plan.prompts[index : index + PROMPT_CHUNK])
             row = index % PROMPT_CHUNK
             image = [plan.images[index] if len(plan.images) > 1 else plan.images[0]] if plan.images else None
-            video = generate_videos(pipe, spec, prompt_embeds=embeds[row : row + 1],
-                                    negative_prompt_embeds=encoder.negative, frames=frames, height=height,
-                                    width=width, steps=config.steps, guidance=config.guidance,
-                                    seed=config.seed + index, images=image, dynamic_cfg=config.dynamic_cfg,
-                                    attention_kwargs=attention_kwargs, progress=videos)[0]
+            arguments = dict(prompt_embeds=embeds[row : row + 1], negative_prompt_embeds=encoder.negative,
+                             frames=frames, height=height, width=width, steps=config.steps, guidance=config.guidance,
+                             seed=config.seed + index, images=image, dynamic_cfg=config.dynamic_cfg,
+                             attention_kwargs=attention_kwargs, progress=videos)
+            video = generate_videos(pipe, spec, **arguments)[0]
             written.append(write_video(path, video, fps=fps))
+            if config.compare_base:
+                written.append(write_comparison(pipe, spec, arguments, video, path, fps))
             if config.preview != "none":
                 write_previews(path, video, fps, config.preview)
     folder = plan.paths[0].parent

@@ -53,6 +53,9 @@ class SampleConfig:
     random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).",
                                    flag="--random-weights")
     overwrite: bool = setting(False, "Replace existing output files.", flag="--overwrite")
+    compare_base: bool = setting(False, "Also render each prompt with the LoRA switched off (same seed and noise) and "
+                                        "write base | LoRA side by side, labelled, as NAME.base-vs-lora.mp4.",
+                                 flag="--compare-base")
 
     def __post_init__(self) -> None:
         require(self, "model")
@@ -62,3 +65,5 @@ class SampleConfig:
         check_settings(self)
         if self.lora and self.transformer:
             raise ConfigError("--lora and --transformer exclude each other: a LoRA goes on the base transformer")
+        if self.compare_base and not self.lora:
+            raise ConfigError("--compare-base compares a LoRA with its base: give --lora")

@@ -17,7 +17,8 @@ def test_demo_end_to_end(tmp_path, caplog):
     assert "Traceback" not in result.stderr
     assert "look like noise" in " ".join((result.stdout + result.stderr).split())  # so nobody thinks it failed
     for relative in ("model/model_index.json", "data/prompts.txt", "data/videos.txt", "cache/manifest.json",
-                     "run/pytorch_lora_weights.safetensors", "run/config.toml", "run/memory.json", "sample.mp4"):
+                     "run/pytorch_lora_weights.safetensors", "run/config.toml", "run/memory.json", "sample.mp4",
+                     "run/heldout_items.json", "run/evaluation.json", "run/validation/final/base-vs-lora/00.mp4"):
         assert (out / relative).is_file(), relative
     assert probe_video(out / "sample.mp4").frames == 9
 

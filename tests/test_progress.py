@@ -96,8 +96,10 @@ def test_validation_shows_a_bar_per_video(recorded, tmp_path, tiny_cache):
     run_training(TrainConfig(model="tiny", data=str(tiny_cache), output_dir=str(tmp_path / "run"), steps=1,
                              validation=ValidationConfig(prompts=prompts[:1], steps=3)))
     text = recorded.getvalue()
-    assert "validation 1/1" in text and "step 3/3" in text and "decoding" in text
-    assert re.search(r"✓ validation 1/1: 3 steps in .*decoded in", text)
+    # the LoRA's video, then the base's (the LoRA switched off, for the side-by-side): a bar each
+    assert "validation 1/2" in text and "step 3/3" in text and "decoding" in text
+    assert re.search(r"✓ validation 1/2: 3 steps in .*decoded in", text)
+    assert re.search(r"✓ validation 2/2: 3 steps in .*decoded in", text)
 
 
 # --- bar figures ---------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def test_readme_command_parses(command, cli, monkeypatch, tmp_path):
     import cogtune.encode
     import cogtune.encode.preview
     import cogtune.lora.layouts
+    import cogtune.lora.strength
     import cogtune.lora.merge
     import cogtune.sample
     import cogtune.train
@@ -93,6 +94,8 @@ def test_readme_command_parses(command, cli, monkeypatch, tmp_path):
                  "alpha_form_text": "metadata", "alpha_portable": True, "loads_in": "diffusers", "target_modules": [],
                  "buckets": [], "ranks_alphas": [], "cogtune": {}}
     monkeypatch.setattr(cogtune.lora.layouts, "inspect_lora", lambda *a, **k: calls.append("inspect") or inspected)
+    monkeypatch.setattr(cogtune.lora.strength, "inspect_updates",
+                        lambda *a, **k: {"base": None, "base_note": "none", "all_b_zero": False, "layers": []})
     monkeypatch.setattr(cogtune.lora.layouts, "convert_lora",
                         lambda *a, **k: calls.append("convert") or SimpleNamespace(layers=[], layout="diffusers"))
     monkeypatch.setattr(cogtune.lora.merge, "merge_lora", recorder("lora merge"))

@@ -33,12 +33,21 @@ def inspect(
     from_layout: Annotated[str, typer.Option("--from", help=f"Layout of the file: {', '.join(READ)}.",
                                              autocompletion=completes(READ))] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    model: Annotated[str | None, typer.Option("--model", help="The base model, for each layer's relative update "
+                                                             "(default: the one the LoRA records, if on this machine).",
+                                              metavar="MODEL", show_default=False)] = None,
 ) -> None:
-    """Layout, model family, rank and alpha per layer (and how alpha is stored), targets, buckets."""
+    """Layout, model family, rank and alpha per layer (and how alpha is stored), targets, buckets, and how much
+    each layer's update changes its base weight."""
     from cogtune import report
     from cogtune.lora.layouts import inspect_lora
+    from cogtune.lora.strength import inspect_updates
 
     result = inspect_lora(file_or_run, from_layout)
+    result["updates"] = inspect_updates(file_or_run, from_layout, model)
+    if result["updates"]["all_b_zero"]:
+        report.warn("every B matrix of this LoRA is zero: it changes nothing (trained with lr 0, or saved before "
+                    "its first step)")
     if json_output:
         report.stdout.print_json(json.dumps(result))
         return
@@ -59,6 +68,22 @@ def inspect(
     settings = {k: v for k, v in result["cogtune"].items() if k not in ("buckets", "model", "family")}
     if settings:
         report.key_values("recorded by cogtune", sorted(settings.items()))
+    _print_updates(result["updates"])
+
+
+def _print_updates(updates: dict) -> None:
+    """Each layer's update ||scale B A||, and relative to its base weight when the base is on this machine."""
+    from cogtune import report
+
+    layers = updates["layers"]
+    if updates["base"] is not None:
+        report.table(f"update per layer, relative to {updates['base']}", ["layer", "||scale B A||", "||W||", "relative"],
+                     [(row["module"], f"{row['update_norm']:.3g}", f"{row['weight_norm']:.3g}",
+                       f"{row['relative']:.3g}" if row["relative"] is not None else "-") for row in layers])
+        return
+    report.table("update per layer", ["layer", "||scale B A||"], [(row["module"], f"{row['update_norm']:.3g}")
+                                                                  for row in layers])
+    report.info(f"no relative update: {updates['base_note']}")
 
 
 @app.command(

@@ -60,8 +60,9 @@ class LoraConfig:
 class OptimizerConfig:
     name: str = setting("adamw", f"Optimizer: {', '.join(OPTIMIZERS)}.", flag="--optimizer", choices=OPTIMIZERS,
                         metavar="NAME")
-    lr: float | None = setting(None, "Peak learning rate; default 1e-4 (prodigy: 1.0, a multiplier of its own estimate).",
-                               flag="--lr", aliases=("--learning-rate",), low=0, low_open=True)
+    lr: float | None = setting(None, "Peak learning rate; default 1e-4 (prodigy: 1.0, a multiplier of its own estimate); "
+                                     "0 trains nothing (a dry run: the LoRA-effect warning says so).",
+                               flag="--lr", aliases=("--learning-rate",), low=0)
     weight_decay: float = setting(1e-4, "Decoupled weight decay.", low=0, flag="--weight-decay", aliases=("--adam-weight-decay",))
     beta1: float = setting(0.9, "Adam beta1.", low=0, high=1, high_open=True, flag="--beta1", aliases=("--adam-beta1",))
     beta2: float = setting(0.95, "Adam beta2.", low=0, high=1, high_open=True, flag="--beta2", aliases=("--adam-beta2",))
@@ -96,6 +97,9 @@ class ValidationConfig:
     height: int | None = setting(None, "Height; default: the first bucket's.", low=1, flag="--validation-height")
     width: int | None = setting(None, "Width; default: the first bucket's.", low=1, flag="--validation-width")
     final: bool = setting(True, "Run the test pass (validation prompts) after the last step.", flag="--validation-final")
+    compare_base: bool = setting(True, "LoRA: also write base | LoRA side by side for each prompt and pass (the base, "
+                                       "the LoRA switched off, rendered once with the same seed and noise).",
+                                 flag="--validation-compare-base")
 
     def __post_init__(self) -> None:
         check_settings(self, "validation.")
@@ -103,6 +107,42 @@ class ValidationConfig:
             raise ConfigError(
                 f"{len(self.images)} validation images for {len(self.prompts)} validation prompts; give one per prompt"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    split: float = setting(0.0, "Hold out this fraction of the cache's items (recorded in the run folder, kept on "
+                                "--resume) and score the LoRA on them; 0: no held-out items.", flag="--eval-split",
+                           low=0, high=1, high_open=True, metavar="FRACTION")
+    data: str | None = setting(None, "Score on this other cache's items instead (held out by being elsewhere).",
+                               flag="--eval-data", path=True, metavar="CACHE")
+    every: int = setting(0, "Evaluate every N steps (0: 10 times over the run), at each validation and at the end.",
+                         flag="--eval-steps", low=0)
+    timesteps: int = setting(4, "Fixed timesteps per held-out item, spread over the schedule.", low=1, high=100)
+    effect_threshold: float = setting(1e-5, "Warn when the LoRA changes the held-out predictions by less than this "
+                                            "(relative) from this share of the run on.", low=0)
+    effect_warn_after: float = setting(0.5, "Share of the run after which a LoRA with no effect is warned about.",
+                                       low=0, high=1)
+    overfit_evaluations: int = setting(3, "Warn of overfitting when the held-out loss has risen this many "
+                                          "evaluations in a row while the training loss fell.", low=1)
+    keep_best: bool = setting(False, "Keep the weights of the lowest held-out loss as OUTPUT_DIR/best/.",
+                              flag="--keep-best")
+
+    def __post_init__(self) -> None:
+        check_settings(self, "evaluation.")
+        if self.split and self.data:
+            raise ConfigError("evaluation.split and evaluation.data exclude each other: hold out part of the cache, "
+                              "or score on another cache")
+        if self.keep_best and not self.held_out:
+            raise ConfigError("--keep-best needs held-out items", hint="add --eval-split FRACTION or --eval-data CACHE")
+
+    @property
+    def held_out(self) -> bool:
+        return bool(self.split or self.data)
+
+    def every_for(self, steps: int) -> int:
+        """The interval between evaluations in a run of `steps` steps."""
+        return self.every or max(1, steps // 10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +237,7 @@ class TrainConfig:
     validation: ValidationConfig = section(ValidationConfig, "Validation during and after training.")
     checkpointing: CheckpointConfig = section(CheckpointConfig, "Resumable checkpoints.")
     memory: MemoryConfig = section(MemoryConfig, "Memory and speed options.")
+    evaluation: EvaluationConfig = section(EvaluationConfig, "Held-out loss, the LoRA's measured effect, overfitting.")
 
     def __post_init__(self) -> None:
         require(self, "model", "data", "output_dir")

@@ -31,7 +31,9 @@ class BatchSchedule:
         groups: dict[str, list[int]] = defaultdict(list)
         for index, bucket in enumerate(buckets):
             groups[bucket] += [index] * (repeats[index] if repeats is not None else 1)
-        self.groups = dict(sorted(groups.items()))
+        self.groups = dict(sorted((bucket, items) for bucket, items in groups.items() if items))
+        if not self.groups:
+            raise ValueError("no item to train on")
         global_size = batch_size * world_size
         self.batches_per_epoch = sum(-(-len(items) // global_size) for items in self.groups.values())
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
@@ -53,9 +55,12 @@ class BatchSchedule:
         return batches
 
     @classmethod
-    def for_cache(cls, cache: VideoLatentCache, batch_size: int, world_size: int, seed: int) -> BatchSchedule:
-        """The schedule of a cache's items, weighted by the repeats its manifest records."""
-        return cls(cache.item_buckets, batch_size, world_size, seed, cache.item_repeats)
+    def for_cache(cls, cache: VideoLatentCache, batch_size: int, world_size: int, seed: int,
+                  held_out: frozenset[int] = frozenset()) -> BatchSchedule:
+        """The schedule of a cache's items, weighted by the repeats its manifest records; `held_out` items
+        (`--eval-split`) never come (a weight of 0: the others' schedule is the one without them)."""
+        repeats = [0 if index in held_out else count for index, count in enumerate(cache.item_repeats)]
+        return cls(cache.item_buckets, batch_size, world_size, seed, repeats)
 
     def global_batch(self, micro_step: int) -> list[int]:
         epoch, position = divmod(micro_step, self.batches_per_epoch)

@@ -33,7 +33,10 @@ from cogtune.models.loading import save_transformer
 from cogtune.train import checkpoint, hub, tracking
 from cogtune.train.config import TrainConfig
 from cogtune.train.data import BatchLoader, BatchSchedule, describe_items, step_items
+from cogtune.train.evaluation import (EvaluationLog, Evaluator, print_evaluation_summary,
+                                      timestep_range_losses)
 from cogtune.train.full import load_full_transformer_into
+from cogtune.train.heldout import HeldOut, plan_held_out, write_record
 from cogtune.train.interrupt import resume_command
 from cogtune.train.memory import MemoryLog
 from cogtune.train.model import (
@@ -54,6 +57,7 @@ from cogtune.train.optimizers import (
 from cogtune.train.outputs import (
     flat_config,
     print_run_summary,
+    save_best_weights,
     save_final_weights,
     write_loss_curve,
     write_training_summary,
@@ -101,6 +105,8 @@ class History:
     losses: list[float]
     learning_rates: list[float] = dataclasses.field(default_factory=list)  # after the schedule's step
     step_seconds: list[float] = dataclasses.field(default_factory=list)
+    timestep_losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # this session's samples
+    evaluations: EvaluationLog | None = None  # the held-out loss and the LoRA's effect (`cogtune.train.evaluation`)
 
 
 def run_training(config: TrainConfig) -> TrainResult:
@@ -118,9 +124,11 @@ def _run_training(config: TrainConfig) -> TrainResult:
     resume_from = checkpoint.find_resume_checkpoint(config)
     if resume_from is not None:
         check_loadable_here(resume_from)  # a DeepSpeed checkpoint resumes under DeepSpeed, on as many processes
+    held = plan_held_out(config, plan.model.spec, plan.cache, resuming=resume_from is not None)
     training = _set_up(config, plan)
-    history = History(losses=[])
+    history = History(losses=[], evaluations=EvaluationLog(config))
     start_step = _resume(training, resume_from, history) if resume_from is not None else 0
+    evaluator = _set_up_evaluation(training, held, history, start_step)
     if start_step > config.steps:
         raise ConfigError(f"the checkpoint is at step {start_step}; --steps {config.steps} leaves nothing to train",
                           hint="raise --steps to continue training")
@@ -131,9 +139,9 @@ def _run_training(config: TrainConfig) -> TrainResult:
     if start_step == config.steps:  # trained to the end, then stopped while finishing (killed, a full disk)
         report.info(f"training is done ({resume_from} is step {start_step} of {config.steps}); writing the "
                     "outputs the run's finish did not")
-        return _finish(training, history, validator, memory_log, completing=True)
-    _train(training, start_step, history, validator, memory_log)
-    return _finish(training, history, validator, memory_log)
+        return _finish(training, history, validator, evaluator, memory_log, completing=True)
+    _train(training, start_step, history, validator, evaluator, memory_log)
+    return _finish(training, history, validator, evaluator, memory_log)
 
 
 # --- set-up ----------------------------------------------------------------------------------------
@@ -220,6 +228,17 @@ def _trainable_weights_io(config: TrainConfig, plan: RunPlan) -> tuple[Any, Any]
     return save_trainable, load_trainable
 
 
+def _set_up_evaluation(training: Training, held: HeldOut, history: History, start_step: int) -> Evaluator:
+    """Record the held-out items, read a resumed run's evaluations up to its step: the run's evaluator."""
+    config, run = training.config, training.run
+    if training.accelerator.is_main_process:
+        write_record(config, held)
+    if start_step:
+        history.evaluations = EvaluationLog.read(config, run.evaluation, start_step)
+    return Evaluator(config, training.plan.model.spec, held, training.noise_scheduler, training.accelerator,
+                     training.compute_dtype)
+
+
 def _resume(training: Training, resume_from: Path, history: History) -> int:
     """Load the checkpoint into the prepared model, optimizer and schedule; its losses into `history`. Its step."""
     config, accelerator = training.config, training.accelerator
@@ -243,10 +262,13 @@ def _resume(training: Training, resume_from: Path, history: History) -> int:
 # --- the loop --------------------------------------------------------------------------------------
 
 
-def _train(training: Training, start_step: int, history: History, validator: Validator, memory_log: MemoryLog) -> None:
-    """Optimizer steps from `start_step` on; after each, what its number asks for: a checkpoint, validation."""
+def _train(training: Training, start_step: int, history: History, validator: Validator, evaluator: Evaluator,
+           memory_log: MemoryLog) -> None:
+    """Optimizer steps from `start_step` on; after each, what its number asks for: a checkpoint, validation,
+    an evaluation."""
     config, accelerator, cache = training.config, training.accelerator, training.plan.cache
-    schedule = BatchSchedule.for_cache(cache, config.batch_size, accelerator.num_processes, config.seed)
+    schedule = BatchSchedule.for_cache(cache, config.batch_size, accelerator.num_processes, config.seed,
+                                       held_out=evaluator.held.excluded)
     loader = BatchLoader(cache, schedule, accelerator.process_index)
     empty_embeds = cache.empty_prompt_embeds()
     settings = StepSettings(caption_dropout=config.effective_caption_dropout,
@@ -258,7 +280,8 @@ def _train(training: Training, start_step: int, history: History, validator: Val
                 report.progress("training", total=config.steps, unit="step", completed=start_step) as bar:
             for step in range(start_step, config.steps):
                 started = time.perf_counter()
-                step_loss, grad_norm = _optimizer_step(training, loader, step, settings, empty_embeds)
+                step_loss, grad_norm = _optimizer_step(training, loader, step, settings, empty_embeds,
+                                                       history.timestep_losses)
                 lr = current_learning_rate(training.optimizer)
                 # A stop asked of any process (a launcher forwards Ctrl-C to each) stops all of them after this step.
                 step_loss, stopping = _agree_across_processes(accelerator, step_loss, stop.requested)
@@ -285,12 +308,14 @@ def _train(training: Training, start_step: int, history: History, validator: Val
                                                f"{saved}", hint=f"resume with: {command}")
                 if _every(config.validation.every, done) and done < config.steps:
                     _validate(training, validator, memory_log, step_name(done), done)
+                if evaluator.due(done) and done < config.steps:
+                    _evaluate(training, evaluator, history, done)
     finally:
         loader.close()
 
 
 def _optimizer_step(training: Training, loader: BatchLoader, step: int, settings: StepSettings,
-                    empty_embeds: Any) -> tuple[float, Any]:
+                    empty_embeds: Any, timestep_losses: list[tuple[int, float]]) -> tuple[float, Any]:
     """One optimizer step over `accumulation` micro-steps: its mean loss, and the gradients' norm before clipping."""
     config, accelerator, device = training.config, training.accelerator, training.accelerator.device
     transformer, optimizer = training.transformer, training.optimizer
@@ -307,7 +332,8 @@ def _optimizer_step(training: Training, loader: BatchLoader, step: int, settings
             # freed first (checkpointed blocks re-enter autocast when they recompute).
             with accelerator.autocast(), activations_offloaded(config.memory.offload_activations, device):
                 loss = training_step(transformer, training.noise_scheduler, training.plan.model.spec, batch,
-                                     empty_embeds, settings, generators, device, training.compute_dtype)
+                                     empty_embeds, settings, generators, device, training.compute_dtype,
+                                     per_sample=timestep_losses)
             accelerator.backward(loss)  # divided by the accumulation steps
         step_loss += loss.detach().float().item() / accumulation
     grad_norm = None  # the norm before clipping, for the tracker
@@ -328,6 +354,24 @@ def _validate(training: Training, validator: Validator, memory_log: MemoryLog, n
                                    plan.model.spec.fps)
 
 
+def _evaluate(training: Training, evaluator: Evaluator, history: History, step: int) -> None:
+    """An evaluation after `step` (`cogtune.train.evaluation`): logged, recorded, and the best weights kept."""
+    from cogtune.models.loading import torch_dtype
+
+    config, accelerator, log = training.config, training.accelerator, history.evaluations
+    since = max((record.step for record in log.records if record.step < step), default=0)
+    recent = history.losses[since:step]
+    record = evaluator.evaluate(training.transformer, step, sum(recent) / len(recent) if recent else None)
+    best = log.add(record)
+    if config.report_to != "none":
+        accelerator.log(tracking.evaluation_values(record), step=step)
+    if best and config.evaluation.keep_best:
+        save_best_weights(accelerator, config, training.plan, training.transformer,
+                          torch_dtype(training.plan.model.spec.weight_dtype), step)
+    if accelerator.is_main_process:
+        log.write(training.run.evaluation)
+
+
 def _every(interval: int, step: int) -> bool:
     """Whether `step` is a multiple of a setting's interval (0: never)."""
     return bool(interval) and step % interval == 0
@@ -336,8 +380,8 @@ def _every(interval: int, step: int) -> bool:
 # --- the finish ------------------------------------------------------------------------------------
 
 
-def _finish(training: Training, history: History, validator: Validator, memory_log: MemoryLog,
-            completing: bool = False) -> TrainResult:
+def _finish(training: Training, history: History, validator: Validator, evaluator: Evaluator,
+            memory_log: MemoryLog, completing: bool = False) -> TrainResult:
     """The final weights, the last checkpoint and validation, then every other output; the upload last.
 
     `completing`: the run resumed from its last step's checkpoint, because its finish was cut short;
@@ -357,6 +401,8 @@ def _finish(training: Training, history: History, validator: Validator, memory_l
     if config.checkpointing.every and not completing:
         checkpoint.save_checkpoint(accelerator, config, config.steps, history.losses,
                                    training.lr_scheduler.state_dict(), training.hooks)
+    if evaluator.measures and not history.evaluations.made(config.steps):
+        _evaluate(training, evaluator, history, config.steps)
     if config.validation.final and not (completing and validator.rendered(FINAL_PASS)):
         if completing:
             missing.append(f"{run.final_validation.relative_to(run.root)}/")
@@ -366,11 +412,15 @@ def _finish(training: Training, history: History, validator: Validator, memory_l
         if not (completing and run.memory.exists()):
             memory_log.write(run.memory)
         memory_log.print_table()
+        evaluations = history.evaluations.summary()
+        ranges = timestep_range_losses(history.timestep_losses, training.noise_scheduler.config.num_train_timesteps)
         if not (completing and run.loss_curve.exists()):
-            write_loss_curve(history.losses, run.loss_curve)
+            write_loss_curve(history.losses, run.loss_curve, history.evaluations.records)
         if not (completing and run.summary.exists()):
             write_training_summary(run.summary, config, training.plan, weights, history.losses,
-                                   history.learning_rates, history.step_seconds)
+                                   history.learning_rates, history.step_seconds,
+                                   {"evaluation": evaluations, "training_loss_by_timesteps": ranges})
+        print_evaluation_summary(evaluations, ranges)
         card = write_model_card(config, training.plan)
         if completing:
             written = [*missing, *missing_reports, run.model_card.name]

@@ -37,6 +37,12 @@ def compute_v_prediction_loss(model_output: Any, noisy_latents: Any, latents: An
     `model_output`, `noisy_latents` and `latents` are (B, F, C, H, W); `frame_mask` (B, F), when
     given, excludes padding frames from the mean.
     """
+    return v_prediction_losses(model_output, noisy_latents, latents, timesteps, scheduler, frame_mask).mean()
+
+
+def v_prediction_losses(model_output: Any, noisy_latents: Any, latents: Any, timesteps: Any,
+                        scheduler: Any, frame_mask: Any = None) -> Any:
+    """`compute_v_prediction_loss` per sample (B,), before the batch's mean."""
     model_output = model_output.float()
     noisy_latents = noisy_latents.float()
     latents = latents.float()
@@ -49,4 +55,4 @@ def compute_v_prediction_loss(model_output: Any, noisy_latents: Any, latents: An
     else:
         mask = frame_mask.to(squared.dtype)[:, :, None, None, None].expand_as(squared)
         per_sample = (squared * mask).flatten(1).sum(dim=1) / mask.flatten(1).sum(dim=1)
-    return (weights * per_sample).mean()
+    return weights * per_sample

@@ -80,6 +80,7 @@ def _base_model(plan: RunPlan) -> str | None:
 
 def _body(config: TrainConfig, plan: RunPlan, base: str | None, gif: str | None) -> str:
     from cogtune.models.loading import pipeline_class
+    from cogtune.train.evaluation import model_card_lines
     from cogtune.train.validation import validation_shape
 
     spec = plan.model.spec
@@ -105,19 +106,27 @@ def _body(config: TrainConfig, plan: RunPlan, base: str | None, gif: str | None)
             ("learning rate", f"{opt.effective_lr:g} ({opt.name}, {opt.lr_schedule}, {opt.warmup_steps} warm-up steps)"),
             ("batch", f"{config.batch_size} per process x {config.gradient_accumulation} accumulation"),
             ("buckets (frames x height x width)", ", ".join(plan.cache.buckets)),
-            ("training items", str(len(plan.cache))), ("seed", str(config.seed))]
+            ("training items", _training_items(config, plan)), ("seed", str(config.seed))]
     if id_token:
         rows.insert(3, ("trigger", f"`{id_token}`"))
     if plan.drop_learned_positions:
         rows.append(("positional embeddings", "learned ones dropped (rotary only)"))
     lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {key} | {_markdown_text(value)} |" for key, value in rows]
+    lines += ["", *model_card_lines(RunFolder.of(config).evaluation)]
     frames, height, width = validation_shape(config, plan.cache)
-    lines += ["", "## Use with diffusers", "", "```python",
+    lines += ["## Use with diffusers", "", "```python",
               _snippet(config, plan, pipeline_class(spec).__name__, base, (frames, height, width), id_token),
               "```", "",
               "The full settings are in `config.toml`; `cogtune sample --lora` samples it too.", ""]
     return "\n".join(lines)
+
+
+def _training_items(config: TrainConfig, plan: RunPlan) -> str:
+    from cogtune.train.heldout import held_out_of_training
+
+    held = held_out_of_training(config)
+    return f"{len(plan.cache) - held} ({held} more held out)" if held else str(len(plan.cache))
 
 
 def _snippet(config: TrainConfig, plan: RunPlan, pipeline: str, base: str | None, shape: tuple[int, int, int],

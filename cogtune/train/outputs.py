@@ -43,16 +43,48 @@ def save_final_weights(accelerator: Any, config: TrainConfig, plan: RunPlan, tra
     return target
 
 
+def save_best_weights(accelerator: Any, config: TrainConfig, plan: RunPlan, transformer: Any, dtype: Any,
+                      step: int) -> Path:
+    """`--keep-best`: the trainable weights of the lowest held-out loss so far into `RunFolder.best`, held as a
+    checkpoint holds them (a LoRA file, or `transformer/`), with the run's config; all processes call this."""
+    from cogtune.config import write_config
+    from cogtune.fsutil import remove_tree
+
+    accelerator.wait_for_everyone()
+    run = RunFolder.of(config)
+    state = distributed.gather_state_dict(accelerator, transformer, trainable_only=not config.full)
+    unwrapped = accelerator.unwrap_model(transformer)
+    best = run.best
+    if accelerator.is_main_process:
+        if best.exists():
+            remove_tree(best)
+        best.mkdir(parents=True)
+        if config.full:
+            save_transformer(unwrapped, RunFolder(best).weights(full=True), dtype, plan.drop_learned_positions, state)
+        else:
+            save_lora(best, unwrapped, lora_info(config, plan), state)
+        write_config(config, best)
+        atomic_write_text(best / "best.json", json.dumps({"step": step}) + "\n")
+        report.info(f"lowest held-out loss so far (step {step}): weights kept in {best}")
+    accelerator.wait_for_everyone()
+    return best
+
+
 def write_training_summary(path: Path, config: TrainConfig, plan: RunPlan, weights: Path, losses: list[float],
-                           learning_rates: list[float], step_seconds: list[float]) -> None:
-    """`training_summary.json`: the session's losses, learning rates and step times, and where the weights are."""
+                           learning_rates: list[float], step_seconds: list[float],
+                           extra: dict[str, Any] | None = None) -> None:
+    """`training_summary.json`: the session's losses, learning rates and step times, and where the weights are;
+    `extra`: more sections (the evaluations' summary, the training loss by timestep range)."""
     summary = {"steps": config.steps, "final_loss": losses[-1] if losses else None, "losses": losses,
                "learning_rates": learning_rates, "step_seconds": [round(t, 4) for t in step_seconds],
-               "weights": str(weights), "learned_positional_embeddings_dropped": plan.drop_learned_positions}
+               "weights": str(weights), "learned_positional_embeddings_dropped": plan.drop_learned_positions,
+               **(extra or {})}
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
 
 
-def write_loss_curve(losses: list[float], path: Path) -> None:
+def write_loss_curve(losses: list[float], path: Path, evaluations: list[Any] = ()) -> None:
+    """loss.png: the training loss and its running mean; with `evaluations` (`cogtune.train.evaluation`), the
+    held-out loss beside them and the LoRA's measured effect in a panel below."""
     if not losses:
         return
     import matplotlib
@@ -60,7 +92,13 @@ def write_loss_curve(losses: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 3.5), dpi=120)
+    effects = [(record.step, record.effect) for record in evaluations if record.effect is not None]
+    if effects:
+        figure, (axis, effect_axis) = plt.subplots(2, 1, figsize=(7, 5.5), dpi=120, sharex=True,
+                                                   gridspec_kw={"height_ratios": [2, 1]})
+        _plot_effect(effect_axis, effects)
+    else:
+        figure, axis = plt.subplots(figsize=(7, 3.5), dpi=120)
     steps = range(1, len(losses) + 1)
     axis.plot(steps, losses, linewidth=1, alpha=0.5, label="loss")
     window = max(1, len(losses) // 20)
@@ -68,10 +106,16 @@ def write_loss_curve(losses: list[float], path: Path) -> None:
         smoothed = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
                     for i in range(len(losses))]
         axis.plot(steps, smoothed, linewidth=2, label=f"mean of {window}")
+    held_out = [(record.step, record.loss) for record in evaluations if record.loss is not None]
+    if held_out:
+        axis.plot(*zip(*held_out), marker="o", linewidth=1.5, label="held-out loss")
+    base = [(record.step, record.base_loss) for record in evaluations if record.base_loss is not None]
+    if base:
+        axis.plot(*zip(*base), linestyle="--", color="gray", linewidth=1, label="held-out loss, LoRA off")
     positive = [value for value in losses if value > 0]
     if positive and max(positive) / min(positive) > 20:  # a log axis only when the loss spans decades
         axis.set_yscale("log")
-    axis.set_xlabel("step")
+    (effect_axis if effects else axis).set_xlabel("step")
     axis.set_ylabel("loss")
     axis.legend()
     axis.grid(alpha=0.3)
@@ -79,6 +123,13 @@ def write_loss_curve(losses: list[float], path: Path) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     plt.close(figure)
+
+
+def _plot_effect(axis: Any, effects: list[tuple[int, float]]) -> None:
+    axis.plot(*zip(*effects), marker="o", linewidth=1.5, color="tab:green")
+    axis.set_ylabel("LoRA effect")
+    axis.set_title("||LoRA - base|| / ||base|| of the held-out predictions", fontsize=8)
+    axis.grid(alpha=0.3)
 
 
 def flat_config(config: TrainConfig) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class _Output:
 
 
 FINAL_PASS = "final"  # the validation pass after the last step
+COMPARISON_FOLDER = "base-vs-lora"  # inside a validation pass: the side-by-side videos
 
 
 def step_name(step: int) -> str:
@@ -72,6 +73,9 @@ class RunFolder:
     validation_prompts = _Output("validation_prompts.safetensors")  # the validation prompts' embeddings
     model_card = _Output("README.md")  # replaced only when cogtune wrote it (`is_model_card`)
     model_card_gif = _Output("model_card.gif")  # the validation video the card shows
+    heldout_items = _Output("heldout_items.json")  # the items `--eval-split` keeps out of training, by id
+    evaluation = _Output("evaluation.json")  # each evaluation: held-out loss, the LoRA's effect, its time
+    best = _Output("best")  # `--keep-best`: the weights of the lowest held-out loss, as in a checkpoint
 
     @classmethod
     def of(cls, config: TrainConfig) -> RunFolder:
@@ -109,6 +113,10 @@ class RunFolder:
     def validation(self, name: str) -> Path:
         """The folder of one validation pass: `step_name(step)` or `FINAL_PASS`."""
         return self.validation_videos / name
+
+    def comparison(self, name: str) -> Path:
+        """The base | LoRA side-by-side videos of one validation pass (`NN.mp4`), beside its own videos."""
+        return self.validation(name) / COMPARISON_FOLDER
 
     @property
     def final_validation(self) -> Path:

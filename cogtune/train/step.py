@@ -21,7 +21,7 @@ import torch
 
 from cogtune.models.positions import pad_latent_frames, rotary_embeddings
 from cogtune.models.registry import ModelSpec
-from cogtune.train.loss import compute_v_prediction_loss
+from cogtune.train.loss import v_prediction_losses
 
 # The condition-image value of `ofs` that CogVideoX 1.5-I2V was trained with (the pipeline's too).
 OFS_VALUE = 2.0
@@ -145,16 +145,28 @@ def make_transformer_inputs(spec: ModelSpec, scheduler: Any, inputs: StepInputs,
 
 
 def training_step(transformer: Any, scheduler: Any, spec: ModelSpec, batch: dict[str, Any], empty_embeds: Any,
-                  settings: StepSettings, generators: list[Any], device: Any, dtype: Any) -> Any:
-    """Loss of one micro-batch; every random draw comes from the sample's own generator (on the CPU)."""
+                  settings: StepSettings, generators: list[Any], device: Any, dtype: Any,
+                  per_sample: list[tuple[int, float]] | None = None) -> Any:
+    """Loss of one micro-batch; every random draw comes from the sample's own generator (on the CPU).
+
+    `per_sample`, when given, receives each sample's (timestep, loss): the loss by timestep range.
+    """
     inputs = make_transformer_inputs(spec, scheduler, draw_step_inputs(spec, scheduler, batch, empty_embeds,
                                                                        settings, generators), device, dtype)
     output = transformer(**inputs.kwargs, return_dict=False)[0]
+    losses = prediction_losses(output, inputs, scheduler)
+    if per_sample is not None:
+        per_sample += zip(inputs.kwargs["timestep"].tolist(), losses.detach().float().tolist(), strict=True)
+    return losses.mean()
+
+
+def prediction_losses(output: Any, inputs: TransformerInputs, scheduler: Any) -> Any:
+    """Each sample's training loss for the transformer's `output` on `inputs` (B,)."""
     # 1.5's padding frames are dropped after sampling, so they are not trained on either.
     frame_mask = None
     if inputs.padding:
         batch_size, frames = inputs.noisy_latents.shape[:2]
         frame_mask = torch.ones(batch_size, frames, device=inputs.noisy_latents.device)
         frame_mask[:, : inputs.padding] = 0
-    return compute_v_prediction_loss(output, inputs.noisy_latents, inputs.target_latents, inputs.kwargs["timestep"],
-                                     scheduler, frame_mask=frame_mask)
+    return v_prediction_losses(output, inputs.noisy_latents, inputs.target_latents, inputs.kwargs["timestep"],
+                               scheduler, frame_mask=frame_mask)

@@ -7,6 +7,9 @@ as in training_summary.json) and, on a GPU, `memory/max_allocated_gib` and
 `memory/max_reserved_gib` (the peaks so far, as in memory.json; a CPU run logs no memory rather
 than a made-up 0).
 
+Every evaluation (`cogtune.train.evaluation`): `eval/heldout_loss`, `eval/base_heldout_loss` (the LoRA
+switched off), `eval/lora_effect` and `eval/seconds`, each when the run has it.
+
 Every validation pass, its videos, tagged `validation/NN` at the step they were rendered after:
 wandb takes the MP4 files as they are (`wandb.Video`); TensorBoard shows videos as animated GIF
 image summaries, which torch's `SummaryWriter.add_video` makes only with moviepy 1.x (it imports
@@ -41,6 +44,13 @@ def step_values(loss: float, lr: float, grad_norm: Any, seconds: float, device: 
     if grad_norm is not None:
         values["grad_norm"] = float(grad_norm)
     return {**values, **gpu_memory_values(device)}
+
+
+def evaluation_values(record: Any) -> dict[str, float]:
+    """The scalars logged for one evaluation (`cogtune.train.evaluation.Evaluation`); absent ones left out."""
+    values = {"eval/heldout_loss": record.loss, "eval/base_heldout_loss": record.base_loss,
+              "eval/lora_effect": record.effect, "eval/seconds": record.seconds}
+    return {name: float(value) for name, value in values.items() if value is not None}
 
 
 def gpu_memory_values(device: Any) -> dict[str, float]:

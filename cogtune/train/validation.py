@@ -34,7 +34,8 @@ from cogtune.models.loading import ResolvedModel
 from cogtune.train.config import TrainConfig
 from cogtune.train.memory import MemoryLog
 from cogtune.train.placement import memory_placement
-from cogtune.train.run_folder import RunFolder
+from cogtune.generate import side_by_side
+from cogtune.train.run_folder import COMPARISON_FOLDER, RunFolder
 
 
 FEED_FORWARD_CHUNK_TOKENS = 4096
@@ -277,6 +278,7 @@ class Validator:
         self.compute_dtype = compute_dtype
         self.prompts = prompts
         self.embeds = self._prompt_embeds() if prompts else None
+        self.base_videos: dict[int, Any] = {}  # the base model's video per prompt: the same at every pass
 
     def _prompt_embeds(self):
         return run_prompt_embeds(self.config.output_dir, self.prompts)
@@ -319,12 +321,16 @@ class Validator:
         if self.accelerator.num_processes > 1:
             rendered = gather_object(rendered)
         if self.accelerator.is_main_process:
-            for index, video in sorted(rendered, key=lambda item: item[0]):
+            for index, video, base in sorted(rendered, key=lambda item: item[0]):
                 write_video(folder / f"{index:02d}.mp4", video, fps=self.model.spec.fps)
+                if base is not None:
+                    write_video(folder / COMPARISON_FOLDER / f"{index:02d}.mp4",
+                                side_by_side(base / 255.0, video / 255.0), fps=self.model.spec.fps)
             report.info(f"validation videos: {folder}")
 
-    def _generate(self, transformer: Any, indices: list[int]) -> list[tuple[int, Any]]:
-        """(prompt index, uint8 video) for each index; video i with seed + i, as `cogtune sample` does."""
+    def _generate(self, transformer: Any, indices: list[int]) -> list[tuple[int, Any, Any]]:
+        """(prompt index, uint8 video, the base's uint8 video or None) for each index; video i with seed + i, as
+        `cogtune sample` does."""
         from cogtune.models.loading import build_pipeline, load_scheduler, load_vae
         from cogtune.generate import generate_videos, load_condition_image
 
@@ -344,19 +350,45 @@ class Validator:
                               scheduler=load_scheduler(self.model))
         negative = self.cache.empty_prompt_embeds()[None]
         videos = []
-        with report.video_progress(len(indices), validation.steps, description="validation") as bars:
+        # The bases are rendered at the first pass, for every index this process has (padding ones too: under
+        # FSDP and ZeRO-3 every process must run as many forwards as the others).
+        render_bases = self._compares(unwrapped) and not self.base_videos
+        with report.video_progress(len(indices) * (2 if render_bases else 1), validation.steps,
+                                   description="validation") as bars:
             for index in indices:
                 image = [load_condition_image(validation.images[index])] if validation.images else None
+                arguments = dict(prompt_embeds=self.embeds[index : index + 1], negative_prompt_embeds=negative,
+                                 frames=frames, height=height, width=width, steps=validation.steps,
+                                 guidance=validation.guidance, seed=validation.seed + index, images=image,
+                                 denoising_context=self.accelerator.autocast, progress=bars)
                 with validation_feed_forward_chunks(unwrapped, self.config):
-                    (video,) = generate_videos(pipe, spec, prompt_embeds=self.embeds[index : index + 1],
-                                               negative_prompt_embeds=negative, frames=frames, height=height,
-                                               width=width, steps=validation.steps, guidance=validation.guidance,
-                                               seed=validation.seed + index, images=image,
-                                               denoising_context=self.accelerator.autocast, progress=bars)
-                videos.append((index, (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)))
+                    (video,) = generate_videos(pipe, spec, **arguments)
+                    if render_bases:
+                        self.base_videos[index] = self._base_video(pipe, unwrapped, arguments)
+                videos.append((index, _uint8(video), self.base_videos.get(index)))
         del pipe, vae
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if was_training:
             unwrapped.train()
         return videos
+
+    def _base_video(self, pipe: Any, unwrapped: Any, arguments: dict[str, Any]) -> Any:
+        """The prompt's video with the LoRA switched off (peft's switch): rendered at the first pass and kept,
+        since the base's weights do not train."""
+        from cogtune.generate import generate_videos
+        from cogtune.lora.switch import lora_disabled
+
+        with lora_disabled(unwrapped):
+            (video,) = generate_videos(pipe, self.model.spec, **arguments)
+        return _uint8(video)
+
+    def _compares(self, unwrapped: Any) -> bool:
+        """Whether validation writes base | LoRA videos: a LoRA run with `validation.compare_base` on."""
+        from cogtune.lora.switch import lora_layers
+
+        return self.config.validation.compare_base and bool(lora_layers(unwrapped))
+
+
+def _uint8(video: Any) -> Any:
+    return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)

@@ -32,6 +32,7 @@ COMMANDS = {
 }
 # settings that need another one to be valid
 COMPANIONS = {"validation.images": {"validation.prompts": ("one", "two")},
+              "evaluation.keep_best": {"evaluation.split": 0.25}, "compare_base": {"lora": "lora.safetensors"},
               "frame_stride": {"frame_extraction": "slide"}, "data.frame_stride": {"data.frame_extraction": "slide"}}
 NOT_FOR = {("train t2v", "validation.images"),  # condition images are for i2v (tested there)
            ("encode", "dataset_config")}  # excludes --data-root (tests/encode/test_dataset_config.py)

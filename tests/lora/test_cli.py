@@ -197,3 +197,48 @@ def test_train_save_format_writes_the_other_layouts(tiny_cache, tmp_path):
         delta = layer.delta()
         assert ((comfy[f"{module}.weight"] - delta).norm() / delta.norm()) < 1e-6
     assert read_lora(run / "lora_kohya.safetensors").layout == "kohya"
+
+
+def test_inspect_shows_each_layers_relative_update_against_diffusers(cli, tiny_lora):
+    """The oracle: diffusers fusing the file into the transformer (`diffusers_deltas`: fused - base, float64)
+    gives each layer's update; the base weights are diffusers' loading of the tiny preset."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogtune.models.tiny import ensure_tiny_model
+    from tests.lora.conftest import diffusers_deltas
+
+    result = cli("lora", "inspect", tiny_lora, "--json")
+    assert result.exit_code == 0, result.stderr
+    updates = json.loads(result.stdout)["updates"]
+    assert updates["base"] is not None and updates["all_b_zero"] is False
+    deltas = diffusers_deltas("tiny", tiny_lora / "pytorch_lora_weights.safetensors")
+    base = CogVideoXTransformer3DModel.from_pretrained(ensure_tiny_model("tiny"), subfolder="transformer").state_dict()
+    assert {row["module"] for row in updates["layers"]} == {name.removesuffix(".weight") for name in deltas}
+    for row in updates["layers"]:
+        weight = f"{row['module']}.weight"
+        # float64 on both sides: the products differ only in summation order (~1e-15 relative).
+        assert row["update_norm"] == pytest.approx(float(deltas[weight].norm()), rel=1e-9)
+        assert row["relative"] == pytest.approx(float(deltas[weight].norm() / base[weight].double().norm()), rel=1e-6)
+
+    without_base = json.loads(cli("lora", "inspect", tiny_lora, "--json", "--model", "THUDM/not-downloaded").stdout)
+    assert without_base["updates"]["base"] is None and "not on this machine" in without_base["updates"]["base_note"]
+    assert [row["relative"] for row in without_base["updates"]["layers"]] == [None] * len(updates["layers"])
+    shown = cli("lora", "inspect", tiny_lora, "--model", "THUDM/not-downloaded")
+    assert "||scale B A||" in shown.stdout and "no relative update" in shown.stdout + shown.stderr
+
+
+def test_inspect_flags_a_lora_whose_b_matrices_are_all_zero(cli, tmp_path):
+    """peft's default initialisation sets B = 0: such a LoRA (trained with lr 0) changes nothing."""
+    from peft import LoraConfig
+
+    from cogtune.lora.format import save_lora
+    from tests.lora.conftest import base_transformer
+
+    transformer = base_transformer("tiny")
+    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(ATTENTION)))
+    save_lora(tmp_path, transformer, {"model": "tiny", "family": "1.0-sincos", "rank": RANK, "alpha": ALPHA})
+    result = cli("lora", "inspect", tmp_path, "--json")
+    assert result.exit_code == 0, result.stderr
+    updates = json.loads(result.stdout)["updates"]
+    assert updates["all_b_zero"] is True and all(row["update_norm"] == 0 for row in updates["layers"])
+    assert "warning: every B matrix of this LoRA is zero" in result.stderr

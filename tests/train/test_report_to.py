@@ -68,6 +68,18 @@ def test_each_validation_pass_logs_its_video_as_an_animated_image(tensorboard_ru
     assert (output / "validation" / "step-000002" / "00.mp4").is_file()
 
 
+def test_each_evaluation_logs_the_loras_effect(tensorboard_run):
+    """Evaluated at each validation (step 2) and at the end; with no held-out items, the effect and no loss."""
+    output, _ = tensorboard_run
+    events = _events(output)
+    rows = json.loads((output / "evaluation.json").read_text())["evaluations"]
+    assert [event.step for event in events.Scalars("eval/lora_effect")] == [row["step"] for row in rows] == [2, 3]
+    assert [event.value for event in events.Scalars("eval/lora_effect")] == pytest.approx(
+        [row["effect"] for row in rows], rel=1e-6)
+    assert [event.step for event in events.Scalars("eval/seconds")] == [2, 3]
+    assert "eval/heldout_loss" not in events.Tags()["scalars"]
+
+
 def test_the_end_of_the_run_says_where_the_logs_are(tensorboard_run):
     output, stderr = tensorboard_run
     assert f"tensorboard --logdir {output / 'logs'}" in " ".join(stderr.split())

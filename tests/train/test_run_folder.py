@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cogtune.train.config import CheckpointConfig, LoraConfig, TrainConfig, ValidationConfig
+from cogtune.train.config import CheckpointConfig, EvaluationConfig, LoraConfig, TrainConfig, ValidationConfig
 from cogtune.config import write_config
 from cogtune.train.run_folder import RunFolder, _Output, check_run_folder, step_name, weights_in
 
@@ -41,7 +41,8 @@ def full_run(tmp_path_factory, tiny_cache):
     run_training(TrainConfig(model="tiny", data=str(tiny_cache), output_dir=str(out), steps=2,
                              lora=LoraConfig(rank=4, save_format="diffusers,comfyui,kohya"), report_to=tracker,
                              checkpointing=CheckpointConfig(every=1, keep=0),
-                             validation=ValidationConfig(every=1, steps=2)))
+                             validation=ValidationConfig(every=1, steps=2),
+                             evaluation=EvaluationConfig(split=0.25, keep_best=True)))
     return out
 
 
@@ -49,7 +50,8 @@ def test_everything_a_run_writes_is_declared_and_overwrite_deletes_it(full_run, 
     written = {path.name for path in full_run.iterdir()}
     assert written <= set(RunFolder.outputs()), written - set(RunFolder.outputs())
     for expected in ("checkpoints", "validation", "README.md", "model_card.gif", "memory.json", "loss.png",
-                     "lora_comfyui.safetensors", "lora_kohya.safetensors", "validation_prompts.safetensors"):
+                     "lora_comfyui.safetensors", "lora_kohya.safetensors", "validation_prompts.safetensors",
+                     "heldout_items.json", "evaluation.json", "best"):
         assert expected in written
 
     (full_run / "notes.txt").write_text("mine\n")
