@@ -172,7 +172,7 @@ def test_a_zero2_checkpoint_of_two_processes_is_refused_on_one(runs, cli, tmp_pa
     code, log = _refused_launch(tmp_path, tiny_cache, "zero2", 1, checkpoint)  # DeepSpeed, 1 process
     assert code != 0
     assert _errors(log) == [f"error: {checkpoint} holds DeepSpeed's ZeRO state split over 2 processes, which only "
-                            "DeepSpeed on 2 processes can resume; this launch is DeepSpeed on 1 process"]
+                            "DeepSpeed on 2 processes can resume; this launch is DeepSpeed on 1 process"], log[-3000:]
     assert "training run" not in log  # before the run's summary, so before any weight loads
 
     result = cli("train", "t2v", *ARGS, "--steps", "2", "--data", tiny_cache, "--output-dir", tmp_path / "one",
@@ -191,7 +191,7 @@ def test_a_checkpoint_written_without_deepspeed_is_refused_under_deepspeed(runs,
     assert code != 0
     # every process refuses it; the user reads it once
     assert _errors(log) == [f"error: {checkpoint} was written without DeepSpeed, and DeepSpeed resumes only its own "
-                            "checkpoints"]
+                            "checkpoints"], log[-3000:]
     assert "training run" not in log  # before the run's summary, so before any weight loads
 
 
