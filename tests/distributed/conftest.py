@@ -63,25 +63,30 @@ def write_accelerate_config(folder: Path, strategy: str, **settings) -> Path:
     return path
 
 
-def accelerate_launch(config_file: Path, *args: str, machine_rank: int | None = None) -> subprocess.Popen:
+def accelerate_launch(config_file: Path, *args: str, machine_rank: int | None = None,
+                      record_latents: Path | None = None) -> subprocess.Popen:
     """`accelerate launch --config_file FILE -m cogtune ARGS`, started in the background.
 
     `python -m accelerate.commands.launch` is what the `accelerate launch` command runs; calling it
-    through this Python keeps the test independent of the PATH.
+    through this Python keeps the test independent of the PATH. The processes start with
+    launch_hooks/ on their path: DeepSpeed over gloo, and with `record_latents` every rendered video's
+    latents saved in that folder (see launch_hooks/sitecustomize.py).
     """
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
     if machine_rank is not None:
         command += ["--machine_rank", str(machine_rank)]
     command += ["-m", "cogtune", *[str(a) for a in args]]
-    env = dict(os.environ)
-    if "distributed_type: DEEPSPEED" in config_file.read_text():  # gloo instead of DeepSpeed's shared-memory op: see gloo_only/
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GLOO_ONLY), env.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(LAUNCH_HOOKS), os.environ.get("PYTHONPATH")])))
+    if "distributed_type: DEEPSPEED" in config_file.read_text():
+        env["COGTUNE_TEST_GLOO_ONLY"] = "1"
+    if record_latents is not None:
+        env["COGTUNE_TEST_RECORD_LATENTS"] = str(record_latents)
     # A session of its own, so that a hung launch is killed with all its worker processes.
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env)
 
 
-GLOO_ONLY = Path(__file__).parent / "gloo_only"
+LAUNCH_HOOKS = Path(__file__).parent / "launch_hooks"
 
 
 def finish(process: subprocess.Popen, timeout: float = 240, check: bool = True) -> str:

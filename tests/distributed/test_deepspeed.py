@@ -3,7 +3,7 @@
 DeepSpeed runs on the CPU with its CPU accelerator over gloo (oneCCL is not installed), from the
 files `cogtune config accelerate` writes; cogtune's optimizer (torch's AdamW) steps the offloaded
 state, so DeepSpeed's compiled CPU Adam is not needed. Its collectives go over plain gloo here, not its
-shared-memory op, which it would compile in every fresh environment (see tests/distributed/gloo_only/).
+shared-memory op, which it would compile in every fresh environment (see tests/distributed/launch_hooks/).
 
 One run per path, compared with one process and the same global batch (the same ARGS as the DDP
 and FSDP tests, 2 processes x batch 1 x 2 accumulation). Measured on 2 CPU cores, largest weight

@@ -71,7 +71,7 @@ def training_runs(shared_runs, three_prompt_cache, i2v_cache):
             if (strategy, method) == ("fsdp", "full"):
                 config.write_text(config.read_text().replace("fsdp_activation_checkpointing: false",
                                                              "fsdp_activation_checkpointing: true"))
-            return finish(accelerate_launch(config, *args, "--batch-size", "1"))
+            return finish(accelerate_launch(config, *args, "--batch-size", "1", record_latents=output.parent / "latents"))
 
         return Run(*shared_runs(f"{strategy}-{method}{'-resumed' if resumed else ''}", train))
 
@@ -157,17 +157,56 @@ def test_fsdp_resume_continues_exactly(runs, method):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_three_validation_prompts_on_two_processes(runs, strategy):
-    """3 prompts, 2 processes: no hang (FSDP pads the second process's turn), and the videos one process renders."""
-    import imageio.v3 as iio
+def test_three_validation_prompts_on_two_processes(runs, strategy, sampled, tmp_path):
+    """3 prompts, 2 processes: no hang (FSDP pads the second process's turn), and each video is the one its
+    process should render: prompt i on process i mod 2, equal to `cogtune sample` with the run's LoRA (and,
+    for the base half, without it) at the validation's seed + i. Compared on the latents the VAE decodes,
+    which the launched processes record (tests/distributed/launch_hooks/), to the float32 bound of
+    `tests.rounding` (validation's prompt embeddings come from the cache, sample's from T5 now)."""
+    import tomllib
 
-    two, one = runs(strategy, "lora"), runs("one", "lora")
-    names = sorted(p.name for p in (two.output_dir / "validation" / "final").glob("*.mp4"))
+    from safetensors.torch import load_file
+
+    from cogtune.models.registry import TINY_PRESETS
+    from cogtune.sample import SampleConfig, run_sample
+    from tests.rounding import denoising_tolerance
+
+    two = runs(strategy, "lora")
+    folder = two.output_dir / "validation" / "final"
+    names = sorted(p.name for p in folder.glob("*.mp4"))
     assert names == [f"{i:02d}.mp4" for i in range(len(VALIDATION_PROMPTS))]
-    for name in names:
-        left = iio.imread(two.output_dir / "validation" / "final" / name).astype(float)
-        right = iio.imread(one.output_dir / "validation" / "final" / name).astype(float)
-        assert left.shape == right.shape and abs(left - right).mean() < 1.0
+    assert sorted(p.name for p in (folder / "base-vs-lora").glob("*.mp4")) == names
+
+    validation = tomllib.loads((two.output_dir / "config.toml").read_text())["validation"]
+    recorded: dict[tuple[int, str], list] = {}
+    for path in sorted((two.output_dir.parent / "latents").glob("*.safetensors")):
+        seed, kind, rank = path.name.split("-")[:3]
+        recorded.setdefault((int(seed.removeprefix("seed")), kind), []).append((int(rank.removeprefix("rank")),
+                                                                               load_file(path)["latents"]))
+    seeds = [validation["seed"] + index for index in range(len(VALIDATION_PROMPTS))]
+    assert sorted(recorded) == sorted((seed, kind) for seed in seeds for kind in ("lora", "base"))
+
+    def sample(**kwargs):
+        sampled.latents.clear()
+        run_sample(SampleConfig(model="tiny", prompts=VALIDATION_PROMPTS, output=str(tmp_path / str(len(kwargs))),
+                                steps=validation["steps"], guidance=validation["guidance"], seed=validation["seed"],
+                                frames=9, height=64, width=64, **kwargs))
+        return list(sampled.latents)
+
+    expected = {"lora": sample(lora=str(two.output_dir)), "base": sample()}
+    spec = TINY_PRESETS["tiny"]
+    scale = max(latents.abs().max().item() for latents in expected["lora"])
+    tolerance = denoising_tolerance(spec, validation["steps"], 9, 64, 64, text_tokens=spec.max_text_tokens) * scale
+    for (seed, kind), renders in recorded.items():
+        index = seed - validation["seed"]
+        for rank, latents in renders:  # FSDP's padding turn renders a process's last prompt once more
+            assert rank == index % 2, (seed, kind, rank)
+            torch.testing.assert_close(latents, expected[kind][index], rtol=0, atol=tolerance)
+    # Each recorded video matches one expected video only: the LoRA's and the base's, and the prompts' videos,
+    # are more than twice the tolerance apart (the 4-step LoRA moves the latents by ~6 tolerances here).
+    for index in range(len(VALIDATION_PROMPTS)):
+        assert (expected["lora"][index] - expected["base"][index]).abs().max() > 2 * tolerance
+        assert (expected["lora"][index] - expected["lora"][index - 1]).abs().max() > 2 * tolerance
 
 
 @pytest.mark.slow
