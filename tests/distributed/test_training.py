@@ -229,7 +229,9 @@ def test_hybrid_shard_over_two_machines_equals_one_process(tmp_path, three_promp
 
 @pytest.mark.slow
 def test_encode_under_the_same_launch_makes_the_same_cache(tmp_path, synthetic_data, tiny_cache):
-    """`encode` under the training's FSDP config: each process encodes its share, the cache equals one process's."""
+    """`encode` under the training's FSDP config: each process encodes its share, the cache equals one process's.
+    (Under torchrun: tests/encode/test_interrupt.py's torchrun test, whose 2 processes' items the resumed cache
+    keeps, equal to one process's.)"""
     from tests.encode.compare import assert_same_cache
 
     config = write_accelerate_config(tmp_path, "fsdp", gpus=2)
