@@ -56,7 +56,8 @@ def _fit_text(row: dict[str, Any]) -> str:
 
 
 def part_label(part: str) -> str:
-    return {"backward_transients": "backward (block recompute, activation gradients)",
+    return {"backward_transients": "backward temporaries (activation gradients)",
+            "recomputed_activations": "recomputed block's activations", "reserved_after_peak": "reserved after the peak",
             "autocast_weight_copies": "autocast weight copies", "workspaces": "cuBLAS / attention workspaces",
             "validation_denoise": "validation denoising", "validation_decode": "validation VAE decode",
             "offloaded_blocks": "offloaded blocks (pinned)", "offloaded_activations": "offloaded activations (pinned)",

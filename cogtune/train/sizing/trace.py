@@ -13,10 +13,15 @@ it when the storage dies. Three things differ between a meta run and a GPU run, 
 
 The tracker also says what the memory is: every allocation carries a kind (the tracker's current
 `kind`, or one given when adopting or re-tagging a tensor: frozen or trainable weights, gradients,
-optimizer state, workspaces, ...), running totals per kind are kept, and each time reserved memory
-reaches a new peak the totals are copied (a dict of a dozen ints, only when a segment is added).
-`peak_breakdown()` is then the peak reserved figure in parts, the allocator's slack (reserved minus
-allocated at that moment) included, summing to it exactly.
+optimizer state, workspaces, ...), running totals per kind are kept, and each time allocated memory
+reaches a new high the totals are copied (a dict of a dozen ints). Reserved memory only grows during
+a phase (segments are cached, not returned), so what its peak holds is told at the fullest instant:
+`peak_breakdown()` is the bytes allocated by kind at the instant allocated memory peaks, the
+allocator's slack at that instant (reserved minus allocated: cached free blocks, rounding), and the
+segments the allocator reserves after it (small ones, for the optimizer step's temporaries), summing
+to the peak reserved figure exactly. Snapshotting when reserved memory last grows instead would tell
+the instant of the last segment added (say, in the optimizer step, when the activations are freed):
+their memory would then read as slack.
 """
 
 from __future__ import annotations
@@ -55,12 +60,14 @@ class AllocationTracker(TorchDispatchMode):
         self._cublas = False
         self.flops: int | None = None  # FLOPs of the ops traced while an int (torch's FlopCounterMode's count)
         self.kind = "other"  # the kind of what is allocated now (set by the code driving the trace)
-        self.parts: dict[str, int] = {}  # allocated bytes live now, by kind
+        self.parts: dict[str, int] = {}  # allocated bytes live now, by kind (blocks, as the allocator keeps them)
+        self.requested: dict[str, int] = {}  # the tensors' own bytes live now, by kind (what torch's MemTracker counts)
         self._kinds: dict[int, str] = {}
-        self._sizes: dict[int, int] = {}
-        self._peak_parts: dict[str, int] = {}
-        self._peak_reserved = 0
-        self._peak_allocated = 0
+        self._sizes: dict[int, tuple[int, int]] = {}  # block and requested bytes
+        self._peak_parts: dict[str, int] = {}  # at the fullest instant: bytes allocated by kind,
+        self._peak_requested: dict[str, int] = {}
+        self._peak_allocated = 0  # their sum,
+        self._reserved_at_peak = 0  # and the reserved bytes then
 
     def adopt(self, tensors: Any, kind: str | None = None) -> None:
         """Count tensors that exist already (weights loaded before tracing); by default of kind
@@ -85,16 +92,18 @@ class AllocationTracker(TorchDispatchMode):
         allocator.malloc(key, nbytes)
         size = allocator.allocated - before  # the block, rounded (and unsplit remainders) as the allocator keeps it
         self._kinds[key] = kind
-        self._sizes[key] = size
-        parts = self.parts
+        self._sizes[key] = (size, nbytes)
+        parts, requested = self.parts, self.requested
         parts[kind] = parts.get(kind, 0) + size
-        if allocator.reserved > self._peak_reserved:
+        requested[kind] = requested.get(kind, 0) + nbytes
+        if allocator.allocated > self._peak_allocated:
             self._snapshot()
 
     def _snapshot(self) -> None:
         self._peak_parts = dict(self.parts)
-        self._peak_reserved = self.allocator.reserved
+        self._peak_requested = dict(self.requested)
         self._peak_allocated = self.allocator.allocated
+        self._reserved_at_peak = self.allocator.reserved
 
     def _release(self, key: int) -> None:
         self._live.discard(key)
@@ -105,7 +114,9 @@ class AllocationTracker(TorchDispatchMode):
         self.allocator.free(key)
         kind = self._kinds.pop(key, None)
         if kind is not None:
-            self.parts[kind] -= self._sizes.pop(key)
+            size, nbytes = self._sizes.pop(key)
+            self.parts[kind] -= size
+            self.requested[kind] -= nbytes
 
     def retag(self, tensor: Any, kind: str) -> None:
         """Say what a tracked tensor's storage is (a parameter's `.grad`, autocast's weight copy)."""
@@ -115,9 +126,11 @@ class AllocationTracker(TorchDispatchMode):
         old = self._kinds.get(key)
         if old is None or old == kind:
             return
-        size = self._sizes[key]
+        size, nbytes = self._sizes[key]
         self.parts[old] -= size
         self.parts[kind] = self.parts.get(kind, 0) + size
+        self.requested[old] -= nbytes
+        self.requested[kind] = self.requested.get(kind, 0) + nbytes
         self._kinds[key] = kind
 
     def reset_peaks(self) -> None:
@@ -126,11 +139,19 @@ class AllocationTracker(TorchDispatchMode):
         self._snapshot()
 
     def peak_breakdown(self) -> dict[str, int]:
-        """Bytes by kind when reserved memory last reached its peak, with `allocator_slack`; sums to the
-        allocator's `peak_reserved`."""
+        """Bytes by kind at the instant allocated memory peaked (since `reset_peaks`), with `allocator_slack`
+        (reserved minus allocated at that instant) and `reserved_after_peak` (segments added later, where
+        any); sums to the allocator's `peak_reserved`."""
         parts = {kind: size for kind, size in self._peak_parts.items() if size}
-        parts["allocator_slack"] = self._peak_reserved - self._peak_allocated
+        parts["allocator_slack"] = self._reserved_at_peak - self._peak_allocated
+        later = self.allocator.peak_reserved - self._reserved_at_peak
+        if later:
+            parts["reserved_after_peak"] = later
         return parts
+
+    def peak_requested(self) -> dict[str, int]:
+        """The tensors' own bytes by kind at the same instant as `peak_breakdown` (before the allocator's rounding)."""
+        return {kind: size for kind, size in self._peak_requested.items() if size}
 
     def current_breakdown(self) -> dict[str, int]:
         """Bytes by kind live now, with `allocator_slack`; sums to the allocator's `reserved`."""
