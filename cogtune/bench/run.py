@@ -146,12 +146,12 @@ def _title(config: BenchConfig, gpu: tuple[str, float] | None, gpu_name: str, gp
 
 
 def _notes(config: BenchConfig, gpu: tuple[str, float] | None, gpu_name: str) -> list[str]:
-    import diffusers
+    from importlib.metadata import version  # diffusers' version without importing it (seconds, for a cached grid)
 
     from cogtune import __version__
     from cogtune.train.sizing.fit import ASSUMED_UTILIZATION
 
-    notes = [f"cogtune {__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}"
+    notes = [f"cogtune {__version__}, torch {torch.__version__}, diffusers {version('diffusers')}"
              + (f", CUDA {torch.version.cuda}, {gpu[0]}" if gpu else "")]
     if config.mode == "estimate":
         notes.append("Estimated by tracing cogtune's training step on the meta device through a model of the CUDA "

@@ -74,8 +74,8 @@ def estimate_key(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
 
 @functools.lru_cache(maxsize=1)
 def _versions() -> dict[str, str]:
-    import diffusers
-    import peft
+    from importlib.metadata import version  # not importing diffusers and peft: a hit costs no import of theirs
+
     import torch
 
     import cogtune
@@ -86,7 +86,7 @@ def _versions() -> dict[str, str]:
     for path in sorted(root.rglob("*.py")):
         sources.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return {"cogtune": __version__, "sources": sources.hexdigest(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "peft": peft.__version__}
+            "diffusers": version("diffusers"), "peft": version("peft")}
 
 
 def _read(path: Path, key: str, config: TrainConfig, shapes: Sequence[Shape],

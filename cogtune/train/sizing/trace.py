@@ -66,6 +66,8 @@ class AllocationTracker(TorchDispatchMode):
         self._sizes: dict[int, tuple[int, int]] = {}  # block and requested bytes
         self._peak_parts: dict[str, int] = {}  # at the fullest instant: bytes allocated by kind,
         self._peak_requested: dict[str, int] = {}
+        self._recording: _Recording | None = None  # the allocations of a call being recorded (`ReplayedCalls`)
+        self._quiet = False  # while a replay makes its outputs: their blocks are replayed, not allocated again
         self._peak_allocated = 0  # their sum,
         self._reserved_at_peak = 0  # and the reserved bytes then
 
@@ -96,6 +98,8 @@ class AllocationTracker(TorchDispatchMode):
         parts, requested = self.parts, self.requested
         parts[kind] = parts.get(kind, 0) + size
         requested[kind] = requested.get(kind, 0) + nbytes
+        if self._recording is not None:
+            self._recording.malloc(key, nbytes, kind)
         if allocator.allocated > self._peak_allocated:
             self._snapshot()
 
@@ -105,12 +109,25 @@ class AllocationTracker(TorchDispatchMode):
         self._peak_allocated = self.allocator.allocated
         self._reserved_at_peak = self.allocator.reserved
 
+    def _hold(self, storage: Any, key: int) -> None:
+        """A replayed block (`key`) is now `storage`'s: freed when the storage dies."""
+        handle = id(storage)
+        self._live.add(handle)
+        self._watch[handle] = weakref.ref(storage, lambda _, handle=handle, key=key: self._release_held(handle, key))
+
+    def _release_held(self, handle: int, key: int) -> None:
+        self._live.discard(handle)
+        self._watch.pop(handle, None)
+        self._free(key)
+
     def _release(self, key: int) -> None:
         self._live.discard(key)
         self._watch.pop(key, None)
         self._free(key)
 
     def _free(self, key: int) -> None:
+        if self._recording is not None:
+            self._recording.free(key)
         self.allocator.free(key)
         kind = self._kinds.pop(key, None)
         if kind is not None:
@@ -126,6 +143,8 @@ class AllocationTracker(TorchDispatchMode):
         old = self._kinds.get(key)
         if old is None or old == kind:
             return
+        if self._recording is not None:
+            self._recording.broken = True  # a tensor's kind changed: not a call's own allocations
         size, nbytes = self._sizes[key]
         self.parts[old] -= size
         self.parts[kind] = self.parts.get(kind, 0) + size
@@ -167,6 +186,8 @@ class AllocationTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self._quiet:
+            return func(*args, **kwargs)
         name = _names.get(func)
         if name is None:
             name = _names[func] = str(func.overloadpacket)
@@ -189,6 +210,118 @@ class AllocationTracker(TorchDispatchMode):
         if scratch is not None:
             self._free(scratch)
         return out
+
+
+# --- calls replayed ---------------------------------------------------------------------------
+# The validation pass decodes the video in tiles: the VAE's decoder runs on tiles of a few shapes, dozens
+# of times, without autograd. A call that only allocates its own tensors and returns some of them (no
+# module state, no cache kept, nothing it was given freed) makes the same allocations and frees, in the
+# same order, whenever its arguments have the same metadata: the first call's are recorded, and later
+# ones replay them into the allocator's model and return fresh tensors of the outputs' description. The
+# allocator decides as it would have (the same requests in the same order, from its present state).
+class _Recording:
+    def __init__(self) -> None:
+        self.events: list[tuple[bool, int, int, str]] = []  # (malloc?, the call's own index, bytes, kind)
+        self.own: dict[int, int] = {}  # tracker key -> the call's own index
+        self.broken = False
+
+    def malloc(self, key: int, nbytes: int, kind: str) -> None:
+        self.own[key] = index = len(self.events)
+        self.events.append((True, index, nbytes, kind))
+
+    def free(self, key: int) -> None:
+        index = self.own.pop(key, None)
+        if index is None:
+            self.broken = True  # frees what it was given (or what lived before it)
+        else:
+            self.events.append((False, index, 0, ""))
+
+
+def _unplaced(value: Any) -> Any:
+    """A tensor argument as a call's allocations depend on it: where its view starts in its storage does not
+    matter (a tile is a slice of the latents), so it is described as if at the start."""
+    if type(value) in _TENSOR_TYPES and value.device == DEVICE and value.storage_offset():
+        return value.as_strided(value.shape, value.stride(), 0)
+    return value
+
+
+class ReplayedCalls:
+    """Wraps a function (a module's `forward`) so that its calls without autograd are recorded once per
+    description of their arguments and replayed after; other calls run as they are."""
+
+    def __init__(self, tracker: AllocationTracker, function: Any) -> None:
+        self.tracker, self.function = tracker, function
+        self.recorded: dict[Any, Any] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tracker = self.tracker
+        if torch.is_grad_enabled() or tracker.flops is not None or tracker._recording is not None:
+            return self.function(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        described = _describe([_unplaced(leaf) for leaf in leaves])
+        if described is None:
+            return self.function(*args, **kwargs)
+        key = (spec, described, tracker.kind, torch.get_default_dtype())
+        recorded = self.recorded.get(key)
+        if recorded is None:
+            out, self.recorded[key] = self._record(args, kwargs)
+            return out
+        if recorded is _UNCACHEABLE:
+            return self.function(*args, **kwargs)
+        return self._replay(*recorded)
+
+    def _record(self, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        tracker = self.tracker
+        recording = tracker._recording = _Recording()
+        try:
+            out = self.function(*args, **kwargs)
+        finally:
+            tracker._recording = None
+        leaves, spec = tree_flatten(out)
+        outputs, kept = [], set()
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                index = recording.own.get(id(leaf.untyped_storage()))
+                if index is None or type(leaf) is not torch.Tensor or leaf.requires_grad:
+                    return out, _UNCACHEABLE  # an argument, or a tensor that was not made here
+                kept.add(index)
+                outputs.append((index, leaf.untyped_storage().nbytes(), tuple(leaf.shape), leaf.stride(),
+                                leaf.storage_offset(), leaf.dtype))
+            elif leaf is None or type(leaf) in (bool, int, float):
+                outputs.append(leaf)
+            else:
+                return out, _UNCACHEABLE
+        if recording.broken or kept != set(recording.own.values()):  # something it made outlives it elsewhere
+            return out, _UNCACHEABLE
+        return out, (recording.events, outputs, spec)
+
+    def _replay(self, events: list[tuple[bool, int, int, str]], outputs: list[Any], spec: Any) -> Any:
+        tracker = self.tracker
+        keys: dict[int, int] = {}
+        for is_malloc, index, nbytes, kind in events:
+            if is_malloc:
+                keys[index] = key = tracker._next_key
+                tracker._next_key += 1
+                tracker._malloc(key, nbytes, kind)
+            else:
+                tracker._free(keys.pop(index))
+        storages: dict[int, Any] = {}
+        leaves = []
+        tracker._quiet = True
+        try:
+            for output in outputs:
+                if not isinstance(output, tuple):
+                    leaves.append(output)
+                    continue
+                index, nbytes, shape, stride, offset, dtype = output
+                storage = storages.get(index)
+                if storage is None:
+                    storage = storages[index] = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE).untyped_storage()
+                    tracker._hold(storage, keys[index])
+                leaves.append(torch.empty(0, dtype=dtype, device=DEVICE).set_(storage, offset, shape, stride))
+        finally:
+            tracker._quiet = False
+        return tree_unflatten(leaves, spec)
 
 
 # --- the meta kernels, memoized ---------------------------------------------------------------

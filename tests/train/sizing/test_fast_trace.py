@@ -196,3 +196,19 @@ def test_the_allocator_model_decides_as_the_reference(seed):
             reference.peak_allocated, reference.peak_reserved = reference.allocated, reference.reserved
         assert (model.allocated, model.reserved, model.peak_allocated, model.peak_reserved) == (
             reference.allocated, reference.reserved, reference.peak_allocated, reference.peak_reserved)
+
+
+def test_the_decoders_repeated_tiles_are_replayed_to_the_byte(shrunk_specs, monkeypatch):
+    """The validation decode's calls on tiles of a shape already decoded replay the first call's allocations
+    (`trace.ReplayedCalls`): they do replay, and every figure and part is the full trace's."""
+    from cogtune.train.sizing import trace
+
+    replays = []
+    real = trace.ReplayedCalls._replay
+    monkeypatch.setattr(trace.ReplayedCalls, "_replay", lambda self, *args: replays.append(1) or real(self, *args))
+    config = _config("tiny-4", {})
+    shape = (17, 128, 128)
+    fast = estimate_run(config, [shape], shape)
+    assert replays
+    full = estimate_run(config, [shape], shape, exact=True)
+    assert fast.memory == full.memory and fast.breakdown == full.breakdown
