@@ -98,15 +98,13 @@ def traced_with_memtracker(config, shape):
                                                       for key, value in peak.items()}
 
 
-CASES = [
+CASES = [  # LoRA and full, with and without checkpointing, AdamW and the 8-bit AdamW, tiny and a cut-down 5b
     ("tiny", {}),
-    ("tiny", {"gradient_checkpointing": False}),
     ("tiny", {"full": True}),
-    ("tiny", {"full": True, "gradient_checkpointing": False}),
-    ("tiny", {"optimizer.name": "adamw-8bit"}),
+    ("tiny", {"optimizer.name": "adamw-8bit", "gradient_checkpointing": False}),
     ("tiny-1.5-i2v", {"lora.rank": 8, "gradient_checkpointing": False}),
     ("5b-cut", {}),
-    ("5b-cut", {"full": True, "gradient_checkpointing": False, "optimizer.name": "adamw-8bit"}),
+    ("5b-cut", {"full": True, "gradient_checkpointing": False}),  # its peak: AdamW's step and its temporaries
 ]
 
 
