@@ -587,6 +587,7 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
     tracker.adopt(list(vae.parameters()) + list(vae.buffers()), "vae_weights")  # loaded for the pass
     if replay:
         vae.decoder.forward = ReplayedCalls(tracker, vae.decoder.forward)
+        vae.blend_h, vae.blend_v = ReplayedCalls(tracker, vae.blend_h), ReplayedCalls(tracker, vae.blend_v)
     pipe = build_pipeline(model, transformer=transformer, vae=vae, text_encoder=None, tokenizer=None,
                           scheduler=_shape_only_scheduler(model))
     frames, height, width = shape

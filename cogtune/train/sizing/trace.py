@@ -67,7 +67,6 @@ class AllocationTracker(TorchDispatchMode):
         self._peak_parts: dict[str, int] = {}  # at the fullest instant: bytes allocated by kind,
         self._peak_requested: dict[str, int] = {}
         self._recording: _Recording | None = None  # the allocations of a call being recorded (`ReplayedCalls`)
-        self._quiet = False  # while a replay makes its outputs: their blocks are replayed, not allocated again
         self._peak_allocated = 0  # their sum,
         self._reserved_at_peak = 0  # and the reserved bytes then
 
@@ -186,8 +185,6 @@ class AllocationTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._quiet:
-            return func(*args, **kwargs)
         name = _names.get(func)
         if name is None:
             name = _names[func] = str(func.overloadpacket)
@@ -246,8 +243,8 @@ def _unplaced(value: Any) -> Any:
 
 
 class ReplayedCalls:
-    """Wraps a function (a module's `forward`) so that its calls without autograd are recorded once per
-    description of their arguments and replayed after; other calls run as they are."""
+    """Wraps a function (a module's `forward`, the VAE's blending of tiles) so that its calls without autograd
+    are recorded once per description of their arguments and replayed after; other calls run as they are."""
 
     def __init__(self, tracker: AllocationTracker, function: Any) -> None:
         self.tracker, self.function = tracker, function
@@ -264,13 +261,13 @@ class ReplayedCalls:
         key = (spec, described, tracker.kind, torch.get_default_dtype())
         recorded = self.recorded.get(key)
         if recorded is None:
-            out, self.recorded[key] = self._record(args, kwargs)
+            out, self.recorded[key] = self._record(args, kwargs, leaves)
             return out
         if recorded is _UNCACHEABLE:
             return self.function(*args, **kwargs)
-        return self._replay(*recorded)
+        return self._replay(*recorded, leaves)
 
-    def _record(self, args: Any, kwargs: Any) -> tuple[Any, Any]:
+    def _record(self, args: Any, kwargs: Any, arguments: list[Any]) -> tuple[Any, Any]:
         tracker = self.tracker
         recording = tracker._recording = _Recording()
         try:
@@ -280,7 +277,10 @@ class ReplayedCalls:
         leaves, spec = tree_flatten(out)
         outputs, kept = [], set()
         for leaf in leaves:
-            if isinstance(leaf, torch.Tensor):
+            position = next((i for i, argument in enumerate(arguments) if argument is leaf), None)
+            if position is not None:  # returns an argument (written in place: a blend of tiles)
+                outputs.append(("argument", position))
+            elif isinstance(leaf, torch.Tensor):
                 index = recording.own.get(id(leaf.untyped_storage()))
                 if index is None or type(leaf) is not torch.Tensor or leaf.requires_grad:
                     return out, _UNCACHEABLE  # an argument, or a tensor that was not made here
@@ -295,7 +295,8 @@ class ReplayedCalls:
             return out, _UNCACHEABLE
         return out, (recording.events, outputs, spec)
 
-    def _replay(self, events: list[tuple[bool, int, int, str]], outputs: list[Any], spec: Any) -> Any:
+    def _replay(self, events: list[tuple[bool, int, int, str]], outputs: list[Any], spec: Any,
+                arguments: list[Any]) -> Any:
         tracker = self.tracker
         keys: dict[int, int] = {}
         for is_malloc, index, nbytes, kind in events:
@@ -307,20 +308,20 @@ class ReplayedCalls:
                 tracker._free(keys.pop(index))
         storages: dict[int, Any] = {}
         leaves = []
-        tracker._quiet = True
-        try:
+        with torch._C._DisableTorchDispatch():  # the outputs' blocks are replayed above: no allocation of theirs
             for output in outputs:
                 if not isinstance(output, tuple):
                     leaves.append(output)
                     continue
+                if len(output) == 2:
+                    leaves.append(arguments[output[1]])
+                    continue
                 index, nbytes, shape, stride, offset, dtype = output
                 storage = storages.get(index)
                 if storage is None:
-                    storage = storages[index] = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE).untyped_storage()
+                    storage = storages[index] = torch.UntypedStorage(nbytes, device=DEVICE)
                     tracker._hold(storage, keys[index])
                 leaves.append(torch.empty(0, dtype=dtype, device=DEVICE).set_(storage, offset, shape, stride))
-        finally:
-            tracker._quiet = False
         return tree_unflatten(leaves, spec)
 
 
