@@ -16,7 +16,10 @@ On a GPU it runs, in this order (the most informative first), each row in a subp
 3. 5b full fine-tuning with an 8-bit optimizer, if the budget still allows.
 
 Every row is also estimated (`estimate_run`, in a CPU process running beside the measurements) and
-compared: peak reserved at the four moments and peak allocated, the estimate's error in percent.
+compared: peak reserved at the four moments and peak allocated, the estimate's error in percent, and the
+peak in its parts: each GPU row records the allocator's history and replays `torch.cuda.memory._snapshot()`
+to the instant allocated memory peaks, grouping what is live by the code that allocated it (weights, forward,
+backward, optimizer state, validation), beside the estimate's parts grouped the same way (`parts_at_peak`).
 Step time is SimpleTuner's figure: the median s/step after the first (warm-up) step; the model FLOPs
 utilisation is the estimate's FLOPs per step / (median s/step x the GPU's peak bf16 TFLOP/s).
 
@@ -212,6 +215,83 @@ def _is_oom(exc: BaseException) -> bool:
     return False
 
 
+# --- the peak in its parts, from torch's own record of the allocations -----------------------------------------
+# On a GPU, each row records the caching allocator's history (`torch.cuda.memory._record_memory_history`) and
+# reads it back (`torch.cuda.memory._snapshot()`): every allocation and free, with the Python stack that made it.
+# Replaying the trace gives the instant allocated memory peaks and what is live then; each block is put in a
+# group by the code that allocated it, and the estimate's parts at its own peak are grouped the same way.
+SNAPSHOT_ENTRIES = 3_000_000  # trace entries kept (a 5b row makes about 10^5 per step)
+# (group, what a frame of the allocating stack says): the first group any frame matches. Backward comes before
+# forward: a checkpointed block's recompute runs forward code inside `loss.backward()`.
+PART_GROUPS = (
+    ("optimizer_state", ("optim", "bitsandbytes", "torchao")),
+    ("validation", ("generate_videos", "validation")),
+    ("backward", ("backward",)),
+    ("forward", ("training_step",)),
+    ("weights", ("load_trainable_transformer", "load_transformer", "add_lora", "from_pretrained", "from_config")),
+)
+# The estimate's parts, by the same groups (its workspaces and anything else: "other").
+ESTIMATE_GROUPS = {
+    "frozen_weights": "weights", "trainable_weights": "weights", "optimizer_state": "optimizer_state",
+    "saved_activations": "forward", "autocast_weight_copies": "forward", "recomputed_activations": "backward",
+    "backward_transients": "backward", "gradients": "backward", "vae_weights": "validation",
+    "validation_denoise": "validation", "validation_decode": "validation",
+}
+
+
+def allocation_group(frames: list[dict[str, Any]]) -> str:
+    """The group of an allocation, from the Python frames of its stack (file names and function names)."""
+    places = [f"{frame.get('filename', '')}:{frame.get('name', '')}" for frame in frames]
+    for group, markers in PART_GROUPS:
+        if any(marker in place for place in places for marker in markers):
+            return group
+    return "other"
+
+
+def parts_at_peak(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Replay a `torch.cuda.memory._snapshot()`'s trace of device 0: the bytes live by group at the instant
+    allocated memory peaks, and whether the trace is whole (a full ring buffer lost the oldest entries)."""
+    traces = snapshot.get("device_traces") or [[]]
+    trace = traces[0]
+    live: dict[int, tuple[int, str]] = {}
+    totals: dict[str, int] = {}
+    allocated = peak = 0
+    at_peak: dict[str, int] = {}
+    for event in trace:
+        action = event.get("action")
+        if action == "alloc":
+            group = allocation_group(event.get("frames") or [])
+            live[event["addr"]] = (event["size"], group)
+            totals[group] = totals.get(group, 0) + event["size"]
+            allocated += event["size"]
+            if allocated > peak:
+                peak, at_peak = allocated, dict(totals)
+        elif action == "free_completed" and event.get("addr") in live:
+            size, group = live.pop(event["addr"])
+            totals[group] -= size
+            allocated -= size
+    return {"allocated_peak_gib": round(peak / 1024**3, 3), "trace_whole": len(trace) < SNAPSHOT_ENTRIES,
+            "parts_gib": {group: round(size / 1024**3, 3) for group, size in at_peak.items() if size}}
+
+
+def estimate_groups(breakdown_gib: dict[str, float]) -> dict[str, float]:
+    """An estimate's parts at a peak (GiB) in the kit's groups, without the allocator's slack."""
+    groups: dict[str, float] = {}
+    for part, size in breakdown_gib.items():
+        if part in ("allocator_slack", "reserved_after_peak"):
+            continue
+        group = ESTIMATE_GROUPS.get(part, "other")
+        groups[group] = round(groups.get(group, 0.0) + size, 3)
+    return groups
+
+
+def compare_parts(estimated: dict[str, float], measured: dict[str, float]) -> dict[str, dict[str, float | None]]:
+    """Each group: the estimate's GiB, the measured GiB and the difference."""
+    return {group: {"estimated_gib": estimated.get(group, 0.0), "measured_gib": measured.get(group, 0.0),
+                    "difference_gib": round(estimated.get(group, 0.0) - measured.get(group, 0.0), 3)}
+            for group in sorted(set(estimated) | set(measured))}
+
+
 def measure_worker(row: Row, result_path: Path) -> None:
     """Train one row for real and write what it measured (or how it failed) to `result_path`."""
     _hide_modules()
@@ -225,9 +305,13 @@ def measure_worker(row: Row, result_path: Path) -> None:
 
         cuda = torch.cuda.is_available()
         result["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
+        if cuda:
+            torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES)
         try:
             measurement = measure_case(build_case(row), steps=row.steps)
             result.update(status="ok", measurement=measurement.as_dict(), videos_not_written=videos)
+            if cuda:
+                result["parts_at_peak"] = parts_at_peak(torch.cuda.memory._snapshot())
         except BaseException as exc:  # noqa: BLE001  # every failure is a result of the row
             result.update(status="out of memory" if _is_oom(exc) else "failed", error=_first_line(exc),
                           traceback_tail=_traceback_tail(exc))
@@ -322,7 +406,7 @@ def combine(row: Row, outcome: dict[str, Any], estimate: dict[str, Any] | None, 
         result["estimate"] = None
         result["estimate_reason"] = f"the estimate failed: {estimate.get('error')}"
     else:
-        result["estimate"] = {"memory_gib": estimate["memory_gib"],
+        result["estimate"] = {"memory_gib": estimate["memory_gib"], "breakdown_gib": estimate.get("breakdown_gib"),
                               "teraflops_per_step": estimate["teraflops_per_step"],
                               "label": estimate["label"], "seconds": estimate["seconds"],
                               "host_ram_gib": estimate.get("host_ram_gib"),
@@ -356,6 +440,12 @@ def combine(row: Row, outcome: dict[str, Any], estimate: dict[str, Any] | None, 
             result["error_reason"] = "measured on the CPU (peak RSS of the process): not comparable with GPU figures"
         elif errors["allocated_peak"] is None:
             result["error_reason"] = "no peak allocated figure measured"
+    measured_parts = outcome.get("parts_at_peak")
+    if measured_parts and result["estimate"] and (result["estimate"].get("breakdown_gib") or {}).get("after_testing"):
+        result["parts_at_peak"] = {
+            "trace_whole": measured_parts["trace_whole"],
+            "groups": compare_parts(estimate_groups(result["estimate"]["breakdown_gib"]["after_testing"]),
+                                    measured_parts["parts_gib"])}
     mfu, mfu_reason = None, None
     seconds = (result["measured"] or {}).get("seconds_per_step")
     gpu = gpu_from_device_name((result["measured"] or {}).get("device") or env.get("gpu") or "")

@@ -51,6 +51,8 @@ complete -c cogtune -n "__cogtune_at 'bench memory'" -l gpu -r -d 'GPU name for 
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l steps -r -d 'Training steps per measured configuration (the first is warm-up)'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l breakdown -d 'Show each peak in its parts (weights, gradients, optimizer state, activations, workspaces, allocator slack, the validation pass\'s parts) and the host RAM offloading needs'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l no-breakdown -d 'Show each peak in its parts (weights, gradients, optimizer state, activations, workspaces, allocator slack, the validation pass\'s parts) and the host RAM offloading needs'
+complete -c cogtune -n "__cogtune_at 'bench memory'" -l cache -d 'Reuse estimates kept under $COGTUNE_HOME/estimates (keyed by every setting that changes memory, the shapes, the model\'s configs and the code\'s versions); --no-cache estimates afresh'
+complete -c cogtune -n "__cogtune_at 'bench memory'" -l no-cache -d 'Reuse estimates kept under $COGTUNE_HOME/estimates (keyed by every setting that changes memory, the shapes, the model\'s configs and the code\'s versions); --no-cache estimates afresh'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l config -r -F -d 'A run\'s TOML, as `cogtune train --config` reads it: size exactly that run; grid options then vary it (and fill in what it leaves out)'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l data -s d -r -F -d 'The run\'s cache: its buckets (the largest decides the peak) and validation prompts; default: the run\'s data'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l frames -s F -r -d 'Frames per clip'

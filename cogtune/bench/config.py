@@ -62,6 +62,9 @@ class BenchConfig:
     breakdown: bool = setting(False, "Show each peak in its parts (weights, gradients, optimizer state, activations, "
                                      "workspaces, allocator slack, the validation pass's parts) and the host RAM "
                                      "offloading needs.", flag="--breakdown")
+    cache: bool = setting(True, "Reuse estimates kept under $COGTUNE_HOME/estimates (keyed by every setting that "
+                                "changes memory, the shapes, the model's configs and the code's versions); "
+                                "--no-cache estimates afresh.", flag="--cache")
     run_config: str | None = setting(None, "A run's TOML, as `cogtune train --config` reads it: size exactly that "
                                            "run; grid options then vary it (and fill in what it leaves out).",
                                      flag="--config", path=True, metavar="FILE")

@@ -56,7 +56,8 @@ def _fit_text(row: dict[str, Any]) -> str:
 
 
 def part_label(part: str) -> str:
-    return {"backward_transients": "backward (block recompute, activation gradients)",
+    return {"backward_transients": "backward temporaries (activation gradients)",
+            "recomputed_activations": "recomputed block's activations", "reserved_after_peak": "reserved after the peak",
             "autocast_weight_copies": "autocast weight copies", "workspaces": "cuBLAS / attention workspaces",
             "validation_denoise": "validation denoising", "validation_decode": "validation VAE decode",
             "offloaded_blocks": "offloaded blocks (pinned)", "offloaded_activations": "offloaded activations (pinned)",
@@ -71,12 +72,7 @@ def print_breakdowns(rows: Sequence[dict[str, Any]]) -> None:
         if not breakdown:
             continue
         moments = [m for m in BREAKDOWN_MOMENTS if m in breakdown]
-        parts: list[str] = []
-        for moment in moments:
-            parts += [p for p in breakdown[moment] if p not in parts]
-        from cogtune.train.sizing.estimate import BREAKDOWN_PARTS
-
-        parts.sort(key=lambda p: BREAKDOWN_PARTS.index(p) if p in BREAKDOWN_PARTS else len(BREAKDOWN_PARTS))
+        parts = _ordered_parts([breakdown[moment] for moment in moments])
         table_rows: list[list[Any]] = [[part_label(p), *(breakdown[m].get(p, 0.0) for m in moments)] for p in parts]
         table_rows.append(["total", *(row["memory_gib"][m] for m in moments)])
         host = row.get("host_ram_breakdown_gib") or {}
@@ -86,8 +82,10 @@ def print_breakdowns(rows: Sequence[dict[str, Any]]) -> None:
         report.table(f"{row['label']}: parts (GiB)", ["part", *(m.replace("_", " ") for m in moments)], table_rows)
 
 
-def markdown(rows: Sequence[dict[str, Any]], title: str, budget: float | None, notes: Sequence[str] = ()) -> str:
-    """The CogVideoX factory's memory-table layout: one row per configuration, the four moments in GiB."""
+def markdown(rows: Sequence[dict[str, Any]], title: str, budget: float | None, notes: Sequence[str] = (),
+             breakdown: bool = False) -> str:
+    """The CogVideoX factory's memory-table layout: one row per configuration, the four moments in GiB; with
+    `breakdown`, a second table of each configuration's peaks in their parts."""
     extra = optional_columns(rows, budget)
     header = ["model", "method", "rank", "optimizer", "gradient checkpointing", "options", "batch", "frames x H x W",
               *MOMENTS, *(name for name, _ in extra)]
@@ -102,8 +100,34 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, budget: float | None, n
                  shape, *(f"{value:.2f}" for value in row_values(row)),
                  *(_markdown_cell(cell(row)) for _, cell in extra)]
         lines.append("| " + " | ".join(cells) + " |")
+    if breakdown:
+        lines += ["", *_markdown_parts(rows)]
     lines += ["", *notes]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _ordered_parts(breakdowns: Sequence[dict[str, float]]) -> list[str]:
+    from cogtune.train.sizing.estimate import BREAKDOWN_PARTS
+
+    present = {part for parts in breakdowns for part in parts}
+    return [p for p in BREAKDOWN_PARTS if p in present] + sorted(present - set(BREAKDOWN_PARTS))
+
+
+def _markdown_parts(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The training peak (before validation) and the peak with validation (after testing) of each configuration,
+    in their parts (GiB): what is allocated at the fullest instant, and the allocator's slack then."""
+    moments = ("before_validation", "after_testing")
+    with_parts = [row for row in rows if row.get("breakdown_gib")]
+    names = _ordered_parts([row["breakdown_gib"][m] for row in with_parts for m in moments])
+    header = ["configuration", "peak", *(part_label(name) for name in names), "total"]
+    lines = ["#### Each peak in its parts (GiB)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in with_parts:
+        for moment in moments:
+            parts = row["breakdown_gib"][moment]
+            cells = [row["label"], moment.replace("_", " "), *(f"{parts.get(name, 0.0):.3f}" for name in names),
+                     f"{row['memory_gib'][moment]:.3f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _markdown_cell(value: Any) -> str:
@@ -157,10 +181,7 @@ def write_chart(path: str | Path, rows: Sequence[dict[str, Any]], title: str, bu
 def _stacked_parts(axis: Any, parts: Sequence[dict[str, float]], positions: Any, labels: Sequence[str],
                    budget: float | None) -> None:
     """The training peak (before validation) of each row, stacked by part."""
-    from cogtune.train.sizing.estimate import BREAKDOWN_PARTS
-
-    names = [p for p in BREAKDOWN_PARTS if any(p in row for row in parts)]
-    names += sorted({p for row in parts for p in row} - set(names))
+    names = _ordered_parts(parts)
     bottom = np.zeros(len(parts))
     for name in names:
         heights = np.array([row.get(name, 0.0) for row in parts])

@@ -71,17 +71,20 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
     rows: list[dict[str, Any]] = []
     with report.progress(f"{config.mode} memory", total=len(cases), unit="configs") as bar:
         for case in cases:
-            rows.append(_estimate_row(case, target) if config.mode == "estimate" else
+            rows.append(_estimate_row(case, target, config.cache) if config.mode == "estimate" else
                         _measure_row(case, target, config.steps))
             bar.advance()
     _report(config, rows, target, json_path, markdown_path, plot_path)
     return rows
 
 
-def _estimate_row(case: BenchCase, target: _Target) -> dict[str, Any]:
-    from cogtune.train.sizing.estimate import estimate_run  # looked up per call: tests record its calls
+def _estimate_row(case: BenchCase, target: _Target, use_cache: bool) -> dict[str, Any]:
+    from cogtune.train.sizing.cache import cached_estimate
 
-    estimate = estimate_run(case.config, case.shapes, case.validation_shape)
+    def estimator(config: Any) -> Any:  # the row's configuration, and those the ladder tries to fit it
+        return cached_estimate(config, case.shapes, case.validation_shape, use_cache=use_cache)
+
+    estimate = estimator(case.config)
     row = estimate.as_dict()
     row["seconds_per_step"] = seconds_per_step(estimate, target.gpu_name)
     row["host_fits"] = fits_host(estimate, target.host_memory)
@@ -89,7 +92,7 @@ def _estimate_row(case: BenchCase, target: _Target) -> dict[str, Any]:
         row["gpu_fits"] = fits(estimate, target.budget, float("inf"))
         row["fits"] = row["gpu_fits"] and row["host_fits"]
         if not row["fits"]:
-            suggestion = cheapest_fit(estimate, target.budget, host_budget=target.host_memory)
+            suggestion = cheapest_fit(estimate, target.budget, estimator, host_budget=target.host_memory)
             row["suggestion"] = ", ".join(suggestion.changes) + \
                 f" ({suggestion.estimate.memory.after_testing:.1f} GiB)" if suggestion else \
                 "nothing short of a smaller clip or batch"
@@ -123,7 +126,8 @@ def _report(config: BenchConfig, rows: list[dict[str, Any]], target: _Target, js
     if json_path is not None:
         output.write_json(json_path, document)
     if markdown_path is not None:
-        output.write_markdown(markdown_path, output.markdown(rows, title, target.budget, notes))
+        text = output.markdown(rows, title, target.budget, notes, breakdown=config.breakdown)
+        output.write_markdown(markdown_path, text)
     if plot_path is not None:
         output.write_chart(plot_path, rows, title, target.budget)
     if written:
@@ -142,12 +146,12 @@ def _title(config: BenchConfig, gpu: tuple[str, float] | None, gpu_name: str, gp
 
 
 def _notes(config: BenchConfig, gpu: tuple[str, float] | None, gpu_name: str) -> list[str]:
-    import diffusers
+    from importlib.metadata import version  # diffusers' version without importing it (seconds, for a cached grid)
 
     from cogtune import __version__
     from cogtune.train.sizing.fit import ASSUMED_UTILIZATION
 
-    notes = [f"cogtune {__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}"
+    notes = [f"cogtune {__version__}, torch {torch.__version__}, diffusers {version('diffusers')}"
              + (f", CUDA {torch.version.cuda}, {gpu[0]}" if gpu else "")]
     if config.mode == "estimate":
         notes.append("Estimated by tracing cogtune's training step on the meta device through a model of the CUDA "

@@ -198,3 +198,31 @@ def test_an_offloading_row_compares_what_it_pins_with_the_estimate(kit):
     # a row that pins nothing by design has no host error to give
     plain = kit.combine(row, outcome, {**estimate, "pinned_host_gib": 0.0}, env)
     assert "pinned_host" not in plain["error_pct"]
+
+
+def test_the_peak_in_its_parts_from_torchs_allocation_trace(kit):
+    """The GPU rows replay `torch.cuda.memory._snapshot()`'s trace: what is live at the allocated peak, grouped
+    by the code that allocated it, beside the estimate's parts at its peak grouped the same way."""
+    def frames(*names):
+        return [{"filename": f"/x/{name}.py", "name": name, "line": 1} for name in names]
+
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 10 << 30, "frames": frames("load_trainable_transformer")},
+        {"action": "alloc", "addr": 2, "size": 4 << 30, "frames": frames("forward", "training_step")},
+        # a checkpointed block's recompute: forward code inside backward
+        {"action": "alloc", "addr": 3, "size": 3 << 30, "frames": frames("checkpoint", "_engine_run_backward")},
+        {"action": "free_requested", "addr": 3},
+        {"action": "free_completed", "addr": 3},
+        {"action": "alloc", "addr": 4, "size": 1 << 30, "frames": frames("adamw", "torch/optim/optimizer")},
+        {"action": "alloc", "addr": 5, "size": 2 << 30, "frames": frames("something_else")},
+    ]
+    measured = kit.parts_at_peak({"device_traces": [trace]})
+    assert measured == {"allocated_peak_gib": 17.0, "trace_whole": True,
+                        "parts_gib": {"weights": 10.0, "forward": 4.0, "backward": 3.0}}
+    estimated = kit.estimate_groups({"frozen_weights": 9.5, "trainable_weights": 0.5, "saved_activations": 4.2,
+                                     "recomputed_activations": 2.5, "backward_transients": 0.1, "workspaces": 0.03,
+                                     "allocator_slack": 2.0})
+    assert estimated == {"weights": 10.0, "forward": 4.2, "backward": 2.6, "other": 0.03}
+    compared = kit.compare_parts(estimated, measured["parts_gib"])
+    assert compared["backward"] == {"estimated_gib": 2.6, "measured_gib": 3.0, "difference_gib": -0.4}
+    assert compared["other"]["measured_gib"] == 0.0

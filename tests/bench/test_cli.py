@@ -104,18 +104,18 @@ guidance = 4.0
 def test_bench_config_sizes_exactly_the_run_train_would_start(cli, tiny_cache, tmp_path, monkeypatch):
     """`bench memory --config run.toml` and `train --config run.toml`'s pre-flight size the same run: the same
     TrainConfig (every setting), the cache's buckets and the validation shape the trainer would use."""
-    from cogtune.train.sizing import estimate as estimate_module
+    from cogtune.train.sizing import cache as cache_module
     from cogtune.train.sizing import fit
 
     calls = []
-    real = estimate_module.estimate_run
+    real = cache_module.cached_estimate
 
-    def recording(config, shapes, validation_shape=None, steps=2):
+    def recording(config, shapes, validation_shape=None, use_cache=True):
         calls.append((config, tuple(shapes), validation_shape))
-        return real(config, shapes, validation_shape, steps)
+        return real(config, shapes, validation_shape, use_cache)
 
-    monkeypatch.setattr(fit, "estimate_run", recording)
-    monkeypatch.setattr(estimate_module, "estimate_run", recording)
+    monkeypatch.setattr(fit, "cached_estimate", recording)
+    monkeypatch.setattr(cache_module, "cached_estimate", recording)
     toml = tmp_path / "run.toml"
     toml.write_text(RUN_TOML.format(data=tiny_cache, out=tmp_path / "run"))
     result = cli("bench", "memory", "--config", toml, "--json", tmp_path / "m.json")
@@ -153,7 +153,7 @@ def test_the_estimate_never_stops_a_training_run(tiny_cache, tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("the tracer met an operator it does not know")
 
-    monkeypatch.setattr(fit, "estimate_run", broken)
+    monkeypatch.setattr(fit, "cached_estimate", broken)
     result = run_training(TrainConfig(model="tiny", data=str(tiny_cache), output_dir=str(tmp_path / "run"), steps=1,
                                       lora=LoraConfig(rank=4), memory=MemoryConfig(profile="12gb"),
                                       validation=ValidationConfig(final=False)))

@@ -277,7 +277,8 @@ _BENCH_VALUES = {
     "shapes": ("9x64x64,17x64x96", ("9x64x64", "17x64x96")), "fp8": ("true,no", (True, False)),
     "offload_blocks": ("off", (False,)), "offload_activations": ("ON,yes", (True, True)),
     "validation": (False, False), "gpu_memory": ("24", 24.0), "host_memory": ("64.5", 64.5), "gpu": ("A100", "A100"),
-    "steps": ("3", 3), "breakdown": (True, True), "run_config": ("run.toml", "run.toml"), "data": ("cache", "cache"),
+    "steps": ("3", 3), "breakdown": (True, True), "cache": (False, False), "run_config": ("run.toml", "run.toml"),
+    "data": ("cache", "cache"),
 }
 
 

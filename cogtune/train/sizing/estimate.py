@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -42,14 +42,15 @@ from cogtune.models.registry import ALL_PRESETS, ModelSpec
 from cogtune.train.config import TrainConfig
 from cogtune.train.optimizers import CPU_OFFLOAD_MIN_ELEMENTS
 from cogtune.train.placement import HOST_COPIES, OFFLOADED_LAYERS_ON_DEVICE, memory_placement
-from cogtune.train.sizing.allocator import pinned_block
+from cogtune.train.sizing.allocator import pinned_block, round_request
 
 Shape = tuple[int, int, int]
+Observer = Callable[[Any, Any], contextlib.AbstractContextManager]
 
 # Optimizer state bytes per trainable parameter, for optimizers whose step cannot run on meta
 # tensors (their kernels are compiled CUDA code); torch's optimizers are traced instead.
+# (bitsandbytes' `adamw-8bit` is sized tensor by tensor, as it keeps its state: `_bitsandbytes_8bit_state_bytes`.)
 STATE_BYTES_PER_PARAMETER = {
-    "adamw-8bit": 2 * (1 + 4 / 256),  # two uint8 states + a float32 absmax per block of 256
     "adamw-8bit-paged": 0.0,  # paged state lives in unified memory, outside the caching allocator
     "adamw-8bit-ao": 2 * (1 + 4 / 256),
     "adamw-4bit-ao": 2 * (0.5 + 4 / 128),
@@ -60,9 +61,14 @@ TRACED_OPTIMIZERS = ("adamw", "adam")
 CUDA_CONTEXT_GIB = 0.5
 
 # What a peak is made of, in the order the table and the chart show the parts.
+# Each part is what is allocated at the instant allocated memory peaks (`AllocationTracker.peak_breakdown`):
+# `saved_activations` what the forward keeps for backward (with checkpointing, the blocks' inputs),
+# `recomputed_activations` those of the checkpointed block that backward is recomputing, `backward_transients`
+# backward's own tensors (activation gradients, gradients not yet accumulated); `allocator_slack` is reserved
+# minus allocated at that instant, `reserved_after_peak` the segments reserved after it.
 BREAKDOWN_PARTS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "autocast_weight_copies",
-                   "saved_activations", "backward_transients", "workspaces", "vae_weights", "validation_denoise",
-                   "validation_decode", "other", "allocator_slack")
+                   "saved_activations", "recomputed_activations", "backward_transients", "workspaces", "vae_weights",
+                   "validation_denoise", "validation_decode", "other", "allocator_slack", "reserved_after_peak")
 HOST_PARTS = tuple(HOST_COPIES)
 # The parts held in pinned (page-locked) memory, which torch's pinned allocator counts
 # (`torch.cuda.host_memory_stats`).
@@ -220,7 +226,30 @@ def _offloaded_weight_bytes(transformer: Any) -> int:
     return max(0, frozen - in_flight)
 
 
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' `min_8bit_size` default: smaller tensors keep float32 state
+BNB_BLOCK = 256  # elements per float32 absmax in its blockwise quantization
+BNB_QMAP_BYTES = 256 * 4  # its quantization maps (signed, unsigned): float32 x 256, one of each per optimizer
+
+
+def _bitsandbytes_8bit_state_bytes(trainable: list[Any]) -> int:
+    """bitsandbytes' AdamW8bit state (`Optimizer2State.init_state`), each tensor a block of the CUDA allocator:
+    per parameter of `BNB_MIN_8BIT_SIZE` elements or more two uint8 states and two float32 absmax vectors (one
+    per block of 256), with the two shared quantization maps; per smaller parameter two float32 states."""
+    total = 0
+    for parameter in trainable:
+        count = parameter.numel()
+        if count < BNB_MIN_8BIT_SIZE:
+            total += 2 * round_request(4 * count)
+        else:
+            total += 2 * round_request(count) + 2 * round_request(4 * -(-count // BNB_BLOCK))
+    if any(p.numel() >= BNB_MIN_8BIT_SIZE for p in trainable):
+        total += 2 * round_request(BNB_QMAP_BYTES)
+    return total
+
+
 def _optimizer_state_bytes(optimizer: str, trainable: list[Any]) -> int:
+    if optimizer == "adamw-8bit":
+        return _bitsandbytes_8bit_state_bytes(trainable)
     per_parameter = STATE_BYTES_PER_PARAMETER[optimizer]
     total = sum(p.numel() for p in trainable) * per_parameter
     if optimizer == "adamw-cpu-offload":  # small tensors stay on the device, with float32 AdamW state
@@ -229,13 +258,15 @@ def _optimizer_state_bytes(optimizer: str, trainable: list[Any]) -> int:
 
 
 def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape: Shape | None = None,
-                 steps: int = 2, exact: bool = False) -> RunEstimate:
+                 steps: int = 2, exact: bool = False, observe: Observer | None = None) -> RunEstimate:
     """Trace `steps` training steps of `config` at its largest bucket (the second step has the optimizer
     state in place) and, when `validation_shape` is given, a validation pass at that shape.
 
     The trace memoizes the meta kernels (see `trace`), counts FLOPs in its last step and builds the
     LoRA layers on the meta device; `exact=True` runs the full trace without these shortcuts (its own
     FLOP-counting step under torch's `FlopCounterMode`), which gives the same figures, only slower.
+    `observe(transformer, tracker)`, where given, returns a context (a dispatch mode: torch's `MemTracker`
+    in the tests) entered above the tracker for the training steps, so that it sees the same ops.
     """
     from cogtune.quiet import quiet_libraries
 
@@ -248,7 +279,8 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
         memory = config.memory
         vae = _validation_vae(plan.model, compute_dtype,
                               memory.validation_tile_size if memory.validation_vae_tiling else None)
-    traced = _trace(config, plan.model, transformer, vae, shape, validation_shape, compute_dtype, steps, exact)
+    traced = _trace(config, plan.model, transformer, vae, shape, validation_shape, compute_dtype, steps, exact,
+                    observe)
     return _estimate(config, tuple(shapes), shape, validation_shape, transformer, traced,
                      time.perf_counter() - started)
 
@@ -327,6 +359,17 @@ class _TracedSteps:
         self.offload_activations = memory_placement(config).saved_activations_on_host
         self.optimizer = None
         self.host_activations = 0  # bytes save_on_cpu copies to the host in a traced step (all alive until backward)
+        for block in transformer.transformer_blocks:  # a block's forward inside backward is a checkpoint's recompute
+            block.register_forward_pre_hook(self._recompute_starts)
+            block.register_forward_hook(self._recompute_ends, always_call=True)  # also when stopped early
+
+    def _recompute_starts(self, *_: Any) -> None:
+        if self.tracker.kind == "backward_transients":
+            self.tracker.kind = "recomputed_activations"
+
+    def _recompute_ends(self, *_: Any) -> None:
+        if self.tracker.kind == "recomputed_activations":
+            self.tracker.kind = "backward_transients"
 
     def start_optimizer(self) -> None:
         """torch's optimizers step on meta tensors: their state is traced (others' is arithmetic)."""
@@ -365,7 +408,8 @@ class _TracedSteps:
 
 
 def _trace(config: TrainConfig, model: ResolvedModel, transformer: Any, vae: Any, shape: Shape,
-           validation_shape: Shape | None, compute_dtype: Any, steps: int, exact: bool) -> _Trace:
+           validation_shape: Shape | None, compute_dtype: Any, steps: int, exact: bool,
+           observe: Observer | None = None) -> _Trace:
     """The allocations of loading, `steps` training steps and the validation pass, replayed into the
     caching allocator's model."""
     from cogtune.train.sizing.trace import AllocationTracker, gpu_semantics
@@ -383,11 +427,12 @@ def _trace(config: TrainConfig, model: ResolvedModel, transformer: Any, vae: Any
 
     with _young_garbage_only(not exact), tracker, gpu_semantics(compute_dtype) as cast_cache:
         cast_cache.tag = lambda copy: tracker.retag(copy, "autocast_weight_copies")
-        train_step.start_optimizer()
-        for index in range(steps):
-            if not exact and index == steps - 1:
-                tracker.flops = 0  # the last step, with the optimizer state in place, is counted
-            train_step(cast_cache)
+        with observe(transformer, tracker) if observe is not None else contextlib.nullcontext():
+            train_step.start_optimizer()
+            for index in range(steps):
+                if not exact and index == steps - 1:
+                    tracker.flops = 0  # the last step, with the optimizer state in place, is counted
+                train_step(cast_cache)
         flop_count = tracker.flops
         tracker.flops = None
         training = with_validation = _Peak(allocator.peak_reserved, allocator.peak_allocated,
@@ -396,7 +441,7 @@ def _trace(config: TrainConfig, model: ResolvedModel, transformer: Any, vae: Any
         if validation_shape is not None:
             tracker.reset_peaks()
             denoise, decode = _trace_validation(model, transformer, vae, config, validation_shape, compute_dtype,
-                                                tracker, cast_cache)
+                                                tracker, cast_cache, replay=not exact)
             highest = max(training, denoise, decode, key=lambda peak: peak.reserved)
             with_validation = _Peak(max(training.reserved, denoise.reserved, decode.reserved),
                                     max(training.allocated, denoise.allocated, decode.allocated), highest.parts)
@@ -525,19 +570,24 @@ def _shape_only_scheduler(model: ResolvedModel):
 
 
 def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: TrainConfig, shape: Shape,
-                      compute_dtype: Any, tracker: Any, cast_cache: Any) -> tuple[_Peak, _Peak]:
+                      compute_dtype: Any, tracker: Any, cast_cache: Any, replay: bool = True) -> tuple[_Peak, _Peak]:
     """One denoising step of the real pipeline (under autocast; a classifier-free guidance batch when the
-    guidance is above 1) and the VAE decode (outside it), as `generate_videos` runs them.
+    guidance is above 1) and the VAE decode (outside it), as `generate_videos` runs them. `replay`: the
+    decoder's calls on tiles (and frame batches) of a shape already decoded replay its allocations
+    (`trace.ReplayedCalls`), the same figures in a fraction of the time.
 
     Returns the peaks of the denoising step and of the decode.
     """
     from cogtune.models.loading import build_pipeline
-    from cogtune.train.sizing.trace import DEVICE
+    from cogtune.train.sizing.trace import DEVICE, ReplayedCalls
     from cogtune.train.validation import validation_feed_forward_chunks
 
     spec = model.spec
     tracker.allocator.release_cached()  # the validator empties the cache before the pass
     tracker.adopt(list(vae.parameters()) + list(vae.buffers()), "vae_weights")  # loaded for the pass
+    if replay:
+        vae.decoder.forward = ReplayedCalls(tracker, vae.decoder.forward)
+        vae.blend_h, vae.blend_v = ReplayedCalls(tracker, vae.blend_h), ReplayedCalls(tracker, vae.blend_v)
     pipe = build_pipeline(model, transformer=transformer, vae=vae, text_encoder=None, tokenizer=None,
                           scheduler=_shape_only_scheduler(model))
     frames, height, width = shape

@@ -21,7 +21,8 @@ from cogtune.errors import ConfigError
 from cogtune.train.config import TrainConfig
 from cogtune.train.plan import RunPlan
 from cogtune.train.validation import validation_shape
-from cogtune.train.sizing.estimate import CUDA_CONTEXT_GIB, RunEstimate, estimate_run
+from cogtune.train.sizing.cache import cached_estimate
+from cogtune.train.sizing.estimate import CUDA_CONTEXT_GIB, RunEstimate
 
 # Peak dense bf16 tensor throughput (TFLOP/s) and memory (GiB) of common GPUs, for rough step times.
 GPUS = {
@@ -157,7 +158,7 @@ Estimator = Callable[[TrainConfig], RunEstimate]
 
 
 def _same_shapes(estimate: RunEstimate) -> Estimator:
-    return lambda config: estimate_run(config, estimate.shapes, estimate.validation_shape)
+    return lambda config: cached_estimate(config, estimate.shapes, estimate.validation_shape)
 
 
 def cheapest_fit(estimate: RunEstimate, budget: float, estimator: Estimator | None = None,
@@ -175,7 +176,7 @@ def cheapest_fit(estimate: RunEstimate, budget: float, estimator: Estimator | No
 def choose_profile(config: TrainConfig, shapes: Any, validation_shape: Any, budget: float,
                    estimator: Estimator | None = None) -> tuple[TrainConfig, RunEstimate]:
     """The fastest memory settings of `config`'s run that fit `budget` (checkpointing off first)."""
-    estimator = estimator or (lambda c: estimate_run(c, shapes, validation_shape))
+    estimator = estimator or (lambda c: cached_estimate(c, shapes, validation_shape))
     fastest = replace_settings(config, {"gradient_checkpointing": False, "memory.fp8_weights": False,
                                         "memory.offload_blocks": False, "memory.offload_activations": False})
     first = estimator(fastest)
@@ -229,7 +230,7 @@ def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
             and launch.is_main_launch_process()):
         budget = budget_gib(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3)
         try:
-            estimate = estimate_run(config, shapes, validation)
+            estimate = cached_estimate(config, shapes, validation)
             suggestion = None if fits(estimate, budget) else cheapest_fit(estimate, budget)
         except Exception as exc:  # the estimate is advice: it never stops a run
             report.warn(f"memory check skipped: the estimate failed ({_first_line(exc)})")

@@ -13,10 +13,15 @@ it when the storage dies. Three things differ between a meta run and a GPU run, 
 
 The tracker also says what the memory is: every allocation carries a kind (the tracker's current
 `kind`, or one given when adopting or re-tagging a tensor: frozen or trainable weights, gradients,
-optimizer state, workspaces, ...), running totals per kind are kept, and each time reserved memory
-reaches a new peak the totals are copied (a dict of a dozen ints, only when a segment is added).
-`peak_breakdown()` is then the peak reserved figure in parts, the allocator's slack (reserved minus
-allocated at that moment) included, summing to it exactly.
+optimizer state, workspaces, ...), running totals per kind are kept, and each time allocated memory
+reaches a new high the totals are copied (a dict of a dozen ints). Reserved memory only grows during
+a phase (segments are cached, not returned), so what its peak holds is told at the fullest instant:
+`peak_breakdown()` is the bytes allocated by kind at the instant allocated memory peaks, the
+allocator's slack at that instant (reserved minus allocated: cached free blocks, rounding), and the
+segments the allocator reserves after it (small ones, for the optimizer step's temporaries), summing
+to the peak reserved figure exactly. Snapshotting when reserved memory last grows instead would tell
+the instant of the last segment added (say, in the optimizer step, when the activations are freed):
+their memory would then read as slack.
 """
 
 from __future__ import annotations
@@ -55,12 +60,15 @@ class AllocationTracker(TorchDispatchMode):
         self._cublas = False
         self.flops: int | None = None  # FLOPs of the ops traced while an int (torch's FlopCounterMode's count)
         self.kind = "other"  # the kind of what is allocated now (set by the code driving the trace)
-        self.parts: dict[str, int] = {}  # allocated bytes live now, by kind
+        self.parts: dict[str, int] = {}  # allocated bytes live now, by kind (blocks, as the allocator keeps them)
+        self.requested: dict[str, int] = {}  # the tensors' own bytes live now, by kind (what torch's MemTracker counts)
         self._kinds: dict[int, str] = {}
-        self._sizes: dict[int, int] = {}
-        self._peak_parts: dict[str, int] = {}
-        self._peak_reserved = 0
-        self._peak_allocated = 0
+        self._sizes: dict[int, tuple[int, int]] = {}  # block and requested bytes
+        self._peak_parts: dict[str, int] = {}  # at the fullest instant: bytes allocated by kind,
+        self._peak_requested: dict[str, int] = {}
+        self._recording: _Recording | None = None  # the allocations of a call being recorded (`ReplayedCalls`)
+        self._peak_allocated = 0  # their sum,
+        self._reserved_at_peak = 0  # and the reserved bytes then
 
     def adopt(self, tensors: Any, kind: str | None = None) -> None:
         """Count tensors that exist already (weights loaded before tracing); by default of kind
@@ -85,16 +93,31 @@ class AllocationTracker(TorchDispatchMode):
         allocator.malloc(key, nbytes)
         size = allocator.allocated - before  # the block, rounded (and unsplit remainders) as the allocator keeps it
         self._kinds[key] = kind
-        self._sizes[key] = size
-        parts = self.parts
+        self._sizes[key] = (size, nbytes)
+        parts, requested = self.parts, self.requested
         parts[kind] = parts.get(kind, 0) + size
-        if allocator.reserved > self._peak_reserved:
+        requested[kind] = requested.get(kind, 0) + nbytes
+        if self._recording is not None:
+            self._recording.malloc(key, nbytes, kind)
+        if allocator.allocated > self._peak_allocated:
             self._snapshot()
 
     def _snapshot(self) -> None:
         self._peak_parts = dict(self.parts)
-        self._peak_reserved = self.allocator.reserved
+        self._peak_requested = dict(self.requested)
         self._peak_allocated = self.allocator.allocated
+        self._reserved_at_peak = self.allocator.reserved
+
+    def _hold(self, storage: Any, key: int) -> None:
+        """A replayed block (`key`) is now `storage`'s: freed when the storage dies."""
+        handle = id(storage)
+        self._live.add(handle)
+        self._watch[handle] = weakref.ref(storage, lambda _, handle=handle, key=key: self._release_held(handle, key))
+
+    def _release_held(self, handle: int, key: int) -> None:
+        self._live.discard(handle)
+        self._watch.pop(handle, None)
+        self._free(key)
 
     def _release(self, key: int) -> None:
         self._live.discard(key)
@@ -102,10 +125,14 @@ class AllocationTracker(TorchDispatchMode):
         self._free(key)
 
     def _free(self, key: int) -> None:
+        if self._recording is not None:
+            self._recording.free(key)
         self.allocator.free(key)
         kind = self._kinds.pop(key, None)
         if kind is not None:
-            self.parts[kind] -= self._sizes.pop(key)
+            size, nbytes = self._sizes.pop(key)
+            self.parts[kind] -= size
+            self.requested[kind] -= nbytes
 
     def retag(self, tensor: Any, kind: str) -> None:
         """Say what a tracked tensor's storage is (a parameter's `.grad`, autocast's weight copy)."""
@@ -115,9 +142,13 @@ class AllocationTracker(TorchDispatchMode):
         old = self._kinds.get(key)
         if old is None or old == kind:
             return
-        size = self._sizes[key]
+        if self._recording is not None:
+            self._recording.broken = True  # a tensor's kind changed: not a call's own allocations
+        size, nbytes = self._sizes[key]
         self.parts[old] -= size
         self.parts[kind] = self.parts.get(kind, 0) + size
+        self.requested[old] -= nbytes
+        self.requested[kind] = self.requested.get(kind, 0) + nbytes
         self._kinds[key] = kind
 
     def reset_peaks(self) -> None:
@@ -126,11 +157,19 @@ class AllocationTracker(TorchDispatchMode):
         self._snapshot()
 
     def peak_breakdown(self) -> dict[str, int]:
-        """Bytes by kind when reserved memory last reached its peak, with `allocator_slack`; sums to the
-        allocator's `peak_reserved`."""
+        """Bytes by kind at the instant allocated memory peaked (since `reset_peaks`), with `allocator_slack`
+        (reserved minus allocated at that instant) and `reserved_after_peak` (segments added later, where
+        any); sums to the allocator's `peak_reserved`."""
         parts = {kind: size for kind, size in self._peak_parts.items() if size}
-        parts["allocator_slack"] = self._peak_reserved - self._peak_allocated
+        parts["allocator_slack"] = self._reserved_at_peak - self._peak_allocated
+        later = self.allocator.peak_reserved - self._reserved_at_peak
+        if later:
+            parts["reserved_after_peak"] = later
         return parts
+
+    def peak_requested(self) -> dict[str, int]:
+        """The tensors' own bytes by kind at the same instant as `peak_breakdown` (before the allocator's rounding)."""
+        return {kind: size for kind, size in self._peak_requested.items() if size}
 
     def current_breakdown(self) -> dict[str, int]:
         """Bytes by kind live now, with `allocator_slack`; sums to the allocator's `reserved`."""
@@ -168,6 +207,122 @@ class AllocationTracker(TorchDispatchMode):
         if scratch is not None:
             self._free(scratch)
         return out
+
+
+# --- calls replayed ---------------------------------------------------------------------------
+# The validation pass decodes the video in tiles: the VAE's decoder runs on tiles of a few shapes, dozens
+# of times, without autograd. A call that only allocates its own tensors and returns some of them (no
+# module state, no cache kept, nothing it was given freed) makes the same allocations and frees, in the
+# same order, whenever its arguments have the same metadata: the first call's are recorded, and later
+# ones replay them into the allocator's model and return fresh tensors of the outputs' description. The
+# allocator decides as it would have (the same requests in the same order, from its present state).
+class _Recording:
+    def __init__(self) -> None:
+        self.events: list[tuple[bool, int, int, str]] = []  # (malloc?, the call's own index, bytes, kind)
+        self.own: dict[int, int] = {}  # tracker key -> the call's own index
+        self.broken = False
+
+    def malloc(self, key: int, nbytes: int, kind: str) -> None:
+        self.own[key] = index = len(self.events)
+        self.events.append((True, index, nbytes, kind))
+
+    def free(self, key: int) -> None:
+        index = self.own.pop(key, None)
+        if index is None:
+            self.broken = True  # frees what it was given (or what lived before it)
+        else:
+            self.events.append((False, index, 0, ""))
+
+
+def _unplaced(value: Any) -> Any:
+    """A tensor argument as a call's allocations depend on it: where its view starts in its storage does not
+    matter (a tile is a slice of the latents), so it is described as if at the start."""
+    if type(value) in _TENSOR_TYPES and value.device == DEVICE and value.storage_offset():
+        return value.as_strided(value.shape, value.stride(), 0)
+    return value
+
+
+class ReplayedCalls:
+    """Wraps a function (a module's `forward`, the VAE's blending of tiles) so that its calls without autograd
+    are recorded once per description of their arguments and replayed after; other calls run as they are."""
+
+    def __init__(self, tracker: AllocationTracker, function: Any) -> None:
+        self.tracker, self.function = tracker, function
+        self.recorded: dict[Any, Any] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tracker = self.tracker
+        if torch.is_grad_enabled() or tracker.flops is not None or tracker._recording is not None:
+            return self.function(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        described = _describe([_unplaced(leaf) for leaf in leaves])
+        if described is None:
+            return self.function(*args, **kwargs)
+        key = (spec, described, tracker.kind, torch.get_default_dtype())
+        recorded = self.recorded.get(key)
+        if recorded is None:
+            out, self.recorded[key] = self._record(args, kwargs, leaves)
+            return out
+        if recorded is _UNCACHEABLE:
+            return self.function(*args, **kwargs)
+        return self._replay(*recorded, leaves)
+
+    def _record(self, args: Any, kwargs: Any, arguments: list[Any]) -> tuple[Any, Any]:
+        tracker = self.tracker
+        recording = tracker._recording = _Recording()
+        try:
+            out = self.function(*args, **kwargs)
+        finally:
+            tracker._recording = None
+        leaves, spec = tree_flatten(out)
+        outputs, kept = [], set()
+        for leaf in leaves:
+            position = next((i for i, argument in enumerate(arguments) if argument is leaf), None)
+            if position is not None:  # returns an argument (written in place: a blend of tiles)
+                outputs.append(("argument", position))
+            elif isinstance(leaf, torch.Tensor):
+                index = recording.own.get(id(leaf.untyped_storage()))
+                if index is None or type(leaf) is not torch.Tensor or leaf.requires_grad:
+                    return out, _UNCACHEABLE  # an argument, or a tensor that was not made here
+                kept.add(index)
+                outputs.append((index, leaf.untyped_storage().nbytes(), tuple(leaf.shape), leaf.stride(),
+                                leaf.storage_offset(), leaf.dtype))
+            elif leaf is None or type(leaf) in (bool, int, float):
+                outputs.append(leaf)
+            else:
+                return out, _UNCACHEABLE
+        if recording.broken or kept != set(recording.own.values()):  # something it made outlives it elsewhere
+            return out, _UNCACHEABLE
+        return out, (recording.events, outputs, spec)
+
+    def _replay(self, events: list[tuple[bool, int, int, str]], outputs: list[Any], spec: Any,
+                arguments: list[Any]) -> Any:
+        tracker = self.tracker
+        keys: dict[int, int] = {}
+        for is_malloc, index, nbytes, kind in events:
+            if is_malloc:
+                keys[index] = key = tracker._next_key
+                tracker._next_key += 1
+                tracker._malloc(key, nbytes, kind)
+            else:
+                tracker._free(keys.pop(index))
+        storages: dict[int, Any] = {}
+        leaves = []
+        with torch._C._DisableTorchDispatch():  # the outputs' blocks are replayed above: no allocation of theirs
+            for output in outputs:
+                if not isinstance(output, tuple):
+                    leaves.append(output)
+                    continue
+                if len(output) == 2:
+                    leaves.append(arguments[output[1]])
+                    continue
+                index, nbytes, shape, stride, offset, dtype = output
+                storage = storages.get(index)
+                if storage is None:
+                    storage = storages[index] = torch.UntypedStorage(nbytes, device=DEVICE)
+                    tracker._hold(storage, keys[index])
+                leaves.append(torch.empty(0, dtype=dtype, device=DEVICE).set_(storage, offset, shape, stride))
+        return tree_unflatten(leaves, spec)
 
 
 # --- the meta kernels, memoized ---------------------------------------------------------------

@@ -138,7 +138,8 @@ MEMORY_RELEVANT = [
     ("tiny", {}, "lora.target_modules", ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2"), "allocated_before_training"),
     ("tiny", {}, "lora.dropout", 0.1, "allocated_peak_training"),
     ("tiny", {}, "full", True, "allocated_before_training"),
-    ("tiny", {}, "optimizer.name", "adamw-8bit", "allocated_peak_training"),
+    # (rank 128: LoRA matrices of 4096 elements, which bitsandbytes keeps in 8 bits; smaller ones in float32)
+    ("tiny", {"lora.rank": 128}, "optimizer.name", "adamw-8bit", "allocated_peak_training"),
     ("tiny", {}, "gradient_checkpointing", False, "allocated_peak_training"),
     ("tiny", {}, "batch_size", 2, "allocated_peak_training"),
     ("tiny", {}, "mixed_precision", "bf16", "allocated_peak_training"),

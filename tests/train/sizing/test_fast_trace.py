@@ -83,6 +83,7 @@ def test_the_fast_path_gives_the_full_traces_figures(shrunk_specs, name, setting
     full = estimate_run(config, [shape], shape, exact=True)
     for fast in (cold, warm):
         assert fast.memory == full.memory  # to the byte: the same allocations, replayed in the same order
+        assert fast.breakdown == full.breakdown
         assert fast.teraflops_per_step == full.teraflops_per_step
         assert fast.trainable_parameters == full.trainable_parameters
         assert fast.transformer_parameters == full.transformer_parameters
@@ -196,3 +197,17 @@ def test_the_allocator_model_decides_as_the_reference(seed):
             reference.peak_allocated, reference.peak_reserved = reference.allocated, reference.reserved
         assert (model.allocated, model.reserved, model.peak_allocated, model.peak_reserved) == (
             reference.allocated, reference.reserved, reference.peak_allocated, reference.peak_reserved)
+
+
+def test_the_decoders_repeated_tiles_are_replayed(shrunk_specs, monkeypatch):
+    """The validation decode's calls on tiles of a shape already decoded replay the first call's allocations
+    (`trace.ReplayedCalls`); that the figures and parts are then the full trace's is the test above (the
+    same run)."""
+    from cogtune.train.sizing import trace
+
+    replays = []
+    real = trace.ReplayedCalls._replay
+    monkeypatch.setattr(trace.ReplayedCalls, "_replay", lambda self, *args: replays.append(1) or real(self, *args))
+    shape = (17, 128, 128)
+    estimate_run(_config("tiny-4", {}), [shape], shape)
+    assert replays
