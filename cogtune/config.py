@@ -89,6 +89,7 @@ def setting(
     list_of: tuple[str, ...] | None = None,
     comma_list: bool = False,
     offers: tuple[str, ...] | None = None,
+    shorthands: dict[str, Any] | None = None,
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
@@ -106,6 +107,7 @@ def setting(
     comma_list: a tuple typed on the command line as one comma-separated value (`--rank 16,64`;
         booleans as `on,off`) rather than by repeating the option; a list in the TOML file.
     offers: values the shell completes for an open-ended setting (model presets: a Hub id works too).
+    shorthands: flags that set the field to one value (`{"--fp8": "fp8"}`: `--fp8` means `--base-weights fp8`).
     low, high, low_open, high_open: numeric bounds (inclusive unless open); NaN and inf are refused.
     """
     if isinstance(default, (list, dict, set)):
@@ -119,6 +121,7 @@ def setting(
         raise TypeError("a comma_list setting is a tuple")
     metadata = {"help": help, "flag": flag, "short": short, "aliases": tuple(aliases), "metavar": metavar,
                 "path": path, "choices": choices, "list_of": list_of, "comma_list": comma_list, "offers": offers,
+                "shorthands": types.MappingProxyType(dict(shorthands or {})),
                 "bounds": bounds}
     return dataclasses.field(default=default, metadata=metadata)
 

@@ -151,6 +151,25 @@ class SettingOption:
         items = self.field.metadata.get("list_of")
         return completes(items, comma_list=True) if items else None
 
+    def shorthand_parameters(self) -> list[tuple[str, str, Any, Any]]:
+        """For each shorthand flag (`--fp8` for `--base-weights fp8`): the command's parameter name, the flag,
+        the value it stands for, and the `Annotated` flag option Typer turns it into."""
+        parameters = []
+        for flag, value in self.field.metadata.get("shorthands", {}).items():
+            option = typer.Option(flag, help=f"Same as {self.flag} {value}.", show_default=False)
+            parameters.append((flag[2:].replace("-", "_"), flag, value, Annotated[bool, option]))
+        return parameters
+
+    def with_shorthands(self, value: Any, given: dict[str, bool]) -> Any:
+        """The value typed, or the one a shorthand flag stands for; both, disagreeing: a one-line error."""
+        for _, flag, meant, _ in self.shorthand_parameters():
+            if not given.get(flag):
+                continue
+            if value is not None and value != meant:
+                raise ConfigError(f"{flag} means {self.flag} {meant}; it contradicts {self.flag} {value}")
+            value = meant
+        return value
+
     def config_value(self, value: Any) -> Any:
         """The config's value for what was typed: tuples for repeated options and comma lists, strings for paths."""
         if value is None:
@@ -222,6 +241,8 @@ def settings_options(config_cls: type, exclude: Iterable[str] = ()) -> Callable[
             if parameter.name == "overrides":
                 parameters += [inspect.Parameter(o.param, keyword_only, default=None, annotation=o.annotation())
                                for o in options]
+                parameters += [inspect.Parameter(name, keyword_only, default=False, annotation=annotation)
+                               for o in options for name, _, _, annotation in o.shorthand_parameters()]
             else:
                 parameters.append(parameter.replace(kind=keyword_only))
         names = [p.name for p in parameters]
@@ -231,7 +252,10 @@ def settings_options(config_cls: type, exclude: Iterable[str] = ()) -> Callable[
 
         @functools.wraps(command)
         def run(**values: Any) -> Any:
-            overrides = {o.path: o.config_value(values.pop(o.param)) for o in options}
+            overrides = {}
+            for o in options:
+                given = {flag: values.pop(name) for name, flag, _, _ in o.shorthand_parameters()}
+                overrides[o.path] = o.with_shorthands(o.config_value(values.pop(o.param)), given)
             return command(**values, overrides=overrides)
 
         run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
