@@ -336,7 +336,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def replace_settings(config: T, changes: Mapping[str, Any]) -> T:
-    """`config` with dotted settings changed (`{"memory.fp8_weights": True}`), every rule checked again.
+    """`config` with dotted settings changed (`{"memory.base_weights": "nf4"}`), every rule checked again.
 
     A combination the config's own rules refuse raises `ConfigError`, so callers that explore
     variations (the bench grid, the memory ladder) state no rules of their own.

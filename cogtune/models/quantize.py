@@ -126,3 +126,15 @@ def quantized_weight_bytes(kind: str, out_features: int, in_features: int, dtype
     if kind == "fp8":
         return count
     return count * dtype_bytes
+
+
+def quantized_linears_bytes(spec: ModelSpec, kind: str) -> int:
+    """Bytes the quantizable Linear weights of `spec`'s transformer take stored as `kind` (built on the meta
+    device: no memory), quantization state included; what the estimator counts for a quantized base."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device("meta"):
+        model = CogVideoXTransformer3DModel(**spec.transformer_config).requires_grad_(False)
+    dtype_bytes = torch.finfo(getattr(torch, spec.weight_dtype)).bits // 8
+    return sum(quantized_weight_bytes(kind, linear.out_features, linear.in_features, dtype_bytes)
+               for _, linear in quantizable_linears(model))

@@ -27,6 +27,7 @@ from cogtune.train.optimizers import OPTIMIZERS, default_learning_rate
 # diffusers' CogVideoX LoRA training targets the attention projections of every block.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_SAVE_FORMATS = ("diffusers", "comfyui", "kohya")  # the layouts of cogtune.lora.layouts a run writes
+BASE_WEIGHTS = ("bf16", "fp8", "int8", "nf4")  # how the frozen base is stored (`memory.base_weights`)
 # Base storages that a library quantizes (`cogtune.models.quantize`); fp8 is cogtune's own float8 storage Linear.
 QUANTIZED_BASE_WEIGHTS = ("int8", "nf4")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -146,6 +147,9 @@ class MemoryConfig:
         if self.quantized_base and self.offload_blocks:
             raise ConfigError(f"memory.base_weights {self.base_weights} and memory.offload_blocks exclude each other: "
                               "a quantized base is the way to keep the weights on the GPU")
+        if self.quantized_base and self.compile:
+            raise ConfigError(f"memory.compile does not combine with memory.base_weights {self.base_weights} yet: "
+                              "cogtune has not tested torch.compile through bitsandbytes' and torchao's layers")
 
     @property
     def fp8_weights(self) -> bool:
