@@ -115,7 +115,7 @@ def plan(dry_run: bool) -> list[Row]:
         Row("2b-lora-r64-ckpt", "memory", small, lora, shape, validation, memory_steps,
             purpose="the default LoRA run of the 2b model", max_s=limit),
         Row("5b-lora-r64-fp8-offload-act-adamw8bit", "memory", big,
-            {**lora, "memory.fp8_weights": True, "memory.offload_activations": True, **eight_bit}, shape, validation,
+            {**lora, "memory.base_weights": "fp8", "memory.offload_activations": True, **eight_bit}, shape, validation,
             memory_steps, needs=bnb, purpose="the low-memory LoRA recipe (12 GiB class)", max_s=limit),
         Row("5b-lora-r64-offload-blocks-act", "memory", big,
             {**lora, "memory.offload_blocks": True, "memory.offload_activations": True}, shape, validation,
@@ -126,7 +126,7 @@ def plan(dry_run: bool) -> list[Row]:
         ("adamw-8bit-ao", {"optimizer.name": "adamw-8bit-ao"}, ("torchao",)),
         ("adamw-4bit-ao", {"optimizer.name": "adamw-4bit-ao"}, ("torchao",)),
         ("adamw-cpu-offload", {"optimizer.name": "adamw-cpu-offload"}, ("torchao",)),
-        ("fp8", {"memory.fp8_weights": True}, ()),
+        ("fp8", {"memory.base_weights": "fp8"}, ()),
         ("compile", {"memory.compile": True}, ()),
         ("adamw-8bit-paged", {"optimizer.name": "adamw-8bit-paged"}, ("bitsandbytes",)),
     ]

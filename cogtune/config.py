@@ -40,6 +40,10 @@ MODEL_HELP = (
 )
 
 
+BASE_WEIGHTS = ("bf16", "fp8", "int8", "nf4")  # how a frozen transformer's Linear weights are stored (train, sample)
+# Those a library quantizes (`cogtune.models.quantize`); fp8 is cogtune's own float8 storage Linear.
+QUANTIZED_BASE_WEIGHTS = ("int8", "nf4")
+
 SEED_MAX = 2**64 - 1  # torch's generators take seeds 0 .. 2^64 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what an integer setting may be where no bound is declared
 

@@ -12,10 +12,9 @@ import dataclasses
 from typing import Literal
 
 from cogtune.bench import METHODS
-from cogtune.config import check_settings, setting
+from cogtune.config import BASE_WEIGHTS, check_settings, setting
 from cogtune.errors import ConfigError, DataError
 from cogtune.models.registry import ALL_PRESETS
-from cogtune.train.config import BASE_WEIGHTS
 from cogtune.train.optimizers import OPTIMIZERS
 
 

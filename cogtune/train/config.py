@@ -19,17 +19,14 @@ import dataclasses
 import re
 from typing import Literal
 
-from cogtune.config import (MODEL_HELP, SEED_MAX, check_settings, list_items, replace_settings, require, section,
-                            setting)
+from cogtune.config import (MODEL_HELP, QUANTIZED_BASE_WEIGHTS, SEED_MAX, check_settings, list_items,
+                            replace_settings, require, section, setting)
 from cogtune.errors import ConfigError
 from cogtune.train.optimizers import OPTIMIZERS, default_learning_rate
 
 # diffusers' CogVideoX LoRA training targets the attention projections of every block.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_SAVE_FORMATS = ("diffusers", "comfyui", "kohya")  # the layouts of cogtune.lora.layouts a run writes
-BASE_WEIGHTS = ("bf16", "fp8", "int8", "nf4")  # how the frozen base is stored (`memory.base_weights`)
-# Base storages that a library quantizes (`cogtune.models.quantize`); fp8 is cogtune's own float8 storage Linear.
-QUANTIZED_BASE_WEIGHTS = ("int8", "nf4")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 

@@ -5,7 +5,6 @@ The file format (saving, loading for resume, the recorded info) is `cogtune.lora
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from cogtune.errors import ConfigError
@@ -16,17 +15,13 @@ from cogtune.train.config import LoraConfig
 def add_lora(transformer: Any, config: LoraConfig) -> None:
     from peft import LoraConfig as PeftLoraConfig
 
-    with warnings.catch_warnings():
-        # peft's torchao LoRA layer warns that it cannot merge into an int8 base it did not load; cogtune never
-        # merges into a quantized base (`lora merge` merges into the bf16 one).
-        warnings.filterwarnings("ignore", message=".*without `get_apply_tensor_subclass`.*")
-        transformer.add_adapter(PeftLoraConfig(
-            r=config.rank,
-            lora_alpha=config.effective_alpha,
-            lora_dropout=config.dropout,
-            init_lora_weights=True,
-            target_modules=list(config.target_modules),
-        ))
+    transformer.add_adapter(PeftLoraConfig(
+        r=config.rank,
+        lora_alpha=config.effective_alpha,
+        lora_dropout=config.dropout,
+        init_lora_weights=True,
+        target_modules=list(config.target_modules),
+    ))
 
 
 def check_lora_targets(spec: ModelSpec, config: LoraConfig) -> None:

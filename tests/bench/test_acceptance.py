@@ -128,7 +128,7 @@ def test_the_gpu_plan_runs_the_most_informative_rows_first(kit):
     assert {row.changes.get("optimizer.name") for row in rows[4:-1]} >= {
         "adamw-8bit", "adamw-8bit-ao", "adamw-4bit-ao", "adamw-cpu-offload"}
     assert any(row.changes.get("memory.compile") for row in rows) and any(
-        row.changes.get("memory.fp8_weights") for row in rows[4:-1])
+        row.changes.get("memory.base_weights") == "fp8" for row in rows[4:-1])
     for row in rows:
         if row.kind == "memory":
             assert row.validation == (49, 480, 720) and row.steps >= 3
