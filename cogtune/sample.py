@@ -258,10 +258,13 @@ def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtyp
     model, spec = plan.model, plan.model.spec
     dtype = dtype or torch_dtype(spec.weight_dtype)
     place = "cpu" if config.offload != "none" else device  # offload hooks move components themselves
+    quantized = config.base_weights in QUANTIZED_BASE_WEIGHTS
+    loaded_at = "cpu" if quantized else place  # a quantized base comes to the device a quantized layer at a time
     if plan.transformer_folder is not None:
-        transformer = CogVideoXTransformer3DModel.from_pretrained(plan.transformer_folder, torch_dtype=dtype).to(place)
+        transformer = CogVideoXTransformer3DModel.from_pretrained(plan.transformer_folder, torch_dtype=dtype)
+        transformer.to(loaded_at)
     else:
-        transformer = load_transformer(model, dtype=dtype, device=place)
+        transformer = load_transformer(model, dtype=dtype, device=loaded_at)
     transformer.requires_grad_(False)
     scheduler = load_scheduler(model)
     if config.scheduler == "dpm":
@@ -270,8 +273,9 @@ def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtyp
         from diffusers import CogVideoXDDIMScheduler
 
         scheduler = CogVideoXDDIMScheduler.from_config(scheduler.config)
-    if config.base_weights in QUANTIZED_BASE_WEIGHTS:  # before the LoRA, as in training: peft wraps the quantized layers
-        quantize_frozen_linears(transformer, config.base_weights, dtype, transformer.device)
+    if quantized:  # before the LoRA, as in training: peft wraps the quantized layers
+        quantize_frozen_linears(transformer, config.base_weights, dtype, place)
+        transformer.to(place)
     pipe = build_pipeline(model, transformer=transformer, vae=load_vae(model, dtype=dtype, device=place),
                           text_encoder=None, tokenizer=None, scheduler=scheduler)
     if plan.lora_file is not None:
