@@ -27,6 +27,7 @@ import torch
 from packaging.version import Version
 
 from cogtune.errors import ConfigError
+from cogtune.models.loading import default_device
 from cogtune.models.fp8 import SKIP_PATTERNS
 from cogtune.models.registry import ModelSpec
 
@@ -42,7 +43,7 @@ _LIBRARIES = {"nf4": ("bitsandbytes", "0.46.0"), "int8": ("torchao", "0.16.0")}
 
 def check_base_weights(kind: str, spec: ModelSpec) -> None:
     """Refuse, before any weight loads, a quantized base that cannot be made: its library missing or too
-    old, or a model whose transformer is quantized already."""
+    old (or without kernels for this device), or a model whose transformer is quantized already."""
     if kind not in _LIBRARIES:
         return
     package, oldest = _LIBRARIES[kind]
@@ -53,6 +54,9 @@ def check_base_weights(kind: str, spec: ModelSpec) -> None:
         raise ConfigError(f"--base-weights {kind} needs {package}, which is not installed", hint=hint) from None
     if Version(found) < Version(oldest):
         raise ConfigError(f"--base-weights {kind} needs {package} {oldest} or newer (found {found})", hint=hint)
+    if kind == "nf4" and default_device() == "mps":
+        raise ConfigError("--base-weights nf4: bitsandbytes has no 4-bit kernels for Apple's MPS",
+                          hint="--base-weights int8 (torchao) or fp8")
     quantized = spec.transformer_config.get("quantization_config")
     if quantized:
         method = quantized.get("quant_method", "a library") if isinstance(quantized, dict) else "a library"

@@ -35,8 +35,8 @@ def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, 
     """The transformer with the right parameters trainable, in the right dtypes, and its compute dtype.
 
     LoRA: frozen base weights in the model's dtype (float32 on a CPU), or as `memory.base_weights` stores
-    them (float8; torchao int8 or bitsandbytes NF4, `cogtune.models.quantize`), LoRA weights in float32. Full: float32 master weights; autocast (mixed
-    precision) runs the matmuls in bf16/fp16. The memory options are applied as their placement
+    them (float8; torchao int8 or bitsandbytes NF4, `cogtune.models.quantize`), LoRA weights in float32.
+    Full: float32 master weights; autocast (mixed precision) runs the matmuls in bf16/fp16. The memory options are applied as their placement
     (`cogtune.train.placement`) describes; `fsdp_checkpoints_activations`: the launch's FSDP config
     checkpoints the blocks itself. Order matters: block offloading hooks go on before the LoRA layers
     exist (so that they stay on the GPU), float8 storage after (so that peft does not create the LoRA

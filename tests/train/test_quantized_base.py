@@ -185,6 +185,14 @@ def test_a_missing_or_old_library_is_refused_before_loading(kind, found, message
     assert _refused_before_loading(config, monkeypatch) == message
 
 
+def test_nf4_on_apples_mps_is_refused_before_loading(tiny_cache, tmp_path, monkeypatch):
+    import cogtune.models.quantize
+
+    monkeypatch.setattr(cogtune.models.quantize, "default_device", lambda: "mps")
+    config = _config(tiny_cache, tmp_path / "run")
+    assert "bitsandbytes has no 4-bit kernels for Apple's MPS" in _refused_before_loading(config, monkeypatch)
+
+
 def test_an_already_quantized_model_folder_is_refused_before_loading(tiny_model_dir, tiny_cache, tmp_path, monkeypatch):
     import shutil
 
@@ -203,3 +211,21 @@ def test_fp8_is_a_shorthand_that_cannot_contradict_base_weights(cli, tiny_cache,
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1
     assert "--fp8 means --base-weights fp8; it contradicts --base-weights nf4" in lines[0]
+
+
+def test_bench_sizes_each_base_and_the_ladder_proposes_nf4(cli, tmp_path):
+    from cogtune.train.sizing.fit import ladder
+
+    result = cli("bench", "memory", "--model", "tiny", "--shape", "9x64x64", "--no-validation",
+                 "--base-weights", "bf16,fp8,int8,nf4", "--json", tmp_path / "rows.json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [row["case"]["base_weights"] for row in rows] == ["bf16", "fp8", "int8", "nf4"]
+    assert all(f", {kind}," in row["label"] for row, kind in zip(rows[1:], ("fp8", "int8", "nf4")))
+
+    config = TrainConfig(model="cogvideox-5b", data="<bench>", output_dir="<bench>", random_weights=True,
+                         gradient_checkpointing=False)
+    rungs = [(c.memory.base_weights, c.memory.offload_activations, c.memory.offload_blocks) for c in ladder(config)]
+    # after activation offloading, before block offloading (which a quantized base excludes)
+    assert rungs.index(("nf4", True, False)) == rungs.index(("fp8", True, False)) + 1
+    assert rungs.index(("nf4", True, False)) < rungs.index(("bf16", True, True))

@@ -453,8 +453,8 @@ def _estimate(config: TrainConfig, shapes: tuple[Shape, ...], shape: Shape, vali
     host = {"offloaded_blocks": blocks,
             "offloaded_activations": traced.host_activations if placement.saved_activations_on_host else 0,
             **_cpu_optimizer_host_bytes(trainable, placement.optimizer_on_host)}
-    frozen = {id(t.untyped_storage()): t.untyped_storage().nbytes() for name, t in
-              [*transformer.named_parameters(), *transformer.named_buffers()] if "lora_" not in name}
+    storages = [t.untyped_storage() for t in [*transformer.parameters(), *transformer.buffers()] if not t.requires_grad]
+    frozen = {id(storage): storage.nbytes() for storage in storages}  # each once (all alive: ids are distinct)
     return RunEstimate(
         config=config, shapes=shapes, shape=shape, validation_shape=validation_shape, memory=figures,
         frozen_weight_bytes=sum(frozen.values()) + requantized,
