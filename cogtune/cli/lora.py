@@ -53,7 +53,7 @@ def inspect(
          "no: convert it (`cogtune lora convert IN OUT --to diffusers`) for loaders older than diffusers 0.34"),
         ("targets", ", ".join(result["target_modules"])),
         ("buckets", ", ".join(result["buckets"]) if result["buckets"] else None),
-        ("base", result["trained_against"]),
+        ("base", result.get("trained_against")),
     ])
     report.table("rank and alpha", ["rank", "alpha", "scale", "layers"],
                  [(g["rank"], g["alpha"], g["alpha"] / g["rank"], g["layers"]) for g in result["ranks_alphas"]])

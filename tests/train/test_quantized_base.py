@@ -60,6 +60,16 @@ def test_a_run_validates_on_its_quantized_transformer_and_records_its_base(nf4_r
     assert inspected["base_weights"] == "nf4" and inspected["trained_against"].startswith("trained against an NF4 base")
 
 
+def test_the_nf4_runs_lora_converts_to_comfyui(nf4_run, tmp_path):
+    from cogtune.lora.layouts import convert_lora, inspect_lora
+
+    result, _ = nf4_run
+    convert_lora(result.output_dir, tmp_path / "comfy.safetensors", "comfyui")
+    converted = inspect_lora(tmp_path / "comfy.safetensors")
+    assert converted["layout"] == "comfyui" and converted["layers"] == inspect_lora(result.output_dir)["layers"] == 8
+    assert converted["trained_against"] is not None  # the header carries the base it trained against
+
+
 def test_a_resumed_nf4_run_ends_as_the_uninterrupted_one(nf4_run, tiny_cache, tmp_path, monkeypatch):
     from cogtune.train import checkpoint
 
