@@ -6,7 +6,7 @@ its checks all come from the field (find where a flag is declared with
 `grep -rn 'flag="--lr"' cogtune`). The option's own default is None, "not given", so that a value
 from the `--config` file is never shadowed; a boolean is `--x/--no-x`, so that `true` in the file
 can be switched off on the command line. A tuple is a repeatable option, or with `comma_list=True`
-one comma-separated value (`--rank 16,64`; booleans `--fp8 on,off`), read and checked item by item
+one comma-separated value (`--rank 16,64`; booleans `--offload-activations on,off`), read and checked item by item
 before the command runs (a one-line error, exit 1).
 
 `@settings_options(TrainConfig)` puts one option per flagged field (sections included) where the
@@ -60,7 +60,7 @@ class SettingOption:
 
     @property
     def comma_list(self) -> bool:
-        """Typed as one comma-separated value (`--rank 16,64`, `--fp8 on,off`): a tuple in the config."""
+        """Typed as one comma-separated value (`--rank 16,64`, `--offload-activations on,off`): a tuple in the config."""
         return bool(self.field.metadata.get("comma_list"))
 
     @property

@@ -149,10 +149,6 @@ class MemoryConfig:
                               "cogtune has not tested torch.compile through bitsandbytes' and torchao's layers")
 
     @property
-    def fp8_weights(self) -> bool:
-        return self.base_weights == "fp8"
-
-    @property
     def quantized_base(self) -> bool:
         """The frozen base is held quantized by a library (torchao int8, bitsandbytes NF4)."""
         return self.base_weights in QUANTIZED_BASE_WEIGHTS

@@ -83,7 +83,7 @@ def memory_placement(config: TrainConfig, fsdp_checkpoints_activations: bool = F
     return MemoryPlacement(
         checkpoint_blocks=config.gradient_checkpointing and not fsdp_checkpoints_activations,
         frozen_weights_on_host=memory.offload_blocks,
-        frozen_weights_in_float8=memory.fp8_weights,
+        frozen_weights_in_float8=memory.base_weights == "fp8",
         frozen_weights_quantized=memory.base_weights if memory.quantized_base else None,
         saved_activations_on_host=memory.offload_activations,
         optimizer_on_host=config.optimizer.name == "adamw-cpu-offload",

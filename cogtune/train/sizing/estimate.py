@@ -166,7 +166,7 @@ def run_summary(config: TrainConfig, shape: Shape, validation_shape: Shape | Non
             "target_modules": list(config.lora.target_modules), "optimizer": config.optimizer.name,
             "gradient_checkpointing": config.gradient_checkpointing, "batch_size": config.batch_size,
             "mixed_precision": config.mixed_precision, "frames": frames, "height": height, "width": width,
-            "fp8": memory.fp8_weights, "base_weights": memory.base_weights, "offload_blocks": memory.offload_blocks,
+            "fp8": memory.base_weights == "fp8", "base_weights": memory.base_weights, "offload_blocks": memory.offload_blocks,
             "offload_activations": memory.offload_activations, "validation": validation_shape is not None,
             "validation_shape": list(validation_shape) if validation_shape else None}
 
