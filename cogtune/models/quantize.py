@@ -16,7 +16,7 @@ weights, local folders and Hub models go the same way; each layer is quantized o
 time, so a GPU never holds the unquantized base. Every block's Linear is quantized, the norms'
 modulation Linears included (1.5 GiB of 5b's bf16 weights, which float8 storage keeps); the layers in
 and out of the blocks (`KEPT_UNQUANTIZED`: the patch and text projections, the time and ofs embeddings,
-the final norm and projection, about 1% of the weights) stay in the model's dtype, as the QLoRA
+the final norm and projection, under 1% of the weights) stay in the model's dtype, as the QLoRA
 recipe keeps a language model's head: on the tiny model, quantizing them too multiplies the
 transformer's output error by 9 (0.19 against 0.022), while quantizing the modulation Linears adds 8%.
 """
