@@ -11,6 +11,8 @@ On a GPU it runs, in this order (the most informative first), each row in a subp
    downloaded), each with a validation pass at 49x480x720 (2 denoising steps: memory does not
    depend on their count): 5b LoRA r64 with checkpointing (the headline), 2b LoRA r64, 5b r64
    `--fp8 --offload-activations --optimizer adamw-8bit`, 5b r64 `--offload-blocks --offload-activations`;
+   then a quantized base beside its bf16 row: 5b r64 `--base-weights nf4` and `int8`, 1.5-5b r64 at
+   81x768x1360 in bf16 and nf4;
 2. quick passes of the CUDA-only paths (bitsandbytes and torchao optimizers, the cpu-offload
    optimizer, fp8 storage, torch.compile) for a few steps: pass/fail and the error line;
 3. 5b full fine-tuning with an 8-bit optimizer, if the budget still allows.
@@ -100,6 +102,26 @@ class Row:
                       "validation": tuple(data["validation"]) if data["validation"] else None})
 
 
+def _quantized_base_rows(dry_run: bool, lora: dict[str, Any], validation: Any, steps: int, limit: float) -> list[Row]:
+    """A quantized base (issue 27) beside its bf16 row: 5b nf4 and int8 (the bf16 row is the headline), and
+    1.5-5b at 81x768x1360 in bf16 and nf4. The goal: 5b LoRA with validation in 8 GiB, at most 1.3x bf16's s/step.
+    GPU rows (`cuda_only`): the dry run estimates them and runs none (its rows hide bitsandbytes and torchao)."""
+    big, wide = ("tiny-rotary", "tiny-1.5") if dry_run else ("cogvideox-5b", "cogvideox1.5-5b")
+    shape, wide_shape = ((9, 32, 32), (9, 32, 32)) if dry_run else (VALIDATION_SHAPE, (81, 768, 1360))
+    nf4, int8 = {**lora, "memory.base_weights": "nf4"}, {**lora, "memory.base_weights": "int8"}
+    return [
+        Row("5b-lora-r64-nf4", "memory", big, nf4, shape, validation, steps, needs=("bitsandbytes",),
+            cuda_only=True, purpose="QLoRA: an NF4 base (bitsandbytes), beside 5b-lora-r64-ckpt", max_s=limit),
+        Row("5b-lora-r64-int8", "memory", big, int8, shape, validation, steps, needs=("torchao",),
+            cuda_only=True, purpose="an int8 base (torchao), beside 5b-lora-r64-ckpt", max_s=limit),
+        Row("1.5-5b-lora-r64-ckpt-81x768x1360", "memory", wide, lora, wide_shape, validation, steps,
+            cuda_only=True, purpose="1.5-5b at its native shape, bf16 base", max_s=limit * 2),
+        Row("1.5-5b-lora-r64-nf4-81x768x1360", "memory", wide, nf4, wide_shape, validation, steps,
+            needs=("bitsandbytes",), cuda_only=True, purpose="1.5-5b at its native shape, NF4 base",
+            max_s=limit * 2),
+    ]
+
+
 def plan(dry_run: bool) -> list[Row]:
     """The rows in the order they run. The dry run has the same rows on the tiny presets, at 9x32x32."""
     big, small = ("tiny-rotary", "tiny") if dry_run else ("cogvideox-5b", "cogvideox-2b")
@@ -118,18 +140,19 @@ def plan(dry_run: bool) -> list[Row]:
         Row("2b-lora-r64-ckpt", "memory", small, lora, shape, validation, memory_steps,
             purpose="the default LoRA run of the 2b model", max_s=limit),
         Row("5b-lora-r64-fp8-offload-act-adamw8bit", "memory", big,
-            {**lora, "memory.fp8_weights": True, "memory.offload_activations": True, **eight_bit}, shape, validation,
+            {**lora, "memory.base_weights": "fp8", "memory.offload_activations": True, **eight_bit}, shape, validation,
             memory_steps, needs=bnb, purpose="the low-memory LoRA recipe (12 GiB class)", max_s=limit),
         Row("5b-lora-r64-offload-blocks-act", "memory", big,
             {**lora, "memory.offload_blocks": True, "memory.offload_activations": True}, shape, validation,
             memory_steps, purpose="frozen weights streamed from the CPU", max_s=limit),
+        *_quantized_base_rows(dry_run, lora, validation, memory_steps, limit),
     ]
     quick = [
         ("adamw-8bit", {"optimizer.name": "adamw-8bit"}, ("bitsandbytes",)),
         ("adamw-8bit-ao", {"optimizer.name": "adamw-8bit-ao"}, ("torchao",)),
         ("adamw-4bit-ao", {"optimizer.name": "adamw-4bit-ao"}, ("torchao",)),
         ("adamw-cpu-offload", {"optimizer.name": "adamw-cpu-offload"}, ("torchao",)),
-        ("fp8", {"memory.fp8_weights": True}, ()),
+        ("fp8", {"memory.base_weights": "fp8"}, ()),
         ("compile", {"memory.compile": True}, ()),
         ("adamw-8bit-paged", {"optimizer.name": "adamw-8bit-paged"}, ("bitsandbytes",)),
     ]

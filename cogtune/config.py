@@ -40,6 +40,10 @@ MODEL_HELP = (
 )
 
 
+BASE_WEIGHTS = ("bf16", "fp8", "int8", "nf4")  # how a frozen transformer's Linear weights are stored (train, sample)
+# Those a library quantizes (`cogtune.models.quantize`); fp8 is cogtune's own float8 storage Linear.
+QUANTIZED_BASE_WEIGHTS = ("int8", "nf4")
+
 SEED_MAX = 2**64 - 1  # torch's generators take seeds 0 .. 2^64 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what an integer setting may be where no bound is declared
 
@@ -89,6 +93,7 @@ def setting(
     list_of: tuple[str, ...] | None = None,
     comma_list: bool = False,
     offers: tuple[str, ...] | None = None,
+    shorthands: dict[str, Any] | None = None,
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
@@ -106,6 +111,7 @@ def setting(
     comma_list: a tuple typed on the command line as one comma-separated value (`--rank 16,64`;
         booleans as `on,off`) rather than by repeating the option; a list in the TOML file.
     offers: values the shell completes for an open-ended setting (model presets: a Hub id works too).
+    shorthands: flags that set the field to one value (`{"--fp8": "fp8"}`: `--fp8` means `--base-weights fp8`).
     low, high, low_open, high_open: numeric bounds (inclusive unless open); NaN and inf are refused.
     """
     if isinstance(default, (list, dict, set)):
@@ -119,6 +125,7 @@ def setting(
         raise TypeError("a comma_list setting is a tuple")
     metadata = {"help": help, "flag": flag, "short": short, "aliases": tuple(aliases), "metavar": metavar,
                 "path": path, "choices": choices, "list_of": list_of, "comma_list": comma_list, "offers": offers,
+                "shorthands": types.MappingProxyType(dict(shorthands or {})),
                 "bounds": bounds}
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -333,7 +340,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def replace_settings(config: T, changes: Mapping[str, Any]) -> T:
-    """`config` with dotted settings changed (`{"memory.fp8_weights": True}`), every rule checked again.
+    """`config` with dotted settings changed (`{"memory.base_weights": "nf4"}`), every rule checked again.
 
     A combination the config's own rules refuse raises `ConfigError`, so callers that explore
     variations (the bench grid, the memory ladder) state no rules of their own.

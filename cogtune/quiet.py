@@ -54,6 +54,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     # diffusers passes huggingface_hub 2.x an argument it ignores, with a warning per Hub download.
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+    # peft's torchao LoRA layer warns that it cannot merge into an int8 base it did not load itself; cogtune never
+    # merges into a quantized base (`lora merge` merges into the unquantized one).
+    warnings.filterwarnings("ignore", message=".*without `get_apply_tensor_subclass`.*")
     # FSDP2 warns that the root module returns a view (the transformer's output); cogtune never edits it in place.
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 

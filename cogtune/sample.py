@@ -7,7 +7,8 @@ Everything is checked before a weight loads (shape rules, images, outputs, the L
 Prompts are encoded a chunk (`PROMPT_CHUNK`) at a time, just before they are generated; a run of
 one chunk encodes first and frees T5 before the transformer loads, so the two never share the GPU
 (longer runs park T5 in CPU memory between chunks). Memory options (VAE tiling/slicing, model or
-sequential CPU offload, fp8 storage of the transformer's weights) are diffusers' own.
+sequential CPU offload, fp8 storage of the transformer's weights) are diffusers' own; a quantized
+transformer (`--base-weights int8|nf4`) is `cogtune.models.quantize`'s, as training makes it.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import torch
 from PIL import Image
 
 from cogtune import report
-from cogtune.config import write_config
+from cogtune.config import QUANTIZED_BASE_WEIGHTS, write_config
 from cogtune.errors import CogtuneError, ConfigError, DataError, ModelError
 from cogtune.fsutil import OutputLock, check_writable
 from cogtune.generate import generate_videos, load_condition_image
+from cogtune.models.quantize import check_base_weights
 from cogtune.models.registry import ModelSpec
 from cogtune.sample_config import SampleConfig
 
@@ -174,10 +176,11 @@ def plan_sample(config: SampleConfig) -> SamplePlan:
     if config.images and len(config.images) not in (1, len(prompts)):
         raise ConfigError(f"{len(config.images)} images for {len(prompts)} prompts; give one, or one per prompt")
     images = [load_condition_image(p) for p in config.images]
-    if config.offload != "none" or config.fp8:
+    if config.offload != "none" or config.base_weights == "fp8":
         if not torch.cuda.is_available():
-            option = "--fp8" if config.fp8 else f"--offload {config.offload}"
+            option = "--base-weights fp8" if config.base_weights == "fp8" else f"--offload {config.offload}"
             raise ConfigError(f"{option} needs a CUDA GPU")
+    check_base_weights(config.base_weights, spec)
     paths = output_paths(config.output, len(prompts), config.overwrite)
     if config.compare_base and not config.overwrite:
         from cogtune.generate import comparison_path
@@ -254,16 +257,20 @@ def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtyp
     from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 
     from cogtune.models.fp8 import store_frozen_linears_in_float8
+    from cogtune.models.quantize import quantize_frozen_linears
     from cogtune.models.loading import build_pipeline, load_scheduler, load_transformer, load_vae, torch_dtype
     from cogtune.models.positions import drop_learned_positional_embeddings
 
     model, spec = plan.model, plan.model.spec
     dtype = dtype or torch_dtype(spec.weight_dtype)
     place = "cpu" if config.offload != "none" else device  # offload hooks move components themselves
+    quantized = config.base_weights in QUANTIZED_BASE_WEIGHTS
+    loaded_at = "cpu" if quantized else place  # a quantized base comes to the device a quantized layer at a time
     if plan.transformer_folder is not None:
-        transformer = CogVideoXTransformer3DModel.from_pretrained(plan.transformer_folder, torch_dtype=dtype).to(place)
+        transformer = CogVideoXTransformer3DModel.from_pretrained(plan.transformer_folder, torch_dtype=dtype)
+        transformer.to(loaded_at)
     else:
-        transformer = load_transformer(model, dtype=dtype, device=place)
+        transformer = load_transformer(model, dtype=dtype, device=loaded_at)
     transformer.requires_grad_(False)
     scheduler = load_scheduler(model)
     if config.scheduler == "dpm":
@@ -272,6 +279,9 @@ def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtyp
         from diffusers import CogVideoXDDIMScheduler
 
         scheduler = CogVideoXDDIMScheduler.from_config(scheduler.config)
+    if quantized:  # before the LoRA, as in training: peft wraps the quantized layers
+        quantize_frozen_linears(transformer, config.base_weights, dtype, place)
+        transformer.to(place)
     pipe = build_pipeline(model, transformer=transformer, vae=load_vae(model, dtype=dtype, device=place),
                           text_encoder=None, tokenizer=None, scheduler=scheduler)
     if plan.lora_file is not None:
@@ -283,7 +293,7 @@ def _sampling_pipeline(plan: SamplePlan, config: SampleConfig, device: Any, dtyp
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"cannot load the LoRA {plan.lora_file} into {spec.name}: {first[:200]}",
                              hint="was it trained for another model?") from exc
-    if config.fp8:
+    if config.base_weights == "fp8":
         # After the LoRA: peft creates its layers in the base weight's dtype, so they must exist first.
         store_frozen_linears_in_float8(pipe.transformer, dtype)
     if plan.drop_learned_positions:

@@ -46,8 +46,10 @@ class SampleConfig:
     offload: Literal["none", "model", "sequential"] = setting(
         "none", "CPU offload (GPU only): whole components (model) or layer by layer (sequential, slowest, least memory).",
         flag="--offload")
-    fp8: bool = setting(False, "Store the transformer's Linear weights in float8 and compute in bf16 (GPU; about half "
-                               "the transformer's memory).", flag="--fp8")
+    base_weights: Literal["bf16", "fp8", "int8", "nf4"] = setting(
+        "bf16", "How the transformer's Linear weights are stored: bf16 (the model's dtype), fp8 (float8, GPU; about "
+                "half the memory), int8 (torchao), nf4 (bitsandbytes 4-bit, about a quarter); compute in bf16.",
+        flag="--base-weights", shorthands={"--fp8": "fp8"})
     preview: Literal["none", "gif", "png", "both"] = setting(
         "none", "Also write a GIF and/or a PNG contact sheet beside each mp4.", flag="--preview")
     random_weights: bool = setting(False, "Use the preset's architecture with random weights (no download).",

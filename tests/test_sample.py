@@ -139,5 +139,5 @@ def test_cli_errors_are_one_line(cli, tmp_path):
 
 @pytest.mark.gpu
 def test_memory_options_on_a_gpu(tmp_path):
-    path = _sample(tmp_path, "gpu.mp4", fp8=True, offload="model", vae_tiling=True, vae_slicing=True)
+    path = _sample(tmp_path, "gpu.mp4", base_weights="fp8", offload="model", vae_tiling=True, vae_slicing=True)
     assert probe_video(path).frames == 9

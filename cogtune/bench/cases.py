@@ -31,7 +31,7 @@ AXES = {
     "optimizers": "optimizer.name",
     "gradient_checkpointing": "gradient_checkpointing",
     "batch_sizes": "batch_size",
-    "fp8": "memory.fp8_weights",
+    "base_weights": "memory.base_weights",
     "offload_blocks": "memory.offload_blocks",
     "offload_activations": "memory.offload_activations",
 }

@@ -2,7 +2,7 @@
 
 Each setting is declared once, here: its name, flag, help, default, completion and checks
 (`cogtune.cli.settings` builds the command's options from the fields). The grid's axes are
-comma lists on the command line (`--rank 16,64`, `--fp8 on,off`) and lists in a TOML file.
+comma lists on the command line (`--rank 16,64`, `--base-weights bf16,nf4`) and lists in a TOML file.
 Light to import: the CLI reads this module while it builds its options.
 """
 
@@ -12,7 +12,7 @@ import dataclasses
 from typing import Literal
 
 from cogtune.bench import METHODS
-from cogtune.config import check_settings, setting
+from cogtune.config import BASE_WEIGHTS, check_settings, setting
 from cogtune.errors import ConfigError, DataError
 from cogtune.models.registry import ALL_PRESETS
 from cogtune.train.optimizers import OPTIMIZERS
@@ -39,8 +39,8 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = _axis("Batch sizes; default: the run's (1).", "--batch-size")
     shapes: tuple[str, ...] = _axis("Clip shapes, one row each (a resolution grid); default: the cache's buckets, "
                                     "else the model's default clip.", "--shape", metavar="FxHxW")
-    fp8: tuple[bool, ...] = _axis("Float8 storage of the frozen weights (LoRA) on and/or off; default: the run's "
-                                  "(off).", "--fp8")
+    base_weights: tuple[str, ...] = _axis("How the frozen base is stored (LoRA): bf16, fp8, int8, nf4; default: the "
+                                          "run's (bf16).", "--base-weights", choices=BASE_WEIGHTS)
     offload_blocks: tuple[bool, ...] = _axis("Frozen weights offloaded to the CPU (LoRA) on and/or off; default: the "
                                              "run's (off).", "--offload-blocks")
     offload_activations: tuple[bool, ...] = _axis("Saved activations offloaded to the CPU on and/or off; default: the "

@@ -92,8 +92,10 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, budget: float | None, n
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         case = row["case"]
-        options = ", ".join(name for name, key in (("fp8", "fp8"), ("offload blocks", "offload_blocks"),
-                                                   ("offload activations", "offload_activations")) if case[key]) or "-"
+        base = case.get("base_weights", "fp8" if case["fp8"] else "bf16")  # rows written before int8 and nf4 say fp8
+        options = ", ".join([f"{base} base"] * (base != "bf16") +
+                            [name for name, key in (("offload blocks", "offload_blocks"),
+                                                    ("offload activations", "offload_activations")) if case[key]]) or "-"
         shape = "x".join(str(v) for v in row["shape"])
         cells = [case["model"], case["method"], str(case["rank"]) if case["method"] == "lora" else "-",
                  case["optimizer"], "on" if case["gradient_checkpointing"] else "off", options, str(case["batch_size"]),

@@ -59,7 +59,7 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
     """Size (or measure) every configuration of `config`'s grid; print the table, write the outputs asked for."""
     cases = bench_cases(config)
     if not cases:
-        raise ConfigError("the grid is empty (fp8 and block offloading apply to LoRA only)")
+        raise ConfigError("the grid is empty (--base-weights other than bf16 and block offloading apply to LoRA only)")
     target = _Target.of(config)
     gpu = target.gpu
     if config.mode == "estimate" and gpu is not None and config.gpu is None and gpu_from_device_name(gpu[0]) is None:

@@ -23,7 +23,7 @@ EPILOG = examples(
     "cogtune bench memory --model cogvideox-5b --rank 16,64,256 --gradient-checkpointing on,off --estimate "
     "--gpu-memory 24 --markdown memory.md --plot memory.png",
     "cogtune bench memory --model cogvideox-5b --method full --optimizer adamw-8bit,adamw-4bit-ao --estimate",
-    "cogtune bench memory --model cogvideox-2b,cogvideox-5b --fp8 on,off --offload-activations on,off --estimate",
+    "cogtune bench memory --model cogvideox-2b,cogvideox-5b --base-weights bf16,fp8,nf4 --offload-activations on,off --estimate",
     "cogtune bench memory --model cogvideox-5b --rank 64 --measure --json measured.json",
     "cogtune bench memory --config run.toml --data cache/disney --gpu-memory 24",
 )

@@ -62,6 +62,7 @@ def inspect(
          "no: convert it (`cogtune lora convert IN OUT --to diffusers`) for loaders older than diffusers 0.34"),
         ("targets", ", ".join(result["target_modules"])),
         ("buckets", ", ".join(result["buckets"]) if result["buckets"] else None),
+        ("base", result.get("trained_against")),
     ])
     report.table("rank and alpha", ["rank", "alpha", "scale", "layers"],
                  [(g["rank"], g["alpha"], g["alpha"] / g["rank"], g["layers"]) for g in result["ranks_alphas"]])
@@ -136,5 +137,5 @@ def merge(
     from cogtune.lora.merge import merge_lora
 
     folder = merge_lora(model, lora, output, scale)
-    report.success(f"wrote {folder} (load with CogVideoXTransformer3DModel.from_pretrained, or "
-                   f"`cogtune sample --transformer {folder}`)")
+    report.success(f"wrote {folder}: the LoRA folded into {model}'s unquantized transformer, in its own dtype "
+                   f"(load with CogVideoXTransformer3DModel.from_pretrained, or `cogtune sample --transformer {folder}`)")

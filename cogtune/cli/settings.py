@@ -6,7 +6,7 @@ its checks all come from the field (find where a flag is declared with
 `grep -rn 'flag="--lr"' cogtune`). The option's own default is None, "not given", so that a value
 from the `--config` file is never shadowed; a boolean is `--x/--no-x`, so that `true` in the file
 can be switched off on the command line. A tuple is a repeatable option, or with `comma_list=True`
-one comma-separated value (`--rank 16,64`; booleans `--fp8 on,off`), read and checked item by item
+one comma-separated value (`--rank 16,64`; booleans `--offload-activations on,off`), read and checked item by item
 before the command runs (a one-line error, exit 1).
 
 `@settings_options(TrainConfig)` puts one option per flagged field (sections included) where the
@@ -60,7 +60,7 @@ class SettingOption:
 
     @property
     def comma_list(self) -> bool:
-        """Typed as one comma-separated value (`--rank 16,64`, `--fp8 on,off`): a tuple in the config."""
+        """Typed as one comma-separated value (`--rank 16,64`, `--offload-activations on,off`): a tuple in the config."""
         return bool(self.field.metadata.get("comma_list"))
 
     @property
@@ -151,6 +151,25 @@ class SettingOption:
         items = self.field.metadata.get("list_of")
         return completes(items, comma_list=True) if items else None
 
+    def shorthand_parameters(self) -> list[tuple[str, str, Any, Any]]:
+        """For each shorthand flag (`--fp8` for `--base-weights fp8`): the command's parameter name, the flag,
+        the value it stands for, and the `Annotated` flag option Typer turns it into."""
+        parameters = []
+        for flag, value in self.field.metadata.get("shorthands", {}).items():
+            option = typer.Option(flag, help=f"Same as {self.flag} {value}.", show_default=False)
+            parameters.append((flag[2:].replace("-", "_"), flag, value, Annotated[bool, option]))
+        return parameters
+
+    def with_shorthands(self, value: Any, given: dict[str, bool]) -> Any:
+        """The value typed, or the one a shorthand flag stands for; both, disagreeing: a one-line error."""
+        for _, flag, meant, _ in self.shorthand_parameters():
+            if not given.get(flag):
+                continue
+            if value is not None and value != meant:
+                raise ConfigError(f"{flag} means {self.flag} {meant}; it contradicts {self.flag} {value}")
+            value = meant
+        return value
+
     def config_value(self, value: Any) -> Any:
         """The config's value for what was typed: tuples for repeated options and comma lists, strings for paths."""
         if value is None:
@@ -222,6 +241,8 @@ def settings_options(config_cls: type, exclude: Iterable[str] = ()) -> Callable[
             if parameter.name == "overrides":
                 parameters += [inspect.Parameter(o.param, keyword_only, default=None, annotation=o.annotation())
                                for o in options]
+                parameters += [inspect.Parameter(name, keyword_only, default=False, annotation=annotation)
+                               for o in options for name, _, _, annotation in o.shorthand_parameters()]
             else:
                 parameters.append(parameter.replace(kind=keyword_only))
         names = [p.name for p in parameters]
@@ -231,7 +252,10 @@ def settings_options(config_cls: type, exclude: Iterable[str] = ()) -> Callable[
 
         @functools.wraps(command)
         def run(**values: Any) -> Any:
-            overrides = {o.path: o.config_value(values.pop(o.param)) for o in options}
+            overrides = {}
+            for o in options:
+                given = {flag: values.pop(name) for name, flag, _, _ in o.shorthand_parameters()}
+                overrides[o.path] = o.with_shorthands(o.config_value(values.pop(o.param)), given)
             return command(**values, overrides=overrides)
 
         run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]

@@ -518,6 +518,17 @@ def _candidate_models(lora: LoraLayers) -> list[str]:
     return names
 
 
+# How the frozen base was stored while a LoRA trained (`memory.base_weights`, recorded as `base_weights`).
+_BASE_STORAGE = {"fp8": "an FP8 base (float8 storage)", "int8": "an INT8 base (torchao weight-only int8)",
+                 "nf4": "an NF4 base (bitsandbytes 4-bit NormalFloat, double quantization)"}
+
+
+def trained_against(info: Mapping[str, Any]) -> str | None:
+    """'trained against an NF4 base (...)' for a LoRA trained on a quantized or float8 base, else None."""
+    storage = _BASE_STORAGE.get(str(info.get("base_weights", "bf16")))
+    return f"trained against {storage}; it loads on the unquantized base like any LoRA" if storage else None
+
+
 def inspect_lora(file_or_run: str | Path, layout: str = "auto") -> dict[str, Any]:
     """What a LoRA file holds, as plain data (the `cogtune lora inspect --json` document)."""
     path = resolve_lora_path(file_or_run)
@@ -546,6 +557,8 @@ def inspect_lora(file_or_run: str | Path, layout: str = "auto") -> dict[str, Any
         "loads_in": LOADS_IN[lora.layout],
         "target_modules": targets,
         "buckets": info.get("buckets"),
+        "base_weights": info.get("base_weights"),
+        "trained_against": trained_against(info),
         "cogtune": info,
         "per_layer": layers,
     }

@@ -12,8 +12,9 @@ import json
 import math
 from pathlib import Path
 
+from cogtune import report
 from cogtune.errors import ConfigError, ModelError
-from cogtune.lora.layouts import ADAPTER_METADATA_KEY, read_lora, resolve_lora_path, write_state
+from cogtune.lora.layouts import ADAPTER_METADATA_KEY, read_lora, resolve_lora_path, trained_against, write_state
 
 
 def merge_lora(model: str, lora: str | Path, output: str | Path, scale: float = 1.0) -> Path:
@@ -35,7 +36,10 @@ def merge_lora(model: str, lora: str | Path, output: str | Path, scale: float = 
         raise ModelError(f"the LoRA {lora_file} was trained for {layers.info.get('model', 'another model')} "
                          f"({family}); {spec.name} is {spec.family}", hint="merge it into the model it was trained for")
     quiet_libraries()
-    transformer = load_transformer(resolved)
+    transformer = load_transformer(resolved)  # the unquantized base, in the model's dtype, whatever it trained against
+    if trained_against(layers.info):
+        report.info(f"merging into {spec.name}'s {str(transformer.dtype).removeprefix('torch.')} transformer; the LoRA "
+                    f"was {trained_against(layers.info)}")
     state, metadata = write_state(layers, "diffusers")
     adapter = json.loads(metadata[ADAPTER_METADATA_KEY])
     try:

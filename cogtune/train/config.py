@@ -19,8 +19,8 @@ import dataclasses
 import re
 from typing import Literal
 
-from cogtune.config import (MODEL_HELP, SEED_MAX, check_settings, list_items, replace_settings, require, section,
-                            setting)
+from cogtune.config import (MODEL_HELP, QUANTIZED_BASE_WEIGHTS, SEED_MAX, check_settings, list_items,
+                            replace_settings, require, section, setting)
 from cogtune.errors import ConfigError
 from cogtune.train.optimizers import OPTIMIZERS, default_learning_rate
 
@@ -158,8 +158,11 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
-    fp8_weights: bool = setting(False, "LoRA: store the frozen transformer's Linear weights in float8, compute in bf16.",
-                                flag="--fp8")
+    base_weights: Literal["bf16", "fp8", "int8", "nf4"] = setting(
+        "bf16", "LoRA: how the frozen transformer's Linear weights are stored: bf16 (the model's own dtype), fp8 "
+                "(float8, cogtune's storage Linear), int8 (torchao weight-only int8), nf4 (QLoRA: bitsandbytes 4-bit "
+                "NormalFloat with double quantization); all compute in the autocast dtype.",
+        flag="--base-weights", shorthands={"--fp8": "fp8"})
     offload_blocks: bool = setting(
         False, "LoRA: keep the frozen weights in CPU memory and bring each layer to the GPU when it runs "
                "(prefetched on a side stream); needs gradient checkpointing.", flag="--offload-blocks")
@@ -178,6 +181,17 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         check_settings(self, "memory.")
         self.validation_tile_size  # noqa: B018  # checks the HxW text
+        if self.quantized_base and self.offload_blocks:
+            raise ConfigError(f"memory.base_weights {self.base_weights} and memory.offload_blocks exclude each other: "
+                              "a quantized base is the way to keep the weights on the GPU")
+        if self.quantized_base and self.compile:
+            raise ConfigError(f"memory.compile does not combine with memory.base_weights {self.base_weights} yet: "
+                              "cogtune has not tested torch.compile through bitsandbytes' and torchao's layers")
+
+    @property
+    def quantized_base(self) -> bool:
+        """The frozen base is held quantized by a library (torchao int8, bitsandbytes NF4)."""
+        return self.base_weights in QUANTIZED_BASE_WEIGHTS
 
     @property
     def validation_tile_size(self) -> tuple[int, int]:
@@ -246,9 +260,9 @@ class TrainConfig:
             raise ConfigError("overwrite (start over) and resume (continue) exclude each other")
         if self.validation.images and self.task != "i2v":
             raise ConfigError("validation images are for i2v training only")
-        if self.full and (self.memory.fp8_weights or self.memory.offload_blocks):
-            raise ConfigError("memory.fp8_weights and memory.offload_blocks are for the frozen weights of LoRA training, "
-                              "not full fine-tuning")
+        if self.full and (self.memory.base_weights != "bf16" or self.memory.offload_blocks):
+            raise ConfigError("memory.base_weights (other than bf16) and memory.offload_blocks are for the frozen "
+                              "weights of LoRA training, not full fine-tuning")
         if self.memory.offload_blocks and not self.gradient_checkpointing:
             raise ConfigError("memory.offload_blocks needs gradient checkpointing: without it every layer's weights "
                               "stay on the GPU until backward")

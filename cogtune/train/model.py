@@ -34,25 +34,28 @@ def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, 
                                fsdp_checkpoints_activations: bool = False):
     """The transformer with the right parameters trainable, in the right dtypes, and its compute dtype.
 
-    LoRA: frozen base weights in the model's dtype (float32 on a CPU; float8 storage with
-    `memory.fp8_weights`), LoRA weights in float32. Full: float32 master weights; autocast (mixed
-    precision) runs the matmuls in bf16/fp16. The memory options are applied as their placement
+    LoRA: frozen base weights in the model's dtype (float32 on a CPU), or as `memory.base_weights` stores
+    them (float8; torchao int8 or bitsandbytes NF4, `cogtune.models.quantize`), LoRA weights in float32.
+    Full: float32 master weights; autocast (mixed precision) runs the matmuls in bf16/fp16. The memory options are applied as their placement
     (`cogtune.train.placement`) describes; `fsdp_checkpoints_activations`: the launch's FSDP config
     checkpoints the blocks itself. Order matters: block offloading hooks go on before the LoRA layers
     exist (so that they stay on the GPU), float8 storage after (so that peft does not create the LoRA
-    layers in float8), compilation last.
+    layers in float8), a quantized base before (peft wraps each quantized layer in its LoRA layer for
+    it), compilation last.
     """
     from diffusers.training_utils import cast_training_params
 
     from cogtune.models.fp8 import store_frozen_linears_in_float8
     from cogtune.models.loading import load_transformer, torch_dtype
+    from cogtune.models.quantize import quantize_frozen_linears
 
     placement = memory_placement(config, fsdp_checkpoints_activations)
     on_cpu = torch.device(device).type == "cpu"
     base_dtype = torch.float32 if config.full or on_cpu else torch_dtype(plan.model.spec.weight_dtype)
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, base_dtype)
-    transformer = load_transformer(plan.model, dtype=base_dtype,
-                                   device="cpu" if placement.frozen_weights_on_host else device)
+    # A quantized base loads on the host and comes to the device a quantized layer at a time.
+    on_host = placement.frozen_weights_on_host or placement.frozen_weights_quantized is not None
+    transformer = load_transformer(plan.model, dtype=base_dtype, device="cpu" if on_host else device)
     if plan.drop_learned_positions:
         drop_learned_positional_embeddings(transformer)
     if config.full:
@@ -64,6 +67,9 @@ def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, 
         if placement.frozen_weights_on_host:  # leaf by leaf, the next one prefetched on a side stream
             transformer.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
                                              offload_type="leaf_level", use_stream=not on_cpu)
+        if placement.frozen_weights_quantized is not None:  # before the LoRA layers: peft wraps the quantized ones
+            quantize_frozen_linears(transformer, placement.frozen_weights_quantized, compute_dtype, device)
+            transformer.to(device)
         torch.manual_seed(derive_seed(config.seed, "lora-init"))  # the LoRA's A matrices start random
         add_lora(transformer, config.lora)
         if placement.frozen_weights_on_host:
@@ -101,6 +107,7 @@ def lora_info(config: TrainConfig, plan: RunPlan) -> dict[str, Any]:
         "alpha": config.lora.effective_alpha,
         "buckets": plan.cache.buckets,
         "drop_learned_positional_embeddings": plan.drop_learned_positions,
+        "base_weights": config.memory.base_weights,
     }
 
 

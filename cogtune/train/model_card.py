@@ -16,6 +16,7 @@ from typing import Any
 
 from cogtune import __version__
 from cogtune.fsutil import atomic_write_bytes, atomic_write_text
+from cogtune.lora.layouts import trained_against
 from cogtune.train.config import TrainConfig
 from cogtune.train.plan import RunPlan
 from cogtune.train.run_folder import RunFolder
@@ -111,6 +112,8 @@ def _body(config: TrainConfig, plan: RunPlan, base: str | None, gif: str | None)
         rows.insert(3, ("trigger", f"`{id_token}`"))
     if plan.drop_learned_positions:
         rows.append(("positional embeddings", "learned ones dropped (rotary only)"))
+    if trained_against({"base_weights": config.memory.base_weights}):
+        rows.append(("base weights", trained_against({"base_weights": config.memory.base_weights})))
     lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {key} | {_markdown_text(value)} |" for key, value in rows]
     lines += ["", *model_card_lines(RunFolder.of(config).evaluation)]

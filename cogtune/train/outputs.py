@@ -164,6 +164,8 @@ def print_run_summary(config: TrainConfig, plan: RunPlan, accelerator: Any, mixe
     placement = memory_placement(config, distributed.fsdp_checkpoints_activations(accelerator))
     options = [name for name, on in (("gradient checkpointing", placement.checkpoint_blocks),
                                      ("fp8 weights", placement.frozen_weights_in_float8),
+                                     (f"{placement.frozen_weights_quantized} base weights",
+                                      placement.frozen_weights_quantized is not None),
                                      ("offloaded blocks", placement.frozen_weights_on_host),
                                      ("offloaded activations", placement.saved_activations_on_host),
                                      ("compiled blocks", placement.compiled_blocks)) if on]

@@ -7,7 +7,11 @@ description, so the two cannot drift apart. Which options combine is the config'
 
 - `--gradient-checkpointing`: a block keeps only its inputs for backward and recomputes the rest there
   (off where the launch's FSDP config checkpoints the blocks itself).
-- `--fp8`: the frozen Linear weights stay on the device, stored in float8, computed in bf16/fp16.
+- `--base-weights fp8` (`--fp8`): the frozen Linear weights stay on the device, stored in float8, computed in
+  bf16/fp16 (each layer upcasts a copy of its weight while it runs).
+- `--base-weights int8|nf4`: the frozen Linear weights are quantized (torchao int8, bitsandbytes NF4) as they
+  come to the device a layer at a time, and stay there; each layer dequantizes its weight into the
+  autocast dtype while it computes (`cogtune.models.quantize.quantized_weight_bytes` is what they hold).
 - `--offload-blocks`: the frozen weights and buffers stay in pinned host memory; each layer comes to
   the device to run, the next one prefetched on a side stream (`OFFLOADED_LAYERS_ON_DEVICE`).
 - `--offload-activations`: the tensors saved for backward wait in pinned host memory.
@@ -58,6 +62,7 @@ class MemoryPlacement:
     checkpoint_blocks: bool  # the model's blocks save their inputs only and recompute the rest in backward
     frozen_weights_on_host: bool  # block offloading: each layer's frozen weights come to the device to run
     frozen_weights_in_float8: bool  # frozen Linear weights stored in float8, computed in the autocast dtype
+    frozen_weights_quantized: str | None  # "int8", "nf4": frozen Linear weights quantized by a library
     saved_activations_on_host: bool  # tensors saved for backward wait in host memory
     optimizer_on_host: bool  # the optimizer's state, step and (large) gradients on the CPU
     compiled_blocks: bool  # each block compiled (regional compilation; keeps about what eager keeps)
@@ -78,7 +83,8 @@ def memory_placement(config: TrainConfig, fsdp_checkpoints_activations: bool = F
     return MemoryPlacement(
         checkpoint_blocks=config.gradient_checkpointing and not fsdp_checkpoints_activations,
         frozen_weights_on_host=memory.offload_blocks,
-        frozen_weights_in_float8=memory.fp8_weights,
+        frozen_weights_in_float8=memory.base_weights == "fp8",
+        frozen_weights_quantized=memory.base_weights if memory.quantized_base else None,
         saved_activations_on_host=memory.offload_activations,
         optimizer_on_host=config.optimizer.name == "adamw-cpu-offload",
         compiled_blocks=memory.compile,

@@ -19,6 +19,7 @@ from cogtune.encode.cache import VideoLatentCache
 from cogtune.errors import ConfigError
 from cogtune.models.loading import ResolvedModel, resolve_model
 from cogtune.models.positions import needs_learned_positions_dropped
+from cogtune.models.quantize import check_base_weights
 from cogtune.models.registry import ModelSpec
 from cogtune.train.config import TrainConfig
 from cogtune.train.hub import check_push_target
@@ -54,6 +55,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         if not torch.cuda.is_available():
             raise ConfigError(f"optimizer {config.optimizer.name} needs a CUDA GPU")
     check_strategy(config)
+    check_base_weights(config.memory.base_weights, spec)
     if not config.full:
         check_lora_targets(spec, config.lora)
     cache = VideoLatentCache(config.data)
@@ -88,7 +90,8 @@ def check_strategy(config: TrainConfig) -> None:
     strategy = distributed.requested_strategy()
     if strategy not in ("fsdp", "deepspeed"):
         return
-    clashes = [flag for flag, on in (("--fp8", config.memory.fp8_weights),
+    clashes = [flag for flag, on in ((f"--base-weights {config.memory.base_weights}",
+                                      config.memory.base_weights != "bf16"),
                                      ("--offload-blocks", config.memory.offload_blocks),
                                      ("--optimizer adamw-cpu-offload", config.optimizer.name == "adamw-cpu-offload"))
                if on]

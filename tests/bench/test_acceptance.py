@@ -123,12 +123,14 @@ def test_the_gpu_plan_runs_the_most_informative_rows_first(kit):
     ids = [row.id for row in rows]
     assert ids[:4] == ["5b-lora-r64-ckpt", "2b-lora-r64-ckpt", "5b-lora-r64-fp8-offload-act-adamw8bit",
                        "5b-lora-r64-offload-blocks-act"]
+    assert ids[4:8] == ["5b-lora-r64-nf4", "5b-lora-r64-int8", "1.5-5b-lora-r64-ckpt-81x768x1360",
+                        "1.5-5b-lora-r64-nf4-81x768x1360"]
     assert ids[-1] == "5b-full-adamw8bit-ckpt"
-    assert all(row.kind == "quick" and row.cuda_only for row in rows[4:-1])
-    assert {row.changes.get("optimizer.name") for row in rows[4:-1]} >= {
+    assert all(row.kind == "quick" and row.cuda_only for row in rows[8:-1])
+    assert {row.changes.get("optimizer.name") for row in rows[8:-1]} >= {
         "adamw-8bit", "adamw-8bit-ao", "adamw-4bit-ao", "adamw-cpu-offload"}
     assert any(row.changes.get("memory.compile") for row in rows) and any(
-        row.changes.get("memory.fp8_weights") for row in rows[4:-1])
+        row.changes.get("memory.base_weights") == "fp8" for row in rows[8:-1])
     for row in rows:
         if row.kind == "memory":
             assert row.validation == (49, 480, 720) and row.steps >= 3

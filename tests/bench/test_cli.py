@@ -55,7 +55,7 @@ def test_measure_needs_a_gpu_for_real_models(cli):
     (("--rank", "16,abc"), "'abc' is not a int"),
     (("--gradient-checkpointing", "maybe"), "'maybe' is not on or off"),
     (("--estimate", "--measure"), "exclude each other"),
-    (("--method", "full", "--fp8", "on"), "the grid is empty"),
+    (("--method", "full", "--base-weights", "fp8"), "the grid is empty"),
 ])
 def test_bad_grids_are_one_line_errors(cli, args, message):
     result = cli("bench", "memory", "--model", "tiny", *args)
@@ -208,7 +208,7 @@ def test_bench_memory_keeps_every_option_and_alias(cli):
     command = typer.main.get_command(app).commands["bench"].commands["memory"]
     names = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
     assert {"--model", "-m", "--method", "--rank", "--gradient-checkpointing", "--optimizer", "--batch-size",
-            "--frames", "-F", "--height", "-H", "--width", "-W", "--shape", "--fp8", "--offload-blocks",
+            "--frames", "-F", "--height", "-H", "--width", "-W", "--shape", "--base-weights", "--offload-blocks",
             "--offload-activations", "--no-validation", "--estimate", "--measure", "--gpu-memory", "--host-memory",
             "--gpu", "--steps", "--json", "--markdown", "--plot", "--breakdown", "--random-weights", "--config",
             "--data", "-d"} <= names

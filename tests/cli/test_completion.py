@@ -166,7 +166,7 @@ def test_bash_completes_option_values():
         "cogtune config accelerate -s zero3",
         "cogtune completion ",
         "cogtune bench memory --optimizer adamw,adamw-8",
-        "cogtune bench memory --fp8 on,",
+        "cogtune bench memory --base-weights bf16,",
         "cogtune bench memory -m tiny,tiny-1",
     )
     assert replies[0] == sorted(name for name in optimizers if name.startswith("ad"))
@@ -176,7 +176,7 @@ def test_bash_completes_option_values():
     assert replies[3] == sorted(name for name in STRATEGIES if name.startswith("zero3"))
     assert replies[4] == sorted(SHELLS)
     assert replies[5] == sorted(f"adamw,{name}" for name in optimizers if name.startswith("adamw-8"))
-    assert replies[6] == ["on,off", "on,on"]
+    assert replies[6] == ["bf16,bf16", "bf16,fp8", "bf16,int8", "bf16,nf4"]
     assert replies[7] == ["tiny,tiny-1.5", "tiny,tiny-1.5-i2v"]
 
 

@@ -52,11 +52,13 @@ def test_fsdp1_is_refused(cli, tiny_cache, tmp_path, monkeypatch):
     assert "cogtune trains with FSDP2 only" in line and "fsdp_version: 2" in line
 
 
-def test_fp8_storage_does_not_combine_with_fsdp(cli, tiny_cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("flags", "named"), [(("--fp8",), "--base-weights fp8"), (("--base-weights", "nf4"),
+                                                                                  "--base-weights nf4")])
+def test_a_float8_or_quantized_base_does_not_combine_with_fsdp(cli, tiny_cache, tmp_path, monkeypatch, flags, named):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    line = _one_error_line(_train(cli, tiny_cache, tmp_path, "--fp8"))
-    assert "--fp8 does not combine with FSDP" in line
+    line = _one_error_line(_train(cli, tiny_cache, tmp_path, *flags))
+    assert f"{named} does not combine with FSDP" in line
 
 
 def test_the_launch_config_cannot_change_gradient_accumulation(cli, tiny_cache, tmp_path, monkeypatch):

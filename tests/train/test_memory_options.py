@@ -92,7 +92,7 @@ def _trainable(config):
 
 
 def test_fp8_storage_keeps_lora_and_norms_in_full_precision(tiny_cache, tmp_path):
-    transformer = _trainable(_config(tiny_cache, tmp_path / "run", memory=MemoryConfig(fp8_weights=True)))
+    transformer = _trainable(_config(tiny_cache, tmp_path / "run", memory=MemoryConfig(base_weights="fp8")))
     dtypes = {name: p.dtype for name, p in transformer.named_parameters()}
     assert dtypes["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn
     assert dtypes["transformer_blocks.0.ff.net.2.weight"] == torch.float8_e4m3fn
@@ -102,7 +102,7 @@ def test_fp8_storage_keeps_lora_and_norms_in_full_precision(tiny_cache, tmp_path
 def test_fp8_training_gives_a_lora_that_loads_in_diffusers(tiny_cache, tiny_model_dir, tmp_path):
     from diffusers import CogVideoXPipeline
 
-    result = run_training(_config(tiny_cache, tmp_path / "run", memory=MemoryConfig(fp8_weights=True)))
+    result = run_training(_config(tiny_cache, tmp_path / "run", memory=MemoryConfig(base_weights="fp8")))
     assert all(torch.isfinite(torch.tensor(result.losses)))
     pipe = CogVideoXPipeline.from_pretrained(tiny_model_dir)
     pipe.load_lora_weights(result.output_dir)
@@ -137,7 +137,7 @@ def test_fsdp_activation_checkpointing_turns_the_models_own_off(tiny_cache, tmp_
 
 def test_memory_option_rules():
     with pytest.raises(ConfigError, match="not full fine-tuning"):
-        TrainConfig(model="tiny", data="c", output_dir="o", full=True, memory=MemoryConfig(fp8_weights=True))
+        TrainConfig(model="tiny", data="c", output_dir="o", full=True, memory=MemoryConfig(base_weights="fp8"))
     with pytest.raises(ConfigError, match="needs gradient checkpointing"):
         TrainConfig(model="tiny", data="c", output_dir="o", gradient_checkpointing=False,
                     memory=MemoryConfig(offload_blocks=True))
@@ -150,7 +150,7 @@ def test_blocks_compile_without_graph_breaks(family_cache, tmp_path, fp8):
     from cogtune.models.positions import rotary_embeddings
 
     config = _config(family_cache("tiny-rotary"), tmp_path / "run", model="tiny-rotary",
-                     memory=MemoryConfig(fp8_weights=fp8))
+                     memory=MemoryConfig(base_weights="fp8" if fp8 else "bf16"))
     transformer = _trainable(config)
     rotary = rotary_embeddings(resolve_model("tiny-rotary").spec, 3, 8, 8)
     dynamo.reset()

@@ -104,6 +104,8 @@ class RunEstimate:
     transformer_parameters: int
     teraflops_per_step: float
     seconds: float  # the estimator's own time
+    # bytes of the frozen transformer's storage (parameters, buffers, quantization state), before allocator rounding
+    frozen_weight_bytes: int = 0
     # bytes by part at each of the four moments (`BREAKDOWN_PARTS`), summing to its reserved figure
     breakdown: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     # bytes the run keeps in host memory for its offloading, by what they are (`HOST_PARTS`)
@@ -170,7 +172,7 @@ def run_summary(config: TrainConfig, shape: Shape, validation_shape: Shape | Non
             "target_modules": list(config.lora.target_modules), "optimizer": config.optimizer.name,
             "gradient_checkpointing": config.gradient_checkpointing, "batch_size": config.batch_size,
             "mixed_precision": config.mixed_precision, "frames": frames, "height": height, "width": width,
-            "fp8": memory.fp8_weights, "offload_blocks": memory.offload_blocks,
+            "fp8": memory.base_weights == "fp8", "base_weights": memory.base_weights, "offload_blocks": memory.offload_blocks,
             "offload_activations": memory.offload_activations, "validation": validation_shape is not None,
             "validation_shape": list(validation_shape) if validation_shape else None}
 
@@ -179,7 +181,8 @@ def run_label(config: TrainConfig, shape: Shape) -> str:
     method = f"LoRA r{config.lora.rank}" if not config.full else "full"
     memory = config.memory
     options = [config.optimizer.name, "ckpt" if config.gradient_checkpointing else "no ckpt"]
-    options += [name for name, on in (("fp8", memory.fp8_weights), ("offload blocks", memory.offload_blocks),
+    options += [name for name, on in ((memory.base_weights, memory.base_weights != "bf16"),
+                                      ("offload blocks", memory.offload_blocks),
                                       ("offload act.", memory.offload_activations)) if on]
     frames, height, width = shape
     return f"{config.model} {method}, {', '.join(options)}, b{config.batch_size}, {frames}x{height}x{width}"
@@ -310,8 +313,12 @@ def _traced_transformer(config: TrainConfig, plan: Any, exact: bool) -> tuple[An
 
     # Block offloading is arithmetic here (its hooks move tensors between real devices); compiled kernels
     # cannot run on the meta device.
+    # A quantized base is traced as float8 storage, whose layers also compute from a dequantized copy of their
+    # weight (bitsandbytes' and torchao's kernels cannot run on the meta device); `_estimate` then counts the
+    # quantized bytes in the place of the float8 ones (`_quantized_base_bytes`).
+    base_weights = "fp8" if config.memory.quantized_base else config.memory.base_weights
     traced = dataclasses.replace(config, memory=dataclasses.replace(config.memory, offload_blocks=False,
-                                                                    compile=False))
+                                                                    compile=False, base_weights=base_weights))
     # The fast path builds every tensor on the meta device from the start (peft would initialize the LoRA
     # layers on the CPU, then move them); only the finished parameters are counted, so nothing changes.
     with contextlib.nullcontext() if exact else torch.device(DEVICE):
@@ -465,6 +472,8 @@ def _estimate(config: TrainConfig, shapes: tuple[Shape, ...], shape: Shape, vali
     placement = memory_placement(config)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     offloaded = _offloaded_weight_bytes(transformer) if placement.frozen_weights_on_host else 0
+    requantized = _quantized_base_bytes(config)
+    offloaded -= requantized  # from here on: frozen weight bytes the trace counted that are not on the device
     optimizer_name = config.optimizer.name
     extra_state = 0 if optimizer_name in TRACED_OPTIMIZERS else _optimizer_state_bytes(optimizer_name, trainable)
     shift = extra_state - offloaded  # state the trace did not see; weights that would not be on the device
@@ -489,12 +498,26 @@ def _estimate(config: TrainConfig, shapes: tuple[Shape, ...], shape: Shape, vali
     host = {"offloaded_blocks": blocks,
             "offloaded_activations": traced.host_activations if placement.saved_activations_on_host else 0,
             **_cpu_optimizer_host_bytes(trainable, placement.optimizer_on_host)}
+    storages = [t.untyped_storage() for t in [*transformer.parameters(), *transformer.buffers()] if not t.requires_grad]
+    frozen = {id(storage): storage.nbytes() for storage in storages}  # each once (all alive: ids are distinct)
     return RunEstimate(
         config=config, shapes=shapes, shape=shape, validation_shape=validation_shape, memory=figures,
+        frozen_weight_bytes=sum(frozen.values()) + requantized,
         trainable_parameters=sum(p.numel() for p in trainable),
         transformer_parameters=sum(p.numel() for name, p in transformer.named_parameters() if "lora_" not in name),
         teraflops_per_step=traced.flops / 1e12, seconds=seconds, breakdown=breakdown, host_ram=host,
     )
+
+
+def _quantized_base_bytes(config: TrainConfig) -> int:
+    """What a quantized base holds more than the float8 storage it was traced as (negative: less)."""
+    from cogtune.models.quantize import quantized_linears_bytes
+
+    kind = config.memory.base_weights
+    if not config.memory.quantized_base:
+        return 0
+    spec = model_spec(config.model)
+    return quantized_linears_bytes(spec, kind) - quantized_linears_bytes(spec, "fp8")
 
 
 def _shifted(parts: dict[str, int], offloaded: int, extra_state: int) -> dict[str, int]:

@@ -102,10 +102,11 @@ def seconds_per_step(estimate: RunEstimate, gpu: str) -> float | None:
 # Ever more frugal settings, each a little slower than the one before (LoRA, then full fine-tuning).
 _LORA_LADDER: list[dict[str, Any]] = [
     {"gradient_checkpointing": True},
-    {"memory.fp8_weights": True},
+    {"memory.base_weights": "fp8"},
     {"memory.offload_activations": True},
-    {"memory.offload_blocks": True, "memory.fp8_weights": False},
-    {"memory.offload_blocks": True, "memory.fp8_weights": True},
+    {"memory.base_weights": "nf4"},  # a quarter of bf16's bytes, no transfer; each layer dequantizes as it runs
+    {"memory.offload_blocks": True, "memory.base_weights": "bf16"},
+    {"memory.offload_blocks": True, "memory.base_weights": "fp8"},
 ]
 _FULL_LADDER: list[dict[str, Any]] = [
     {"gradient_checkpointing": True},
@@ -177,7 +178,7 @@ def choose_profile(config: TrainConfig, shapes: Any, validation_shape: Any, budg
                    estimator: Estimator | None = None) -> tuple[TrainConfig, RunEstimate]:
     """The fastest memory settings of `config`'s run that fit `budget` (checkpointing off first)."""
     estimator = estimator or (lambda c: cached_estimate(c, shapes, validation_shape))
-    fastest = replace_settings(config, {"gradient_checkpointing": False, "memory.fp8_weights": False,
+    fastest = replace_settings(config, {"gradient_checkpointing": False, "memory.base_weights": "bf16",
                                         "memory.offload_blocks": False, "memory.offload_activations": False})
     first = estimator(fastest)
     if fits(first, budget):

@@ -29,7 +29,7 @@ CONFIGS = [
     {"full": True, "optimizer.name": "adamw-cpu-offload"},
     {"memory.offload_blocks": True, "memory.offload_activations": True, "lora.rank": 8},
     {"optimizer.name": "adamw-8bit", "mixed_precision": "bf16", "batch_size": 2},
-    {"memory.fp8_weights": True, "gradient_checkpointing": False},
+    {"memory.base_weights": "fp8", "gradient_checkpointing": False},
 ]
 
 

@@ -100,7 +100,7 @@ def test_checkpointing_never_estimates_more():
 
 def test_memory_options_reduce_the_estimate():
     base = estimate(run("tiny-rotary"), (17, 64, 64)).memory
-    fp8 = estimate(run("tiny-rotary", **{"memory.fp8_weights": True}), (17, 64, 64)).memory
+    fp8 = estimate(run("tiny-rotary", **{"memory.base_weights": "fp8"}), (17, 64, 64)).memory
     assert fp8.allocated_before_training < base.allocated_before_training
 
 
@@ -143,7 +143,7 @@ MEMORY_RELEVANT = [
     ("tiny", {}, "gradient_checkpointing", False, "allocated_peak_training"),
     ("tiny", {}, "batch_size", 2, "allocated_peak_training"),
     ("tiny", {}, "mixed_precision", "bf16", "allocated_peak_training"),
-    ("tiny", {}, "memory.fp8_weights", True, "allocated_before_training"),
+    ("tiny", {}, "memory.base_weights", "fp8", "allocated_before_training"),
     ("tiny", {}, "memory.offload_blocks", True, "allocated_before_training"),
     ("tiny", {}, "memory.offload_activations", True, "allocated_peak_training"),
     ("tiny", {}, "memory.validation_vae_tile", "64x64", "validation_decode"),

@@ -50,7 +50,7 @@ CASES = [
     ("tiny-4", {"full": True, "gradient_checkpointing": False}),
     ("tiny-4", {"memory.offload_blocks": True, "memory.offload_activations": True, "lora.rank": 8}),
     ("tiny-4", {"optimizer.name": "adamw-8bit", "mixed_precision": "bf16", "batch_size": 2}),
-    ("tiny-rotary-3", {"memory.fp8_weights": True}),
+    ("tiny-rotary-3", {"memory.base_weights": "fp8"}),
     ("tiny-rotary-3", {"full": True, "optimizer.name": "adam"}),
     ("tiny-i2v-3", {"gradient_checkpointing": False, "memory.validation_vae_tile": "96x96"}),  # 64x64 fails, as before
     ("tiny-1.5-4", {"lora.target_modules": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2")}),

@@ -1,0 +1,241 @@
+"""Training against a quantized base (`--base-weights nf4|int8`): end to end on the tiny model.
+
+One NF4 run (4 steps, a checkpoint every 2, the final test pass) is shared: it validates on its own
+quantized transformer, resumes exactly, records its base, and its LoRA loads in diffusers on the
+unquantized base, where it gives the training-time output up to the base's own quantization error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cogtune.config import CONFIG_FILENAME, read_toml
+from cogtune.errors import ConfigError
+from cogtune.train import TrainConfig, run_training
+from cogtune.train.config import CheckpointConfig, LoraConfig, MemoryConfig, OptimizerConfig, ValidationConfig
+
+
+def _config(cache, output, **changes):
+    base = TrainConfig(model="tiny", data=str(cache), output_dir=str(output), steps=4, lora=LoraConfig(rank=4),
+                       optimizer=OptimizerConfig(lr=3e-3), checkpointing=CheckpointConfig(every=2, keep=0),
+                       validation=ValidationConfig(final=True, steps=2), memory=MemoryConfig(base_weights="nf4"))
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def nf4_run(tiny_cache, tmp_path_factory):
+    """The shared run, and the layer types of the transformer each validation pass rendered with."""
+    from cogtune.train.validation import Validator
+
+    rendered_with = []
+    real_run = Validator.run
+
+    def recording_run(self, transformer, name, memory):
+        rendered_with.append({type(module).__module__ + "." + type(module).__name__ for module in transformer.modules()})
+        return real_run(self, transformer, name, memory)
+
+    Validator.run = recording_run
+    try:
+        result = run_training(_config(tiny_cache, tmp_path_factory.mktemp("nf4") / "run"))
+    finally:
+        Validator.run = real_run
+    return result, rendered_with
+
+
+def test_a_run_validates_on_its_quantized_transformer_and_records_its_base(nf4_run):
+    from cogtune.lora.layouts import inspect_lora
+
+    result, rendered_with = nf4_run
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert rendered_with and all("peft.tuners.lora.bnb.Linear4bit" in types and "bitsandbytes.nn.modules.Linear4bit"
+                                 in types for types in rendered_with)
+    assert read_toml(result.output_dir / CONFIG_FILENAME)["memory"]["base_weights"] == "nf4"
+    assert "trained against an NF4 base" in (result.output_dir / "README.md").read_text()
+    inspected = inspect_lora(result.output_dir)
+    assert inspected["base_weights"] == "nf4" and inspected["trained_against"].startswith("trained against an NF4 base")
+
+
+def test_the_nf4_runs_lora_converts_to_comfyui(nf4_run, tmp_path):
+    from cogtune.lora.layouts import convert_lora, inspect_lora
+
+    result, _ = nf4_run
+    convert_lora(result.output_dir, tmp_path / "comfy.safetensors", "comfyui")
+    converted = inspect_lora(tmp_path / "comfy.safetensors")
+    assert converted["layout"] == "comfyui" and converted["layers"] == inspect_lora(result.output_dir)["layers"] == 8
+    assert converted["trained_against"] is not None  # the header carries the base it trained against
+
+
+def test_a_resumed_nf4_run_ends_as_the_uninterrupted_one(nf4_run, tiny_cache, tmp_path, monkeypatch):
+    from cogtune.train import checkpoint
+
+    straight, _ = nf4_run
+    real_save = checkpoint.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(accelerator, config, step, losses, lr_scheduler_state, hooks):
+        path = real_save(accelerator, config, step, losses, lr_scheduler_state, hooks)
+        if step == 2:
+            raise Crash()
+        return path
+
+    no_test_pass = {"validation": ValidationConfig(final=False)}  # the test pass does not touch the weights
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run_training(_config(tiny_cache, tmp_path / "resumed", **no_test_pass))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    resumed = run_training(_config(tiny_cache, tmp_path / "resumed", resume="latest", **no_test_pass))
+    assert resumed.losses == straight.losses
+    left, right = load_file(straight.weights), load_file(resumed.weights)
+    assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(3)
+    return dict(hidden_states=torch.randn(1, 3, 4, 8, 8, generator=generator),
+                encoder_hidden_states=torch.randn(1, 32, 32, generator=generator),
+                timestep=torch.tensor([400]), return_dict=False)
+
+
+def test_the_lora_loads_in_diffusers_on_the_unquantized_base_within_the_quantization_error(nf4_run, tiny_cache):
+    """diffusers' pipeline (the unquantized tiny base) with the LoRA, against the trainer's NF4 transformer
+    with the same LoRA: they differ by about what the bases alone differ by (NF4's error)."""
+    from cogtune.lora.format import load_lora_state
+    from cogtune.models.loading import pipeline_class, resolve_model
+    from cogtune.train.model import load_trainable_transformer
+    from cogtune.train.plan import plan_run
+
+    result, _ = nf4_run
+    config = _config(tiny_cache, result.output_dir)
+    trained, _ = load_trainable_transformer(config, plan_run(config), "cpu", "no")
+    model = resolve_model("tiny")
+    pipe = pipeline_class(model.spec).from_pretrained(model.location)
+    with torch.no_grad():
+        base_error = (trained(**_inputs())[0] - pipe.transformer(**_inputs())[0]).abs().max()  # LoRA B = 0 yet
+        load_lora_state(trained, result.weights)
+        pipe.load_lora_weights(result.output_dir)
+        lora_error = (trained(**_inputs())[0] - pipe.transformer(**_inputs())[0]).abs().max()
+    assert 0 < base_error and lora_error <= 1.25 * base_error, (float(lora_error), float(base_error))
+
+
+def test_sampling_on_an_nf4_base_with_the_lora(nf4_run, tmp_path):
+    from cogtune.data.video import probe_video
+    from cogtune.sample import SampleConfig, run_sample
+
+    result, _ = nf4_run
+    (path,) = run_sample(SampleConfig(model="tiny", prompts=("A red circle moves left.",), output=str(tmp_path / "a.mp4"),
+                                      steps=2, frames=9, height=64, width=64, lora=str(result.output_dir),
+                                      base_weights="nf4"))
+    assert probe_video(path).frames == 9
+
+
+def test_i2v_on_an_int8_base_with_offloaded_activations(family_cache, tmp_path):
+    from peft.tuners.lora.torchao import TorchaoLoraLinear
+
+    from cogtune.train.model import load_trainable_transformer
+    from cogtune.train.plan import plan_run
+
+    config = _config(family_cache("tiny-i2v"), tmp_path / "run", task="i2v", model="tiny-i2v", steps=2,
+                     checkpointing=CheckpointConfig(every=0), validation=ValidationConfig(final=False),
+                     memory=MemoryConfig(base_weights="int8", offload_activations=True))
+    assert all(torch.isfinite(torch.tensor(run_training(config).losses)))
+    transformer, _ = load_trainable_transformer(config, plan_run(config), "cpu", "no")
+    assert isinstance(transformer.transformer_blocks[0].attn1.to_q, TorchaoLoraLinear)
+
+
+@pytest.mark.parametrize(("memory", "full", "message"), [
+    ({"base_weights": "nf4"}, True, "not full fine-tuning"),
+    ({"base_weights": "nf4", "offload_blocks": True}, False, "memory.base_weights nf4 and memory.offload_blocks"),
+    ({"base_weights": "int8", "compile": True}, False, "memory.compile does not combine"),
+])
+def test_combinations_a_quantized_base_refuses(memory, full, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(model="tiny", data="c", output_dir="o", full=full, memory=MemoryConfig(**memory))
+
+
+def _refused_before_loading(config, monkeypatch) -> str:
+    """The run's one-line refusal, raised before any transformer loads."""
+    import cogtune.models.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a transformer loaded")
+
+    monkeypatch.setattr(cogtune.models.loading, "load_transformer", no_loading)
+    with pytest.raises(ConfigError) as raised:
+        run_training(config)
+    return raised.value.message
+
+
+@pytest.mark.parametrize(("kind", "found", "message"), [
+    ("nf4", None, "--base-weights nf4 needs bitsandbytes, which is not installed"),
+    ("int8", "0.10.0", "--base-weights int8 needs torchao 0.16.0 or newer (found 0.10.0)"),
+])
+def test_a_missing_or_old_library_is_refused_before_loading(kind, found, message, tiny_cache, tmp_path, monkeypatch):
+    import importlib.metadata
+
+    import cogtune.models.quantize
+
+    real = importlib.metadata.version
+
+    def version(package):
+        if package != {"nf4": "bitsandbytes", "int8": "torchao"}[kind]:
+            return real(package)
+        if found is None:
+            raise importlib.metadata.PackageNotFoundError(package)
+        return found
+
+    monkeypatch.setattr(cogtune.models.quantize.importlib.metadata, "version", version)
+    config = _config(tiny_cache, tmp_path / "run", memory=MemoryConfig(base_weights=kind))
+    assert _refused_before_loading(config, monkeypatch) == message
+
+
+def test_nf4_on_apples_mps_is_refused_before_loading(tiny_cache, tmp_path, monkeypatch):
+    import cogtune.models.quantize
+
+    monkeypatch.setattr(cogtune.models.quantize, "default_device", lambda: "mps")
+    config = _config(tiny_cache, tmp_path / "run")
+    assert "bitsandbytes has no 4-bit kernels for Apple's MPS" in _refused_before_loading(config, monkeypatch)
+
+
+def test_an_already_quantized_model_folder_is_refused_before_loading(tiny_model_dir, tiny_cache, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "quantized"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    transformer_config = folder / "transformer" / "config.json"
+    saved = json.loads(transformer_config.read_text())
+    transformer_config.write_text(json.dumps({**saved, "quantization_config": {"quant_method": "bitsandbytes"}}))
+    config = _config(tiny_cache, tmp_path / "run", model=str(folder))
+    assert "transformer is quantized already (by bitsandbytes)" in _refused_before_loading(config, monkeypatch)
+
+
+def test_fp8_is_a_shorthand_that_cannot_contradict_base_weights(cli, tiny_cache, tmp_path):
+    result = cli("train", "t2v", "--model", "tiny", "--data", tiny_cache, "--output-dir", tmp_path / "run",
+                 "--fp8", "--base-weights", "nf4")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1
+    assert "--fp8 means --base-weights fp8; it contradicts --base-weights nf4" in lines[0]
+
+
+def test_bench_sizes_each_base_and_the_ladder_proposes_nf4(cli, tmp_path):
+    from cogtune.train.sizing.fit import ladder
+
+    result = cli("bench", "memory", "--model", "tiny", "--shape", "9x64x64", "--no-validation",
+                 "--base-weights", "bf16,fp8,int8,nf4", "--json", tmp_path / "rows.json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [row["case"]["base_weights"] for row in rows] == ["bf16", "fp8", "int8", "nf4"]
+    assert all(f", {kind}," in row["label"] for row, kind in zip(rows[1:], ("fp8", "int8", "nf4")))
+
+    config = TrainConfig(model="cogvideox-5b", data="<bench>", output_dir="<bench>", random_weights=True,
+                         gradient_checkpointing=False)
+    rungs = [(c.memory.base_weights, c.memory.offload_activations, c.memory.offload_blocks) for c in ladder(config)]
+    # after activation offloading, before block offloading (which a quantized base excludes)
+    assert rungs.index(("nf4", True, False)) == rungs.index(("fp8", True, False)) + 1
+    assert rungs.index(("nf4", True, False)) < rungs.index(("bf16", True, True))
