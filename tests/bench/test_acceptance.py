@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cogtune.generate import LABEL_HEIGHT
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_acceptance.py"
 
@@ -65,8 +67,11 @@ def test_dry_run_measures_estimates_and_compares_every_planned_row(kit, tmp_path
         assert row["error_pct"]["after_testing"] is not None
         assert "not comparable" in row["error_reason"]  # RSS on the CPU against GPU figures
         assert row["mfu"] is None and row["mfu_reason"]
-        # The validation pass ran at the row's shape, and wrote no video file.
-        assert row["videos_not_written"] == [[*plan.validation, 3]]
+        # The validation pass ran at the row's shape, and wrote no video file (a LoRA row's base | LoRA video
+        # too: two frames side by side under a label strip).
+        frames, height, width = plan.validation
+        side_by_side = [] if plan.changes.get("full") else [[frames, height + LABEL_HEIGHT, 2 * width, 3]]
+        assert row["videos_not_written"] == [[*plan.validation, 3], *side_by_side]
     assert document["rows"][0]["label"].startswith("tiny-rotary LoRA r64")
     for row in planned:
         assert f"| {row.id} |" in text

@@ -95,13 +95,11 @@ def _read(path: Path, key: str, config: TrainConfig, shapes: Sequence[Shape],
         entry = json.loads(path.read_text())
         if entry["key"] != key:
             return None
-        saved = entry["estimate"]
-        return RunEstimate(
-            config=config, shapes=tuple(shapes), shape=tuple(saved["shape"]), validation_shape=validation_shape,
-            memory=MemoryFigures(**saved["memory"]), trainable_parameters=saved["trainable_parameters"],
-            transformer_parameters=saved["transformer_parameters"],
-            teraflops_per_step=saved["teraflops_per_step"], seconds=saved["seconds"],
-            breakdown=saved["breakdown"], host_ram=saved["host_ram"])
+        saved = dict(entry["estimate"])
+        if set(saved) != set(_SAVED_FIELDS):  # written by a version with other fields
+            return None
+        saved["shape"], saved["memory"] = tuple(saved["shape"]), MemoryFigures(**saved["memory"])
+        return RunEstimate(config=config, shapes=tuple(shapes), validation_shape=validation_shape, **saved)
     except (OSError, ValueError, KeyError, TypeError):  # absent, partly written by an old version, unreadable
         return None
 
@@ -109,12 +107,14 @@ def _read(path: Path, key: str, config: TrainConfig, shapes: Sequence[Shape],
 def _write(path: Path, key: str, result: RunEstimate) -> None:
     from cogtune.fsutil import atomic_write_text
 
-    saved = {"shape": list(result.shape), "memory": dataclasses.asdict(result.memory),
-             "trainable_parameters": result.trainable_parameters,
-             "transformer_parameters": result.transformer_parameters,
-             "teraflops_per_step": result.teraflops_per_step, "seconds": result.seconds,
-             "breakdown": result.breakdown, "host_ram": result.host_ram}
+    saved = {name: getattr(result, name) for name in _SAVED_FIELDS}
+    saved["shape"], saved["memory"] = list(result.shape), dataclasses.asdict(result.memory)
     try:
         atomic_write_text(path, json.dumps({"key": key, "estimate": saved}))
     except (OSError, StorageError):  # a read-only or full home: the estimate still stands
         pass
+
+
+# What an entry keeps: every field of an estimate but those the caller gives (the run's config and shapes).
+_SAVED_FIELDS = tuple(field.name for field in dataclasses.fields(RunEstimate)
+                      if field.name not in ("config", "shapes", "validation_shape"))
