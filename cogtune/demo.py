@@ -31,7 +31,6 @@ def run_demo(output_dir: str | Path, steps: int = 100, clips: int = 6) -> dict[s
     from cogtune.sample import SampleConfig, run_sample
     from cogtune.train import TrainConfig, run_training
     from cogtune.train.config import CheckpointConfig, EvaluationConfig, LoraConfig, OptimizerConfig, ValidationConfig
-    from cogtune.train.run_folder import FINAL_PASS, RunFolder
 
     root = Path(output_dir)
     if root.is_dir() and any(root.iterdir()):
@@ -88,6 +87,13 @@ def run_demo(output_dir: str | Path, steps: int = 100, clips: int = 6) -> dict[s
         model=str(paths["model"]), prompts=(DEMO_PROMPT,), output=str(paths["sample"]), lora=str(paths["run"]),
         frames=frames, height=height, width=width, steps=10, overwrite=True,
     ))
+    _report_outputs(paths)
+    return paths
+
+
+def _report_outputs(paths: dict[str, Path]) -> None:
+    from cogtune.train.run_folder import FINAL_PASS, RunFolder
+
     run = RunFolder(paths["run"])
     report.key_values("demo outputs", [
         ("model (usable as --model)", paths["model"]),
@@ -101,4 +107,3 @@ def run_demo(output_dir: str | Path, steps: int = 100, clips: int = 6) -> dict[s
     ])
     report.info("the tiny model is random and minutes of CPU training teach it little: its videos look like noise. "
                 "That is expected; the demo shows the pipeline works end to end, not what a real model learns.")
-    return paths
