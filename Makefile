@@ -20,8 +20,9 @@ demo: $(VENV)/.installed
 
 # Two worker processes (pytest-xdist), one test file each at a time; tiny models, caches and the
 # multi-process runs several files resume are built once per run and shared by the workers (tests/conftest.py).
-# Measured on an idle 2-core machine, fresh clone, `CI=true bash .ci/run`: 621 s for 1,186 passed and 4 skipped
-# (install 66 s more); `--dist worksteal` took as long (728 s before the one-thread change in tests/conftest.py).
+# Measured on an idle 2-core machine, fresh clone, `CI=true bash .ci/run`: 570 s for 1,246 passed and 4 skipped
+# (install 57 s more: 10 min 27 s in all); `--dist worksteal` took longer (728 s before the one-thread change in
+# tests/conftest.py, when the suite was 621 s with loadfile).
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed
