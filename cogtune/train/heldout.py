@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from cogtune import report
 from cogtune.encode.cache import VideoLatentCache
 from cogtune.errors import ConfigError, DataError
 from cogtune.fsutil import atomic_write_text
@@ -43,6 +44,28 @@ class HeldOut:
         return str(self.cache.items[index]["latent_file"])
 
 
+def _check_apart(training: VideoLatentCache, held_out: VideoLatentCache) -> None:
+    """`--eval-data` must hold no clip `--data` trains on: none of the same source files (encoded at any size)
+    and none of the same latents (a copy of a clip, encoded alike)."""
+
+    def identities(cache: VideoLatentCache) -> dict[str, str]:
+        root = Path(cache.manifest.get("dataset", {}).get("root") or cache.root)
+        found = {}
+        for item in cache.items:
+            found[f"file {(root / item['video']).resolve()}"] = item["video"]
+            digest = item.get("integrity", {}).get(item["latent_file"], {}).get("sha256")
+            if digest:
+                found[f"latents {digest}"] = item["video"]
+        return found
+
+    ours, theirs = identities(held_out), identities(training)
+    shared = sorted({ours[key] for key in ours.keys() & theirs.keys()})
+    if shared:
+        raise ConfigError(f"--eval-data {held_out.root} holds {report.plural(len(shared), 'clip')} that --data "
+                          f"{training.root} trains on too (e.g. {shared[0]}): its loss would not be held out",
+                          hint="give --eval-data a cache of other clips, or use --eval-split")
+
+
 def plan_held_out(config: TrainConfig, spec: ModelSpec, cache: VideoLatentCache, resuming: bool) -> HeldOut:
     """The run's held-out items (checked before any weight loads); a resumed run's are the ones it recorded."""
     evaluation = config.evaluation
@@ -51,6 +74,7 @@ def plan_held_out(config: TrainConfig, spec: ModelSpec, cache: VideoLatentCache,
         other.check_compatible(spec, needs_image_latents=config.task == "i2v")
         spec.check_clip_shapes({f"--eval-data bucket {bucket}": shape
                                 for bucket, shape in zip(other.buckets, other.bucket_shapes)})
+        _check_apart(cache, other)
         held = HeldOut(other, tuple(range(len(other))), frozenset(), held_out=True)
     elif evaluation.split:
         held = _split(cache, evaluation.split, config.seed)

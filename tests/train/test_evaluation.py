@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +94,13 @@ def test_an_eval_split_that_leaves_nothing_to_train_is_refused(tiny_cache, tmp_p
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
+def test_eval_data_holding_training_items_is_refused(tiny_cache, tmp_path):
+    """The training cache itself as --eval-data (or any cache with the same latents): nothing would be held out."""
+    with pytest.raises(ConfigError, match=r"holds \d+ clips that --data .* trains on too"):
+        run_training(_config(tiny_cache, tmp_path / "run", evaluation=EvaluationConfig(data=str(tiny_cache))))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
 def test_overfitting_is_warned_once_naming_the_best_step(capsys):
     """The held-out loss rising for `overfit_evaluations` evaluations while the training loss falls."""
     from cogtune.train.evaluation import Evaluation, EvaluationLog
@@ -121,11 +129,29 @@ def test_overfitting_is_warned_once_naming_the_best_step(capsys):
     assert "overfitting" not in capsys.readouterr().err
 
 
-def test_eval_data_scores_another_cache_and_trains_on_all_of_data(tiny_cache, family_cache, tmp_path,
-                                                                   trained_batches):
+@pytest.fixture(scope="module")
+def other_clips_cache(run_once, cogtune_home):
+    """A `tiny` cache of 2 clips that are not the training cache's (other files, another framing)."""
+    from cogtune.data.dataset import DatasetConfig
+    from cogtune.data.synthetic import make_synthetic_dataset
+    from cogtune.encode import EncodeConfig, encode_dataset
+
+    def build(root: Path) -> None:
+        data = make_synthetic_dataset(root / "data", count=2, frames=9, height=64, width=96)
+        encode_dataset(EncodeConfig(model="tiny", output_dir=str(root / "cache"), data=DatasetConfig(root=str(data)),
+                                    buckets=("9x64x64",), num_workers=0))
+
+    return run_once("tiny-other-clips", build) / "cache"
+
+
+def test_eval_data_scores_another_cache_and_trains_on_all_of_data(tiny_cache, other_clips_cache, family_cache,
+                                                                   tmp_path, trained_batches):
     from cogtune.encode.cache import VideoLatentCache
 
-    other = family_cache("tiny")
+    same_clips = family_cache("tiny", "9x64x96")  # the training clips at another size: not held out
+    with pytest.raises(ConfigError, match=r"holds \d+ clips that --data .* trains on too"):
+        run_training(_config(tiny_cache, tmp_path / "refused", evaluation=EvaluationConfig(data=str(same_clips))))
+    other = other_clips_cache
     run_training(_config(tiny_cache, tmp_path / "run", steps=4, checkpointing=CheckpointConfig(every=0),
                          evaluation=EvaluationConfig(data=str(other), every=2)))
     record = json.loads((tmp_path / "run" / "heldout_items.json").read_text())
