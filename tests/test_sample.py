@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 import pytest
 
 from cogtune.data.video import probe_video, read_all_frames
@@ -141,3 +142,43 @@ def test_cli_errors_are_one_line(cli, tmp_path):
 def test_memory_options_on_a_gpu(tmp_path):
     path = _sample(tmp_path, "gpu.mp4", base_weights="fp8", offload="model", vae_tiling=True, vae_slicing=True)
     assert probe_video(path).frames == 9
+
+
+@pytest.mark.parametrize("tile", [(48, 40), (96, 80), (64, 64)])
+def test_an_i2v_video_in_validation_tiles_has_the_asked_size(condition_image_64x128, tile):
+    """The path validation and `sample` share (`generate_videos`), with decode tiles: the video has the asked size
+    where validation's tiles may be (heights in 48s, widths in 40s), and the condition image is encoded untiled
+    in any tiles. diffusers' own tiles are the oracle for why: in 64x64 tiles it decodes this video 70x136 and
+    encodes the image 17 latents wide, not 16 (the I2V pipeline then failed); the config refuses such tiles."""
+    from cogtune.generate import generate_videos, load_condition_image
+    from cogtune.models.loading import build_pipeline, resolve_model
+    from cogtune.train.config import MemoryConfig
+
+    model = resolve_model("tiny-1.5-i2v")
+    pipe = build_pipeline(model)
+    pipe.vae.enable_tiling(tile_sample_min_height=tile[0], tile_sample_min_width=tile[1])
+    embeds = torch.zeros(1, model.spec.max_text_tokens, model.spec.text_embed_dim)
+    (video,) = generate_videos(pipe, model.spec, prompt_embeds=embeds, negative_prompt_embeds=embeds, frames=9,
+                               height=64, width=128, steps=1, guidance=6.0, seed=0,
+                               images=[load_condition_image(condition_image_64x128)])
+    assert pipe.vae.use_tiling and (pipe.vae.tile_sample_min_height, pipe.vae.tile_sample_min_width) == tile
+    name = f"{tile[0]}x{tile[1]}"
+    if tile[0] % 48 == 0 and tile[1] % 40 == 0:
+        assert MemoryConfig(validation_vae_tile=name).validation_tile_size == tile
+        assert video.shape == (9, 64, 128, 3)
+        return
+    with pytest.raises(ConfigError):
+        MemoryConfig(validation_vae_tile=name)
+    assert video.shape != (9, 64, 128, 3)  # diffusers' tiles that do not meet: why they are refused
+    with torch.no_grad():
+        width = pipe.vae.encode(torch.zeros(1, 3, 1, 64, 128)).latent_dist.mean.shape[-1]
+    assert width != 128 // 8  # encoded in them, the image would not join the video's latents
+
+
+@pytest.fixture
+def condition_image_64x128(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (128, 64), (200, 40, 40)).save(path)
+    return path
