@@ -21,25 +21,6 @@ from cogtune.errors import DataError
 from cogtune.models.registry import ModelSpec
 
 
-@contextlib.contextmanager
-def untiled_encoding(vae: Any):
-    """Inside, the VAE encodes (an I2V pipeline's condition image) without tiles; its decode tiles are kept.
-
-    diffusers' tiled encode gives a width one latent column too many where its tiles do not meet exactly
-    (1360 pixels in 192x288 tiles: 171 columns, not 170; `VAE_TILE_STEPS` keeps validation's tiles exact),
-    and the I2V pipeline then fails joining the image's latents to the video's. One frame encodes in
-    little memory; the tiles are for decoding the whole video.
-    """
-    tiled = vae.use_tiling
-    if tiled:
-        vae.disable_tiling()
-    try:
-        yield
-    finally:
-        if tiled:
-            vae.enable_tiling()  # the tile sizes set before are kept
-
-
 def load_condition_image(path: str | Path):
     try:
         with Image.open(path) as image:
@@ -111,7 +92,7 @@ def _generate(pipe: Any, spec: ModelSpec, prompt_embeds: Any, negative_prompt_em
             kwargs["image"] = images[index] if len(images) > 1 else images[0]
         with torch.no_grad(), progress.video() as bar:
             kwargs["callback_on_step_end"] = _step_reporter(bar)  # diffusers' own bar is off (build_pipeline)
-            with denoising_context(), untiled_encoding(pipe.vae) if spec.is_i2v else contextlib.nullcontext():
+            with denoising_context():
                 latents = pipe(**kwargs).frames[:, padding:]
             bar.decoding()
             if torch.cuda.is_available():

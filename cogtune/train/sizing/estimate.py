@@ -601,7 +601,6 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
 
     Returns the peaks of the denoising step and of the decode.
     """
-    from cogtune.generate import untiled_encoding
     from cogtune.models.loading import build_pipeline
     from cogtune.train.sizing.trace import DEVICE, ReplayedCalls
     from cogtune.train.validation import validation_feed_forward_chunks
@@ -625,8 +624,7 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
         kwargs["image"] = Image.new("RGB", (width, height))
     with torch.no_grad():
         tracker.kind = "validation_denoise"
-        encoding = untiled_encoding(vae) if spec.is_i2v else contextlib.nullcontext()
-        with validation_feed_forward_chunks(transformer, config), encoding:  # as the validator (generate_videos)
+        with validation_feed_forward_chunks(transformer, config):  # as the validator
             latents = pipe(**kwargs).frames[:, spec.padded_latent_frames(frames) - spec.latent_frames(frames):]
         allocator = tracker.allocator
         denoise = _Peak(allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())

@@ -200,9 +200,9 @@ def test_cogvideox_2b_validation_does_not_raise_the_training_peak():
 
 
 def test_an_i2v_validation_in_tiles_is_sized():
-    """The I2V pipeline encodes its condition image untiled (`cogtune.generate.untiled_encoding`) and the video
-    decodes in tiles; the estimator runs the same pipeline (at 1.5-5b-I2V's 81x768x1360 it failed in diffusers'
-    `prepare_latents`, its tiled encode of the 1360-pixel image being a latent column too wide)."""
+    """The I2V pipeline encodes its condition image in validation's tiles too; in tiles that meet exactly
+    (`VAE_TILE_STEPS`) the image's latents join the video's (at 1.5-5b-I2V's 81x768x1360 the estimate failed in
+    diffusers' `prepare_latents` in the old 192x288 tiles, the image a latent column too wide)."""
     config = run("tiny-1.5-i2v", **{"memory.validation_vae_tile": "48x40"})
     result = estimate(config, (9, 64, 64), validation=(9, 128, 128))
     assert result.memory.after_validation >= result.memory.before_validation > 0
