@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 # Two worker processes (pytest-xdist), one test file each at a time; tiny models, caches and the
 # multi-process runs several files resume are built once per run and shared by the workers (tests/conftest.py).
 # Measured on an idle 2-core machine, fresh clone, `CI=true bash .ci/run`: 570 s for 1,246 passed and 4 skipped
-# (install 57 s more: 10 min 27 s in all); `--dist worksteal` took longer (728 s before the one-thread change in
+# (install 57 s more: 10 min 27 s in all), then 600 s for 1,252 (10 min 56 s in all); `--dist worksteal` took longer (728 s before the one-thread change in
 # tests/conftest.py, when the suite was 621 s with loadfile).
 TEST_WORKERS ?= 2
 
