@@ -191,9 +191,6 @@ class MemoryConfig:
         if self.quantized_base and self.offload_blocks:
             raise ConfigError(f"memory.base_weights {self.base_weights} and memory.offload_blocks exclude each other: "
                               "a quantized base is the way to keep the weights on the GPU")
-        if self.quantized_base and self.compile:
-            raise ConfigError(f"memory.compile does not combine with memory.base_weights {self.base_weights} yet: "
-                              "cogtune has not tested torch.compile through bitsandbytes' and torchao's layers")
 
     @property
     def quantized_base(self) -> bool:

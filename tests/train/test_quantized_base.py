@@ -149,10 +149,61 @@ def test_i2v_on_an_int8_base_with_offloaded_activations(family_cache, tmp_path):
     assert isinstance(transformer.transformer_blocks[0].attn1.to_q, TorchaoLoraLinear)
 
 
+U = 2.0**-24
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_compiled_blocks_on_a_quantized_base_compute_as_eager_ones(kind, tiny_cache, tmp_path):
+    """`--compile` (each block through torch.compile's default backend, inductor) on bitsandbytes' NF4 and
+    torchao's int8 layers with peft's LoRA on top: a block's training forward and backward, and its inference
+    forward with validation's chunked feed-forward (as validation and `sample` run it), against the same
+    block run eagerly (its `forward`, which the compiled `__call__` wraps).
+
+    Tolerance: the compiled kernels compute the same float32 operations, reassociated and fused. Reordering a
+    sum of K terms moves it by at most gamma_K = K u / (1 - K u) (u = 2^-24) of its terms' magnitudes, twice
+    that between two orders. To first order, and taking those magnitudes as the output's own, D chained
+    contractions move the output by D * 2 * gamma_K of its largest value; the backward pass runs the chain
+    again (2 D for the gradients). For a tiny block K = 128 (the feed-forward's width) and D = 8 (modulation,
+    q/k/v, QK^T, AV, output, modulation, the feed-forward's two). Measured: about 2e-7 of the largest value.
+    """
+    from cogtune.train.model import load_trainable_transformer
+    from cogtune.train.plan import plan_run
+    from cogtune.train.validation import chunked_feed_forward
+
+    terms, depth = 128, 8
+    bound = depth * 2 * terms * U / (1 - terms * U)
+    config = _config(tiny_cache, tmp_path / "run", gradient_checkpointing=False,
+                     memory=MemoryConfig(base_weights=kind, compile=True))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    transformer, _ = load_trainable_transformer(config, plan_run(config), "cpu", "no")
+    block = transformer.transformer_blocks[0]
+    generator = torch.Generator().manual_seed(5)
+    for name, parameter in block.named_parameters():
+        if "lora_B" in name:  # non-zero, so that the LoRA's A gets a gradient and changes the output
+            parameter.data.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    inputs = (torch.randn(1, 48, 32, generator=generator), torch.randn(1, 32, 32, generator=generator),
+              torch.randn(1, 16, generator=generator))
+    trained = [parameter for parameter in block.parameters() if parameter.requires_grad]
+    results = []
+    for run in (block.forward, block):  # eager, then compiled
+        output = torch.cat(run(*inputs), dim=1)
+        gradients = torch.autograd.grad((output**2).mean(), trained)
+        with torch.no_grad(), chunked_feed_forward(transformer, chunk_tokens=40):  # 80 tokens: 2 chunks
+            inference = torch.cat(run(*inputs), dim=1)
+        results.append((output.detach(), inference, gradients))
+    (eager, eager_inference, eager_gradients), (ours, our_inference, our_gradients) = results
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # training's and inference's, whole
+    assert (ours - eager).abs().max() <= bound * eager.abs().max()
+    assert (our_inference - eager_inference).abs().max() <= bound * eager_inference.abs().max()
+    assert len(trained) == 8 and all(reference.abs().max() > 0 for reference in eager_gradients)
+    for ours_, reference in zip(our_gradients, eager_gradients):
+        assert (ours_ - reference).abs().max() <= 2 * bound * reference.abs().max()
+
+
 @pytest.mark.parametrize(("memory", "full", "message"), [
     ({"base_weights": "nf4"}, True, "not full fine-tuning"),
     ({"base_weights": "nf4", "offload_blocks": True}, False, "memory.base_weights nf4 and memory.offload_blocks"),
-    ({"base_weights": "int8", "compile": True}, False, "memory.compile does not combine"),
 ])
 def test_combinations_a_quantized_base_refuses(memory, full, message):
     with pytest.raises(ConfigError, match=message):
