@@ -518,14 +518,17 @@ def _candidate_models(lora: LoraLayers) -> list[str]:
     return names
 
 
-# How the frozen base was stored while a LoRA trained (`memory.base_weights`, recorded as `base_weights`).
+# How the frozen base was stored while a LoRA trained (`memory.base_weights`, recorded as `base_weights`; an NF4
+# base's library, `memory.nf4_backend`, as `nf4_backend`, bitsandbytes for files that predate it).
 _BASE_STORAGE = {"fp8": "an FP8 base (float8 storage)", "int8": "an INT8 base (torchao weight-only int8)",
-                 "nf4": "an NF4 base (bitsandbytes 4-bit NormalFloat, double quantization)"}
+                 "nf4": "an NF4 base (bitsandbytes 4-bit NormalFloat, double quantization)",
+                 "nf4-torchao": "an NF4 base (torchao's NF4 tensor: 4-bit NormalFloat, double quantization)"}
 
 
 def trained_against(info: Mapping[str, Any]) -> str | None:
     """'trained against an NF4 base (...)' for a LoRA trained on a quantized or float8 base, else None."""
-    storage = _BASE_STORAGE.get(str(info.get("base_weights", "bf16")))
+    kind = str(info.get("base_weights", "bf16"))
+    storage = _BASE_STORAGE.get(f"{kind}-torchao" if kind == "nf4" and info.get("nf4_backend") == "torchao" else kind)
     return f"trained against {storage}; it loads on the unquantized base like any LoRA" if storage else None
 
 

@@ -169,6 +169,11 @@ class MemoryConfig:
                 "(float8, cogtune's storage Linear), int8 (torchao weight-only int8), nf4 (QLoRA: bitsandbytes 4-bit "
                 "NormalFloat with double quantization); all compute in the autocast dtype.",
         flag="--base-weights", shorthands={"--fp8": "fp8"})
+    nf4_backend: Literal["auto", "bitsandbytes", "torchao"] = setting(
+        "auto", "With base_weights nf4: the library that holds the NF4 base: bitsandbytes (its kernels: CUDA, CPU, XPU) "
+                "or torchao's NF4 tensor (plain PyTorch ops, any device); auto: bitsandbytes where it has kernels for "
+                "the device, torchao elsewhere (Apple's MPS). config.toml records the one used.",
+        flag="--nf4-backend")
     offload_blocks: bool = setting(
         False, "LoRA: keep the frozen weights in CPU memory and bring each layer to the GPU when it runs "
                "(prefetched on a side stream); needs gradient checkpointing.", flag="--offload-blocks")
@@ -275,11 +280,16 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """This config with the defaults that depend on others written out (alpha, caption dropout, lr),
-        so that the `config.toml` beside a run records every value it trained with (and not
+        so that the `config.toml` beside a run records every value it trained with (an NF4 base's library too; and not
         `overwrite`, an action taken before the run, which a later run from that file must not repeat)."""
+        from cogtune.models.loading import default_device
+        from cogtune.models.quantize import nf4_backend
+
+        backend = nf4_backend(self.memory.nf4_backend, default_device()) if self.memory.base_weights == "nf4" else None
         return replace_settings(self, {"overwrite": False, "lora.alpha": self.lora.effective_alpha,
                                        "caption_dropout": self.effective_caption_dropout,
-                                       "optimizer.lr": self.optimizer.effective_lr})
+                                       "optimizer.lr": self.optimizer.effective_lr,
+                                       "memory.nf4_backend": backend or self.memory.nf4_backend})
 
     @property
     def effective_caption_dropout(self) -> float:

@@ -68,7 +68,8 @@ def load_trainable_transformer(config: TrainConfig, plan: RunPlan, device: Any, 
             transformer.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
                                              offload_type="leaf_level", use_stream=not on_cpu)
         if placement.frozen_weights_quantized is not None:  # before the LoRA layers: peft wraps the quantized ones
-            quantize_frozen_linears(transformer, placement.frozen_weights_quantized, compute_dtype, device)
+            quantize_frozen_linears(transformer, placement.frozen_weights_quantized, compute_dtype, device,
+                                    config.memory.nf4_backend)
             transformer.to(device)
         torch.manual_seed(derive_seed(config.seed, "lora-init"))  # the LoRA's A matrices start random
         add_lora(transformer, config.lora)
@@ -108,6 +109,7 @@ def lora_info(config: TrainConfig, plan: RunPlan) -> dict[str, Any]:
         "buckets": plan.cache.buckets,
         "drop_learned_positional_embeddings": plan.drop_learned_positions,
         "base_weights": config.memory.base_weights,
+        **({"nf4_backend": config.memory.nf4_backend} if config.memory.base_weights == "nf4" else {}),
     }
 
 

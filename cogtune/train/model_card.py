@@ -112,8 +112,9 @@ def _body(config: TrainConfig, plan: RunPlan, base: str | None, gif: str | None)
         rows.insert(3, ("trigger", f"`{id_token}`"))
     if plan.drop_learned_positions:
         rows.append(("positional embeddings", "learned ones dropped (rotary only)"))
-    if trained_against({"base_weights": config.memory.base_weights}):
-        rows.append(("base weights", trained_against({"base_weights": config.memory.base_weights})))
+    storage = trained_against({"base_weights": config.memory.base_weights, "nf4_backend": config.memory.nf4_backend})
+    if storage:
+        rows.append(("base weights", storage))
     lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {key} | {_markdown_text(value)} |" for key, value in rows]
     lines += ["", *model_card_lines(RunFolder.of(config).evaluation)]

@@ -55,7 +55,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         if not torch.cuda.is_available():
             raise ConfigError(f"optimizer {config.optimizer.name} needs a CUDA GPU")
     check_strategy(config)
-    check_base_weights(config.memory.base_weights, spec)
+    check_base_weights(config.memory.base_weights, spec, config.memory.nf4_backend)
     if not config.full:
         check_lora_targets(spec, config.lora)
     cache = VideoLatentCache(config.data)

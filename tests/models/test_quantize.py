@@ -1,7 +1,8 @@
 """A quantized frozen base, checked against the libraries that quantize it (bitsandbytes, torchao) and peft.
 
 Oracles: a quantized layer computes `F.linear(x, W')` with `W'` the library's own dequantization of
-its weight (bitsandbytes' `dequantize_4bit`, torchao's `dequantize`); peft's LoRA on the quantized layer
+its weight (bitsandbytes' `dequantize_4bit`, torchao's `dequantize`, and for torchao's NF4 tensor its
+`get_original_weight`); peft's LoRA on the quantized layer
 has the gradients of a LoRA on a plain Linear holding `W'`; the bytes the quantized transformer holds
 (every parameter, buffer and quantization-state tensor, by storage) are the estimator's frozen-weights
 figure.
@@ -32,10 +33,14 @@ def _gamma(terms: int) -> float:
     return terms * U / (1 - terms * U)
 
 
+# Storages by test id: (memory.base_weights, memory.nf4_backend); "nf4" is bitsandbytes' (the CPU's "auto").
+STORAGES = {"nf4": ("nf4", "bitsandbytes"), "nf4-torchao": ("nf4", "torchao"), "int8": ("int8", "auto")}
+
+
 def _quantized_linear(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(IN, OUT)).requires_grad_(False)
-    quantize_frozen_linears(model, kind, torch.float32, "cpu")
+    quantize_frozen_linears(model, *STORAGES[kind][:1], torch.float32, "cpu", STORAGES[kind][1])
     return model
 
 
@@ -45,14 +50,17 @@ def _dequantized(layer: torch.nn.Module, kind: str) -> torch.Tensor:
         import bitsandbytes.functional
 
         return bitsandbytes.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    if kind == "nf4-torchao":
+        return layer.weight.get_original_weight()
     return layer.weight.dequantize()
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "nf4-torchao", "int8"])
 def test_a_quantized_linear_computes_with_the_librarys_dequantized_weight(kind):
     model = _quantized_linear(kind)
     layer = model[0]
     assert type(layer).__module__.split(".")[0] == ("bitsandbytes" if kind == "nf4" else "torch")
+    assert type(layer.weight).__module__.split(".")[0] == ("bitsandbytes" if kind == "nf4" else "torchao")
     x = torch.randn(5, IN, generator=torch.Generator().manual_seed(1))
     weight = _dequantized(layer, kind)
     with torch.no_grad():
@@ -63,9 +71,10 @@ def test_a_quantized_linear_computes_with_the_librarys_dequantized_weight(kind):
     assert not torch.equal(weight, torch.zeros_like(weight))
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "nf4-torchao", "int8"])
 def test_lora_gradients_on_a_quantized_base_equal_those_on_its_dequantized_weight(kind):
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import Linear
     from peft.tuners.lora.bnb import Linear4bit
     from peft.tuners.lora.torchao import TorchaoLoraLinear
 
@@ -77,7 +86,8 @@ def test_lora_gradients_on_a_quantized_base_equal_those_on_its_dequantized_weigh
     config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["0"])
     inject_adapter_in_model(config, quantized)
     inject_adapter_in_model(config, plain)
-    assert isinstance(quantized[0], Linear4bit if kind == "nf4" else TorchaoLoraLinear)  # peft's layer for it
+    # peft's layer for it (for torchao's NF4 Linear its plain one: torchao computes `F.linear` on an NF4 weight)
+    assert type(quantized[0]) is {"nf4": Linear4bit, "nf4-torchao": Linear, "int8": TorchaoLoraLinear}[kind]
     generator = torch.Generator().manual_seed(2)
     for name in ("lora_A", "lora_B"):  # the same LoRA on both, B non-zero so that A gets a gradient
         value = torch.randn(getattr(plain[0], name)["default"].weight.shape, generator=generator) * 0.1
@@ -132,7 +142,8 @@ def _shrunk(model: str, **transformer):
 
 
 @pytest.mark.parametrize(("model", "kind"), [("tiny", "nf4"), ("tiny", "int8"), ("tiny-1.5-i2v", "nf4"),
-                                             ("5b-cut", "nf4"), ("5b-cut", "int8")])
+                                             ("5b-cut", "nf4"), ("5b-cut", "int8"), ("tiny", "nf4-torchao"),
+                                             ("5b-cut", "nf4-torchao")])
 def test_the_bytes_a_quantized_transformer_holds_are_the_estimates(model, kind, monkeypatch):
     """Real tensors (random weights in the model's dtype, quantized as a run quantizes them) against the
     estimator's frozen-weights figure, for tiny presets and a 5b cut to 2 blocks and 2 heads."""
@@ -149,11 +160,13 @@ def test_the_bytes_a_quantized_transformer_holds_are_the_estimates(model, kind, 
     monkeypatch.setattr(estimate_module, "model_spec", lambda reference: specs.get(reference) or real(reference))
     config = TrainConfig(task="i2v" if spec.is_i2v else "t2v", model=model, data="<bench>", output_dir="<bench>",
                          random_weights=True)
-    config = replace_settings(config, {"memory.base_weights": kind, "validation.final": False})
+    base_weights, backend = STORAGES[kind]
+    config = replace_settings(config, {"memory.base_weights": base_weights, "memory.nf4_backend": backend,
+                                       "validation.final": False})
     estimate = estimate_module.estimate_run(config, [(9, 64, 64)], steps=1)
 
     dtype = getattr(torch, spec.weight_dtype)
     torch.manual_seed(0)
     transformer = CogVideoXTransformer3DModel(**spec.transformer_config).to(dtype).requires_grad_(False)
-    quantize_frozen_linears(transformer, kind, dtype, "cpu")
+    quantize_frozen_linears(transformer, base_weights, dtype, "cpu", backend)
     assert _held_bytes(transformer) == estimate.frozen_weight_bytes

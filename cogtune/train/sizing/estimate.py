@@ -517,7 +517,7 @@ def _quantized_base_bytes(config: TrainConfig) -> int:
     if not config.memory.quantized_base:
         return 0
     spec = model_spec(config.model)
-    return quantized_linears_bytes(spec, kind) - quantized_linears_bytes(spec, "fp8")
+    return quantized_linears_bytes(spec, kind, config.memory.nf4_backend) - quantized_linears_bytes(spec, "fp8")
 
 
 def _shifted(parts: dict[str, int], offloaded: int, extra_state: int) -> dict[str, int]:
