@@ -78,8 +78,8 @@ def check_base_weights(kind: str, spec: ModelSpec, nf4_backend_choice: str = "au
     if storage not in _LIBRARIES:
         return
     package, oldest = _LIBRARIES[storage]
-    named = f"--base-weights {kind}" + (f" --nf4-backend {package}" if kind == "nf4" else "")
-    hint = f"pip install '{package}>={oldest}', or --base-weights bf16"
+    named = f"--base-weights {kind}" + (" --nf4-backend torchao" if storage == "nf4-torchao" else "")
+    hint = f"pip install '{package}>={oldest}', or " + ("--nf4-backend torchao" if storage == "nf4" else "--base-weights bf16")
     try:
         found = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -87,7 +87,7 @@ def check_base_weights(kind: str, spec: ModelSpec, nf4_backend_choice: str = "au
     if Version(found) < Version(oldest):
         raise ConfigError(f"{named} needs {package} {oldest} or newer (found {found})", hint=hint)
     if storage == "nf4" and device not in BITSANDBYTES_4BIT_DEVICES:
-        raise ConfigError(f"{named}: bitsandbytes has no 4-bit kernels for this device ({device})",
+        raise ConfigError(f"--nf4-backend bitsandbytes: bitsandbytes has no 4-bit kernels for {device}",
                           hint="--nf4-backend torchao (or auto): torchao's NF4 tensor runs on any device")
     quantized = spec.transformer_config.get("quantization_config")
     if quantized:

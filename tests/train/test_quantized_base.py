@@ -135,6 +135,41 @@ def test_sampling_on_an_nf4_base_with_the_lora(nf4_run, tmp_path):
     assert probe_video(path).frames == 9
 
 
+@pytest.fixture(scope="module")
+def torchao_nf4_runs(tiny_cache, tmp_path_factory):
+    """nf4 through torchao's NF4 tensor (`--nf4-backend torchao`): 2 steps straight, and a run resumed from the
+    first one's step-1 checkpoint."""
+    root = tmp_path_factory.mktemp("nf4-torchao")
+    memory = MemoryConfig(base_weights="nf4", nf4_backend="torchao")
+    changes = dict(steps=2, checkpointing=CheckpointConfig(every=1, keep=0), validation=ValidationConfig(final=False),
+                   memory=memory)
+    straight = run_training(_config(tiny_cache, root / "straight", **changes))
+    resumed = run_training(_config(tiny_cache, root / "resumed", resume=str(straight.output_dir / "checkpoints" /
+                                                                         "step-000001"), **changes))
+    return straight, resumed
+
+
+def test_torchaos_nf4_base_trains_resumes_exactly_and_is_recorded(torchao_nf4_runs, tiny_model_dir, tiny_cache, tmp_path):
+    from diffusers import CogVideoXPipeline
+    from torchao.quantization import NF4Tensor
+
+    from cogtune.lora.layouts import inspect_lora
+    from cogtune.train.model import load_trainable_transformer
+    from cogtune.train.plan import plan_run
+
+    straight, resumed = torchao_nf4_runs
+    assert resumed.losses == straight.losses and all(torch.isfinite(torch.tensor(straight.losses)))
+    left, right = load_file(straight.weights), load_file(resumed.weights)
+    assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+    assert read_toml(straight.output_dir / CONFIG_FILENAME)["memory"]["nf4_backend"] == "torchao"
+    assert "trained against an NF4 base (torchao's NF4 tensor" in (straight.output_dir / "README.md").read_text()
+    assert inspect_lora(straight.output_dir)["cogtune"]["nf4_backend"] == "torchao"
+    CogVideoXPipeline.from_pretrained(tiny_model_dir).load_lora_weights(straight.output_dir)  # diffusers' layout
+    config = _config(tiny_cache, tmp_path / "run", memory=MemoryConfig(base_weights="nf4", nf4_backend="torchao"))
+    transformer, _ = load_trainable_transformer(config, plan_run(config), "cpu", "no")  # as the runs loaded it
+    assert isinstance(transformer.transformer_blocks[0].attn1.to_q.base_layer.weight, NF4Tensor)
+
+
 def test_i2v_on_an_int8_base_with_offloaded_activations(family_cache, tmp_path):
     from peft.tuners.lora.torchao import TorchaoLoraLinear
 
@@ -223,11 +258,13 @@ def _refused_before_loading(config, monkeypatch) -> str:
     return raised.value.message
 
 
-@pytest.mark.parametrize(("kind", "found", "message"), [
-    ("nf4", None, "--base-weights nf4 needs bitsandbytes, which is not installed"),
-    ("int8", "0.10.0", "--base-weights int8 needs torchao 0.16.0 or newer (found 0.10.0)"),
+@pytest.mark.parametrize(("kind", "backend", "found", "message"), [
+    ("nf4", "auto", None, "--base-weights nf4 needs bitsandbytes, which is not installed"),
+    ("nf4", "torchao", "0.10.0", "--base-weights nf4 --nf4-backend torchao needs torchao 0.16.0 or newer (found 0.10.0)"),
+    ("int8", "auto", "0.10.0", "--base-weights int8 needs torchao 0.16.0 or newer (found 0.10.0)"),
 ])
-def test_a_missing_or_old_library_is_refused_before_loading(kind, found, message, tiny_cache, tmp_path, monkeypatch):
+def test_a_missing_or_old_library_is_refused_before_loading(kind, backend, found, message, tiny_cache, tmp_path,
+                                                            monkeypatch):
     import importlib.metadata
 
     import cogtune.models.quantize
@@ -235,23 +272,29 @@ def test_a_missing_or_old_library_is_refused_before_loading(kind, found, message
     real = importlib.metadata.version
 
     def version(package):
-        if package != {"nf4": "bitsandbytes", "int8": "torchao"}[kind]:
+        if package != ("bitsandbytes" if (kind, backend) == ("nf4", "auto") else "torchao"):
             return real(package)
         if found is None:
             raise importlib.metadata.PackageNotFoundError(package)
         return found
 
     monkeypatch.setattr(cogtune.models.quantize.importlib.metadata, "version", version)
-    config = _config(tiny_cache, tmp_path / "run", memory=MemoryConfig(base_weights=kind))
+    config = _config(tiny_cache, tmp_path / "run", memory=MemoryConfig(base_weights=kind, nf4_backend=backend))
     assert _refused_before_loading(config, monkeypatch) == message
 
 
-def test_nf4_on_apples_mps_is_refused_before_loading(tiny_cache, tmp_path, monkeypatch):
+def test_nf4_on_apples_mps_takes_torchao_and_refuses_bitsandbytes_before_loading(tiny_cache, tmp_path, monkeypatch):
+    import cogtune.models.loading
     import cogtune.models.quantize
 
-    monkeypatch.setattr(cogtune.models.quantize, "default_device", lambda: "mps")
-    config = _config(tiny_cache, tmp_path / "run")
-    assert "bitsandbytes has no 4-bit kernels for Apple's MPS" in _refused_before_loading(config, monkeypatch)
+    for module in (cogtune.models.quantize, cogtune.models.loading):
+        monkeypatch.setattr(module, "default_device", lambda: "mps")
+    assert _config(tiny_cache, tmp_path / "run").resolved().memory.nf4_backend == "torchao"  # auto, recorded so
+    assert cogtune.models.quantize.nf4_backend("auto", "cpu") == cogtune.models.quantize.nf4_backend("auto", "cuda") \
+        == "bitsandbytes"
+    forced = _config(tiny_cache, tmp_path / "run", memory=MemoryConfig(base_weights="nf4", nf4_backend="bitsandbytes"))
+    assert _refused_before_loading(forced, monkeypatch) == \
+        "--nf4-backend bitsandbytes: bitsandbytes has no 4-bit kernels for mps"
 
 
 def test_an_already_quantized_model_folder_is_refused_before_loading(tiny_model_dir, tiny_cache, tmp_path, monkeypatch):
