@@ -162,9 +162,10 @@ def print_run_summary(config: TrainConfig, plan: RunPlan, accelerator: Any, mixe
     if plan.drop_learned_positions:
         rows.append(("positions", "learned positional embeddings dropped (rotary only)"))
     placement = memory_placement(config, distributed.fsdp_checkpoints_activations(accelerator))
+    library = f" ({config.memory.nf4_backend})" if placement.frozen_weights_quantized == "nf4" else ""
     options = [name for name, on in (("gradient checkpointing", placement.checkpoint_blocks),
                                      ("fp8 weights", placement.frozen_weights_in_float8),
-                                     (f"{placement.frozen_weights_quantized} base weights",
+                                     (f"{placement.frozen_weights_quantized} base weights{library}",
                                       placement.frozen_weights_quantized is not None),
                                      ("offloaded blocks", placement.frozen_weights_on_host),
                                      ("offloaded activations", placement.saved_activations_on_host),

@@ -187,10 +187,10 @@ def test_i2v_on_an_int8_base_with_offloaded_activations(family_cache, tmp_path):
 U = 2.0**-24
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_compiled_blocks_on_a_quantized_base_compute_as_eager_ones(kind, tiny_cache, tmp_path):
-    """`--compile` (each block through torch.compile's default backend, inductor) on bitsandbytes' NF4 and
-    torchao's int8 layers with peft's LoRA on top: a block's training forward and backward, and its inference
+@pytest.mark.parametrize(("kind", "backend"), [("nf4", "bitsandbytes"), ("nf4", "torchao"), ("int8", "auto")])
+def test_compiled_blocks_on_a_quantized_base_compute_as_eager_ones(kind, backend, tiny_cache, tmp_path):
+    """`--compile` (each block through torch.compile's default backend, inductor) on bitsandbytes' NF4,
+    torchao's NF4 and torchao's int8 layers with peft's LoRA on top: a block's training forward and backward, and its inference
     forward with validation's chunked feed-forward (as validation and `sample` run it), against the same
     block run eagerly (its `forward`, which the compiled `__call__` wraps).
 
@@ -208,7 +208,7 @@ def test_compiled_blocks_on_a_quantized_base_compute_as_eager_ones(kind, tiny_ca
     terms, depth = 128, 8
     bound = depth * 2 * terms * U / (1 - terms * U)
     config = _config(tiny_cache, tmp_path / "run", gradient_checkpointing=False,
-                     memory=MemoryConfig(base_weights=kind, compile=True))
+                     memory=MemoryConfig(base_weights=kind, nf4_backend=backend, compile=True))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     transformer, _ = load_trainable_transformer(config, plan_run(config), "cpu", "no")
