@@ -15,9 +15,10 @@ Which library does what:
 - `int8`: torchao's `quantize_` with `Int8WeightOnlyConfig` (int8 weights, one float32 scale per output row).
 
 peft then wraps these layers in its LoRA layers made for them (`peft.tuners.lora.bnb.Linear4bit`,
-`peft.tuners.lora.torchao.TorchaoLoraLinear`; on torchao's NF4 Linear its plain `lora.Linear`). The layers are replaced after the transformer is built or
-loaded (rather than through `from_pretrained(quantization_config=...)`), so that presets with random
-weights, local folders and Hub models go the same way; each layer is quantized on the device, one at a
+`peft.tuners.lora.torchao.TorchaoLoraLinear`; on torchao's NF4 Linear its plain `lora.Linear`). The
+layers are replaced after the transformer is built or loaded (rather than through
+`from_pretrained(quantization_config=...)`), so that presets with random weights, local folders and Hub
+models go the same way; each layer is quantized on the device, one at a
 time, so a GPU never holds the unquantized base. Every block's Linear is quantized, the norms'
 modulation Linears included (1.5 GiB of 5b's bf16 weights, which float8 storage keeps); the layers in
 and out of the blocks (`KEPT_UNQUANTIZED`: the patch and text projections, the time and ofs embeddings,
@@ -79,7 +80,8 @@ def check_base_weights(kind: str, spec: ModelSpec, nf4_backend_choice: str = "au
         return
     package, oldest = _LIBRARIES[storage]
     named = f"--base-weights {kind}" + (" --nf4-backend torchao" if storage == "nf4-torchao" else "")
-    hint = f"pip install '{package}>={oldest}', or " + ("--nf4-backend torchao" if storage == "nf4" else "--base-weights bf16")
+    other = "--nf4-backend torchao" if storage == "nf4" else "--base-weights bf16"
+    hint = f"pip install '{package}>={oldest}', or {other}"
     try:
         found = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

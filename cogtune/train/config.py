@@ -166,8 +166,8 @@ VAE_TILE_STEPS = (48, 40)
 class MemoryConfig:
     base_weights: Literal["bf16", "fp8", "int8", "nf4"] = setting(
         "bf16", "LoRA: how the frozen transformer's Linear weights are stored: bf16 (the model's own dtype), fp8 "
-                "(float8, cogtune's storage Linear), int8 (torchao weight-only int8), nf4 (QLoRA: bitsandbytes 4-bit "
-                "NormalFloat with double quantization); all compute in the autocast dtype.",
+                "(float8, cogtune's storage Linear), int8 (torchao weight-only int8), nf4 (QLoRA: 4-bit NormalFloat "
+                "with double quantization, by bitsandbytes or torchao: nf4_backend); all compute in the autocast dtype.",
         flag="--base-weights", shorthands={"--fp8": "fp8"})
     nf4_backend: Literal["auto", "bitsandbytes", "torchao"] = setting(
         "auto", "With base_weights nf4: the library that holds the NF4 base: bitsandbytes (its kernels: CUDA, CPU, XPU) "
@@ -280,8 +280,8 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """This config with the defaults that depend on others written out (alpha, caption dropout, lr),
-        so that the `config.toml` beside a run records every value it trained with (an NF4 base's library too; and not
-        `overwrite`, an action taken before the run, which a later run from that file must not repeat)."""
+        so that the `config.toml` beside a run records every value it trained with (an NF4 base's library too;
+        and not `overwrite`, an action taken before the run, which a later run from that file must not repeat)."""
         from cogtune.models.loading import default_device
         from cogtune.models.quantize import nf4_backend
 
