@@ -17,9 +17,9 @@ import torch
 from cogtune import distributed
 from cogtune.encode.cache import VideoLatentCache
 from cogtune.errors import ConfigError
-from cogtune.models.loading import ResolvedModel, resolve_model
+from cogtune.models.loading import ResolvedModel, default_device, resolve_model
 from cogtune.models.positions import needs_learned_positions_dropped
-from cogtune.models.quantize import check_base_weights
+from cogtune.models.quantize import check_base_weights, nf4_backend
 from cogtune.models.registry import ModelSpec
 from cogtune.train.config import TrainConfig
 from cogtune.train.hub import check_push_target
@@ -56,6 +56,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
             raise ConfigError(f"optimizer {config.optimizer.name} needs a CUDA GPU")
     check_strategy(config)
     check_base_weights(config.memory.base_weights, spec, config.memory.nf4_backend)
+    check_nf4_tensors_stay(config)
     if not config.full:
         check_lora_targets(spec, config.lora)
     cache = VideoLatentCache(config.data)
@@ -75,6 +76,19 @@ def plan_run(config: TrainConfig) -> RunPlan:
             hint="--learned-positional-embeddings drop (or auto)",
         )
     return RunPlan(model, cache, drops_learned_positions(config, spec, needed), prompts, new_prompts)
+
+
+def check_nf4_tensors_stay(config: TrainConfig) -> None:
+    """torchao's NF4 weights saved for backward cannot go to pinned host memory: `--offload-activations` on a GPU
+    copies each into a pinned dense tensor, and torchao's `copy_` takes NF4 destinations only. With gradient
+    checkpointing only the block inputs are offloaded (the quantized layers all sit inside the blocks)."""
+    memory = config.memory
+    device = default_device()
+    if (memory.base_weights == "nf4" and nf4_backend(memory.nf4_backend, device) == "torchao" and device == "cuda"
+            and memory.offload_activations and not config.gradient_checkpointing):
+        raise ConfigError("--offload-activations without gradient checkpointing cannot offload torchao's NF4 weights "
+                          "(torch's pinned copy fails on an NF4Tensor)",
+                          hint="--gradient-checkpointing, or --nf4-backend bitsandbytes")
 
 
 def drops_learned_positions(config: TrainConfig, spec: ModelSpec, needed: bool) -> bool:

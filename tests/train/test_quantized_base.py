@@ -298,6 +298,22 @@ def test_nf4_on_apples_mps_takes_torchao_and_refuses_bitsandbytes_before_loading
         "--nf4-backend bitsandbytes: bitsandbytes has no 4-bit kernels for mps"
 
 
+def test_torchaos_nf4_with_offloaded_activations_needs_checkpointing_on_a_gpu(tiny_cache, tmp_path, monkeypatch):
+    """What the refusal prevents, on the CPU: torch's pinned offloading of a saved NF4 weight fails in torchao."""
+    import cogtune.train.plan
+    from cogtune.models.quantize import quantize_frozen_linears
+
+    linear = torch.nn.Linear(128, 64).requires_grad_(False)
+    quantize_frozen_linears(torch.nn.Sequential(linear), "nf4", torch.float32, "cpu", "torchao")
+    with pytest.raises(AttributeError), torch.autograd.graph.save_on_cpu(pin_memory=True):
+        linear(torch.randn(2, 128, requires_grad=True))
+    monkeypatch.setattr(cogtune.train.plan, "default_device", lambda: "cuda")
+    config = _config(tiny_cache, tmp_path / "run", gradient_checkpointing=False,
+                     memory=MemoryConfig(base_weights="nf4", nf4_backend="torchao", offload_activations=True))
+    assert "--offload-activations without gradient checkpointing cannot offload torchao's NF4 weights" in \
+        _refused_before_loading(config, monkeypatch)
+
+
 def test_an_already_quantized_model_folder_is_refused_before_loading(tiny_model_dir, tiny_cache, tmp_path, monkeypatch):
     import shutil
 
