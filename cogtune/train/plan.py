@@ -56,7 +56,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
             raise ConfigError(f"optimizer {config.optimizer.name} needs a CUDA GPU")
     check_strategy(config)
     check_base_weights(config.memory.base_weights, spec, config.memory.nf4_backend)
-    check_nf4_tensors_stay(config)
+    check_nf4_activation_offloading(config)
     if not config.full:
         check_lora_targets(spec, config.lora)
     cache = VideoLatentCache(config.data)
@@ -78,7 +78,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     return RunPlan(model, cache, drops_learned_positions(config, spec, needed), prompts, new_prompts)
 
 
-def check_nf4_tensors_stay(config: TrainConfig) -> None:
+def check_nf4_activation_offloading(config: TrainConfig) -> None:
     """torchao's NF4 weights saved for backward cannot go to pinned host memory: `--offload-activations` on a GPU
     copies each into a pinned dense tensor, and torchao's `copy_` takes NF4 destinations only. With gradient
     checkpointing only the block inputs are offloaded (the quantized layers all sit inside the blocks)."""
