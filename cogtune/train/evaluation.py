@@ -238,8 +238,8 @@ def print_evaluation_summary(summary: dict[str, Any], ranges: list[dict[str, Any
         rows.append(("LoRA effect (relative)", f"{summary['last_effect']:.3g} at step {summary['last_step']}"))
     if summary:
         rows.append(("time per evaluation", f"{summary['seconds_per_evaluation']:.2f} s "
-                                            f"({summary['evaluations']} evaluation{'s' if summary['evaluations'] > 1 else ''})"))
-    rows += [(f"training loss, t {row['timesteps']}", f"{row['mean_loss']:.5g} ({row['samples']} samples)")
+                                            f"({report.plural(summary['evaluations'], 'evaluation')})"))
+    rows += [(f"training loss, t {row['timesteps']}", f"{row['mean_loss']:.5g} ({report.plural(row['samples'], 'sample')})")
              for row in ranges if row["mean_loss"] is not None]
     if rows:
         report.key_values("evaluation", rows, to_stderr=True)
