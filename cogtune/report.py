@@ -33,6 +33,7 @@ from rich.progress import (
 from rich.table import Column, Table
 from rich.text import Text
 
+from cogtune import startup
 from cogtune.launch import is_main_launch_process
 from cogtune.quiet import StderrProxy
 
@@ -216,6 +217,7 @@ def _columns(counters: list[ProgressColumn], elapsed: bool = True) -> list[Progr
 @contextlib.contextmanager
 def _bar(description: str, total: int | None, completed: int, counters: list[ProgressColumn]) -> Iterator[ProgressBar]:
     """A rich progress bar (see `_columns`) on one line that fits the terminal."""
+    startup.resume_collection()  # long work begins here (cogtune.startup)
     if not _enabled():
         yield ProgressBar(None, None)
         return
@@ -304,6 +306,7 @@ def _per_step(seconds: float, steps: int) -> str:
 @contextlib.contextmanager
 def video_progress(count: int, steps: int, description: str = "video") -> Iterator[VideoBars]:
     """`VideoBars` for `count` videos of `steps` denoising steps each (see `generate_videos`)."""
+    startup.resume_collection()  # long work begins here (cogtune.startup)
     if not _enabled():
         yield VideoBars(None, count, steps, description)
         return

@@ -73,11 +73,21 @@ def _is_gpu_out_of_memory(exc: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 0 on success, 1 with a one-line reason on failure, 2 on usage errors,
     130 (143 for SIGTERM) when Ctrl-C stopped the run at a safe point."""
+    from cogtune import startup
+
+    startup.pause_collection()  # for the imports (cogtune.startup)
+    try:
+        _run(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        startup.finish()
+
+
+def _run(args: list[str]) -> None:
+    """`main`: the command, and its failure reported in one line."""
     from cogtune import report
     from cogtune.errors import CogtuneError
     from cogtune.quiet import quiet_libraries
 
-    args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in args:  # anywhere, also after the subcommand
         os.environ["COGTUNE_DEBUG"] = "1"  # known before parsing, so that library logs stay on
         args = [arg for arg in args if arg != "--debug"]

@@ -18,6 +18,8 @@ def demo(
     steps: Annotated[int, typer.Option("--steps", help="Training steps.", min=1)] = 100,
 ) -> None:
     """Synthesize clips, then validate, encode, train a LoRA and sample, on a tiny model, offline."""
+    from cogtune import startup
     from cogtune.demo import run_demo
 
+    startup.load_libraries()
     run_demo(output_dir, steps=steps)

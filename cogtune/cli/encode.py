@@ -30,7 +30,11 @@ def encode(
     config_file: ConfigFileOpt = None,
 ) -> None:
     """Encode a dataset into a reusable latent cache. Re-running skips finished items."""
+    from cogtune import startup
     from cogtune.config import load_config
     from cogtune.encode import encode_dataset
 
-    encode_dataset(load_config(EncodeConfig, config_file, overrides), dry_run=dry_run)
+    config = load_config(EncodeConfig, config_file, overrides)
+    if not dry_run:
+        startup.load_libraries()
+    encode_dataset(config, dry_run=dry_run)

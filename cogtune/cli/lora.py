@@ -133,9 +133,10 @@ def merge(
     scale: Annotated[float, typer.Option("--scale", help="Strength the LoRA is folded in at.")] = 1.0,
 ) -> None:
     """Fold a LoRA into the model's transformer: a diffusers folder in the model's dtype (from_pretrained loads it)."""
-    from cogtune import report
+    from cogtune import report, startup
     from cogtune.lora.merge import merge_lora
 
+    startup.load_libraries()
     folder = merge_lora(model, lora, output, scale)
     report.success(f"wrote {folder}: the LoRA folded into {model}'s unquantized transformer, in its own dtype "
                    f"(load with CogVideoXTransformer3DModel.from_pretrained, or `cogtune sample --transformer {folder}`)")

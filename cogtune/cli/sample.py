@@ -23,9 +23,11 @@ EPILOG = examples(
 @settings_options(SampleConfig)
 def sample(overrides: Overrides = None, config_file: ConfigFileOpt = None) -> None:
     """Generate videos with a base model, a trained LoRA, or a full fine-tune."""
-    from cogtune import report
+    from cogtune import report, startup
     from cogtune.config import load_config
     from cogtune.sample import run_sample
 
-    for path in run_sample(load_config(SampleConfig, config_file, overrides)):
+    config = load_config(SampleConfig, config_file, overrides)
+    startup.load_libraries()
+    for path in run_sample(config):
         report.success(f"wrote {path}")

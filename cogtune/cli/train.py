@@ -39,10 +39,13 @@ _EXAMPLES = {
 def _make_command(task: Literal["t2v", "i2v"]):
     @settings_options(TrainConfig)
     def command(overrides: Overrides = None, config_file: ConfigFileOpt = None) -> None:
+        from cogtune import startup
         from cogtune.config import load_config
         from cogtune.train import run_training
 
-        run_training(load_config(TrainConfig, config_file, {**overrides, "task": task}))
+        config = load_config(TrainConfig, config_file, {**overrides, "task": task})
+        startup.load_libraries()
+        run_training(config)
 
     command.__doc__ = _TASK_HELP[task]
     command.__name__ = f"train_{task}"

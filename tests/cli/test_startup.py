@@ -1,0 +1,74 @@
+"""A command's start-up runs with the garbage collector paused (cogtune.startup), and nothing else does.
+
+Checked through the real entry point (`main`, in-process): a heavy command's engine starts with the
+collector on and the imported libraries frozen; a light command, a failing one and a heavy one all
+leave the collector as they found it, with nothing frozen.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+
+@pytest.fixture
+def collector():
+    """The collector on and nothing frozen before the test (pytest's own state), and again after it."""
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    yield
+    gc.enable()
+    gc.unfreeze()
+
+
+def test_a_heavy_command_starts_its_work_with_the_collector_on_and_the_libraries_frozen(cli, collector, monkeypatch,
+                                                                                      tiny_cache, tmp_path):
+    import sys
+
+    import cogtune.train
+
+    seen = {}
+
+    def run_training(config):
+        seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count(),
+                    loaded="diffusers.models.transformers.cogvideox_transformer_3d" in sys.modules)
+
+    monkeypatch.setattr(cogtune.train, "run_training", run_training)
+    result = cli("train", "t2v", "--model", "tiny", "--data", tiny_cache, "--output-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    assert seen["enabled"] and seen["loaded"]
+    assert seen["frozen"] > 100_000  # the libraries' objects, which later collections skip
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_light_and_failing_commands_leave_the_collector_as_they_found_it(cli, collector, monkeypatch, tmp_path):
+    import cogtune.accelerate_config
+
+    seen = []
+    real = cogtune.accelerate_config.accelerate_config_yaml
+
+    def yaml(settings):
+        seen.append(gc.isenabled())
+        return real(settings)
+
+    monkeypatch.setattr(cogtune.accelerate_config, "accelerate_config_yaml", yaml)
+    assert cli("config", "accelerate", "--strategy", "ddp", "--gpus", "2").exit_code == 0
+    assert seen == [False]  # paused while the command ran (it loads no library, and draws no bar)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert cli("train", "t2v", "--model", "tiny", "--data", tmp_path / "missing",
+               "--output-dir", tmp_path / "run").exit_code == 1
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_a_progress_bar_resumes_collection(collector):
+    """Long work never runs with the collector off, whether or not its command loaded the libraries."""
+    from cogtune import report, startup
+
+    startup.pause_collection()
+    try:
+        assert not gc.isenabled()
+        with report.progress("working", total=1):
+            assert gc.isenabled()
+    finally:
+        startup.finish()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
