@@ -315,12 +315,21 @@ def compare_parts(estimated: dict[str, float], measured: dict[str, float]) -> di
             for group in sorted(set(estimated) | set(measured))}
 
 
+def _load_libraries() -> None:
+    """A row process's imports, as a cogtune command makes them (`cogtune.startup`: a sixth faster)."""
+    from cogtune import startup
+
+    startup.pause_collection()
+    startup.load_libraries()
+
+
 def measure_worker(row: Row, result_path: Path) -> None:
     """Train one row for real and write what it measured (or how it failed) to `result_path`."""
     _hide_modules()
     started = time.perf_counter()
     result: dict[str, Any] = {}
     try:
+        _load_libraries()
         import torch
 
         videos = _no_video_writer()
@@ -351,6 +360,7 @@ def measure_worker(row: Row, result_path: Path) -> None:
 def estimate_worker(rows: list[Row], folder: Path) -> None:
     """Estimate every row in order (on the CPU), one file each, so that a stopped run keeps the finished ones."""
     _hide_modules()
+    _load_libraries()
     from cogtune.train.sizing.estimate import estimate_run
 
     for row in rows:
