@@ -72,3 +72,17 @@ def test_a_progress_bar_resumes_collection(collector):
     finally:
         startup.finish()
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_at_exit_what_is_left_is_frozen_out_of_the_last_collection():
+    """An `atexit` hook registered before the command runs after cogtune's (last in, first out)."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, gc\n"
+              "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+              "from cogtune.cli.app import main\n"
+              "main(['config', 'accelerate', '--strategy', 'ddp', '--gpus', '2'])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("frozen at exit: True")
