@@ -556,11 +556,15 @@ def _cpu_optimizer_host_bytes(trainable: list[Any], on_host: bool) -> dict[str, 
 @contextlib.contextmanager
 def _young_garbage_only(enabled: bool):
     """Exempt the objects that exist now from the garbage collector while tracing: the steps' own
-    `gc.collect()` then only visits what the trace creates (the same garbage, found far faster)."""
+    `gc.collect()` then only visits what the trace creates (the same garbage, found far faster).
+
+    The garbage there is now is exempted with the rest, and collected once the trace ends: no storage the
+    tracker counts is in it (it counts the live model's weights, and what the trace creates), so the figures
+    are the same, without a full collection first (about half a second: every object of torch, diffusers and
+    transformers is visited)."""
     if not enabled:
         yield
         return
-    gc.collect()
     gc.freeze()
     try:
         yield
