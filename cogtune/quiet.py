@@ -2,12 +2,14 @@
 
 Messages of these libraries at import time are about optional kernels we do not use, and decord
 prints its own errors for files we already report; they bury cogtune's own output. `--debug`
-(COGTUNE_DEBUG=1) leaves them alone.
+(COGTUNE_DEBUG=1) leaves them alone. `collections_paused` imports them without pausing for Python's
+garbage collector.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -59,6 +61,20 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*without `get_apply_tensor_subclass`.*")
     # FSDP2 warns that the root module returns a view (the transformer's output); cogtune never edits it in place.
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+
+
+@contextlib.contextmanager
+def collections_paused() -> Iterator[None]:
+    """Automatic garbage collection off inside, for importing large libraries (torch, diffusers): an import
+    makes hundreds of thousands of objects, over which Python would run several full collections that free
+    next to nothing (about a second of `bench memory`'s process)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # --- native stderr ---------------------------------------------------------------------------

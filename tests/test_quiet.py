@@ -27,3 +27,20 @@ def test_deepspeeds_import_time_log_shows_only_with_debug(debug):
     assert result.returncode == 0, result.stderr[-2000:]
     logged = "Setting accelerator to CPU" in result.stdout or "Setting ds_accelerator" in result.stdout
     assert logged == bool(debug), result.stdout
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_collections_paused_turns_automatic_collection_off_inside_and_restores_it(enabled):
+    import gc
+
+    from cogtune.quiet import collections_paused
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.raises(KeyError), collections_paused():
+            assert not gc.isenabled()
+            raise KeyError("an import that fails")
+        assert gc.isenabled() == enabled  # as it was, also after an error
+    finally:
+        (gc.enable if was else gc.disable)()

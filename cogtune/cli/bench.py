@@ -53,9 +53,12 @@ def memory(
     ] = False,
 ) -> None:
     """Peak GPU memory at the trainer's four moments (and step time) of a grid of configurations."""
-    from cogtune.bench.run import run_bench
     from cogtune.config import load_config
     from cogtune.errors import ConfigError
+    from cogtune.quiet import collections_paused
+
+    with collections_paused():  # torch
+        from cogtune.bench.run import run_bench
 
     if estimate and measure:
         raise ConfigError("--estimate and --measure exclude each other")

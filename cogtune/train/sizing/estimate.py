@@ -291,17 +291,13 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
 
 def _import_traced_libraries() -> None:
     """Import the diffusers code the trace runs (its CogVideoX models and pipelines, which bring peft and
-    transformers) with automatic garbage collection paused: the import makes hundreds of thousands of objects,
-    over which Python would run several full collections that free next to nothing (about 0.5 s of a fresh
-    process). Later calls find them imported."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    transformers) without pausing for garbage collection (about 0.5 s of a fresh process); later calls find
+    them imported."""
+    from cogtune.quiet import collections_paused
+
+    with collections_paused():
         import diffusers.training_utils  # noqa: F401  # as `load_trainable_transformer` imports it
         from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline  # noqa: F401  # `build_pipeline`'s
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _sized_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape: Shape | None) -> tuple[Shape, Any]:
