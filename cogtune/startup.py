@@ -27,9 +27,10 @@ import gc
 import importlib
 
 # What a command that builds CogVideoX models imports first (the diffusers modules pull in peft, transformers
-# and bitsandbytes where installed).
+# and bitsandbytes where installed; the pipelines T5's modules).
 LIBRARIES = ("torch", "accelerate", "peft", "diffusers.models.transformers.cogvideox_transformer_3d",
-             "diffusers.models.autoencoders.autoencoder_kl_cogvideox")
+             "diffusers.models.autoencoders.autoencoder_kl_cogvideox", "diffusers.pipelines.cogvideo",
+             "diffusers.training_utils")
 
 _paused = False
 _frozen = False
