@@ -9,9 +9,11 @@ every process a launch starts.
 
 - `cogtune.cli.app.main` pauses collection when a command starts. At its end it leaves the collector as
   it found it (a command run in-process, as the tests do, unfreezes what it froze).
-- A heavy command calls `load_libraries()` once its settings are read: the libraries are imported while
-  paused, what they made is frozen (`gc.freeze`: later collections skip it), and collection resumes
-  before any weight or data is touched, so that the work's own garbage is collected as in any program.
+- A heavy command calls `load_libraries()` once its settings are read (the estimator calls it itself, on
+  its first estimate not read from the cache, so that a cached `bench memory` grid imports none of it):
+  the libraries are imported with collection off, what exists then is frozen (`gc.freeze`: later
+  collections skip it), and collection resumes before any weight or data is touched, so that the
+  work's own garbage is collected as in any program.
 - Any progress bar (`cogtune.report`) resumes collection too: long work never runs with it off.
 - At the interpreter's exit (`atexit`), everything left is frozen, so that the exit's full collection
   skips it. What a command writes is written and closed by then (cogtune writes atomically); objects in
@@ -25,6 +27,7 @@ from __future__ import annotations
 import atexit
 import gc
 import importlib
+import sys
 
 # What a command that builds CogVideoX models imports first (the diffusers modules pull in peft, transformers
 # and bitsandbytes where installed; the pipelines T5's modules).
@@ -32,13 +35,15 @@ LIBRARIES = ("torch", "accelerate", "peft", "diffusers.models.transformers.cogvi
              "diffusers.models.autoencoders.autoencoder_kl_cogvideox", "diffusers.pipelines.cogvideo",
              "diffusers.training_utils")
 
+_command = False  # inside `cogtune.cli.app.main` (between `pause_collection` and `finish`)
 _paused = False
 _frozen = False
 
 
 def pause_collection() -> None:
-    """Stop automatic collection, if it is on, until `resume_collection` or `finish`."""
-    global _paused
+    """A command starts: stop automatic collection, if it is on, until `resume_collection` or `finish`."""
+    global _command, _paused
+    _command = True
     if gc.isenabled():
         gc.disable()
         _paused = True
@@ -47,14 +52,23 @@ def pause_collection() -> None:
 
 
 def load_libraries(modules: tuple[str, ...] = LIBRARIES) -> None:
-    """Import `modules`; if collection is paused, freeze what the imports made and resume it."""
-    global _frozen
+    """Import `modules`. Inside a command, the first call imports them with collection off, freezes what
+    exists then (the libraries' objects) and turns collection on; outside one it imports as Python does."""
+    global _frozen, _paused
+    if not _command or (_frozen and all(name in sys.modules for name in modules)):
+        for name in modules:
+            importlib.import_module(name)
+        return
+    restore = gc.isenabled() or _paused
+    gc.disable()
     for name in modules:
         importlib.import_module(name)
-    if _paused and not _frozen:
+    if not _frozen:
         gc.freeze()
         _frozen = True
-    resume_collection()
+    _paused = False
+    if restore:
+        gc.enable()
 
 
 def resume_collection() -> None:
@@ -67,8 +81,9 @@ def resume_collection() -> None:
 
 def finish() -> None:
     """The command's end: collection as before it started, and nothing left frozen."""
-    global _frozen
+    global _command, _frozen
     resume_collection()
+    _command = False
     if _frozen:
         gc.unfreeze()
         _frozen = False

@@ -51,7 +51,6 @@ def memory(
     ] = False,
 ) -> None:
     """Peak GPU memory at the trainer's four moments (and step time) of a grid of configurations."""
-    from cogtune import startup
     from cogtune.bench.run import run_bench
     from cogtune.config import load_config
     from cogtune.errors import ConfigError
@@ -65,5 +64,4 @@ def memory(
             raise ConfigError("--frames, --height and --width go together")
         overrides = {**overrides, "shapes": (f"{frames}x{height}x{width}",)}
     config = load_config(BenchConfig, None, {**overrides, "mode": "measure" if measure else None})
-    startup.load_libraries()
     run_bench(config, json_path=json_file, markdown_path=markdown, plot_path=plot)

@@ -86,3 +86,26 @@ def test_at_exit_what_is_left_is_frozen_out_of_the_last_collection():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("frozen at exit: True")
+
+
+def test_bench_loads_the_libraries_for_an_estimate_it_computes_and_not_for_a_cached_one(cli, collector, monkeypatch,
+                                                                                       tmp_path):
+    from cogtune import startup
+
+    calls = []
+    real = startup.load_libraries
+
+    def load(*args, **kwargs):
+        calls.append(gc.isenabled())
+        real(*args, **kwargs)
+        calls.append(gc.get_freeze_count() > 0 and gc.isenabled())
+
+    monkeypatch.setenv("COGTUNE_HOME", str(tmp_path / "home"))  # an empty estimate cache
+    monkeypatch.setattr(startup, "load_libraries", load)
+    args = ("bench", "memory", "--model", "tiny", "--rank", "4", "--estimate", "--no-validation")
+    assert cli(*args).exit_code == 0
+    assert calls == [True, True]  # under the progress bar (collection on), then frozen and on again
+    calls.clear()
+    assert cli(*args).exit_code == 0
+    assert calls == []  # read back from the cache
+    assert gc.isenabled() and gc.get_freeze_count() == 0
