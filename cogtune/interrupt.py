@@ -13,6 +13,7 @@ for Ctrl-C and 143 for SIGTERM; a script or scheduler can tell "stopped, resumab
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import signal
 import threading
@@ -59,7 +60,13 @@ class StopRequest:
             yield self
             return
 
+        owner = os.getpid()
+
         def handler(signum, frame):  # noqa: ARG001
+            if os.getpid() != owner:
+                # A process forked from this one (a DataLoader worker) before it set its own handlers
+                # (`leave_stopping_to_the_parent`): the stop is this process's to decide, and to say.
+                return
             if self.requested:
                 raise KeyboardInterrupt
             self.signum = signum
@@ -108,7 +115,6 @@ def die_with_parent() -> None:
     """
     import ctypes
     import multiprocessing
-    import os
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)

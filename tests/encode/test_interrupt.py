@@ -237,3 +237,20 @@ def test_decoding_workers_leave_ctrl_c_to_the_parent_and_end_quietly_on_sigterm(
     worker.join(timeout=60)
     assert worker.exitcode == 0
     del batches
+
+
+def test_a_process_forked_before_it_sets_its_own_handlers_leaves_the_stop_to_its_parent(capfd):
+    """A DataLoader worker is forked with its parent's handler and sets its own only in `worker_init_fn`: a
+    Ctrl-C in between is not the worker's to announce (the main process's worker would say it as the main
+    process) nor to act on."""
+    from cogtune.interrupt import StopRequest
+
+    stop = StopRequest()
+    with stop.listening(enabled=True, stopping="stopping soon"):
+        child = os.fork()
+        if child == 0:  # the worker, before its own handlers
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(3 if stop.requested else 0)
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not stop.requested and "stopping soon" not in capfd.readouterr().err
