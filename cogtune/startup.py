@@ -8,7 +8,8 @@ it, 5.1 s with the imports paused and frozen and the exit's collection skipped, 
 every process a launch starts.
 
 - `cogtune.cli.app.main` pauses collection when a command starts. At its end it leaves the collector as
-  it found it (a command run in-process, as the tests do, unfreezes what it froze).
+  it found it (a command run in-process, as the tests do, unfreezes what it froze, and freezes nothing
+  where its caller has frozen objects already).
 - A heavy command calls `load_libraries()` once its settings are read (the estimator calls it itself, on
   its first estimate not read from the cache, so that a cached `bench memory` grid imports none of it):
   the libraries are imported with collection off, what exists then is frozen (`gc.freeze`: later
@@ -55,15 +56,18 @@ def load_libraries(modules: tuple[str, ...] = LIBRARIES) -> None:
     """Import `modules`. Inside a command, the first call imports them with collection off, freezes what
     exists then (the libraries' objects) and turns collection on; outside one it imports as Python does."""
     global _frozen, _paused
-    if not _command or (_frozen and all(name in sys.modules for name in modules)):
+    if not _command:
         for name in modules:
             importlib.import_module(name)
+        return
+    if all(name in sys.modules for name in modules):  # imported already (a second command in this process)
+        resume_collection()
         return
     restore = gc.isenabled() or _paused
     gc.disable()
     for name in modules:
         importlib.import_module(name)
-    if not _frozen:
+    if not _frozen and gc.get_freeze_count() == 0:  # where the caller froze objects already, they stay its own
         gc.freeze()
         _frozen = True
     _paused = False

@@ -2,7 +2,7 @@
 
 Checked through the real entry point (`main`, in-process): a heavy command's engine starts with the
 collector on and the imported libraries frozen; a light command, a failing one and a heavy one all
-leave the collector as they found it, with nothing frozen.
+leave the collector as they found it, with as much frozen as before.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import pytest
 
 @pytest.fixture
 def collector():
-    """The collector on and nothing frozen before the test (pytest's own state), and again after it."""
-    assert gc.isenabled() and gc.get_freeze_count() == 0
-    yield
+    """The collector on before the test, and how many objects are frozen then (tests/conftest.py freezes what
+    collecting imported): a command leaves the collector on and freezes nothing more."""
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    yield frozen
     gc.enable()
-    gc.unfreeze()
 
 
 def test_a_heavy_command_starts_its_work_with_the_collector_on_and_the_libraries_frozen(cli, collector, monkeypatch,
@@ -38,7 +39,7 @@ def test_a_heavy_command_starts_its_work_with_the_collector_on_and_the_libraries
     assert result.exit_code == 0, result.stderr
     assert seen["enabled"] and seen["loaded"]
     assert seen["frozen"] > 100_000  # the libraries' objects, which later collections skip
-    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.isenabled() and gc.get_freeze_count() <= collector  # (frozen objects freed since count no more)
 
 
 def test_light_and_failing_commands_leave_the_collector_as_they_found_it(cli, collector, monkeypatch, tmp_path):
@@ -54,10 +55,10 @@ def test_light_and_failing_commands_leave_the_collector_as_they_found_it(cli, co
     monkeypatch.setattr(cogtune.accelerate_config, "accelerate_config_yaml", yaml)
     assert cli("config", "accelerate", "--strategy", "ddp", "--gpus", "2").exit_code == 0
     assert seen == [False]  # paused while the command ran (it loads no library, and draws no bar)
-    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.isenabled() and gc.get_freeze_count() <= collector  # (frozen objects freed since count no more)
     assert cli("train", "t2v", "--model", "tiny", "--data", tmp_path / "missing",
                "--output-dir", tmp_path / "run").exit_code == 1
-    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.isenabled() and gc.get_freeze_count() <= collector  # (frozen objects freed since count no more)
 
 
 def test_a_progress_bar_resumes_collection(collector):
@@ -71,21 +72,29 @@ def test_a_progress_bar_resumes_collection(collector):
             assert gc.isenabled()
     finally:
         startup.finish()
-    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.isenabled() and gc.get_freeze_count() <= collector  # (frozen objects freed since count no more)
 
 
-def test_at_exit_what_is_left_is_frozen_out_of_the_last_collection():
+def test_in_a_fresh_process_the_load_freezes_and_at_exit_what_is_left_is_frozen_again():
     """An `atexit` hook registered before the command runs after cogtune's (last in, first out)."""
     import subprocess
     import sys
 
     script = ("import atexit, gc\n"
               "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+              "from cogtune import startup\n"
+              "startup.pause_collection()\n"
+              "startup.load_libraries(('torch',))\n"
+              "print('loaded:', gc.get_freeze_count() > 100_000, gc.isenabled())\n"
+              "startup.finish()\n"
+              "print('finished:', gc.get_freeze_count(), gc.isenabled())\n"
               "from cogtune.cli.app import main\n"
               "main(['config', 'accelerate', '--strategy', 'ddp', '--gpus', '2'])\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("frozen at exit: True")
+    lines = result.stdout.strip().splitlines()
+    assert lines[:2] == ["loaded: True True", "finished: 0 True"]  # in a fresh process the load freezes torch's
+    assert lines[-1] == "frozen at exit: True"
 
 
 def test_bench_loads_the_libraries_for_an_estimate_it_computes_and_not_for_a_cached_one(cli, collector, monkeypatch,
@@ -108,4 +117,4 @@ def test_bench_loads_the_libraries_for_an_estimate_it_computes_and_not_for_a_cac
     calls.clear()
     assert cli(*args).exit_code == 0
     assert calls == []  # read back from the cache
-    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.isenabled() and gc.get_freeze_count() <= collector  # (frozen objects freed since count no more)

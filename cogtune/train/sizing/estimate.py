@@ -564,17 +564,16 @@ def _young_garbage_only(enabled: bool):
     tracker counts is in it (it counts the live model's weights, and what the trace creates), so the figures
     are the same, without a full collection first (about half a second: every object of torch, diffusers and
     transformers is visited). Where the caller froze objects already (`cogtune.startup` freezes what a
-    command's imports made), everything stays frozen afterwards: the collector cannot unfreeze a part."""
-    if not enabled:
+    command's imports made), those stay exempt and nothing more is frozen: the collector cannot unfreeze
+    a part, and what the caller made since is little."""
+    if not enabled or gc.get_freeze_count() > 0:
         yield
         return
-    caller_froze = gc.get_freeze_count() > 0
     gc.freeze()
     try:
         yield
     finally:
-        if not caller_froze:
-            gc.unfreeze()
+        gc.unfreeze()
 
 
 def _validation_vae(model: ResolvedModel, compute_dtype: Any, tile: tuple[int, int] | None):
