@@ -107,13 +107,13 @@ def test_bench_loads_the_libraries_for_an_estimate_it_computes_and_not_for_a_cac
     def load(*args, **kwargs):
         calls.append(gc.isenabled())
         real(*args, **kwargs)
-        calls.append(gc.get_freeze_count() > 0 and gc.isenabled())
+        calls.append(gc.isenabled())  # (the freezing itself: the fresh-process test below)
 
     monkeypatch.setenv("COGTUNE_HOME", str(tmp_path / "home"))  # an empty estimate cache
     monkeypatch.setattr(startup, "load_libraries", load)
     args = ("bench", "memory", "--model", "tiny", "--rank", "4", "--estimate", "--no-validation")
     assert cli(*args).exit_code == 0
-    assert calls == [True, True]  # under the progress bar (collection on), then frozen and on again
+    assert calls == [True, True]  # under the progress bar (collection on), and on again after
     calls.clear()
     assert cli(*args).exit_code == 0
     assert calls == []  # read back from the cache
