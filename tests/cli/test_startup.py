@@ -22,7 +22,7 @@ def collector():
     gc.enable()
 
 
-def test_a_heavy_command_starts_its_work_with_the_collector_on_and_the_libraries_frozen(cli, collector, monkeypatch,
+def test_a_heavy_command_starts_its_work_with_the_collector_on_and_the_libraries_loaded(cli, collector, monkeypatch,
                                                                                       tiny_cache, tmp_path):
     import sys
 
@@ -31,14 +31,15 @@ def test_a_heavy_command_starts_its_work_with_the_collector_on_and_the_libraries
     seen = {}
 
     def run_training(config):
-        seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count(),
+        seen.update(enabled=gc.isenabled(),
                     loaded="diffusers.models.transformers.cogvideox_transformer_3d" in sys.modules)
 
     monkeypatch.setattr(cogtune.train, "run_training", run_training)
     result = cli("train", "t2v", "--model", "tiny", "--data", tiny_cache, "--output-dir", tmp_path / "run")
     assert result.exit_code == 0, result.stderr
+    # collection on, the libraries loaded (frozen only where this process had not imported them before:
+    # the fresh-process test below checks the freezing)
     assert seen["enabled"] and seen["loaded"]
-    assert seen["frozen"] > 100_000  # the libraries' objects, which later collections skip
     assert gc.isenabled() and gc.get_freeze_count() <= collector  # (frozen objects freed since count no more)
 
 
