@@ -20,8 +20,8 @@ demo: $(VENV)/.installed
 
 # Two worker processes (pytest-xdist), one test file each at a time; tiny models, caches and the
 # multi-process runs several files resume are built once per run and shared by the workers (tests/conftest.py).
-# Measured on an idle 2-core machine, fresh clone, `CI=true bash .ci/run`, 1,270 tests: 447 to 481 s of pytest
-# (8 min 28 s to 8 min 57 s with the install); with an empty torch.compile cache (TORCHINDUCTOR_CACHE_DIR) 473 s.
+# Measured on an idle 2-core machine, fresh clone, `CI=true bash .ci/run`, 1,270 tests: 442 to 481 s of pytest
+# (8 min 15 s to 8 min 57 s with the install); with an empty torch.compile cache (TORCHINDUCTOR_CACHE_DIR) 473 s.
 # Before cogtune.startup (a command's imports without the garbage collector): 600 s for 1,252 tests.
 # `--dist worksteal` took longer (728 s when loadfile took 621 s).
 TEST_WORKERS ?= 2
