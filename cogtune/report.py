@@ -55,6 +55,11 @@ def set_main_process(is_main: bool) -> None:
     _is_main_process = is_main
 
 
+def is_main_process() -> bool:
+    """Whether this process shows the messages a launch's processes share (`set_main_process`)."""
+    return _is_main_process
+
+
 def _enabled() -> bool:
     return _is_main_process and os.environ.get("COGTUNE_QUIET") != "1"
 

@@ -86,6 +86,7 @@ def _run(args: list[str]) -> None:
     """`main`: the command, and its failure reported in one line."""
     from cogtune import report
     from cogtune.errors import CogtuneError
+    from cogtune.interrupt import Interrupted
     from cogtune.quiet import quiet_libraries
 
     if "--debug" in args:  # anywhere, also after the subcommand
@@ -98,8 +99,11 @@ def _run(args: list[str]) -> None:
     except CogtuneError as exc:
         if _debug():
             raise
+        code = getattr(exc, "exit_code", 1)  # 130 for a run Ctrl-C stopped (cogtune.interrupt)
+        if exc.shared and not report.is_main_process() and not isinstance(exc, Interrupted):
+            _leave_the_shared_error_to_the_main_process(exc, code)
         report.error(exc.message, exc.hint, shared=exc.shared)
-        sys.exit(getattr(exc, "exit_code", 1))  # 130 for a run Ctrl-C stopped (cogtune.interrupt)
+        sys.exit(code)
     except Exception as exc:  # anything else is still a failed run, reported in one line
         if _debug():
             raise
@@ -119,6 +123,36 @@ def _run(args: list[str]) -> None:
             report.error(f"unexpected error: {_first_line(exc) if str(exc).strip() else 'no message'}",
                          "run with --debug for the full traceback, and please report it")
         sys.exit(1)
+
+
+# How long a process of a launch waits for the main process to show an error they share (seconds).
+SHARED_ERROR_WAIT = 30.0
+
+
+def _leave_the_shared_error_to_the_main_process(exc, code: int) -> None:
+    """A shared error is the main process's to show. Were this process to exit first, the launcher (torchrun,
+    accelerate) would stop the main process with SIGTERM, perhaps before it has shown the error: the user
+    would read only the launcher's traceback. So wait for the launcher's SIGTERM, which comes once the main
+    process has failed, and end then with this error's exit code. Should none come (the main process did not
+    fail the same way), show the error here after all. (The process ends either way: the handlers stay.)
+    A stop (`Interrupted`) does not wait: the launcher is stopping every process already, and waits for each."""
+    import signal
+    import time
+
+    from cogtune import report
+    from cogtune.launch import launched_processes
+
+    if launched_processes() < 2:
+        return
+
+    def stopped(signum, frame):  # noqa: ARG001
+        sys.exit(code)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):  # (a Ctrl-C while waiting ends it the same way)
+        signal.signal(signum, stopped)
+    time.sleep(SHARED_ERROR_WAIT)
+    report.error(exc.message, exc.hint)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

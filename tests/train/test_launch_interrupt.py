@@ -111,6 +111,32 @@ def test_an_error_of_one_process_alone_is_still_shown(tiny_cache, tmp_path):
     assert _exit_codes(tmp_path)["1"] == 1
 
 
+REFUSED_LAST_ON_RANK_0 = """\
+import os, time
+import cogtune.accelerate_config
+from cogtune.errors import ConfigError
+
+def refused(settings):
+    if os.environ["RANK"] == "0":
+        time.sleep(3)  # the main process comes to the refusal last
+    raise ConfigError("the launch's settings are refused", shared=True)
+
+cogtune.accelerate_config.accelerate_config_yaml = refused
+"""
+
+
+def test_a_shared_error_is_shown_even_when_the_main_process_comes_to_it_last(tmp_path):
+    """Every process refuses the same thing and only the main process says it: rank 1, first to fail, waits for
+    the launcher's SIGTERM (sent once rank 0 has failed) instead of exiting, which would have torchrun stop rank 0
+    before it says anything."""
+    launch = _torchrun(tmp_path, "config", "accelerate", "--strategy", "ddp", "--gpus", "2",
+                       prelude=REFUSED_LAST_ON_RANK_0)
+    output = finish(launch, check=False)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: the launch's settings are refused"], output[-3000:]
+    assert _exit_codes(tmp_path) == {"0": 1, "1": 1}, output[-3000:]
+
+
 def test_shared_messages_are_shown_by_the_main_process_only(capsys, monkeypatch):
     from cogtune.errors import ConfigError
     from cogtune.interrupt import Interrupted
