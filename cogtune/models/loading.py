@@ -152,9 +152,11 @@ def _t5_architecture(config: dict[str, Any] | None) -> dict[str, Any] | None:
 def _spec_from_hub(repo_id: str, revision: str | None) -> ModelSpec:
     from huggingface_hub import hf_hub_download
 
+    offline = hub_offline_mode()  # as set now, even where huggingface_hub read HF_HUB_OFFLINE at import
+
     def fetch(filename: str) -> dict[str, Any]:
         try:
-            return _read_json(Path(hf_hub_download(repo_id, filename, revision=revision)))
+            return _read_json(Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline)))
         except ModelError:
             raise
         except Exception as exc:  # network, auth, missing repo: all end the same way for the user

@@ -52,9 +52,23 @@ def test_folder_without_model_index(tmp_path):
 
 
 def test_unknown_hub_id_offline_is_one_clear_error(monkeypatch):
+    """HF_HUB_OFFLINE set after huggingface_hub read it (at import): the download is asked of the cache only."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    asked = []
+    download = huggingface_hub.hf_hub_download
+
+    def recording_download(*args, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        return download(*args, **kwargs)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording_download)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="could not read model_index.json of 'someone/not-cached'"):
         resolve_model("someone/not-cached")
+    assert asked == [True]
 
 
 def test_random_weights_keep_the_architecture_and_the_computed_buffers():
