@@ -32,9 +32,10 @@ def encode(
     """Encode a dataset into a reusable latent cache. Re-running skips finished items."""
     from cogtune import startup
     from cogtune.config import load_config
-    from cogtune.encode import encode_dataset
 
-    config = load_config(EncodeConfig, config_file, overrides)
+    config = load_config(EncodeConfig, config_file, overrides)  # settings checked before any library loads
     if not dry_run:
         startup.load_libraries()
+    from cogtune.encode import encode_dataset
+
     encode_dataset(config, dry_run=dry_run)

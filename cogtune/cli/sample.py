@@ -25,9 +25,10 @@ def sample(overrides: Overrides = None, config_file: ConfigFileOpt = None) -> No
     """Generate videos with a base model, a trained LoRA, or a full fine-tune."""
     from cogtune import report, startup
     from cogtune.config import load_config
+
+    config = load_config(SampleConfig, config_file, overrides)  # settings checked before any library loads
+    startup.load_libraries()
     from cogtune.sample import run_sample
 
-    config = load_config(SampleConfig, config_file, overrides)
-    startup.load_libraries()
     for path in run_sample(config):
         report.success(f"wrote {path}")

@@ -41,10 +41,11 @@ def _make_command(task: Literal["t2v", "i2v"]):
     def command(overrides: Overrides = None, config_file: ConfigFileOpt = None) -> None:
         from cogtune import startup
         from cogtune.config import load_config
+
+        config = load_config(TrainConfig, config_file, {**overrides, "task": task})  # checked before any library loads
+        startup.load_libraries()
         from cogtune.train import run_training
 
-        config = load_config(TrainConfig, config_file, {**overrides, "task": task})
-        startup.load_libraries()
         run_training(config)
 
     command.__doc__ = _TASK_HELP[task]

@@ -78,13 +78,35 @@ def test_config_file_error_names_the_key(cli, tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    args = ("train", "t2v", "--model", "no-such-model", "--data", tmp_path, "--output-dir", tmp_path / "o")
+    """In a fresh process, with a settings error (found before any library loads, so the three runs are quick)."""
+    path = tmp_path / "run.toml"
+    path.write_text(f"model = 'tiny'\ndata = '{tmp_path}'\noutput_dir = '{tmp_path / 'o'}'\n[lora]\nrank = -3\n")
+    args = ("train", "t2v", "--config", path)
     quiet = run_subprocess(*args)
     loud = run_subprocess("--debug", *args)
     env_loud = run_subprocess(*args, env={"COGTUNE_DEBUG": "1"})
     assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip() == f"error: {path}: lora.rank must be >= 1, got -3"
     assert loud.returncode == 1 and "Traceback" in loud.stderr
     assert env_loud.returncode == 1 and "Traceback" in env_loud.stderr
+
+
+def test_debug_raises_an_error_of_the_run_itself(tmp_path, monkeypatch):
+    """An error the engine raises once the libraries are loaded (an unknown model): one line, or with --debug
+    (or COGTUNE_DEBUG) the exception itself, for its traceback."""
+    from cogtune.cli.app import main
+    from cogtune.errors import ModelError
+
+    monkeypatch.setenv("COGTUNE_DEBUG", "")  # (--debug sets it in this process: the test's end takes it back)
+    args = ["train", "t2v", "--model", "no-such-model", "--data", str(tmp_path), "--output-dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as quiet:
+        main(args)
+    assert quiet.value.code == 1
+    with pytest.raises(ModelError, match="unknown model 'no-such-model'"):
+        main(["--debug", *args])
+    monkeypatch.setenv("COGTUNE_DEBUG", "1")
+    with pytest.raises(ModelError, match="unknown model 'no-such-model'"):
+        main(args)
 
 
 def test_debug_shows_the_library_error_behind_a_one_line_error(tmp_path):
