@@ -182,6 +182,24 @@ def _patterns_text(include: list[str] | None, exclude: list[str] | None) -> str:
 # --- transfer --------------------------------------------------------------------------------
 
 
+# Bytes huggingface_hub reads per progress update (its `constants.DOWNLOAD_CHUNK_SIZE`, 10 MiB by default).
+# Ctrl-C stops a transfer at its next update: at 10 MiB a slow link kept the user waiting many seconds
+# (17 s at 600 kB/s, measured); 1 MiB is still a large read.
+TRANSFER_CHUNK = 1024 * 1024
+
+
+@contextlib.contextmanager
+def _chunks_of(size: int) -> Iterator[None]:
+    from huggingface_hub import constants
+
+    default = constants.DOWNLOAD_CHUNK_SIZE
+    constants.DOWNLOAD_CHUNK_SIZE = min(size, default)
+    try:
+        yield
+    finally:
+        constants.DOWNLOAD_CHUNK_SIZE = default
+
+
 class _Cancelled(Exception):
     """Raised from a progress update once the user asked to stop: it ends that file's transfer."""
 
@@ -204,7 +222,7 @@ def _fetch(plan: DownloadPlan, local_dir: Path, *, include: list[str] | None, ex
 
     failure: list[BaseException] = []
     with _hub_errors(plan, local_dir, during_transfer=True), _hub_progress_bars_hidden(), \
-            report.byte_progress("downloading", total=total, completed=at_start) as bar:
+            report.byte_progress("downloading", total=total, completed=at_start) as bar, contextlib.ExitStack() as stack:
         progress = _TransferProgress(bar, at_start)
 
         def transfer() -> None:
@@ -217,6 +235,7 @@ def _fetch(plan: DownloadPlan, local_dir: Path, *, include: list[str] | None, ex
                 failure.append(exc)
 
         worker = threading.Thread(target=transfer, name="cogtune-download", daemon=True)
+        stack.enter_context(_chunks_of(TRANSFER_CHUNK))
         worker.start()
         try:
             worker.join()
