@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 completions: $(VENV)/.installed
 	$(BIN)/cogtune completion bash > completions/cogtune.bash
