@@ -47,27 +47,28 @@ def pytest_collection_finish(session):
     gc.enable()
 
 
-# The test files that take longest (seconds on 2 busy cores, measured), first: pytest-xdist's `loadfile` hands
+# The test files that take longest (seconds on 2 busy cores, measured with the suite), first: pytest-xdist's `loadfile` hands
 # out files in collection order (with `--no-loadscope-reorder`, as `make test` runs it), so the last files a
 # worker gets are short ones and neither waits long for the other at the end. test_reshard.py resumes
 # test_training.py's runs: third, so that the worker that trains them queues it (the other would wait).
 HEAVIEST_FIRST = (
-    "tests/distributed/test_training.py",  # 160
-    "tests/distributed/test_deepspeed.py",  # 100
-    "tests/distributed/test_reshard.py",  # 124
-    "tests/train/sizing/test_fast_trace.py",  # 89
-    "tests/encode/test_interrupt.py",  # 72
-    "tests/bench/test_acceptance.py",  # 57
-    "tests/train/test_memory_options.py",  # 40
-    "tests/distributed/test_multinode.py",  # 37
-    "tests/train/test_launch_interrupt.py",  # 33
-    "tests/test_progress.py",  # 31
-    "tests/train/sizing/test_estimate.py",  # 29
-    "tests/train/test_validation_prompts.py",  # 28
-    "tests/cli/test_settings.py",  # 25
-    "tests/encode/test_worker_lifetime.py",  # 23
-    "tests/encode/test_resume.py",  # 21
-    "tests/train/test_checkpoint_integrity.py",  # 20
+    "tests/distributed/test_training.py",  # 155
+    "tests/distributed/test_deepspeed.py",  # 85
+    "tests/distributed/test_reshard.py",  # 87
+    "tests/train/sizing/test_fast_trace.py",  # 62
+    "tests/train/test_memory_options.py",  # 51 (more with torch.compile's cache empty)
+    "tests/train/test_quantized_base.py",  # 47 (more with torch.compile's cache empty)
+    "tests/encode/test_interrupt.py",  # 40
+    "tests/bench/test_acceptance.py",  # 37
+    "tests/test_progress.py",  # 28
+    "tests/distributed/test_multinode.py",  # 27
+    "tests/cli/test_settings.py",  # 22
+    "tests/train/test_launch_interrupt.py",  # 22
+    "tests/train/sizing/test_estimate.py",  # 19
+    "tests/train/sizing/test_fsdp_oracle.py",  # 10-20
+    "tests/train/test_validation_prompts.py",  # 15
+    "tests/cli/test_help_examples.py",  # 15
+    "tests/encode/test_resume.py",  # 14
 )
 
 
