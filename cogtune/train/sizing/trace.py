@@ -69,6 +69,9 @@ class AllocationTracker(TorchDispatchMode):
         self._recording: _Recording | None = None  # the allocations of a call being recorded (`ReplayedCalls`)
         self._peak_allocated = 0  # their sum,
         self._reserved_at_peak = 0  # and the reserved bytes then
+        self.share: Any = None  # an `FsdpShare`: also find the instant one GPU of a sharded run peaks
+        self._share_peak = 0
+        self._share_parts: dict[str, int] = {}
 
     def adopt(self, tensors: Any, kind: str | None = None) -> None:
         """Count tensors that exist already (weights loaded before tracing); by default of kind
@@ -101,6 +104,19 @@ class AllocationTracker(TorchDispatchMode):
             self._recording.malloc(key, nbytes, kind)
         if allocator.allocated > self._peak_allocated:
             self._snapshot()
+        if self.share is not None:
+            self._share_snapshot()
+
+    def _share_snapshot(self, reset: bool = False) -> None:
+        """One sharded GPU's parts now (`FsdpShare.parts`), kept where their sum is the highest yet."""
+        parts = self.share.parts(self.parts, self.kind)
+        total = sum(parts.values())
+        if reset or total > self._share_peak:
+            self._share_peak, self._share_parts = total, parts
+
+    def share_peak_breakdown(self) -> dict[str, int]:
+        """One sharded GPU's allocated bytes by kind at the instant their sum peaked (since `reset_peaks`)."""
+        return {kind: size for kind, size in self._share_parts.items() if size}
 
     def _snapshot(self) -> None:
         self._peak_parts = dict(self.parts)
@@ -155,6 +171,8 @@ class AllocationTracker(TorchDispatchMode):
         """The allocator's `reset_peaks`, and the breakdown of the peak starts from now."""
         self.allocator.reset_peaks()
         self._snapshot()
+        if self.share is not None:
+            self._share_snapshot(reset=True)
 
     def peak_breakdown(self) -> dict[str, int]:
         """Bytes by kind at the instant allocated memory peaked (since `reset_peaks`), with `allocator_slack`

@@ -1,0 +1,182 @@
+"""One GPU's share of an FSDP2 full-shard run, sized from the one-process trace.
+
+cogtune's FSDP launches (`cogtune config accelerate --strategy fsdp`) shard with FSDP2's
+`fully_shard`: each `CogVideoXBlock` is one unit and the transformer (its embeddings, final norm and
+projection) is the root unit; parameters are gathered in the autocast dtype and gradients reduced in it
+(accelerate's `MixedPrecisionPolicy(param_dtype=..., reduce_dtype=...)`), blocks reshard after their
+forward, the root does not. The trace stays a one-process trace (FSDP2 cannot run on the meta device,
+where the estimator traces), of the module FSDP2 computes with: its trainable parameters in the gather
+dtype, as FSDP2's unsharded parameters are (`gather_trainable`), so that gradients are accumulated as
+the backward makes them, with no float32 master copy or autocast cast in between. One GPU's share is
+arithmetic over what it allocates, applied at every allocation so that the instant one GPU's memory
+peaks is found (it is not the one-process peak's: with the gradients divided, the instant with the most
+activations alive wins):
+
+- trainable and frozen weights, gradients and optimizer state: each GPU holds its shard of each
+  parameter in the parameter's own dtype (FSDP2 splits dim 0 into N chunks of ceil(rows / N) rows,
+  padded; the first GPU holds full chunks, so its share is the largest): float32 for the trainable
+  ones, whose traced bytes are in the gather dtype; buffers are not sharded;
+- autocast's weight copies: none (the gathered parameters are in the autocast dtype already);
+- `gathered_weights`: from the forward until the backward ends, the root's gathered parameters; while a
+  block computes, its own and those of the block after it (in the backward, before it), whose
+  all-gather FSDP2 issues ahead to overlap it, where there is one (`follow_blocks` tells which block
+  computes);
+- `gradient_buffers`: in the backward, the unsharded gradients: the computing block's (as the trace
+  accumulates them) and the root's (reduced at the end), and the reduce-scatter input of the block
+  computed before it (kept until the next reduce-scatter is issued); a block's gradients become its
+  shard (`gradients`) once its backward is done;
+- activations, workspaces and everything else: per GPU as traced (the per-process batch).
+
+Where the allocator's rounding and slack are concerned, one GPU's slack is the one-process trace's at
+its own peak. What this leaves out: NCCL's own buffers (outside the caching allocator) and the one
+parameter's gradient that the trace holds as a backward temporary while FSDP2 holds it in its buffer
+(counted in both; at most one parameter's gradient), and the optimizer step's temporaries' own
+dtype (traced in the gather dtype, scaled as float32 state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# The parts a sharded GPU has that a one-process run has not.
+SHARDED_PARTS = ("gathered_weights", "gradient_buffers")
+_FORWARD_KINDS = ("saved_activations", "validation_denoise")
+_BACKWARD_KINDS = ("backward_transients", "recomputed_activations")
+
+
+def shard_bytes(tensor: Any, gpus: int) -> int:
+    """Bytes of the first GPU's shard of a parameter: ceil(rows / gpus) rows (FSDP2's padded dim-0 chunk)."""
+    if tensor.dim() == 0:
+        return tensor.element_size()
+    rows = tensor.shape[0]
+    return -(-rows // gpus) * (tensor.numel() // max(rows, 1)) * tensor.element_size()
+
+
+def gathered_bytes(parameters: list[Any], gpus: int, dtype: torch.dtype | None) -> int:
+    """Bytes of a unit's all-gather output: every parameter padded to `gpus` chunks, in the gather dtype."""
+    total = 0
+    for parameter in parameters:
+        size = dtype.itemsize if dtype is not None and parameter.is_floating_point() else parameter.element_size()
+        rows = parameter.shape[0] if parameter.dim() else 1
+        total += -(-rows // gpus) * gpus * (parameter.numel() // max(rows, 1)) * size
+    return total
+
+
+@dataclasses.dataclass
+class FsdpShare:
+    """How one GPU's memory differs from the one-process trace's, for a model sharded over `gpus` GPUs."""
+
+    gpus: int
+    scale: dict[str, float]  # per traced kind: one GPU's bytes per traced byte
+    element_share: float  # the share of the trainable elements one GPU holds (optimizer state by arithmetic)
+    root_bytes: int  # the root unit's gathered parameters
+    block_bytes: int  # the largest block's gathered parameters (and, in backward, its unsharded gradients)
+    blocks: int = 0
+    forward_block: int | None = None  # the block the forward computes (None: the root's own layers)
+    backward_block: int | None = None  # the block whose gradients the backward computes
+
+    @classmethod
+    def of(cls, transformer: Any, gpus: int, gather_dtype: torch.dtype | None) -> FsdpShare:
+        blocks = list(transformer.transformer_blocks)
+        in_blocks = {id(p) for block in blocks for p in block.parameters()}
+        parameters = list(transformer.parameters())
+        trainable = [p for p in parameters if p.requires_grad]
+        frozen = [p for p in parameters if not p.requires_grad]
+        buffers = sum(b.numel() * b.element_size() for b in transformer.buffers())
+
+        def share(tensors: list[Any], whole: int = 0, traced_itemsize: int | None = None) -> float:
+            traced = sum(t.numel() * (traced_itemsize or t.element_size()) for t in tensors) + whole
+            return (sum(shard_bytes(t, gpus) for t in tensors) + whole) / traced if traced else 1.0
+
+        trainable_share = share(trainable, traced_itemsize=gather_dtype.itemsize if gather_dtype else None)
+        scale = {"trainable_weights": trainable_share, "gradients": trainable_share,
+                 "optimizer_state": trainable_share, "frozen_weights": share(frozen, buffers),
+                 "autocast_weight_copies": 0.0}
+        root = [p for p in parameters if id(p) not in in_blocks]
+        block = max((gathered_bytes(list(b.parameters()), gpus, gather_dtype) for b in blocks), default=0)
+        return cls(gpus, scale, share(trainable), gathered_bytes(root, gpus, gather_dtype), block, len(blocks))
+
+    def in_flight(self, phase: str) -> dict[str, int]:
+        """What FSDP2 holds besides the shards while the trace is in `phase` (the tracker's kind)."""
+        block = self.block_bytes
+        if phase in _FORWARD_KINDS:
+            index = self.forward_block
+            blocks = 0 if index is None else 1 + (index + 1 < self.blocks)
+            return {"gathered_weights": self.root_bytes + blocks * block}
+        if phase in _BACKWARD_KINDS:
+            index = self.backward_block
+            blocks = 0 if index is None else 1 + (index > 0)
+            reducing = int(index is not None and index + 1 < self.blocks)
+            return {"gathered_weights": self.root_bytes + blocks * block, "gradient_buffers": reducing * block}
+        return {}
+
+    def follow_blocks(self, transformer: Any, tracker: Any) -> Callable[[], None]:
+        """Hooks that keep `forward_block` and `backward_block` up to date, and tag each gradient the
+        trace accumulates as an unsharded one (`gradient_buffers`) until its block's backward is done.
+        Returns what to call when the backward ends (the root's gradients are reduced then)."""
+        unsharded: list[Any] = []
+
+        def backward_started() -> bool:  # a block's forward in the backward is a checkpoint's recompute
+            return tracker.kind in _BACKWARD_KINDS
+
+        def accumulated(parameter: Any) -> None:
+            tracker.retag(parameter.grad, "gradient_buffers")
+            unsharded.append(parameter)
+
+        def reduced(block: int | None) -> None:  # the gradients so far are sharded, but for the root's
+            kept = [p for p in unsharded if id(p) in root]
+            for parameter in unsharded:
+                if id(parameter) not in root:
+                    tracker.retag(parameter.grad, "gradients")
+            unsharded[:] = [] if block is None else kept
+            self.backward_block = block
+
+        blocks = list(transformer.transformer_blocks)
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        root = {id(p) for p in transformer.parameters() if id(p) not in in_blocks}
+        for parameter in transformer.parameters():
+            if parameter.requires_grad:
+                parameter.register_post_accumulate_grad_hook(accumulated)
+
+        def before(index: int) -> None:
+            if not backward_started():
+                self.forward_block = index
+                self.backward_block = None
+
+        def after(index: int, output: Any) -> None:
+            if backward_started():
+                return
+            self.forward_block = None if index + 1 == self.blocks else index
+            hidden = output[0] if isinstance(output, tuple) else output
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(lambda _: reduced(index))
+
+        for index, block in enumerate(transformer.transformer_blocks):
+            block.register_forward_pre_hook(lambda *_, index=index: before(index))
+            block.register_forward_hook(lambda _, __, output, index=index: after(index, output))
+        return lambda: reduced(None)
+
+    def parts(self, traced: dict[str, int], phase: str) -> dict[str, int]:
+        """One GPU's parts at an instant, from the one-process trace's allocated bytes by kind then."""
+        scale = self.scale
+        parts = {kind: round(size * scale.get(kind, 1.0)) for kind, size in traced.items()}
+        for kind, size in self.in_flight(phase).items():
+            parts[kind] = parts.get(kind, 0) + size
+        return parts
+
+    def total(self, traced: dict[str, int], phase: str) -> int:
+        return sum(self.parts(traced, phase).values())
+
+
+def gather_trainable(transformer: Any, gather_dtype: torch.dtype | None) -> None:
+    """The trainable parameters in the gather dtype, as FSDP2's unsharded parameters compute (the master
+    weights are the shards, `FsdpShare.scale`)."""
+    if gather_dtype is None:
+        return
+    for parameter in transformer.parameters():
+        if parameter.requires_grad and parameter.is_floating_point():
+            parameter.data = parameter.data.to(gather_dtype)
