@@ -454,19 +454,13 @@ class _TracedSteps:
 
 def _peak_of(tracker: Any, current: bool = False) -> _Peak:
     """The tracker's peak since its last reset (`current`: what is live now); with a `share`, one sharded
-    GPU's (its parts at the instant they peak, the allocator's slack at the one-process peak's)."""
+    GPU's (its own allocator's)."""
+    if tracker.share is not None:
+        return _Peak(*tracker.share.peak(current))
     allocator = tracker.allocator
     if current:
-        peak = _Peak(allocator.reserved, allocator.allocated, tracker.current_breakdown())
-    else:
-        peak = _Peak(allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())
-    if tracker.share is None:
-        return peak
-    shared = tracker.share.parts(tracker.parts, "other") if current else tracker.share_peak_breakdown()
-    shared = {kind: size for kind, size in shared.items() if size and kind != "allocator_slack"}
-    slack = peak.parts.get("allocator_slack", 0) + peak.parts.get("reserved_after_peak", 0)
-    allocated = sum(shared.values())
-    return _Peak(allocated + slack, allocated, {**shared, "allocator_slack": slack})
+        return _Peak(allocator.reserved, allocator.allocated, tracker.current_breakdown())
+    return _Peak(allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())
 
 
 def _trace(config: TrainConfig, model: ResolvedModel, transformer: Any, vae: Any, shape: Shape,
@@ -670,7 +664,7 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
     from cogtune.train.validation import validation_feed_forward_chunks
 
     spec = model.spec
-    tracker.allocator.release_cached()  # the validator empties the cache before the pass
+    tracker.release_cached()  # the validator empties the cache before the pass
     tracker.adopt(list(vae.parameters()) + list(vae.buffers()), "vae_weights")  # loaded for the pass
     if replay:
         vae.decoder.forward = ReplayedCalls(tracker, vae.decoder.forward)
@@ -690,9 +684,8 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
         tracker.kind = "validation_denoise"
         with validation_feed_forward_chunks(transformer, config):  # as the validator
             latents = pipe(**kwargs).frames[:, spec.padded_latent_frames(frames) - spec.latent_frames(frames):]
-        allocator = tracker.allocator
         denoise = _peak_of(tracker)
-        allocator.release_cached()  # generate_videos empties the cache before the decode
+        tracker.release_cached()  # generate_videos empties the cache before the decode
         tracker.reset_peaks()
         tracker.kind = "validation_decode"
         with cast_cache.outside_autocast():

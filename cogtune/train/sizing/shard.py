@@ -8,9 +8,11 @@ forward, the root does not. The trace stays a one-process trace (FSDP2 cannot ru
 where the estimator traces), of the module FSDP2 computes with: its trainable parameters in the gather
 dtype, as FSDP2's unsharded parameters are (`gather_trainable`), so that gradients are accumulated as
 the backward makes them, with no float32 master copy or autocast cast in between. One GPU's share is
-arithmetic over what it allocates, applied at every allocation so that the instant one GPU's memory
-peaks is found (it is not the one-process peak's: with the gradients divided, the instant with the most
-activations alive wins):
+arithmetic over what it allocates: every allocation and free of the trace is replayed, at one GPU's
+size, into a model of that GPU's caching allocator of its own (`FsdpShare`), with FSDP2's buffers
+allocated and freed as the blocks compute, so that the instant one GPU's memory peaks is found (not
+the one-process peak's: with the gradients divided, the instant with the most activations alive
+wins) and its reserved memory is that allocator's. What each traced tensor is on one GPU:
 
 - trainable and frozen weights, gradients and optimizer state: each GPU holds its shard of each
   parameter in the parameter's own dtype (FSDP2 splits dim 0 into N chunks of ceil(rows / N) rows,
@@ -27,20 +29,22 @@ activations alive wins):
   shard (`gradients`) once its backward is done;
 - activations, workspaces and everything else: per GPU as traced (the per-process batch).
 
-Where the allocator's rounding and slack are concerned, one GPU's slack is the one-process trace's at
-its own peak. What this leaves out: NCCL's own buffers (outside the caching allocator) and the one
-parameter's gradient that the trace holds as a backward temporary while FSDP2 holds it in its buffer
-(counted in both; at most one parameter's gradient), and the optimizer step's temporaries' own
-dtype (traced in the gather dtype, scaled as float32 state).
+A traced tensor's share is its bytes times its kind's share of the whole (not its own rows' padding:
+exact where every parameter's rows divide by N, as CogVideoX's do for N a power of two up to 16). Left
+out: NCCL's own buffers (outside the caching allocator), the all-gather input copies (a shard each,
+briefly), and that the optimizer step's temporaries are traced in the gather dtype (scaled as float32
+state). FSDP's gathered parameters and buffers are each one block of the allocator (as FSDP2's flat
+all-gather output is); its per-parameter views and copies are not modelled apart.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from cogtune.train.sizing.allocator import CachingAllocatorModel
 
 # The parts a sharded GPU has that a one-process run has not.
 SHARDED_PARTS = ("gathered_weights", "gradient_buffers")
@@ -66,18 +70,29 @@ def gathered_bytes(parameters: list[Any], gpus: int, dtype: torch.dtype | None) 
     return total
 
 
-@dataclasses.dataclass
 class FsdpShare:
-    """How one GPU's memory differs from the one-process trace's, for a model sharded over `gpus` GPUs."""
+    """One GPU of a model sharded over `gpus` GPUs: its own model of the caching allocator, fed with the
+    trace's allocations at their share (`scale`) and with FSDP2's buffers in flight, and its parts."""
 
-    gpus: int
-    scale: dict[str, float]  # per traced kind: one GPU's bytes per traced byte
-    element_share: float  # the share of the trainable elements one GPU holds (optimizer state by arithmetic)
-    root_bytes: int  # the root unit's gathered parameters
-    block_bytes: int  # the largest block's gathered parameters (and, in backward, its unsharded gradients)
-    blocks: int = 0
-    forward_block: int | None = None  # the block the forward computes (None: the root's own layers)
-    backward_block: int | None = None  # the block whose gradients the backward computes
+    def __init__(self, gpus: int, scale: dict[str, float], element_share: float, root_bytes: int,
+                 block_bytes: int, blocks: int) -> None:
+        self.gpus = gpus
+        self.scale = scale  # per traced kind: one GPU's bytes per traced byte
+        self.element_share = element_share  # the share of the trainable elements (optimizer state by arithmetic)
+        self.root_bytes = root_bytes  # the root unit's gathered parameters
+        self.block_bytes = block_bytes  # the largest block's gathered parameters
+        self.blocks = blocks
+        self.forward_block: int | None = None  # the block the forward computes (None: the root's own layers)
+        self.backward_block: int | None = None  # the block whose gradients the backward computes
+        self.allocator = CachingAllocatorModel()
+        self.parts: dict[str, int] = {}  # allocated bytes by kind, as this GPU's allocator keeps them
+        self.requested: dict[str, int] = {}  # the tensors' own bytes by kind (what torch's trackers count)
+        self._blocks: dict[int, tuple[str, int, int]] = {}  # key -> (kind, block bytes, requested bytes)
+        self._flight: dict[str, int] = {}  # in-flight kind -> bytes
+        self._peak_parts: dict[str, int] = {}
+        self._peak_requested: dict[str, int] = {}
+        self._peak_allocated = 0
+        self._reserved_at_peak = 0
 
     @classmethod
     def of(cls, transformer: Any, gpus: int, gather_dtype: torch.dtype | None) -> FsdpShare:
@@ -99,6 +114,78 @@ class FsdpShare:
         root = [p for p in parameters if id(p) not in in_blocks]
         block = max((gathered_bytes(list(b.parameters()), gpus, gather_dtype) for b in blocks), default=0)
         return cls(gpus, scale, share(trainable), gathered_bytes(root, gpus, gather_dtype), block, len(blocks))
+
+    # --- the trace's allocations, at their share ---------------------------------------------------
+    def malloc(self, key: int, nbytes: int, kind: str, phase: str) -> None:
+        self._follow_flight(phase)
+        self._malloc(key, round(nbytes * self.scale.get(kind, 1.0)), kind)
+
+    def free(self, key: int) -> None:
+        found = self._blocks.pop(key, None)
+        if found is not None:
+            self.allocator.free(key)
+            self.parts[found[0]] -= found[1]
+            self.requested[found[0]] -= found[2]
+
+    def retag(self, key: int, nbytes: int, kind: str, phase: str) -> None:
+        """A traced tensor is now of `kind`: its share is another (a reduced gradient is a new, sharded one)."""
+        self.free(key)
+        self.malloc(key, nbytes, kind, phase)
+
+    def _malloc(self, key: int, size: int, kind: str) -> None:
+        if size <= 0:
+            return
+        allocator = self.allocator
+        before = allocator.allocated
+        allocator.malloc(key, size)
+        block = allocator.allocated - before
+        self._blocks[key] = (kind, block, size)
+        self.parts[kind] = self.parts.get(kind, 0) + block
+        self.requested[kind] = self.requested.get(kind, 0) + size
+        if allocator.allocated > self._peak_allocated:
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        self._peak_parts, self._peak_requested = dict(self.parts), dict(self.requested)
+        self._peak_allocated, self._reserved_at_peak = self.allocator.allocated, self.allocator.reserved
+
+    def _follow_flight(self, phase: str) -> None:
+        """FSDP2's buffers for the block computing now: freed and allocated as they change."""
+        flight = self.in_flight(phase)
+        if flight == self._flight:
+            return
+        for number, kind in enumerate(SHARDED_PARTS):
+            key = -1 - number  # apart from the trace's keys (storage ids, positive)
+            if flight.get(kind, 0) != self._flight.get(kind, 0):
+                self.free(key)
+                self._malloc(key, flight.get(kind, 0), kind)
+        self._flight = flight
+
+    def reset_peaks(self) -> None:
+        self.allocator.reset_peaks()
+        self._snapshot()
+
+    def release_cached(self) -> None:
+        self.allocator.release_cached()
+
+    def peak(self, current: bool = False) -> tuple[int, int, dict[str, int]]:
+        """(reserved, allocated, parts) at the peak since `reset_peaks` (`current`: now); the parts sum to
+        the reserved bytes, with `allocator_slack` and `reserved_after_peak` as the tracker's."""
+        allocator = self.allocator
+        if current:
+            parts = {kind: size for kind, size in self.parts.items() if size}
+            parts["allocator_slack"] = allocator.reserved - allocator.allocated
+            return allocator.reserved, allocator.allocated, parts
+        parts = {kind: size for kind, size in self._peak_parts.items() if size}
+        parts["allocator_slack"] = self._reserved_at_peak - self._peak_allocated
+        later = allocator.peak_reserved - self._reserved_at_peak
+        if later:
+            parts["reserved_after_peak"] = later
+        return allocator.peak_reserved, self._peak_allocated, parts
+
+    def peak_requested(self) -> dict[str, int]:
+        """The tensors' own bytes by kind at the same instant as `peak` (before the allocator's rounding)."""
+        return {kind: size for kind, size in self._peak_requested.items() if size}
 
     def in_flight(self, phase: str) -> dict[str, int]:
         """What FSDP2 holds besides the shards while the trace is in `phase` (the tracker's kind)."""
@@ -159,17 +246,6 @@ class FsdpShare:
             block.register_forward_pre_hook(lambda *_, index=index: before(index))
             block.register_forward_hook(lambda _, __, output, index=index: after(index, output))
         return lambda: reduced(None)
-
-    def parts(self, traced: dict[str, int], phase: str) -> dict[str, int]:
-        """One GPU's parts at an instant, from the one-process trace's allocated bytes by kind then."""
-        scale = self.scale
-        parts = {kind: round(size * scale.get(kind, 1.0)) for kind, size in traced.items()}
-        for kind, size in self.in_flight(phase).items():
-            parts[kind] = parts.get(kind, 0) + size
-        return parts
-
-    def total(self, traced: dict[str, int], phase: str) -> int:
-        return sum(self.parts(traced, phase).values())
 
 
 def gather_trainable(transformer: Any, gather_dtype: torch.dtype | None) -> None:

@@ -69,9 +69,7 @@ class AllocationTracker(TorchDispatchMode):
         self._recording: _Recording | None = None  # the allocations of a call being recorded (`ReplayedCalls`)
         self._peak_allocated = 0  # their sum,
         self._reserved_at_peak = 0  # and the reserved bytes then
-        self.share: Any = None  # an `FsdpShare`: also find the instant one GPU of a sharded run peaks
-        self._share_peak = 0
-        self._share_parts: dict[str, int] = {}
+        self.share: Any = None  # an `FsdpShare` (one GPU of a sharded run), fed every allocation and free
 
     def adopt(self, tensors: Any, kind: str | None = None) -> None:
         """Count tensors that exist already (weights loaded before tracing); by default of kind
@@ -105,18 +103,7 @@ class AllocationTracker(TorchDispatchMode):
         if allocator.allocated > self._peak_allocated:
             self._snapshot()
         if self.share is not None:
-            self._share_snapshot()
-
-    def _share_snapshot(self, reset: bool = False) -> None:
-        """One sharded GPU's parts now (`FsdpShare.parts`), kept where their sum is the highest yet."""
-        parts = self.share.parts(self.parts, self.kind)
-        total = sum(parts.values())
-        if reset or total > self._share_peak:
-            self._share_peak, self._share_parts = total, parts
-
-    def share_peak_breakdown(self) -> dict[str, int]:
-        """One sharded GPU's allocated bytes by kind at the instant their sum peaked (since `reset_peaks`)."""
-        return {kind: size for kind, size in self._share_parts.items() if size}
+            self.share.malloc(key, nbytes, kind, self.kind)
 
     def _snapshot(self) -> None:
         self._peak_parts = dict(self.parts)
@@ -144,6 +131,8 @@ class AllocationTracker(TorchDispatchMode):
         if self._recording is not None:
             self._recording.free(key)
         self.allocator.free(key)
+        if self.share is not None:
+            self.share.free(key)
         kind = self._kinds.pop(key, None)
         if kind is not None:
             size, nbytes = self._sizes.pop(key)
@@ -166,13 +155,21 @@ class AllocationTracker(TorchDispatchMode):
         self.requested[old] -= nbytes
         self.requested[kind] = self.requested.get(kind, 0) + nbytes
         self._kinds[key] = kind
+        if self.share is not None:
+            self.share.retag(key, nbytes, kind, self.kind)
 
     def reset_peaks(self) -> None:
         """The allocator's `reset_peaks`, and the breakdown of the peak starts from now."""
         self.allocator.reset_peaks()
         self._snapshot()
         if self.share is not None:
-            self._share_snapshot(reset=True)
+            self.share.reset_peaks()
+
+    def release_cached(self) -> None:
+        """`torch.cuda.empty_cache()`, in the allocator's model (and the sharded GPU's)."""
+        self.allocator.release_cached()
+        if self.share is not None:
+            self.share.release_cached()
 
     def peak_breakdown(self) -> dict[str, int]:
         """Bytes by kind at the instant allocated memory peaked (since `reset_peaks`), with `allocator_slack`
