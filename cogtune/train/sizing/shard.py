@@ -75,12 +75,13 @@ class FsdpShare:
     trace's allocations at their share (`scale`) and with FSDP2's buffers in flight, and its parts."""
 
     def __init__(self, gpus: int, scale: dict[str, float], element_share: float, root_bytes: int,
-                 block_bytes: int, blocks: int) -> None:
+                 block_bytes: int, block_gradient_bytes: int, blocks: int) -> None:
         self.gpus = gpus
         self.scale = scale  # per traced kind: one GPU's bytes per traced byte
         self.element_share = element_share  # the share of the trainable elements (optimizer state by arithmetic)
         self.root_bytes = root_bytes  # the root unit's gathered parameters
         self.block_bytes = block_bytes  # the largest block's gathered parameters
+        self.block_gradient_bytes = block_gradient_bytes  # its reduce-scatter input (the trainable ones' gradients)
         self.blocks = blocks
         self.forward_block: int | None = None  # the block the forward computes (None: the root's own layers)
         self.backward_block: int | None = None  # the block whose gradients the backward computes
@@ -113,7 +114,10 @@ class FsdpShare:
                  "autocast_weight_copies": 0.0}
         root = [p for p in parameters if id(p) not in in_blocks]
         block = max((gathered_bytes(list(b.parameters()), gpus, gather_dtype) for b in blocks), default=0)
-        return cls(gpus, scale, share(trainable), gathered_bytes(root, gpus, gather_dtype), block, len(blocks))
+        gradients = max((gathered_bytes([p for p in b.parameters() if p.requires_grad], gpus, gather_dtype)
+                         for b in blocks), default=0)
+        return cls(gpus, scale, share(trainable), gathered_bytes(root, gpus, gather_dtype), block, gradients,
+                   len(blocks))
 
     # --- the trace's allocations, at their share ---------------------------------------------------
     def malloc(self, key: int, nbytes: int, kind: str, phase: str) -> None:
@@ -198,7 +202,8 @@ class FsdpShare:
             index = self.backward_block
             blocks = 0 if index is None else 1 + (index > 0)
             reducing = int(index is not None and index + 1 < self.blocks)
-            return {"gathered_weights": self.root_bytes + blocks * block, "gradient_buffers": reducing * block}
+            return {"gathered_weights": self.root_bytes + blocks * block,
+                    "gradient_buffers": reducing * self.block_gradient_bytes}
         return {}
 
     def follow_blocks(self, transformer: Any, tracker: Any) -> Callable[[], None]:
