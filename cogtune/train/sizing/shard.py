@@ -30,7 +30,8 @@ wins) and its reserved memory is that allocator's. What each traced tensor is on
 - activations, workspaces and everything else: per GPU as traced (the per-process batch).
 
 A traced tensor's share is its bytes times its kind's share of the whole (not its own rows' padding:
-exact where every parameter's rows divide by N, as CogVideoX's do for N a power of two up to 16). Left
+exact where every parameter's rows divide by N, as CogVideoX's base weights' do for N a power of
+two up to 16; a LoRA's A matrices have as many rows as its rank). Left
 out: NCCL's own buffers (outside the caching allocator), the all-gather input copies (a shard each,
 briefly), and that the optimizer step's temporaries are traced in the gather dtype (scaled as float32
 state). FSDP's gathered parameters and buffers are each one block of the allocator (as FSDP2's flat
