@@ -8,7 +8,8 @@ bf16; float32 master weights, AdamW), two training steps of cogtune's `training_
 `FakeTensorMode` on the CPU, with the estimator's GPU emulation (`gpu_semantics`: the flash kernel,
 autocast's dtypes), watched by `FSDPMemTracker`. Its peak snapshot sorts rank 0's memory into sharded
 and unsharded parameters, all-gather outputs, sharded gradients, reduce-scatter inputs, activations,
-temporaries, inputs and optimizer state.
+temporaries, inputs and optimizer state. A LoRA run is checked the same way on a tiny preset (built for
+real and faked after: peft cannot move fake tensors), its adapters added by peft as cogtune adds them.
 
 cogtune's share (`estimate_run(fsdp_gpus=4)`, `cogtune.train.sizing.shard`) must give:
 - trainable weights = the sharded parameters, optimizer state = FSDPMemTracker's, sharded gradients =
@@ -74,8 +75,9 @@ def cut_5b(monkeypatch):
                         else real(reference))
 
 
-def fsdp_memtracker_peak(mesh, checkpointing: bool) -> dict[str, int]:
-    """FSDPMemTracker's peak snapshot of two FSDP2 training steps of the cut 5b, by category name."""
+def fsdp_memtracker_peak(mesh, config, spec=CUT_5B, shape=SHAPE) -> dict[str, int]:
+    """FSDPMemTracker's peak snapshot of two FSDP2 training steps of `config` (full fine-tuning, or LoRA
+    added by peft) on `spec`'s transformer, by category name."""
     from diffusers import CogVideoXTransformer3DModel
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -84,18 +86,25 @@ def fsdp_memtracker_peak(mesh, checkpointing: bool) -> dict[str, int]:
     from cogtune.train.sizing.trace import gpu_semantics
     from cogtune.train.step import StepSettings, training_step
 
-    spec = CUT_5B
-    with FakeTensorMode():
+    from cogtune.train.lora import add_lora
+
+    with contextlib.ExitStack() as fake:
+        if config.full:
+            fake.enter_context(FakeTensorMode())
         model = CogVideoXTransformer3DModel(**spec.transformer_config)
-        if checkpointing:
+        if not config.full:  # peft cannot move fake tensors: a small model is built for real, then faked
+            model.requires_grad_(False)
+            add_lora(model, config.lora)
+            fake.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
         for block in model.transformer_blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
         fully_shard(model, mesh=mesh, mp_policy=policy)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
-        scheduler = load_scheduler(ResolvedModel("5b-cut3", spec, "fake", None))
-        batch = synthetic_batch(spec, 1, SHAPE)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+        scheduler = load_scheduler(ResolvedModel(config.model, spec, "fake", None))
+        batch = synthetic_batch(spec, 1, shape)
         empty = torch.zeros(spec.max_text_tokens, spec.text_embed_dim)
         tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs((batch,))
@@ -113,7 +122,7 @@ def fsdp_memtracker_peak(mesh, checkpointing: bool) -> dict[str, int]:
     return {getattr(key, "name", key): value for key, value in peak.items()}
 
 
-def sharded_estimate(config):
+def sharded_estimate(config, shape=SHAPE):
     """cogtune's estimate of one GPU of 4, and that GPU's parts at its peak in the tensors' own bytes."""
     seen = {}
 
@@ -121,17 +130,17 @@ def sharded_estimate(config):
         seen["share"] = tracker.share
         return contextlib.nullcontext()
 
-    result = estimate_run(config, [SHAPE], None, observe=observe, fsdp_gpus=GPUS)
+    result = estimate_run(config, [shape], None, observe=observe, fsdp_gpus=GPUS)
     return result, seen["share"].peak_requested()
 
 
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
 def test_one_gpus_share_is_fsdp2s(fake_process_group, cut_5b, checkpointing):
-    theirs = fsdp_memtracker_peak(fake_process_group, checkpointing)
     config = dataclasses.replace(run("cogvideox-5b", full=True, gradient_checkpointing=checkpointing),
                                  model="5b-cut3")
+    theirs = fsdp_memtracker_peak(fake_process_group, config)
     result, mine = sharded_estimate(config)
-    tensors = _parameter_count()
+    tensors = _parameter_count(CUT_5B)
     assert mine["trainable_weights"] == pytest.approx(theirs["SHARDED_PARAM"], abs=tensors)
     assert mine["optimizer_state"] == pytest.approx(theirs["OPT"], abs=2 * tensors + STEP_BYTES * tensors)
     assert mine["gradients"] == pytest.approx(theirs["SHARDED_GRAD"], abs=tensors)
@@ -149,8 +158,26 @@ def test_one_gpus_share_is_fsdp2s(fake_process_group, cut_5b, checkpointing):
     assert sum(reported.values()) == round(result.memory.before_validation * 1024**3)  # within rounding
 
 
-def _parameter_count() -> int:
+def test_a_lora_runs_share_is_fsdp2s(fake_process_group):
+    """LoRA (rank 8 on the tiny-rotary preset, with checkpointing): the frozen base is sharded and gathered
+    too, and only the adapters' gradients are reduced. (tiny-rotary: no sincos position buffer, which
+    diffusers' default build sizes otherwise than the trainer's model; buffers are not sharded.)"""
+    config = run("tiny-rotary", mixed_precision="bf16", **{"lora.rank": 8})
+    theirs = fsdp_memtracker_peak(fake_process_group, config, ALL_PRESETS["tiny-rotary"], (9, 64, 64))
+    result, mine = sharded_estimate(config, (9, 64, 64))
+    tensors = _parameter_count(ALL_PRESETS["tiny-rotary"]) + 2 * 8 * 4  # the adapters' A and B of 4 targets a block
+    weights = mine["frozen_weights"] + mine["trainable_weights"]
+    assert weights == pytest.approx(theirs["SHARDED_PARAM"] + theirs["BUFFER"], abs=tensors)
+    assert mine["optimizer_state"] == pytest.approx(theirs["OPT"], abs=(2 + STEP_BYTES) * tensors)
+    assert mine.get("gradients", 0) == pytest.approx(theirs["SHARDED_GRAD"], abs=tensors)
+    assert mine["gathered_weights"] == theirs["UNSHARDED_PARAM"] + theirs["ALL_GATHER"]
+    total = sum(mine.values()) - mine["workspaces"]
+    same_block = mine.get("recomputed_activations", 0) + mine.get("backward_transients", 0)
+    assert abs(total - theirs["Total"]) <= same_block
+
+
+def _parameter_count(spec) -> int:
     from diffusers import CogVideoXTransformer3DModel
 
     with torch.device("meta"):
-        return len(list(CogVideoXTransformer3DModel(**CUT_5B.transformer_config).parameters()))
+        return len(list(CogVideoXTransformer3DModel(**spec.transformer_config).parameters()))
