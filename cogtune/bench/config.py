@@ -47,7 +47,8 @@ class BenchConfig:
                                                   "run's (off).", "--offload-activations")
     fsdp_gpus: int = setting(1, "Size one GPU of an FSDP2 full-shard run over this many GPUs (the strategy of "
                                 "`cogtune config accelerate --strategy fsdp`): weights, gradients and optimizer "
-                                "state split, activations per GPU (--batch-size is per GPU); estimates only.",
+                                "state split, activations per GPU (--batch-size is per GPU; for fsdp-hybrid: the "
+                                "GPUs of one machine); estimates only.",
                              flag="--fsdp-gpus", low=1)
     validation: bool = setting(True, "Include the validation pass (with a run's TOML: as that run validates).",
                                flag="--validation")
