@@ -63,7 +63,7 @@ _cogtune() {
     case "$cmdpath" in
         '') words="bench completion config dataset demo encode lora sample train --version --debug --help" ;;
         'bench') words="memory --help" ;;
-        'bench memory') words="--model --method --rank --gradient-checkpointing --optimizer --batch-size --shape --base-weights --offload-blocks --offload-activations --validation --no-validation --gpu-memory --host-memory --gpu --steps --breakdown --no-breakdown --cache --no-cache --config --data --frames --height --width --estimate --measure --json --markdown --plot --random-weights --help" ;;
+        'bench memory') words="--model --method --rank --gradient-checkpointing --optimizer --batch-size --shape --base-weights --offload-blocks --offload-activations --fsdp-gpus --validation --no-validation --gpu-memory --host-memory --gpu --steps --breakdown --no-breakdown --cache --no-cache --config --data --frames --height --width --estimate --measure --json --markdown --plot --random-weights --help" ;;
         'completion') words="--help"; values="bash zsh fish" ;;
         'config') words="accelerate --help" ;;
         'config accelerate') words="--strategy --gpus --machines --machine-rank --main-process-ip --main-process-port --mixed-precision --help" ;;

@@ -43,6 +43,7 @@ complete -c cogtune -n "__cogtune_at 'bench memory'" -l shape -r -d 'Clip shapes
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l base-weights -x -a '(__cogtune_list bf16 fp8 int8 nf4)' -d 'How the frozen base is stored (LoRA): bf16, fp8, int8, nf4; default: the run\'s (bf16). Comma-separated'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l offload-blocks -x -a '(__cogtune_list on off)' -d 'Frozen weights offloaded to the CPU (LoRA) on and/or off; default: the run\'s (off). Comma-separated'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l offload-activations -x -a '(__cogtune_list on off)' -d 'Saved activations offloaded to the CPU on and/or off; default: the run\'s (off). Comma-separated'
+complete -c cogtune -n "__cogtune_at 'bench memory'" -l fsdp-gpus -r -d 'Size one GPU of an FSDP2 full-shard run over this many GPUs (the strategy of `cogtune config accelerate --strategy fsdp`): weights, gradients and optimizer state split, activations per GPU (--batch-size is per GPU; for fsdp-hybrid: the GPUs of one machine); estimates only'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l validation -d 'Include the validation pass (with a run\'s TOML: as that run validates)'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l no-validation -d 'Include the validation pass (with a run\'s TOML: as that run validates)'
 complete -c cogtune -n "__cogtune_at 'bench memory'" -l gpu-memory -r -d 'GPU size in GiB: which configurations fit, and how to fit the others; default: the present GPU\'s, if any'

@@ -45,6 +45,11 @@ class BenchConfig:
                                              "run's (off).", "--offload-blocks")
     offload_activations: tuple[bool, ...] = _axis("Saved activations offloaded to the CPU on and/or off; default: the "
                                                   "run's (off).", "--offload-activations")
+    fsdp_gpus: int = setting(1, "Size one GPU of an FSDP2 full-shard run over this many GPUs (the strategy of "
+                                "`cogtune config accelerate --strategy fsdp`): weights, gradients and optimizer "
+                                "state split, activations per GPU (--batch-size is per GPU; for fsdp-hybrid: the "
+                                "GPUs of one machine); estimates only.",
+                             flag="--fsdp-gpus", low=1)
     validation: bool = setting(True, "Include the validation pass (with a run's TOML: as that run validates).",
                                flag="--validation")
     mode: Literal["estimate", "measure"] = setting("estimate", "Estimate without a GPU or a download, or measure "

@@ -62,7 +62,8 @@ def part_label(part: str) -> str:
             "validation_denoise": "validation denoising", "validation_decode": "validation VAE decode",
             "offloaded_blocks": "offloaded blocks (pinned)", "offloaded_activations": "offloaded activations (pinned)",
             "cpu_optimizer": "CPU optimizer params and grads (pinned)",
-            "cpu_optimizer_state": "CPU optimizer state"}.get(part, part.replace("_", " "))
+            "cpu_optimizer_state": "CPU optimizer state", "gathered_weights": "FSDP gathered weights (root, blocks in flight)",
+            "gradient_buffers": "FSDP unsharded gradients, reduce-scatter"}.get(part, part.replace("_", " "))
 
 
 def print_breakdowns(rows: Sequence[dict[str, Any]]) -> None:

@@ -64,6 +64,9 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
     gpu = target.gpu
     if config.mode == "estimate" and gpu is not None and config.gpu is None and gpu_from_device_name(gpu[0]) is None:
         report.warn(f"no step times: the peak throughput of the {gpu[0]} is unknown (--gpu picks a known GPU)")
+    if config.mode == "measure" and config.fsdp_gpus > 1:
+        raise ConfigError("--measure runs one process; --fsdp-gpus sizes FSDP runs by estimate only",
+                          hint="drop --measure, or measure under `accelerate launch` with `cogtune train`")
     if config.mode == "measure" and gpu is None and not all(model_spec(case.config.model).tiny for case in cases):
         raise ConfigError("--measure runs real training steps and needs a GPU for the real models",
                           hint="--estimate sizes them on any machine")
@@ -71,18 +74,18 @@ def run_bench(config: BenchConfig, json_path: str | Path | None = None, markdown
     rows: list[dict[str, Any]] = []
     with report.progress(f"{config.mode} memory", total=len(cases), unit="configs") as bar:
         for case in cases:
-            rows.append(_estimate_row(case, target, config.cache) if config.mode == "estimate" else
+            rows.append(_estimate_row(case, target, config.cache, config.fsdp_gpus) if config.mode == "estimate" else
                         _measure_row(case, target, config.steps))
             bar.advance()
     _report(config, rows, target, json_path, markdown_path, plot_path)
     return rows
 
 
-def _estimate_row(case: BenchCase, target: _Target, use_cache: bool) -> dict[str, Any]:
+def _estimate_row(case: BenchCase, target: _Target, use_cache: bool, fsdp_gpus: int = 1) -> dict[str, Any]:
     from cogtune.train.sizing.cache import cached_estimate
 
     def estimator(config: Any) -> Any:  # the row's configuration, and those the ladder tries to fit it
-        return cached_estimate(config, case.shapes, case.validation_shape, use_cache=use_cache)
+        return cached_estimate(config, case.shapes, case.validation_shape, use_cache=use_cache, fsdp_gpus=fsdp_gpus)
 
     estimate = estimator(case.config)
     row = estimate.as_dict()

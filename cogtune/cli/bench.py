@@ -24,6 +24,7 @@ EPILOG = examples(
     "--gpu-memory 24 --markdown memory.md --plot memory.png",
     "cogtune bench memory --model cogvideox-5b --method full --optimizer adamw-8bit,adamw-4bit-ao --estimate",
     "cogtune bench memory --model cogvideox-2b,cogvideox-5b --base-weights bf16,fp8,nf4 --offload-activations on,off --estimate",
+    "cogtune bench memory --model cogvideox1.5-5b --method full --fsdp-gpus 8 --shape 81x768x1360 --gpu-memory 80",
     "cogtune bench memory --model cogvideox-5b --rank 64 --measure --json measured.json",
     "cogtune bench memory --config run.toml --data cache/disney --gpu-memory 24",
 )

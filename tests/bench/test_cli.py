@@ -56,10 +56,27 @@ def test_measure_needs_a_gpu_for_real_models(cli):
     (("--gradient-checkpointing", "maybe"), "'maybe' is not on or off"),
     (("--estimate", "--measure"), "exclude each other"),
     (("--method", "full", "--base-weights", "fp8"), "the grid is empty"),
+    (("--fsdp-gpus", "2", "--measure"), "--measure runs one process"),
+    (("--fsdp-gpus", "2", "--offload-blocks", "on"), "FSDP sizing covers bf16 base weights"),
 ])
 def test_bad_grids_are_one_line_errors(cli, args, message):
     result = cli("bench", "memory", "--model", "tiny", *args)
     assert result.exit_code == 1 and message in result.stderr
+
+
+def test_fsdp_gpus_sizes_one_gpu_of_a_sharded_run():
+    """The same run on one GPU, then sharded over 2 (the cache on: the number of GPUs is in its key): the
+    weights and optimizer state halve (tiny's rows divide by 2), FSDP's own buffers appear."""
+    from cogtune.bench.run import BenchConfig, run_bench
+
+    rows = [run_bench(BenchConfig(models=("tiny",), methods=("full",), fsdp_gpus=gpus, validation=False))[0]
+            for gpus in (1, 2)]
+    one, shared = (row["breakdown_gib"]["before_training"] for row in rows)
+    assert "FSDP, 2 GPUs" in rows[1]["label"] and rows[1]["case"]["fsdp_gpus"] == 2
+    assert "FSDP" not in rows[0]["label"]
+    assert shared["trainable_weights"] == pytest.approx(one["trainable_weights"] / 2, abs=0.001)
+    peak = rows[1]["breakdown_gib"]["before_validation"]
+    assert "gathered_weights" in peak and "autocast_weight_copies" not in peak  # tiny's: under a MiB
 
 
 def test_memory_profile_picks_the_fastest_options_that_fit(tmp_path, tiny_cache):
@@ -110,9 +127,9 @@ def test_bench_config_sizes_exactly_the_run_train_would_start(cli, tiny_cache, t
     calls = []
     real = cache_module.cached_estimate
 
-    def recording(config, shapes, validation_shape=None, use_cache=True):
+    def recording(config, shapes, validation_shape=None, use_cache=True, fsdp_gpus=1):
         calls.append((config, tuple(shapes), validation_shape))
-        return real(config, shapes, validation_shape, use_cache)
+        return real(config, shapes, validation_shape, use_cache, fsdp_gpus)
 
     monkeypatch.setattr(fit, "cached_estimate", recording)
     monkeypatch.setattr(cache_module, "cached_estimate", recording)

@@ -275,7 +275,7 @@ _BENCH_VALUES = {
     "ranks": ("16,64", (16, 64)), "gradient_checkpointing": ("on,off", (True, False)),
     "optimizers": ("adamw,adamw-8bit", ("adamw", "adamw-8bit")), "batch_sizes": ("1,2", (1, 2)),
     "shapes": ("9x64x64,17x64x96", ("9x64x64", "17x64x96")), "base_weights": ("bf16,nf4", ("bf16", "nf4")),
-    "offload_blocks": ("off", (False,)), "offload_activations": ("ON,yes", (True, True)),
+    "offload_blocks": ("off", (False,)), "offload_activations": ("ON,yes", (True, True)), "fsdp_gpus": ("8", 8),
     "validation": (False, False), "gpu_memory": ("24", 24.0), "host_memory": ("64.5", 64.5), "gpu": ("A100", "A100"),
     "steps": ("3", 3), "breakdown": (True, True), "cache": (False, False), "run_config": ("run.toml", "run.toml"),
     "data": ("cache", "cache"),

@@ -42,23 +42,26 @@ def estimates_folder() -> Path:
 
 
 def cached_estimate(config: TrainConfig, shapes: Sequence[Shape], validation_shape: Shape | None = None,
-                    use_cache: bool = True) -> RunEstimate:
-    """`estimate_run(config, shapes, validation_shape)`, from the cache where it holds this estimate."""
+                    use_cache: bool = True, fsdp_gpus: int = 1) -> RunEstimate:
+    """`estimate_run(config, shapes, validation_shape, fsdp_gpus=...)`, from the cache where it holds this
+    estimate."""
     from cogtune.train.sizing import estimate  # looked up per call: tests record its calls
 
+    sharded = {"fsdp_gpus": fsdp_gpus} if fsdp_gpus != 1 else {}
     if not use_cache:
-        return estimate.estimate_run(config, shapes, validation_shape)
-    key = estimate_key(config, shapes, validation_shape)
+        return estimate.estimate_run(config, shapes, validation_shape, **sharded)
+    key = estimate_key(config, shapes, validation_shape, fsdp_gpus)
     path = estimates_folder() / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.json"
     found = _read(path, key, config, shapes, validation_shape)
     if found is not None:
         return found
-    result = estimate.estimate_run(config, shapes, validation_shape)
+    result = estimate.estimate_run(config, shapes, validation_shape, **sharded)
     _write(path, key, result)
     return result
 
 
-def estimate_key(config: TrainConfig, shapes: Sequence[Shape], validation_shape: Shape | None) -> str:
+def estimate_key(config: TrainConfig, shapes: Sequence[Shape], validation_shape: Shape | None,
+                 fsdp_gpus: int = 1) -> str:
     """Everything an estimate depends on, as one canonical JSON text."""
     spec = model_spec(config.model)
     document = {
@@ -69,6 +72,8 @@ def estimate_key(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
         "shapes": [list(shape) for shape in shapes], "validation_shape": list(validation_shape) if validation_shape
         else None, "versions": _versions(),
     }
+    if fsdp_gpus != 1:  # one GPU's share of a sharded run (one process: as keys were before)
+        document["fsdp_gpus"] = fsdp_gpus
     return json.dumps(document, sort_keys=True, default=dict)
 
 

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from cogtune import startup
-from cogtune.errors import ModelError
+from cogtune.errors import ConfigError, ModelError
 from cogtune.models.loading import ResolvedModel
 from cogtune.models.registry import ALL_PRESETS, ModelSpec
 from cogtune.train.config import TrainConfig
@@ -68,7 +68,7 @@ CUDA_CONTEXT_GIB = 0.5
 # backward's own tensors (activation gradients, gradients not yet accumulated); `allocator_slack` is reserved
 # minus allocated at that instant, `reserved_after_peak` the segments reserved after it.
 BREAKDOWN_PARTS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "autocast_weight_copies",
-                   "saved_activations", "recomputed_activations", "backward_transients", "workspaces", "vae_weights",
+                   "gathered_weights", "gradient_buffers", "saved_activations", "recomputed_activations", "backward_transients", "workspaces", "vae_weights",
                    "validation_denoise", "validation_decode", "other", "allocator_slack", "reserved_after_peak")
 HOST_PARTS = tuple(HOST_COPIES)
 # The parts held in pinned (page-locked) memory, which torch's pinned allocator counts
@@ -111,6 +111,7 @@ class RunEstimate:
     breakdown: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     # bytes the run keeps in host memory for its offloading, by what they are (`HOST_PARTS`)
     host_ram: dict[str, int] = dataclasses.field(default_factory=dict)
+    fsdp_gpus: int = 1  # > 1: the figures are one GPU's of an FSDP2 full-shard run over this many (`shard`)
 
     @property
     def host_ram_gib(self) -> float:
@@ -122,11 +123,12 @@ class RunEstimate:
 
     @property
     def label(self) -> str:
-        return run_label(self.config, self.shape)
+        return run_label(self.config, self.shape, self.fsdp_gpus)
 
     def as_dict(self) -> dict[str, Any]:
         figures = self.memory.as_dict()
-        return {"case": run_summary(self.config, self.shape, self.validation_shape), "label": self.label,
+        return {"case": {**run_summary(self.config, self.shape, self.validation_shape), "fsdp_gpus": self.fsdp_gpus},
+                "label": self.label,
                 "bucket": "x".join(map(str, self.shape)), "memory_gib": figures,
                 "trainable_parameters": self.trainable_parameters,
                 "transformer_parameters": self.transformer_parameters,
@@ -178,8 +180,10 @@ def run_summary(config: TrainConfig, shape: Shape, validation_shape: Shape | Non
             "validation_shape": list(validation_shape) if validation_shape else None}
 
 
-def run_label(config: TrainConfig, shape: Shape) -> str:
+def run_label(config: TrainConfig, shape: Shape, fsdp_gpus: int = 1) -> str:
     method = f"LoRA r{config.lora.rank}" if not config.full else "full"
+    if fsdp_gpus > 1:
+        method += f" (FSDP, {fsdp_gpus} GPUs)"
     memory = config.memory
     options = [config.optimizer.name, "ckpt" if config.gradient_checkpointing else "no ckpt"]
     options += [name for name, on in ((memory.base_weights, memory.base_weights != "bf16"),
@@ -262,7 +266,8 @@ def _optimizer_state_bytes(optimizer: str, trainable: list[Any]) -> int:
 
 
 def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape: Shape | None = None,
-                 steps: int = 2, exact: bool = False, observe: Observer | None = None) -> RunEstimate:
+                 steps: int = 2, exact: bool = False, observe: Observer | None = None,
+                 fsdp_gpus: int = 1) -> RunEstimate:
     """Trace `steps` training steps of `config` at its largest bucket (the second step has the optimizer
     state in place) and, when `validation_shape` is given, a validation pass at that shape.
 
@@ -271,8 +276,12 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
     FLOP-counting step under torch's `FlopCounterMode`), which gives the same figures, only slower.
     `observe(transformer, tracker)`, where given, returns a context (a dispatch mode: torch's `MemTracker`
     in the tests) entered above the tracker for the training steps, so that it sees the same ops.
+    `fsdp_gpus` > 1: the figures are one GPU's of an FSDP2 full-shard run over that many GPUs
+    (`cogtune.train.sizing.shard`); the per-GPU batch is `config.batch_size`.
     """
     from cogtune.quiet import quiet_libraries
+
+    _check_shardable(config, fsdp_gpus)
 
     quiet_libraries()
     started = time.perf_counter()
@@ -284,10 +293,33 @@ def estimate_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape:
         memory = config.memory
         vae = _validation_vae(plan.model, compute_dtype,
                               memory.validation_tile_size if memory.validation_vae_tiling else None)
+    share = None
+    if fsdp_gpus > 1:
+        from cogtune.train.sizing.shard import FsdpShare, gather_trainable
+
+        gather_dtype = compute_dtype if traced_mixed_precision(config, plan.model.spec) != "no" else None
+        share = FsdpShare.of(transformer, fsdp_gpus, gather_dtype)
+        gather_trainable(transformer, gather_dtype)
     traced = _trace(config, plan.model, transformer, vae, shape, validation_shape, compute_dtype, steps, exact,
-                    observe)
+                    observe, share)
     return _estimate(config, tuple(shapes), shape, validation_shape, transformer, traced,
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, fsdp_gpus)
+
+
+def shardable(config: TrainConfig) -> bool:
+    """Whether one GPU's share of `config` under FSDP is modelled (`shard`): not where weights or optimizer
+    state leave the GPU another way (block or optimizer offloading), nor for a float8 or quantized base."""
+    memory = config.memory
+    return not (memory.offload_blocks or memory.base_weights != "bf16" or config.optimizer.name == "adamw-cpu-offload")
+
+
+def _check_shardable(config: TrainConfig, fsdp_gpus: int) -> None:
+    if fsdp_gpus < 1:
+        raise ConfigError(f"the number of GPUs to shard over must be >= 1, got {fsdp_gpus}")
+    if fsdp_gpus > 1 and not shardable(config):
+        raise ConfigError("FSDP sizing covers bf16 base weights without block or optimizer offloading",
+                          hint="drop --offload-blocks, --base-weights other than bf16 and adamw-cpu-offload, "
+                               "or size one GPU (--fsdp-gpus 1)")
 
 
 def _sized_run(config: TrainConfig, shapes: Sequence[Shape], validation_shape: Shape | None) -> tuple[Shape, Any]:
@@ -345,6 +377,7 @@ class _Trace:
     validation_decode_allocated: int
     flops: float
     host_activations: int  # bytes `save_on_cpu` would copy to the host in a step
+    state_share: float = 1.0  # the share of the optimizer state one GPU holds (FSDP)
 
 
 class _TracedSteps:
@@ -367,6 +400,7 @@ class _TracedSteps:
                                      image_dropout=config.image_dropout if spec.is_i2v else 0.0)
         self.offload_activations = memory_placement(config).saved_activations_on_host
         self.optimizer = None
+        self.after_backward: Callable[[], None] | None = None  # called when the backward ends (FSDP's reduction)
         self.host_activations = 0  # bytes save_on_cpu copies to the host in a traced step (all alive until backward)
         for block in transformer.transformer_blocks:  # a block's forward inside backward is a checkpoint's recompute
             block.register_forward_pre_hook(self._recompute_starts)
@@ -405,6 +439,8 @@ class _TracedSteps:
         tracker.kind = "backward_transients"  # a checkpointed block's recompute, activation gradients
         loss.backward()
         del loss
+        if self.after_backward is not None:
+            self.after_backward()
         tracker.kind = "optimizer_state"  # the state, and the step's own temporaries
         if self.optimizer is not None:
             self.optimizer.step()
@@ -416,23 +452,36 @@ class _TracedSteps:
         tracker.kind = "other"
 
 
+def _peak_of(tracker: Any, current: bool = False) -> _Peak:
+    """The tracker's peak since its last reset (`current`: what is live now); with a `share`, one sharded
+    GPU's (its own allocator's)."""
+    if tracker.share is not None:
+        return _Peak(*tracker.share.peak(current))
+    allocator = tracker.allocator
+    if current:
+        return _Peak(allocator.reserved, allocator.allocated, tracker.current_breakdown())
+    return _Peak(allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())
+
+
 def _trace(config: TrainConfig, model: ResolvedModel, transformer: Any, vae: Any, shape: Shape,
            validation_shape: Shape | None, compute_dtype: Any, steps: int, exact: bool,
-           observe: Observer | None = None) -> _Trace:
+           observe: Observer | None = None, share: Any = None) -> _Trace:
     """The allocations of loading, `steps` training steps and the validation pass, replayed into the
-    caching allocator's model."""
+    caching allocator's model (`share`: as one GPU of an FSDP run holds them)."""
     from cogtune.train.sizing.trace import AllocationTracker, gpu_semantics
 
     tracker = AllocationTracker(memoize=not exact)
+    tracker.share = share
     # In the order a run allocates them: the loaded weights, then the LoRA layers peft adds.
     parameters = list(transformer.named_parameters())
     tracker.adopt([p for name, p in parameters if "lora_" not in name] + list(transformer.buffers()))
     tracker.adopt([p for name, p in parameters if "lora_" in name])
-    allocator = tracker.allocator
-    before_training = _Peak(allocator.reserved, allocator.allocated, tracker.current_breakdown())
+    before_training = _peak_of(tracker, current=True)
     train_step = _TracedSteps(config, model, transformer, shape, compute_dtype, tracker)
     for parameter in train_step.trainable:  # a gradient is one once accumulated into `.grad`
         parameter.register_post_accumulate_grad_hook(lambda p: tracker.retag(p.grad, "gradients"))
+    if share is not None:  # after the hook above: FSDP holds a gradient unsharded until its block is done
+        train_step.after_backward = share.follow_blocks(transformer, tracker)
 
     with _young_garbage_only(not exact), tracker, gpu_semantics(compute_dtype) as cast_cache:
         cast_cache.tag = lambda copy: tracker.retag(copy, "autocast_weight_copies")
@@ -444,8 +493,7 @@ def _trace(config: TrainConfig, model: ResolvedModel, transformer: Any, vae: Any
                 train_step(cast_cache)
         flop_count = tracker.flops
         tracker.flops = None
-        training = with_validation = _Peak(allocator.peak_reserved, allocator.peak_allocated,
-                                           tracker.peak_breakdown())
+        training = with_validation = _peak_of(tracker)
         denoise = decode = _Peak(0, 0, {})
         if validation_shape is not None:
             tracker.reset_peaks()
@@ -462,11 +510,11 @@ def _trace(config: TrainConfig, model: ResolvedModel, transformer: Any, vae: Any
             train_step(cast_cache, traced=False)
         flop_count = counter.get_total_flops()
     return _Trace(before_training, training, with_validation, denoise.allocated, decode.allocated, flop_count,
-                  train_step.host_activations)
+                  train_step.host_activations, share.element_share if share is not None else 1.0)
 
 
 def _estimate(config: TrainConfig, shapes: tuple[Shape, ...], shape: Shape, validation_shape: Shape | None,
-              transformer: Any, traced: _Trace, seconds: float) -> RunEstimate:
+              transformer: Any, traced: _Trace, seconds: float, fsdp_gpus: int = 1) -> RunEstimate:
     """The estimate: the trace with the arithmetic applied (`memory_placement`'s offloaded weights off the
     device, the state of optimizers whose step is not traced added) and the host memory it keeps."""
     from cogtune.train.sizing.trace import gib
@@ -478,6 +526,7 @@ def _estimate(config: TrainConfig, shapes: tuple[Shape, ...], shape: Shape, vali
     offloaded -= requantized  # from here on: frozen weight bytes the trace counted that are not on the device
     optimizer_name = config.optimizer.name
     extra_state = 0 if optimizer_name in TRACED_OPTIMIZERS else _optimizer_state_bytes(optimizer_name, trainable)
+    extra_state = round(extra_state * traced.state_share)
     shift = extra_state - offloaded  # state the trace did not see; weights that would not be on the device
     validated = validation_shape is not None
     figures = MemoryFigures(
@@ -508,6 +557,7 @@ def _estimate(config: TrainConfig, shapes: tuple[Shape, ...], shape: Shape, vali
         trainable_parameters=sum(p.numel() for p in trainable),
         transformer_parameters=sum(p.numel() for name, p in transformer.named_parameters() if "lora_" not in name),
         teraflops_per_step=traced.flops / 1e12, seconds=seconds, breakdown=breakdown, host_ram=host,
+        fsdp_gpus=fsdp_gpus,
     )
 
 
@@ -614,7 +664,7 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
     from cogtune.train.validation import validation_feed_forward_chunks
 
     spec = model.spec
-    tracker.allocator.release_cached()  # the validator empties the cache before the pass
+    tracker.release_cached()  # the validator empties the cache before the pass
     tracker.adopt(list(vae.parameters()) + list(vae.buffers()), "vae_weights")  # loaded for the pass
     if replay:
         vae.decoder.forward = ReplayedCalls(tracker, vae.decoder.forward)
@@ -634,12 +684,11 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
         tracker.kind = "validation_denoise"
         with validation_feed_forward_chunks(transformer, config):  # as the validator
             latents = pipe(**kwargs).frames[:, spec.padded_latent_frames(frames) - spec.latent_frames(frames):]
-        allocator = tracker.allocator
-        denoise = _Peak(allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())
-        allocator.release_cached()  # generate_videos empties the cache before the decode
+        denoise = _peak_of(tracker)
+        tracker.release_cached()  # generate_videos empties the cache before the decode
         tracker.reset_peaks()
         tracker.kind = "validation_decode"
         with cast_cache.outside_autocast():
             pipe.decode_latents(latents.to(vae.dtype))
         tracker.kind = "other"
-        return denoise, _Peak(allocator.peak_reserved, allocator.peak_allocated, tracker.peak_breakdown())
+        return denoise, _peak_of(tracker)

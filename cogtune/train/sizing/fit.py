@@ -22,7 +22,7 @@ from cogtune.train.config import TrainConfig
 from cogtune.train.plan import RunPlan
 from cogtune.train.validation import validation_shape
 from cogtune.train.sizing.cache import cached_estimate
-from cogtune.train.sizing.estimate import CUDA_CONTEXT_GIB, RunEstimate
+from cogtune.train.sizing.estimate import CUDA_CONTEXT_GIB, RunEstimate, shardable
 
 # Peak dense bf16 tensor throughput (TFLOP/s) and memory (GiB) of common GPUs, for rough step times.
 GPUS = {
@@ -159,7 +159,8 @@ Estimator = Callable[[TrainConfig], RunEstimate]
 
 
 def _same_shapes(estimate: RunEstimate) -> Estimator:
-    return lambda config: cached_estimate(config, estimate.shapes, estimate.validation_shape)
+    return lambda config: cached_estimate(config, estimate.shapes, estimate.validation_shape,
+                                          fsdp_gpus=estimate.fsdp_gpus)
 
 
 def cheapest_fit(estimate: RunEstimate, budget: float, estimator: Estimator | None = None,
@@ -168,6 +169,8 @@ def cheapest_fit(estimate: RunEstimate, budget: float, estimator: Estimator | No
     nothing does."""
     estimator = estimator or _same_shapes(estimate)
     for candidate in ladder(estimate.config):
+        if estimate.fsdp_gpus > 1 and not shardable(candidate):
+            continue  # a rung whose FSDP share is not modelled (offloading)
         candidate_estimate = estimator(candidate)
         if fits(candidate_estimate, budget, host_budget):
             return Suggestion(candidate, candidate_estimate, changes_between(candidate, estimate.config))

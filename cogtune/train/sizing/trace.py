@@ -69,6 +69,7 @@ class AllocationTracker(TorchDispatchMode):
         self._recording: _Recording | None = None  # the allocations of a call being recorded (`ReplayedCalls`)
         self._peak_allocated = 0  # their sum,
         self._reserved_at_peak = 0  # and the reserved bytes then
+        self.share: Any = None  # an `FsdpShare` (one GPU of a sharded run), fed every allocation and free
 
     def adopt(self, tensors: Any, kind: str | None = None) -> None:
         """Count tensors that exist already (weights loaded before tracing); by default of kind
@@ -101,6 +102,8 @@ class AllocationTracker(TorchDispatchMode):
             self._recording.malloc(key, nbytes, kind)
         if allocator.allocated > self._peak_allocated:
             self._snapshot()
+        if self.share is not None:
+            self.share.malloc(key, nbytes, kind, self.kind)
 
     def _snapshot(self) -> None:
         self._peak_parts = dict(self.parts)
@@ -128,6 +131,8 @@ class AllocationTracker(TorchDispatchMode):
         if self._recording is not None:
             self._recording.free(key)
         self.allocator.free(key)
+        if self.share is not None:
+            self.share.free(key)
         kind = self._kinds.pop(key, None)
         if kind is not None:
             size, nbytes = self._sizes.pop(key)
@@ -150,11 +155,21 @@ class AllocationTracker(TorchDispatchMode):
         self.requested[old] -= nbytes
         self.requested[kind] = self.requested.get(kind, 0) + nbytes
         self._kinds[key] = kind
+        if self.share is not None:
+            self.share.retag(key, nbytes, kind, self.kind)
 
     def reset_peaks(self) -> None:
         """The allocator's `reset_peaks`, and the breakdown of the peak starts from now."""
         self.allocator.reset_peaks()
         self._snapshot()
+        if self.share is not None:
+            self.share.reset_peaks()
+
+    def release_cached(self) -> None:
+        """`torch.cuda.empty_cache()`, in the allocator's model (and the sharded GPU's)."""
+        self.allocator.release_cached()
+        if self.share is not None:
+            self.share.release_cached()
 
     def peak_breakdown(self) -> dict[str, int]:
         """Bytes by kind at the instant allocated memory peaked (since `reset_peaks`), with `allocator_slack`
