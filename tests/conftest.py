@@ -27,10 +27,20 @@ for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 # The `--compile` tests check what torch.compile does with cogtune's models (dynamo's graphs, AOT autograd,
 # inductor's lowering and fusion: what a GPU's Triton code shares) against eager. On the CPU inductor
 # builds each kernel with a C++ compiler; with its cache empty (a fresh machine) that build is most of
-# their time. Here it builds scalar C++ (no SIMD intrinsics, which no GPU run uses) in the test's own
-# process (no pool of compile workers to start on 2 cores): the four compile tests, cache empty, 98 -> 79 s.
+# their time. Here it builds scalar C++ (no SIMD intrinsics, which no GPU run uses): the four compile tests,
+# cache empty, about 96 -> 78 s.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
-os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+# setuptools, imported before any test runs, as in a command's process. Inductor imports it (through
+# torch.utils.cpp_extension) when it first builds a kernel; by then a test may have asked for `pip`
+# (`importlib.util.find_spec("pip")`, as libraries do), which turns setuptools' distutils shim off for
+# good in Python < 3.12, and setuptools' import then failed its own assertion: every cold-cache compile
+# test of that worker failed (seen with `-n 3 --dist worksteal`; reproduced: find_spec("pip"), then a
+# compile test with an empty TORCHINDUCTOR_CACHE_DIR fails, and passes with setuptools imported first).
+try:
+    import setuptools  # noqa: F401
+except ImportError:  # (no setuptools: nothing to protect)
+    pass
 
 
 def pytest_configure(config):
