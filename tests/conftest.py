@@ -57,9 +57,9 @@ def pytest_collection_finish(session):
     gc.enable()
 
 
-# The test files that take longest (seconds on 2 busy cores, measured with the suite), first: pytest-xdist's `loadfile` hands
-# out files in collection order (with `--no-loadscope-reorder`, as `make test` runs it), so the last files a
-# worker gets are short ones and neither waits long for the other at the end. test_reshard.py resumes
+# The test files that take longest (seconds on 2 busy cores, measured with the suite), first: pytest-xdist's
+# `loadfile` hands out files in collection order (with `--no-loadscope-reorder`, as `make test` runs it), so
+# the last files a worker gets are short ones and neither waits long for the other at the end. test_reshard.py resumes
 # test_training.py's runs: third, so that the worker that trains them queues it (the other would wait).
 HEAVIEST_FIRST = (
     "tests/distributed/test_training.py",  # 155
@@ -84,7 +84,8 @@ HEAVIEST_FIRST = (
 
 def pytest_collection_modifyitems(config, items):
     rank = {path: index for index, path in enumerate(HEAVIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # (stable: the rest keep order)
+    # (a stable sort: the other files keep their order)
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
     try:
         import torch
 

@@ -184,7 +184,7 @@ def _patterns_text(include: list[str] | None, exclude: list[str] | None) -> str:
 
 # Bytes huggingface_hub reads per progress update (its `constants.DOWNLOAD_CHUNK_SIZE`, 10 MiB by default).
 # Ctrl-C stops a transfer at its next update: at 10 MiB a slow link kept the user waiting many seconds
-# (17 s at 600 kB/s, measured); 1 MiB is still a large read.
+# (16 s at 600 kB/s, measured); 1 MiB is still a large read.
 TRANSFER_CHUNK = 1024 * 1024
 
 
@@ -222,7 +222,7 @@ def _fetch(plan: DownloadPlan, local_dir: Path, *, include: list[str] | None, ex
 
     failure: list[BaseException] = []
     with _hub_errors(plan, local_dir, during_transfer=True), _hub_progress_bars_hidden(), \
-            report.byte_progress("downloading", total=total, completed=at_start) as bar, contextlib.ExitStack() as stack:
+            _chunks_of(TRANSFER_CHUNK), report.byte_progress("downloading", total=total, completed=at_start) as bar:
         progress = _TransferProgress(bar, at_start)
 
         def transfer() -> None:
@@ -235,7 +235,6 @@ def _fetch(plan: DownloadPlan, local_dir: Path, *, include: list[str] | None, ex
                 failure.append(exc)
 
         worker = threading.Thread(target=transfer, name="cogtune-download", daemon=True)
-        stack.enter_context(_chunks_of(TRANSFER_CHUNK))
         worker.start()
         try:
             worker.join()
