@@ -1,4 +1,8 @@
-"""Multi-process runs on the CPU: `accelerate launch` with cogtune's generated configs, over gloo."""
+"""Multi-process runs on the CPU: `accelerate launch` with cogtune's generated configs, over gloo.
+
+`accelerate_launch` runs the launchers (accelerate's CLI, torchrun) as a user does; most runs of the
+equality, resume and resharding tests fork their processes instead (forked.py): the same environment and
+code, without starting an interpreter per process."""
 
 from __future__ import annotations
 

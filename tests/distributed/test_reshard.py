@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.conftest import accelerate_launch, finish, write_accelerate_config
+from tests.distributed.conftest import write_accelerate_config
+from tests.distributed.forked import forked_launch
 from tests.distributed.test_training import TOLERANCE, Run, _in_process, _max_difference
 from tests.distributed.test_training import training_runs  # noqa: F401 (a fixture: the runs resumed here)
 
@@ -53,7 +54,8 @@ def runs(tmp_path_factory, three_prompt_cache, training_runs):
             log = _in_process(*args, *(() if "--batch-size" in extra else ("--batch-size", "2")))
         else:
             config = write_accelerate_config(root, strategy, gpus=2)
-            log = finish(accelerate_launch(config, *args, *(() if "--batch-size" in extra else ("--batch-size", "1"))))
+            log = forked_launch(config, *args, *(() if "--batch-size" in extra else ("--batch-size", "1")),
+                                log=root / f"{name}.log").finish()
         made[name] = Run(output, log)
         return made[name]
 
@@ -129,7 +131,7 @@ def test_fsdp_checkpoint_of_two_processes_resumes_on_three(runs, three_prompt_ca
     straight = runs("fsdp-batch-3", "fsdp", None, "--batch-size", "3")
     args = ["train", "t2v", *ARGS, "--data", three_prompt_cache, "--output-dir", tmp_path / "run", "--resume",
             _step_2(straight), "--batch-size", "2"]
-    log = finish(accelerate_launch(write_accelerate_config(tmp_path, "fsdp", gpus=3), *args))
+    log = forked_launch(write_accelerate_config(tmp_path, "fsdp", gpus=3), *args, log=tmp_path / "launch.log").finish()
     assert "2 per process x 3 processes x 2 accumulation = 12 per step" in " ".join(log.split())
     _assert_same_run(Run(tmp_path / "run", log), straight)
 

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.distributed.conftest import VALIDATION_PROMPTS, accelerate_launch, finish, write_accelerate_config
+from tests.distributed.forked import forked_launch
 
 TOLERANCE = {"lora": 1e-6, "i2v": 1e-6, "full": 1e-4}
 ARGS = ("--model", "tiny", "--steps", "4", "--rank", "4", "--lr", "1e-3", "--lr-schedule", "cosine",
@@ -45,6 +46,12 @@ class Run:
     @property
     def losses(self) -> list[float]:
         return json.loads((self.output_dir / "training_summary.json").read_text())["losses"]
+
+
+# The runs `accelerate launch` starts (its CLI and torchrun, as a user runs them); the others' processes are
+# forked with the environment accelerate gives them (tests/distributed/forked.py): the same runs, a third of
+# the CPU time.
+LAUNCHED = {("ddp", "lora", False), ("fsdp", "lora", False)}
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +78,11 @@ def training_runs(shared_runs, three_prompt_cache, i2v_cache):
             if (strategy, method) == ("fsdp", "full"):
                 config.write_text(config.read_text().replace("fsdp_activation_checkpointing: false",
                                                              "fsdp_activation_checkpointing: true"))
-            return finish(accelerate_launch(config, *args, "--batch-size", "1", record_latents=output.parent / "latents"))
+            if (strategy, method, resumed) in LAUNCHED:
+                return finish(accelerate_launch(config, *args, "--batch-size", "1",
+                                                record_latents=output.parent / "latents"))
+            return forked_launch(config, *args, "--batch-size", "1", log=output.parent / "launch-forked.log",
+                                 record_latents=output.parent / "latents").finish()
 
         return Run(*shared_runs(f"{strategy}-{method}{'-resumed' if resumed else ''}", train))
 
@@ -215,9 +226,9 @@ def test_hybrid_shard_over_two_machines_equals_one_process(tmp_path, three_promp
     FSDP2 hybrid (2 replicas x 2 shards), equal one process with batch 4."""
     config = write_accelerate_config(tmp_path, "fsdp-hybrid", gpus=2, machines=2, main_process_ip="127.0.0.1")
     args = ["train", "t2v", *ARGS, "--data", three_prompt_cache]
-    launches = [accelerate_launch(config, *args, "--batch-size", "1", "--output-dir", tmp_path / "hybrid",
-                                  machine_rank=rank) for rank in (0, 1)]
-    log = [finish(launch) for launch in launches][0]  # both must finish; machine 0's main process reports
+    launches = [forked_launch(config, *args, "--batch-size", "1", "--output-dir", tmp_path / "hybrid",
+                              machine_rank=rank, log=tmp_path / f"machine-{rank}.log") for rank in (0, 1)]
+    log = [launch.finish() for launch in launches][0]  # both must finish; machine 0's main process reports
     assert "FSDP2, hybrid: 2 replicas x 2 shards" in log
     assert "1 per process x 4 processes x 2 accumulation = 8 per step" in log
     _in_process(*args, "--batch-size", "4", "--output-dir", tmp_path / "one")
@@ -235,8 +246,8 @@ def test_encode_under_the_same_launch_makes_the_same_cache(tmp_path, synthetic_d
     from tests.encode.compare import assert_same_cache
 
     config = write_accelerate_config(tmp_path, "fsdp", gpus=2)
-    log = finish(accelerate_launch(config, "encode", "--model", "tiny", "--data-root", synthetic_data, "--buckets",
-                                   "9x64x64", "--num-workers", "0", "--validation-prompt", "A red circle moves left.",
-                                   "--output-dir", tmp_path / "two"))
+    log = forked_launch(config, "encode", "--model", "tiny", "--data-root", synthetic_data, "--buckets", "9x64x64",
+                        "--num-workers", "0", "--validation-prompt", "A red circle moves left.", "--output-dir",
+                        tmp_path / "two", log=tmp_path / "launch.log").finish()
     assert "2 processes" in log
     assert_same_cache(tiny_cache, tmp_path / "two")

@@ -154,15 +154,16 @@ def test_an_empty_validation_prompt_is_refused(cli, tiny_cache, tmp_path):
 def test_two_processes_embed_once_and_render_the_new_prompts(bare_cache, new_prompt_run, tmp_path):
     """DDP on 2 CPU processes: the main one embeds and writes the run's file, the other waits for it;
     both render (one prompt each) and the embeddings are one process's."""
-    from tests.distributed.conftest import accelerate_launch, finish, write_accelerate_config
+    from tests.distributed.conftest import write_accelerate_config
+    from tests.distributed.forked import forked_launch
 
     run, code, stderr = new_prompt_run
     assert code == 0, stderr
     config = write_accelerate_config(tmp_path, "ddp", gpus=2)
-    log = finish(accelerate_launch(config, "train", "t2v", "--model", "tiny", "--data", bare_cache, "--output-dir",
-                                   tmp_path / "two", "--rank", "4", "--steps", "1", "--validation-steps", "1",
-                                   "--checkpoint-every", "0", "--validation-prompt", CACHED_PROMPT,
-                                   "--validation-prompt", LONG_PROMPT))
+    log = forked_launch(config, "train", "t2v", "--model", "tiny", "--data", bare_cache, "--output-dir",
+                        tmp_path / "two", "--rank", "4", "--steps", "1", "--validation-steps", "1",
+                        "--checkpoint-every", "0", "--validation-prompt", CACHED_PROMPT, "--validation-prompt",
+                        LONG_PROMPT, log=tmp_path / "launch.log").finish()
     assert log.count("embedding 2 validation prompts") == 1
     assert (tmp_path / "two" / "validation" / "final" / "01.mp4").is_file()
     prompts, embeds = _stored(tmp_path / "two")
