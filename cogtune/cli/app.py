@@ -6,6 +6,7 @@ diffusers) is imported inside each command, so `cogtune --help` and shell comple
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Annotated, Optional
@@ -53,6 +54,14 @@ def root(
         os.environ["COGTUNE_DEBUG"] = "1"
 
 
+@functools.cache
+def _command() -> typer.core.TyperGroup:
+    """The click command tree Typer builds from `app`, built once per process (what `app()` does on every
+    call, about 60 ms; `main` runs many times in one process where it is called in-process, as the tests do).
+    `app()` also installs Typer's exception hook, which with `pretty_exceptions_enable=False` is Python's."""
+    return typer.main.get_command(app)
+
+
 def _debug() -> bool:
     return os.environ.get("COGTUNE_DEBUG", "") not in ("", "0")
 
@@ -95,7 +104,7 @@ def _run(args: list[str]) -> None:
     quiet_libraries()  # before any library is imported: some read their settings at import time
     report.invocation = ["cogtune", *args]
     try:
-        app(args=args, prog_name="cogtune")
+        _command()(args=args, prog_name="cogtune")
     except CogtuneError as exc:
         if _debug():
             raise
