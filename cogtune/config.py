@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import sys
@@ -147,6 +148,13 @@ def strip_optional(hint: Any) -> Any:
     return hint
 
 
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """`typing.get_type_hints(cls)`, worked out once per class (read only): the annotations are strings
+    (`from __future__ import annotations`), and every config object's `check_settings` asks for them."""
+    return typing.get_type_hints(cls)
+
+
 def check_settings(config: Any, prefix: str = "") -> None:
     """Raise ConfigError, naming `prefix + field`, for a value outside its declared bounds or choices.
 
@@ -154,7 +162,7 @@ def check_settings(config: Any, prefix: str = "") -> None:
     `__post_init__`; the command line checks the same declarations in the options' callbacks,
     so the two cannot drift apart.
     """
-    hints = typing.get_type_hints(type(config))
+    hints = field_types(type(config))
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if value is None:
@@ -241,7 +249,7 @@ def load_config(
 
 def _check_keys(cls: type, data: Mapping[str, Any], source: str, prefix: str) -> None:
     known = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     for key, value in data.items():
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -258,7 +266,7 @@ def _set_dotted(cls: type, data: dict[str, Any], dotted: str, value: Any) -> Non
     *sections, name = dotted.split(".")
     current = cls
     for part in sections:
-        hints = typing.get_type_hints(current)
+        hints = field_types(current)
         if part not in hints or not dataclasses.is_dataclass(hints[part]):
             raise ConfigError(f"unknown setting '{dotted}'")
         current = hints[part]
@@ -273,7 +281,7 @@ def _set_dotted(cls: type, data: dict[str, Any], dotted: str, value: Any) -> Non
 
 
 def _build(cls: type[T], data: Mapping[str, Any], source: str, prefix: str) -> T:
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         if field.name not in data:
@@ -395,7 +403,7 @@ def dump_toml(data: Mapping[str, Any], config_cls: type | None = None) -> str:
 
 def _dump_table(data: Mapping[str, Any], cls: type | None, path: list[str], lines: list[str]) -> None:
     fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
-    hints = typing.get_type_hints(cls) if cls is not None else {}
+    hints = field_types(cls) if cls is not None else {}
     tables = {k: v for k, v in data.items() if isinstance(v, Mapping)}
     if path:
         lines.append("")

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cogtune.cli.options import choice, completes, number
-from cogtune.config import Bounds, list_items, setting_choices, strip_optional
+from cogtune.config import Bounds, field_types, list_items, setting_choices, strip_optional
 from cogtune.errors import ConfigError
 
 Overrides = dict[str, Any]
@@ -206,7 +206,7 @@ def setting_options(config_cls: type, exclude: Iterable[str] = ()) -> list[Setti
     options: list[SettingOption] = []
 
     def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
+        hints = field_types(cls)
         for field in dataclasses.fields(cls):
             path = f"{prefix}{field.name}"
             hint = hints[field.name]

@@ -27,11 +27,10 @@ import dataclasses
 import difflib
 import json
 import re
-import typing
 from pathlib import Path
 from typing import Any
 
-from cogtune.config import _coerce, check_settings, read_toml, setting
+from cogtune.config import _coerce, check_settings, field_types, read_toml, setting
 from cogtune.data.dataset import DatasetConfig
 from cogtune.errors import ConfigError
 
@@ -122,8 +121,8 @@ def load_dataset_sources(path: str | Path, defaults: DatasetConfig | None = None
         raise ConfigError(f"{_where(path, lines.top_level('datasets'))}: 'datasets' must be [[datasets]] tables")
 
     defaults = defaults or DatasetConfig()
-    data_hints = typing.get_type_hints(DatasetConfig)
-    own_hints = typing.get_type_hints(DatasetSource)
+    data_hints = field_types(DatasetConfig)
+    own_hints = field_types(DatasetSource)
     known = [*_OWN_KEYS, *(f.name for f in dataclasses.fields(DatasetConfig))]
     sources: list[DatasetSource] = []
     seen_names: dict[str, str] = {}
