@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +14,6 @@ from cogtune.models.loading import resolve_model
 from cogtune.train import TrainConfig, run_training
 from cogtune.train.config import LoraConfig, MemoryConfig, OptimizerConfig, ValidationConfig
 from cogtune.train.optimizers import clip_gradients, keep_tensor_learning_rates, remember_tensor_learning_rates
-from tests.ports import free_port
 
 
 def _config(cache, output, **changes):
@@ -182,13 +179,15 @@ def test_compiled_training_matches_eager(tiny_cache, tmp_path):
 
 @pytest.mark.slow
 def test_fp8_weights_work_with_data_parallelism(tiny_cache, tmp_path):
-    """finetrainers #316: fp8 storage broke DDP. Frozen weights are left out of DDP's synchronisation."""
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "-m", "cogtune", "train", "t2v", "--model", "tiny", "--data",
-         str(tiny_cache), "--output-dir", str(tmp_path / "run"), "--steps", "2", "--rank", "4", "--fp8"],
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """finetrainers #316: fp8 storage broke DDP. Frozen weights are left out of DDP's synchronisation.
+    (2 processes forked as `accelerate launch` starts them: tests/distributed/forked.py.)"""
+    from tests.distributed.conftest import write_accelerate_config
+    from tests.distributed.forked import forked_launch
+
+    log = forked_launch(write_accelerate_config(tmp_path, "ddp", gpus=2), "train", "t2v", "--model", "tiny", "--data",
+                        tiny_cache, "--output-dir", tmp_path / "run", "--steps", "2", "--rank", "4", "--fp8",
+                        log=tmp_path / "launch.log").finish()
+    assert "DDP" in log and "fp8" in log
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
 
 
