@@ -7,6 +7,7 @@ cache or network is involved.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -258,6 +259,18 @@ def test_interrupted_download_fails_in_one_line_and_the_next_run_completes_it(cl
     assert (local_dir / "extra" / "big.bin").read_bytes() == big_file
 
 
+@contextlib.contextmanager
+def _ctrl_c_reaches_children():
+    """Children started in this block take SIGINT as a terminal's foreground command does, also where this
+    test run ignores it (a shell ignores SIGINT in what it starts in the background, and children inherit
+    that: Python then installs no KeyboardInterrupt)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_stops_the_download_in_one_line_and_the_next_run_completes_it(clip_files, big_file, tmp_path):
     """A real process, a slow Hub, SIGINT once the big file is flowing: the transfer threads stop,
     the process exits 1 with one line, and re-running fetches only what is missing."""
@@ -269,7 +282,8 @@ def test_ctrl_c_stops_the_download_in_one_line_and_the_next_run_completes_it(cli
         env["HF_ENDPOINT"] = hub.url
         command = [sys.executable, "-m", "cogtune", "dataset", "download", "me/big", "--local-dir", str(local_dir),
                    "--no-validate"]
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with _ctrl_c_reaches_children():
+            process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             while not hub.requests_for("GET", "/extra/big.bin") and process.poll() is None:
                 time.sleep(0.05)
