@@ -29,9 +29,12 @@ def _encode_command(data: Path, output: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_gives_the_uninterrupted_cache(tmp_path, bigger_data):
+def test_sigkill_then_rerun_gives_the_uninterrupted_cache(tmp_path, bigger_data, cli):
+    """The killed encode is a process of its own; the reference and the re-run go through the same entry point
+    in this process (`cli`)."""
     reference = tmp_path / "reference"
-    subprocess.run(_encode_command(bigger_data, reference), check=True, capture_output=True)
+    result = cli(*_encode_command(bigger_data, reference)[3:])
+    assert result.exit_code == 0, result.stderr[-2000:]
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(_encode_command(bigger_data, interrupted), stdout=subprocess.DEVNULL,
@@ -49,8 +52,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_cache(tmp_path, bigger_data)
     assert 2 <= written < COUNT, f"the kill came too late or too early ({written} items written)"
     assert not (interrupted / "manifest.json").exists()
 
-    rerun = subprocess.run(_encode_command(bigger_data, interrupted), capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rerun = cli(*_encode_command(bigger_data, interrupted)[3:])
+    assert rerun.exit_code == 0, rerun.stderr[-2000:]
     assert_same_cache(reference, interrupted)
     leftovers = [p for p in interrupted.rglob("*") if p.name.startswith(".tmp-")]
     assert leftovers == []
