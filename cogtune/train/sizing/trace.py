@@ -50,6 +50,12 @@ _MATMULS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten._scaled_d
 class AllocationTracker(TorchDispatchMode):
     """Replays the meta-device allocations of the code it wraps into a `CachingAllocatorModel`."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """No torch.compile runs under the trace: `__torch_dispatch__` is not wrapped in Dynamo's off switch
+        (torch's documented opt-out; the wrapper costs a few microseconds on every op)."""
+        return False
+
     def __init__(self, memoize: bool = True) -> None:
         super().__init__()
         self.memoize = memoize
