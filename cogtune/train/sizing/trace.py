@@ -265,11 +265,16 @@ def _unplaced(value: Any) -> Any:
 
 class ReplayedCalls:
     """Wraps a function (a module's `forward`, the VAE's blending of tiles) so that its calls without autograd
-    are recorded once per description of their arguments and replayed after; other calls run as they are."""
+    are recorded once per description of their arguments and replayed after; other calls run as they are.
 
-    def __init__(self, tracker: AllocationTracker, function: Any) -> None:
-        self.tracker, self.function = tracker, function
-        self.recorded: dict[Any, Any] = {}
+    Identical modules (a transformer's blocks) share their recordings: `recorded` is a dict common to their
+    wrappers, and `state()` describes what else a call's allocations depend on (the module's tensors).
+    """
+
+    def __init__(self, tracker: AllocationTracker, function: Any, recorded: dict[Any, Any] | None = None,
+                 state: Any = None) -> None:
+        self.tracker, self.function, self.state = tracker, function, state
+        self.recorded: dict[Any, Any] = {} if recorded is None else recorded
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tracker = self.tracker
@@ -279,7 +284,7 @@ class ReplayedCalls:
         described = _describe([_unplaced(leaf) for leaf in leaves])
         if described is None:
             return self.function(*args, **kwargs)
-        key = (spec, described, tracker.kind, torch.get_default_dtype())
+        key = (spec, described, tracker.kind, torch.get_default_dtype(), self.state() if self.state else None)
         recorded = self.recorded.get(key)
         if recorded is None:
             out, self.recorded[key] = self._record(args, kwargs, leaves)
@@ -344,6 +349,13 @@ class ReplayedCalls:
                     tracker._hold(storage, keys[index])
                 leaves.append(torch.empty(0, dtype=dtype, device=DEVICE).set_(storage, offset, shape, stride))
         return tree_unflatten(leaves, spec)
+
+
+def describe_tensors(tensors: list[torch.Tensor], cast_cache: CastCache) -> Any:
+    """A module's tensors as its calls' allocations depend on them (a `ReplayedCalls` state): their metadata,
+    whether they require gradients, and whether autocast's cache holds a copy of each."""
+    return cast_cache.autocast, tuple((t.dtype, t.shape, t.stride(), t.requires_grad, id(t) in cast_cache)
+                                      for t in tensors)
 
 
 # --- the meta kernels, memoized ---------------------------------------------------------------
