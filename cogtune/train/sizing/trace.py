@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -367,45 +368,68 @@ def describe_tensors(tensors: list[torch.Tensor], cast_cache: CastCache) -> Any:
 # and later calls make fresh tensors of that description: the same tensors, so the same allocations.
 _names: dict[Any, str] = {}
 _UNCACHEABLE = object()
-_cacheable_ops: dict[Any, bool] = {}
+_op_kinds: dict[Any, int] = {}
 _meta_cache: dict[Any, Any] = {}
+# An in-place op writes into its first argument: it allocates nothing and, on the meta device, changes no
+# metadata unless it is a view-like one (`unsqueeze_`): the first call with a description of the arguments
+# runs, and where it changed no argument's metadata and returned its first argument (or nothing), later calls
+# with that description return the same without running. Float scalars are described by their type alone
+# (an optimizer's step sizes change every step, and an in-place op's effect on metadata cannot depend on them).
+_in_place_cache: dict[Any, Any] = {}
 _MAX_CACHED = 200_000  # a few tens of MB; a 5b estimate adds about 2,000
 
 
 def clear_meta_cache() -> None:
     """Forget the memoized meta kernels' outputs (each estimate then pays for them again)."""
     _meta_cache.clear()
+    _in_place_cache.clear()
 
 
-def _op_is_functional(func: Any) -> bool:
-    known = _cacheable_ops.get(func)
+_OTHER, _FUNCTIONAL, _IN_PLACE = 0, 1, 2
+
+
+def _op_kind(func: Any) -> int:
+    """`_FUNCTIONAL`: neither mutates nor aliases its inputs; `_IN_PLACE`: writes its first argument only and
+    returns it or nothing (`add_`, `copy_`, `_foreach_mul_`; not `set_`, which swaps the storage)."""
+    known = _op_kinds.get(func)
     if known is None:
         schema = getattr(func, "_schema", None)
-        known = (schema is not None and not schema.is_mutable
-                 and all(a.alias_info is None for a in schema.arguments)
-                 and all(r.alias_info is None for r in schema.returns))
-        _cacheable_ops[func] = known
+        known = _OTHER
+        if schema is not None and not schema.is_mutable and all(a.alias_info is None for a in schema.arguments) \
+                and all(r.alias_info is None for r in schema.returns):
+            known = _FUNCTIONAL
+        elif schema is not None and schema.arguments and _IN_PLACE_NAME.match(schema.name) \
+                and all((a.alias_info is not None and a.alias_info.is_write) == (i == 0)
+                        for i, a in enumerate(schema.arguments)):
+            known = _IN_PLACE
+        _op_kinds[func] = known
     return known
+
+
+_IN_PLACE_NAME = re.compile(r"aten::(?!.*(set_|swap|resize))\w+_$")
 
 
 _PLAIN = frozenset((bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format))
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _describe(value: Any) -> Any:
-    """A hashable description of an argument's metadata (None: not describable, do not memoize)."""
+def _describe(value: Any, values: bool = True) -> Any:
+    """A hashable description of an argument's metadata (None: not describable, do not memoize);
+    `values=False`: floats by their type alone."""
     kind = type(value)
     if kind in _TENSOR_TYPES:
         if value.device != DEVICE:
             return None
         return (value.dtype, value.shape, value.stride(), value.storage_offset(), value.is_conj(), value.is_neg(),
                 value.layout)
+    if kind is float and not values:
+        return float
     if value is None or kind in _PLAIN:
         return (kind, value)
     if kind is tuple or kind is list:
         described = []
         for item in value:
-            description = _describe(item)
+            description = _describe(item, values)
             if description is None:
                 return None
             described.append(description)
@@ -413,14 +437,14 @@ def _describe(value: Any) -> Any:
     return None
 
 
-def _cache_key(func: Any, args: Any, kwargs: Any) -> Any:
-    described = _describe(args)
+def _cache_key(func: Any, args: Any, kwargs: Any, values: bool = True) -> Any:
+    described = _describe(args, values)
     if described is None:
         return None
     if kwargs:
         items = []
         for name, value in kwargs.items():
-            description = _describe(value)
+            description = _describe(value, values)
             if description is None:
                 return None
             items.append((name, description))
@@ -460,9 +484,28 @@ def _remake(described: Any) -> list[Any]:
             for is_tensor, value in described]
 
 
-def _run_meta(func: Any, args: Any, kwargs: Any) -> Any:
-    if not _op_is_functional(func):
+def _run_in_place(func: Any, args: Any, kwargs: Any) -> Any:
+    key = _cache_key(func, args, kwargs, values=False)
+    if key is None:
         return func(*args, **kwargs)
+    cached = _in_place_cache.get(key)
+    if cached is None:
+        out = func(*args, **kwargs)
+        returns_first = out is args[0]
+        unchanged = _cache_key(func, args, kwargs, values=False) == key
+        _in_place_cache[key] = returns_first if unchanged and (returns_first or out is None) else _UNCACHEABLE
+        return out
+    if cached is _UNCACHEABLE:
+        return func(*args, **kwargs)
+    return args[0] if cached else None
+
+
+def _run_meta(func: Any, args: Any, kwargs: Any) -> Any:
+    kind = _op_kinds.get(func)
+    if kind is None:
+        kind = _op_kind(func)
+    if kind != _FUNCTIONAL:
+        return _run_in_place(func, args, kwargs) if kind == _IN_PLACE else func(*args, **kwargs)
     key = _cache_key(func, args, kwargs)
     if key is None:
         return func(*args, **kwargs)
