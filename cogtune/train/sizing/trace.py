@@ -74,6 +74,7 @@ class AllocationTracker(TorchDispatchMode):
         self._peak_parts: dict[str, int] = {}  # at the fullest instant: bytes allocated by kind,
         self._peak_requested: dict[str, int] = {}
         self._recording: _Recording | None = None  # the allocations of a call being recorded (`ReplayedCalls`)
+        self._held: dict[int, int] = {}  # id of a storage made by a replay -> its replayed block's key
         self._peak_allocated = 0  # their sum,
         self._reserved_at_peak = 0  # and the reserved bytes then
         self.share: Any = None  # an `FsdpShare` (one GPU of a sharded run), fed every allocation and free
@@ -162,10 +163,12 @@ class AllocationTracker(TorchDispatchMode):
     def _hold(self, storage: Any, key: int) -> None:
         """A replayed block (`key`) is now `storage`'s: freed when the storage dies."""
         handle = id(storage)
+        self._held[handle] = key
         self._live.add(handle)
         self._watch[handle] = weakref.ref(storage, lambda _, handle=handle, key=key: self._release_held(handle, key))
 
     def _release_held(self, handle: int, key: int) -> None:
+        self._held.pop(handle, None)
         self._live.discard(handle)
         self._watch.pop(handle, None)
         self._free(key)
@@ -196,7 +199,7 @@ class AllocationTracker(TorchDispatchMode):
         if old is None or old == kind:
             return
         if self._recording is not None:
-            self._recording.broken = True  # a tensor's kind changed: not a call's own allocations
+            self._recording.retag()
         size, nbytes = self._sizes[key]
         self.parts[old] -= size
         self.parts[kind] = self.parts.get(kind, 0) + size
@@ -279,15 +282,22 @@ class AllocationTracker(TorchDispatchMode):
 # same order, whenever its arguments have the same metadata: the first call's are recorded, and later
 # ones replay them into the allocator's model and return fresh tensors of the outputs' description. The
 # allocator decides as it would have (the same requests in the same order, from its present state).
+#
+# Calls nest: the decoder's resnet blocks are wrapped too, and share their recordings (keyed by the block's
+# tensors), so that recording a decoder call on a new tile shape replays the resnet calls it repeats. A call
+# recorded inside another's recording is recorded in both (`parent`); a replay inside one is recorded there.
 class _Recording:
-    def __init__(self) -> None:
+    def __init__(self, parent: _Recording | None = None) -> None:
         self.events: list[tuple[bool, int, int, str]] = []  # (malloc?, the call's own index, bytes, kind)
         self.own: dict[int, int] = {}  # tracker key -> the call's own index
         self.broken = False
+        self.parent = parent
 
     def malloc(self, key: int, nbytes: int, kind: str) -> None:
         self.own[key] = index = len(self.events)
         self.events.append((True, index, nbytes, kind))
+        if self.parent is not None:
+            self.parent.malloc(key, nbytes, kind)
 
     def free(self, key: int) -> None:
         index = self.own.pop(key, None)
@@ -295,6 +305,13 @@ class _Recording:
             self.broken = True  # frees what it was given (or what lived before it)
         else:
             self.events.append((False, index, 0, ""))
+        if self.parent is not None:
+            self.parent.free(key)
+
+    def retag(self) -> None:
+        self.broken = True  # a tensor's kind changed: not a call's own allocations
+        if self.parent is not None:
+            self.parent.retag()
 
 
 def _unplaced(value: Any) -> Any:
@@ -320,7 +337,7 @@ class ReplayedCalls:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tracker = self.tracker
-        if torch.is_grad_enabled() or tracker.flops is not None or tracker._recording is not None:
+        if torch.is_grad_enabled() or tracker.flops is not None:
             return self.function(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         described = _describe([_unplaced(leaf) for leaf in leaves])
@@ -337,11 +354,11 @@ class ReplayedCalls:
 
     def _record(self, args: Any, kwargs: Any, arguments: list[Any]) -> tuple[Any, Any]:
         tracker = self.tracker
-        recording = tracker._recording = _Recording()
+        recording = tracker._recording = _Recording(tracker._recording)
         try:
             out = self.function(*args, **kwargs)
         finally:
-            tracker._recording = None
+            tracker._recording = recording.parent
         leaves, spec = tree_flatten(out)
         outputs, kept = [], set()
         for leaf in leaves:
@@ -349,7 +366,8 @@ class ReplayedCalls:
             if position is not None:  # returns an argument (written in place: a blend of tiles)
                 outputs.append(("argument", position))
             elif isinstance(leaf, torch.Tensor):
-                index = recording.own.get(id(leaf.untyped_storage()))
+                storage = id(leaf.untyped_storage())
+                index = recording.own.get(tracker._held.get(storage, storage))  # a replayed block's, or its own
                 if index is None or type(leaf) is not torch.Tensor or leaf.requires_grad:
                     return out, _UNCACHEABLE  # an argument, or a tensor that was not made here
                 kept.add(index)

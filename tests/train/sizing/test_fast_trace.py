@@ -201,9 +201,10 @@ def test_the_allocator_model_decides_as_the_reference(seed):
 
 
 def test_the_decoders_repeated_tiles_and_the_identical_blocks_are_replayed(shrunk_specs, monkeypatch):
-    """The validation decode's calls on tiles of a shape already decoded, and the denoising step's calls of
-    transformer blocks after the first alike, replay the first call's allocations (`trace.ReplayedCalls`);
-    that the figures and parts are then the full trace's is the test above (the same run)."""
+    """The validation decode's calls on tiles of a shape already decoded, its resnet blocks' calls alike
+    within a decoder call being recorded, and the denoising step's calls of transformer blocks after the first
+    alike, replay the first call's allocations (`trace.ReplayedCalls`); that the figures and parts are then
+    the full trace's is the test above (the same run)."""
     from cogtune.train.sizing import trace
 
     replays = []
@@ -217,4 +218,4 @@ def test_the_decoders_repeated_tiles_and_the_identical_blocks_are_replayed(shrun
     shape = (17, 128, 128)
     estimate_run(_config("tiny-4", {}), [shape], shape)
     assert replays.count("CogVideoXBlock") >= 2  # of the 4 blocks, those after the recorded ones
-    assert {"CogVideoXDecoder3D", "AutoencoderKLCogVideoX"} <= set(replays)  # the decoder, the blends
+    assert {"CogVideoXDecoder3D", "AutoencoderKLCogVideoX", "CogVideoXResnetBlock3D"} <= set(replays)
