@@ -416,8 +416,10 @@ def describe_tensors(tensors: list[torch.Tensor], cast_cache: CastCache) -> Any:
 # output's shape, strides and dtype), and a transformer's identical blocks, or a VAE's identical
 # tiles, call the same ops on tensors of the same metadata over and over. An op that neither mutates
 # nor aliases its inputs returns fresh tensors whose metadata depends only on its inputs' metadata
-# and its other arguments (meta tensors have no values), so the first call's outputs are described
-# and later calls make fresh tensors of that description: the same tensors, so the same allocations.
+# (not on where a view starts in its storage) and its other arguments (meta tensors have no values; an
+# elementwise op's scalars count by their type: a tile blend's weights change column by column), so the
+# first call's outputs are described and later calls make fresh tensors of that description: the same
+# tensors, so the same allocations.
 _names: dict[Any, str] = {}
 _UNCACHEABLE = object()
 _op_kinds: dict[Any, int] = {}
@@ -437,19 +439,21 @@ def clear_meta_cache() -> None:
     _in_place_cache.clear()
 
 
-_OTHER, _FUNCTIONAL, _IN_PLACE = 0, 1, 2
+_OTHER, _FUNCTIONAL, _POINTWISE, _IN_PLACE = 0, 1, 2, 3
 
 
 def _op_kind(func: Any) -> int:
-    """`_FUNCTIONAL`: neither mutates nor aliases its inputs; `_IN_PLACE`: writes its first argument only and
-    returns it or nothing (`add_`, `copy_`, `_foreach_mul_`; not `set_`, which swaps the storage)."""
+    """`_FUNCTIONAL`: neither mutates nor aliases its inputs (`_POINTWISE`: and is elementwise, so that its
+    output's metadata depends on its scalars' types, not their values); `_IN_PLACE`: writes its first argument
+    only and returns it or nothing (`add_`, `copy_`, `_foreach_mul_`; not `set_`, which swaps the storage, nor
+    `as_strided_`, which moves the view)."""
     known = _op_kinds.get(func)
     if known is None:
         schema = getattr(func, "_schema", None)
         known = _OTHER
         if schema is not None and not schema.is_mutable and all(a.alias_info is None for a in schema.arguments) \
                 and all(r.alias_info is None for r in schema.returns):
-            known = _FUNCTIONAL
+            known = _POINTWISE if torch.Tag.pointwise in func.tags else _FUNCTIONAL
         elif schema is not None and schema.arguments and _IN_PLACE_NAME.match(schema.name) \
                 and all((a.alias_info is not None and a.alias_info.is_write) == (i == 0)
                         for i, a in enumerate(schema.arguments)):
@@ -458,22 +462,23 @@ def _op_kind(func: Any) -> int:
     return known
 
 
-_IN_PLACE_NAME = re.compile(r"aten::(?!.*(set_|swap|resize))\w+_$")
+_IN_PLACE_NAME = re.compile(r"aten::(?!.*(set_|swap|resize|as_strided))\w+_$")
 
 
 _PLAIN = frozenset((bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format))
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _describe(value: Any, values: bool = True) -> Any:
+def _describe(value: Any, values: bool = True, offsets: bool = True) -> Any:
     """A hashable description of an argument's metadata (None: not describable, do not memoize);
-    `values=False`: floats by their type alone."""
+    `values=False`: floats by their type alone; `offsets=False`: where a view starts in its storage left out
+    (a meta kernel's output does not depend on it)."""
     kind = type(value)
     if kind in _TENSOR_TYPES:
         if value.device != DEVICE:
             return None
-        return (value.dtype, value.shape, value.stride(), value.storage_offset(), value.is_conj(), value.is_neg(),
-                value.layout)
+        return (value.dtype, value.shape, value.stride(), value.storage_offset() if offsets else 0, value.is_conj(),
+                value.is_neg(), value.layout)
     if kind is float and not values:
         return float
     if value is None or kind in _PLAIN:
@@ -481,7 +486,7 @@ def _describe(value: Any, values: bool = True) -> Any:
     if kind is tuple or kind is list:
         described = []
         for item in value:
-            description = _describe(item, values)
+            description = _describe(item, values, offsets)
             if description is None:
                 return None
             described.append(description)
@@ -490,13 +495,13 @@ def _describe(value: Any, values: bool = True) -> Any:
 
 
 def _cache_key(func: Any, args: Any, kwargs: Any, values: bool = True) -> Any:
-    described = _describe(args, values)
+    described = _describe(args, values, False)
     if described is None:
         return None
     if kwargs:
         items = []
         for name, value in kwargs.items():
-            description = _describe(value, values)
+            description = _describe(value, values, False)
             if description is None:
                 return None
             items.append((name, description))
@@ -556,9 +561,11 @@ def _run_meta(func: Any, args: Any, kwargs: Any) -> Any:
     kind = _op_kinds.get(func)
     if kind is None:
         kind = _op_kind(func)
-    if kind != _FUNCTIONAL:
-        return _run_in_place(func, args, kwargs) if kind == _IN_PLACE else func(*args, **kwargs)
-    key = _cache_key(func, args, kwargs)
+    if kind == _IN_PLACE:
+        return _run_in_place(func, args, kwargs)
+    if kind == _OTHER:
+        return func(*args, **kwargs)
+    key = _cache_key(func, args, kwargs, values=kind != _POINTWISE)
     if key is None:
         return func(*args, **kwargs)
     cached = _meta_cache.get(key)
