@@ -267,9 +267,7 @@ class AllocationTracker(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor) and tensor.device == DEVICE:
                 self._track(tensor)
         if self.flops is not None:
-            counter = _flop_registry().get(func._overloadpacket)
-            if counter is not None:
-                self.flops += counter(*args, **kwargs, out_val=out)
+            self.flops += _flops(func, args, kwargs, out)
         if scratch is not None:
             self._free(scratch)
         return out
@@ -437,6 +435,7 @@ def clear_meta_cache() -> None:
     """Forget the memoized meta kernels' outputs (each estimate then pays for them again)."""
     _meta_cache.clear()
     _in_place_cache.clear()
+    _flop_cache.clear()
 
 
 _OTHER, _FUNCTIONAL, _POINTWISE, _IN_PLACE = 0, 1, 2, 3
@@ -592,6 +591,24 @@ def _run_meta(func: Any, args: Any, kwargs: Any) -> Any:
 @functools.lru_cache(maxsize=1)
 def _flop_registry() -> dict[Any, Any]:
     return FlopCounterMode().flop_registry
+
+
+_flop_cache: dict[Any, int] = {}
+
+
+def _flops(func: Any, args: Any, kwargs: Any, out: Any) -> int:
+    """torch's FLOP formula for the op (0 where it has none), memoized by the arguments' description (a
+    formula reads shapes, and flags such as a convolution's `transposed`)."""
+    counter = _flop_registry().get(func._overloadpacket)
+    if counter is None:
+        return 0
+    key = _cache_key(func, args, kwargs)
+    flops = _flop_cache.get(key) if key is not None else None
+    if flops is None:
+        flops = counter(*args, **kwargs, out_val=out)
+        if key is not None:
+            _flop_cache[key] = flops
+    return flops
 
 
 class CastCache(dict):
