@@ -426,7 +426,8 @@ _meta_cache: dict[Any, Any] = {}
 # metadata unless it is a view-like one (`unsqueeze_`): the first call with a description of the arguments
 # runs, and where it changed no argument's metadata and returned its first argument (or nothing), later calls
 # with that description return the same without running. Float scalars are described by their type alone
-# (an optimizer's step sizes change every step, and an in-place op's effect on metadata cannot depend on them).
+# (an optimizer's step sizes change every step, and an in-place op's effect on metadata cannot depend on them),
+# views by their metadata without their storage offset (no op memoized as in-place moves a view).
 _in_place_cache: dict[Any, Any] = {}
 _MAX_CACHED = 200_000  # a few tens of MB; a 5b estimate adds about 2,000
 
@@ -546,6 +547,8 @@ def _run_in_place(func: Any, args: Any, kwargs: Any) -> Any:
         return func(*args, **kwargs)
     cached = _in_place_cache.get(key)
     if cached is None:
+        if len(_in_place_cache) >= _MAX_CACHED:
+            _in_place_cache.clear()
         out = func(*args, **kwargs)
         returns_first = out is args[0]
         unchanged = _cache_key(func, args, kwargs, values=False) == key
@@ -607,6 +610,8 @@ def _flops(func: Any, args: Any, kwargs: Any, out: Any) -> int:
     if flops is None:
         flops = counter(*args, **kwargs, out_val=out)
         if key is not None:
+            if len(_flop_cache) >= _MAX_CACHED:
+                _flop_cache.clear()
             _flop_cache[key] = flops
     return flops
 
