@@ -162,6 +162,39 @@ def test_bench_config_sizes_exactly_the_run_train_would_start(cli, tiny_cache, t
     assert trained[0] == dataclasses.replace(benched[0], random_weights=False)
 
 
+def test_the_preflight_sizes_one_gpus_share_of_an_fsdp_launch(tiny_cache, tmp_path, monkeypatch):
+    """Under an FSDP launch (accelerate's environment) the trainer's pre-flight sizes one GPU's share over the
+    launch's processes; a run whose share is not modelled (block offloading) is not checked."""
+    import types
+
+    import torch
+
+    from cogtune.config import replace_settings
+    from cogtune.train import TrainConfig
+    from cogtune.train.plan import plan_run
+    from cogtune.train.sizing import fit
+
+    calls = []
+
+    def recording(config, shapes, validation_shape=None, use_cache=True, fsdp_gpus=1):
+        calls.append(fsdp_gpus)
+        raise RuntimeError("recorded")  # the check is advice: it warns and the run goes on
+
+    monkeypatch.setattr(fit, "cached_estimate", recording)
+    for name, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "8", "RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: types.SimpleNamespace(total_memory=80 * 1024**3, name="Big GPU"))
+    config = TrainConfig(model="tiny", data=str(tiny_cache), output_dir=str(tmp_path / "run"))
+    plan = plan_run(config)
+    assert fit.fit_memory(config, plan) == config
+    offloaded = replace_settings(config, {"memory.offload_blocks": True})
+    assert fit.fit_memory(offloaded, plan) == offloaded
+    assert calls == [8]
+
+
 def test_the_estimate_never_stops_a_training_run(tiny_cache, tmp_path, monkeypatch, capsys):
     from cogtune.train import TrainConfig, run_training
     from cogtune.train.config import LoraConfig, MemoryConfig, ValidationConfig

@@ -40,7 +40,7 @@ def segment_size(size: int) -> int:
     return -(-size // ROUND_LARGE) * ROUND_LARGE
 
 
-@dataclasses.dataclass(eq=False)  # blocks are compared by identity
+@dataclasses.dataclass(eq=False, slots=True)  # blocks are compared by identity
 class _Block:
     segment: int
     offset: int
@@ -65,7 +65,7 @@ class CachingAllocatorModel:
         self._live: dict[int, _Block] = {}
 
     def malloc(self, key: int, size: int) -> None:
-        size = round_request(size)
+        size = MIN_BLOCK if size <= MIN_BLOCK else -(-size // MIN_BLOCK) * MIN_BLOCK  # `round_request`, inlined
         small = size <= SMALL_SIZE
         pool = self._free[small]
         index = bisect.bisect_left(pool, (size, -1, -1))  # best fit: the smallest free block that is big enough

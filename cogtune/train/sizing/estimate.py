@@ -650,6 +650,20 @@ def _shape_only_scheduler(model: ResolvedModel):
     return ShapeOnlyStep.from_config(base.config)
 
 
+def _replay_blocks(blocks: Any, tracker: Any, cast_cache: Any) -> None:
+    """Calls of identical blocks (the transformer's, the VAE decoder's resnets) without autograd replay the
+    first one's allocations (`trace.ReplayedCalls`, one recording for all blocks): keyed by the block's
+    tensors' description, each with whether autocast's cache holds a copy of it (a block that casts a
+    weight afresh keeps the copy in the cache: such a call is not replayed)."""
+    from cogtune.train.sizing.trace import ReplayedCalls, describe_tensors
+
+    recorded: dict[Any, Any] = {}
+    for block in blocks:
+        tensors = [*block.parameters(), *block.buffers()]
+        state = functools.partial(describe_tensors, tensors, cast_cache)
+        block.forward = ReplayedCalls(tracker, block.forward, recorded, state)
+
+
 def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: TrainConfig, shape: Shape,
                       compute_dtype: Any, tracker: Any, cast_cache: Any, replay: bool = True) -> tuple[_Peak, _Peak]:
     """One denoising step of the real pipeline (under autocast; a classifier-free guidance batch when the
@@ -669,6 +683,9 @@ def _trace_validation(model: ResolvedModel, transformer: Any, vae: Any, config: 
     if replay:
         vae.decoder.forward = ReplayedCalls(tracker, vae.decoder.forward)
         vae.blend_h, vae.blend_v = ReplayedCalls(tracker, vae.blend_h), ReplayedCalls(tracker, vae.blend_v)
+        _replay_blocks(transformer.transformer_blocks, tracker, cast_cache)
+        _replay_blocks([module for module in vae.decoder.modules() if type(module).__name__ == "CogVideoXResnetBlock3D"],
+                       tracker, cast_cache)
     pipe = build_pipeline(model, transformer=transformer, vae=vae, text_encoder=None, tokenizer=None,
                           scheduler=_shape_only_scheduler(model))
     frames, height, width = shape

@@ -207,7 +207,8 @@ def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
 
     Advice only: a failure inside the estimator is one warning line and the run goes on with the
     configured settings. Every process of a DDP launch computes the same choice (the estimate is
-    deterministic); other strategies shard memory themselves, so profiles do not apply to them.
+    deterministic); other strategies shard memory themselves, so profiles do not apply to them. The check
+    sizes one GPU's share of an FSDP launch (`shard`) where that share is modelled; DeepSpeed's is not.
     """
     strategy = distributed.requested_strategy()
     shapes = plan.cache.bucket_shapes
@@ -230,11 +231,14 @@ def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
                     f"(estimated peak {estimate.memory.after_testing:.1f} GiB of {budget:.1f} GiB, "
                     f"bucket {'x'.join(map(str, estimate.shape))})")
         return chosen
-    if (config.memory.check and torch.cuda.is_available() and strategy in ("single", "ddp")
+    # an FSDP launch: one GPU's share over its processes, where that share is modelled (`shardable`)
+    sharded = strategy == "fsdp" and shardable(config)
+    if (config.memory.check and torch.cuda.is_available() and (strategy in ("single", "ddp") or sharded)
             and launch.is_main_launch_process()):
         budget = budget_gib(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3)
         try:
-            estimate = cached_estimate(config, shapes, validation)
+            estimate = cached_estimate(config, shapes, validation,
+                                       fsdp_gpus=launch.launched_processes() if sharded else 1)
             suggestion = None if fits(estimate, budget) else cheapest_fit(estimate, budget)
         except Exception as exc:  # the estimate is advice: it never stops a run
             report.warn(f"memory check skipped: the estimate failed ({_first_line(exc)})")
@@ -243,9 +247,11 @@ def fit_memory(config: TrainConfig, plan: RunPlan) -> TrainConfig:
             report.warn(_host_shortfall(estimate))
         elif not fits(estimate, budget):
             advice = ", ".join(suggestion.changes) if suggestion else "a smaller clip shape or batch"
-            report.warn(f"this run is estimated to peak at {estimate.memory.after_testing:.1f} GiB (bucket "
+            share = f" per GPU (FSDP over {estimate.fsdp_gpus})" if sharded else ""
+            advice += "" if sharded else ", or --memory-profile auto"  # profiles size one GPU's whole run
+            report.warn(f"this run is estimated to peak at {estimate.memory.after_testing:.1f} GiB{share} (bucket "
                         f"{'x'.join(map(str, estimate.shape))}); this GPU gives {budget:.1f} GiB: it will likely run "
-                        f"out of memory (try {advice}, or --memory-profile auto)")
+                        f"out of memory (try {advice})")
     return config
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -50,6 +51,12 @@ _MATMULS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten._scaled_d
 class AllocationTracker(TorchDispatchMode):
     """Replays the meta-device allocations of the code it wraps into a `CachingAllocatorModel`."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """No torch.compile runs under the trace: `__torch_dispatch__` is not wrapped in Dynamo's off switch
+        (torch's documented opt-out; the wrapper costs about half a microsecond on every op)."""
+        return False
+
     def __init__(self, memoize: bool = True) -> None:
         super().__init__()
         self.memoize = memoize
@@ -67,6 +74,7 @@ class AllocationTracker(TorchDispatchMode):
         self._peak_parts: dict[str, int] = {}  # at the fullest instant: bytes allocated by kind,
         self._peak_requested: dict[str, int] = {}
         self._recording: _Recording | None = None  # the allocations of a call being recorded (`ReplayedCalls`)
+        self._held: dict[int, int] = {}  # id of a storage made by a replay -> its replayed block's key
         self._peak_allocated = 0  # their sum,
         self._reserved_at_peak = 0  # and the reserved bytes then
         self.share: Any = None  # an `FsdpShare` (one GPU of a sharded run), fed every allocation and free
@@ -105,6 +113,47 @@ class AllocationTracker(TorchDispatchMode):
         if self.share is not None:
             self.share.malloc(key, nbytes, kind, self.kind)
 
+    def replay(self, events: list[tuple[bool, int, int, str]]) -> dict[int, int]:
+        """Allocate and free as `events` say ((malloc?, the call's own index, bytes, kind), a `_Recording`'s);
+        returns the keys of the blocks left allocated, by index. The same as `_malloc` and `_free` event by
+        event, in one loop (a decode replays hundreds of thousands of events)."""
+        keys: dict[int, int] = {}
+        if self.share is not None or self._recording is not None:
+            for is_malloc, index, nbytes, kind in events:
+                if is_malloc:
+                    keys[index] = key = self._next_key
+                    self._next_key += 1
+                    self._malloc(key, nbytes, kind)
+                else:
+                    self._free(keys.pop(index))
+            return keys
+        allocator, parts, requested = self.allocator, self.parts, self.requested
+        malloc, free = allocator.malloc, allocator.free
+        blocks: dict[int, tuple[int, str, int, int]] = {}  # index -> key, kind, block and requested bytes
+        key = self._next_key
+        for is_malloc, index, nbytes, kind in events:
+            if is_malloc:
+                before = allocator.allocated
+                malloc(key, nbytes)
+                size = allocator.allocated - before
+                blocks[index] = (key, kind, size, nbytes)
+                key += 1
+                parts[kind] = parts.get(kind, 0) + size
+                requested[kind] = requested.get(kind, 0) + nbytes
+                if allocator.allocated > self._peak_allocated:
+                    self._snapshot()
+            else:
+                freed, kind, size, nbytes = blocks.pop(index)
+                free(freed)
+                parts[kind] -= size
+                requested[kind] -= nbytes
+        self._next_key = key
+        for index, (key, kind, size, nbytes) in blocks.items():  # left allocated: tracked as `_malloc` does
+            self._kinds[key] = kind
+            self._sizes[key] = (size, nbytes)
+            keys[index] = key
+        return keys
+
     def _snapshot(self) -> None:
         self._peak_parts = dict(self.parts)
         self._peak_requested = dict(self.requested)
@@ -114,10 +163,12 @@ class AllocationTracker(TorchDispatchMode):
     def _hold(self, storage: Any, key: int) -> None:
         """A replayed block (`key`) is now `storage`'s: freed when the storage dies."""
         handle = id(storage)
+        self._held[handle] = key
         self._live.add(handle)
         self._watch[handle] = weakref.ref(storage, lambda _, handle=handle, key=key: self._release_held(handle, key))
 
     def _release_held(self, handle: int, key: int) -> None:
+        self._held.pop(handle, None)
         self._live.discard(handle)
         self._watch.pop(handle, None)
         self._free(key)
@@ -148,7 +199,7 @@ class AllocationTracker(TorchDispatchMode):
         if old is None or old == kind:
             return
         if self._recording is not None:
-            self._recording.broken = True  # a tensor's kind changed: not a call's own allocations
+            self._recording.retag()
         size, nbytes = self._sizes[key]
         self.parts[old] -= size
         self.parts[kind] = self.parts.get(kind, 0) + size
@@ -216,9 +267,7 @@ class AllocationTracker(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor) and tensor.device == DEVICE:
                 self._track(tensor)
         if self.flops is not None:
-            counter = _flop_registry().get(func._overloadpacket)
-            if counter is not None:
-                self.flops += counter(*args, **kwargs, out_val=out)
+            self.flops += _flops(func, args, kwargs, out)
         if scratch is not None:
             self._free(scratch)
         return out
@@ -231,15 +280,22 @@ class AllocationTracker(TorchDispatchMode):
 # same order, whenever its arguments have the same metadata: the first call's are recorded, and later
 # ones replay them into the allocator's model and return fresh tensors of the outputs' description. The
 # allocator decides as it would have (the same requests in the same order, from its present state).
+#
+# Calls nest: the decoder's resnet blocks are wrapped too, and share their recordings (keyed by the block's
+# tensors), so that recording a decoder call on a new tile shape replays the resnet calls it repeats. A call
+# recorded inside another's recording is recorded in both (`parent`); a replay inside one is recorded there.
 class _Recording:
-    def __init__(self) -> None:
+    def __init__(self, parent: _Recording | None = None) -> None:
         self.events: list[tuple[bool, int, int, str]] = []  # (malloc?, the call's own index, bytes, kind)
         self.own: dict[int, int] = {}  # tracker key -> the call's own index
         self.broken = False
+        self.parent = parent
 
     def malloc(self, key: int, nbytes: int, kind: str) -> None:
         self.own[key] = index = len(self.events)
         self.events.append((True, index, nbytes, kind))
+        if self.parent is not None:
+            self.parent.malloc(key, nbytes, kind)
 
     def free(self, key: int) -> None:
         index = self.own.pop(key, None)
@@ -247,6 +303,13 @@ class _Recording:
             self.broken = True  # frees what it was given (or what lived before it)
         else:
             self.events.append((False, index, 0, ""))
+        if self.parent is not None:
+            self.parent.free(key)
+
+    def retag(self) -> None:
+        self.broken = True  # a tensor's kind changed: not a call's own allocations
+        if self.parent is not None:
+            self.parent.retag()
 
 
 def _unplaced(value: Any) -> Any:
@@ -259,21 +322,26 @@ def _unplaced(value: Any) -> Any:
 
 class ReplayedCalls:
     """Wraps a function (a module's `forward`, the VAE's blending of tiles) so that its calls without autograd
-    are recorded once per description of their arguments and replayed after; other calls run as they are."""
+    are recorded once per description of their arguments and replayed after; other calls run as they are.
 
-    def __init__(self, tracker: AllocationTracker, function: Any) -> None:
-        self.tracker, self.function = tracker, function
-        self.recorded: dict[Any, Any] = {}
+    Identical modules (a transformer's blocks) share their recordings: `recorded` is a dict common to their
+    wrappers, and `state()` describes what else a call's allocations depend on (the module's tensors).
+    """
+
+    def __init__(self, tracker: AllocationTracker, function: Any, recorded: dict[Any, Any] | None = None,
+                 state: Any = None) -> None:
+        self.tracker, self.function, self.state = tracker, function, state
+        self.recorded: dict[Any, Any] = {} if recorded is None else recorded
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tracker = self.tracker
-        if torch.is_grad_enabled() or tracker.flops is not None or tracker._recording is not None:
+        if torch.is_grad_enabled() or tracker.flops is not None:
             return self.function(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         described = _describe([_unplaced(leaf) for leaf in leaves])
         if described is None:
             return self.function(*args, **kwargs)
-        key = (spec, described, tracker.kind, torch.get_default_dtype())
+        key = (spec, described, tracker.kind, torch.get_default_dtype(), self.state() if self.state else None)
         recorded = self.recorded.get(key)
         if recorded is None:
             out, self.recorded[key] = self._record(args, kwargs, leaves)
@@ -284,11 +352,11 @@ class ReplayedCalls:
 
     def _record(self, args: Any, kwargs: Any, arguments: list[Any]) -> tuple[Any, Any]:
         tracker = self.tracker
-        recording = tracker._recording = _Recording()
+        recording = tracker._recording = _Recording(tracker._recording)
         try:
             out = self.function(*args, **kwargs)
         finally:
-            tracker._recording = None
+            tracker._recording = recording.parent
         leaves, spec = tree_flatten(out)
         outputs, kept = [], set()
         for leaf in leaves:
@@ -296,7 +364,8 @@ class ReplayedCalls:
             if position is not None:  # returns an argument (written in place: a blend of tiles)
                 outputs.append(("argument", position))
             elif isinstance(leaf, torch.Tensor):
-                index = recording.own.get(id(leaf.untyped_storage()))
+                storage = id(leaf.untyped_storage())
+                index = recording.own.get(tracker._held.get(storage, storage))  # a replayed block's, or its own
                 if index is None or type(leaf) is not torch.Tensor or leaf.requires_grad:
                     return out, _UNCACHEABLE  # an argument, or a tensor that was not made here
                 kept.add(index)
@@ -313,14 +382,7 @@ class ReplayedCalls:
     def _replay(self, events: list[tuple[bool, int, int, str]], outputs: list[Any], spec: Any,
                 arguments: list[Any]) -> Any:
         tracker = self.tracker
-        keys: dict[int, int] = {}
-        for is_malloc, index, nbytes, kind in events:
-            if is_malloc:
-                keys[index] = key = tracker._next_key
-                tracker._next_key += 1
-                tracker._malloc(key, nbytes, kind)
-            else:
-                tracker._free(keys.pop(index))
+        keys = tracker.replay(events)
         storages: dict[int, Any] = {}
         leaves = []
         with torch._C._DisableTorchDispatch():  # the outputs' blocks are replayed above: no allocation of theirs
@@ -340,54 +402,91 @@ class ReplayedCalls:
         return tree_unflatten(leaves, spec)
 
 
+def describe_tensors(tensors: list[torch.Tensor], cast_cache: CastCache) -> Any:
+    """A module's tensors as its calls' allocations depend on them (a `ReplayedCalls` state): their metadata,
+    whether they require gradients, and whether autocast's cache holds a copy of each."""
+    return cast_cache.autocast, tuple((t.dtype, t.shape, t.stride(), t.requires_grad, id(t) in cast_cache)
+                                      for t in tensors)
+
+
 # --- the meta kernels, memoized ---------------------------------------------------------------
 # Most of a trace's time is in the meta kernels (Python reference implementations that compute an
 # output's shape, strides and dtype), and a transformer's identical blocks, or a VAE's identical
 # tiles, call the same ops on tensors of the same metadata over and over. An op that neither mutates
 # nor aliases its inputs returns fresh tensors whose metadata depends only on its inputs' metadata
-# and its other arguments (meta tensors have no values), so the first call's outputs are described
-# and later calls make fresh tensors of that description: the same tensors, so the same allocations.
+# (not on where a view starts in its storage) and its other arguments (meta tensors have no values; an
+# elementwise op's scalars count by their type: a tile blend's weights change column by column), so the
+# first call's outputs are described and later calls make fresh tensors of that description: the same
+# tensors, so the same allocations.
 _names: dict[Any, str] = {}
 _UNCACHEABLE = object()
-_cacheable_ops: dict[Any, bool] = {}
+_op_kinds: dict[Any, int] = {}
 _meta_cache: dict[Any, Any] = {}
+# An in-place op writes into its first argument: it allocates nothing and, on the meta device, changes no
+# metadata unless it is a view-like one (`unsqueeze_`): the first call with a description of the arguments
+# runs, and where it changed no argument's metadata and returned its first argument (or nothing), later calls
+# with that description return the same without running. Float scalars are described by their type alone
+# (an optimizer's step sizes change every step, and an in-place op's effect on metadata cannot depend on them),
+# views by their metadata without their storage offset (no op memoized as in-place moves a view).
+_in_place_cache: dict[Any, Any] = {}
 _MAX_CACHED = 200_000  # a few tens of MB; a 5b estimate adds about 2,000
 
 
 def clear_meta_cache() -> None:
     """Forget the memoized meta kernels' outputs (each estimate then pays for them again)."""
     _meta_cache.clear()
+    _in_place_cache.clear()
+    _flop_cache.clear()
 
 
-def _op_is_functional(func: Any) -> bool:
-    known = _cacheable_ops.get(func)
+_OTHER, _FUNCTIONAL, _POINTWISE, _IN_PLACE = 0, 1, 2, 3
+
+
+def _op_kind(func: Any) -> int:
+    """`_FUNCTIONAL`: neither mutates nor aliases its inputs (`_POINTWISE`: and is elementwise, so that its
+    output's metadata depends on its scalars' types, not their values); `_IN_PLACE`: writes its first argument
+    only and returns it or nothing (`add_`, `copy_`, `_foreach_mul_`; not `set_`, which swaps the storage, nor
+    `as_strided_`, which moves the view)."""
+    known = _op_kinds.get(func)
     if known is None:
         schema = getattr(func, "_schema", None)
-        known = (schema is not None and not schema.is_mutable
-                 and all(a.alias_info is None for a in schema.arguments)
-                 and all(r.alias_info is None for r in schema.returns))
-        _cacheable_ops[func] = known
+        known = _OTHER
+        if schema is not None and not schema.is_mutable and all(a.alias_info is None for a in schema.arguments) \
+                and all(r.alias_info is None for r in schema.returns):
+            known = _POINTWISE if torch.Tag.pointwise in func.tags else _FUNCTIONAL
+        elif schema is not None and schema.arguments and _IN_PLACE_NAME.match(schema.name) \
+                and all((a.alias_info is not None and a.alias_info.is_write) == (i == 0)
+                        for i, a in enumerate(schema.arguments)):
+            known = _IN_PLACE
+        _op_kinds[func] = known
     return known
+
+
+_IN_PLACE_NAME = re.compile(r"aten::(?!.*(set_|swap|resize|as_strided))\w+_$")
 
 
 _PLAIN = frozenset((bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format))
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _describe(value: Any) -> Any:
-    """A hashable description of an argument's metadata (None: not describable, do not memoize)."""
+def _describe(value: Any, values: bool = True, offsets: bool = True) -> Any:
+    """A hashable description of an argument's metadata (None: not describable, do not memoize);
+    `values=False`: floats by their type alone; `offsets=False`: where a view starts in its storage left out
+    (a meta kernel's output does not depend on it)."""
     kind = type(value)
     if kind in _TENSOR_TYPES:
         if value.device != DEVICE:
             return None
-        return (value.dtype, value.shape, value.stride(), value.storage_offset(), value.is_conj(), value.is_neg(),
-                value.layout)
+        return (value.dtype, value.shape, value.stride(), value.storage_offset() if offsets else 0, value.is_conj(),
+                value.is_neg(), value.layout)
+    if kind is float and not values:
+        return float
     if value is None or kind in _PLAIN:
         return (kind, value)
     if kind is tuple or kind is list:
         described = []
         for item in value:
-            description = _describe(item)
+            description = _describe(item, values, offsets)
             if description is None:
                 return None
             described.append(description)
@@ -395,14 +494,14 @@ def _describe(value: Any) -> Any:
     return None
 
 
-def _cache_key(func: Any, args: Any, kwargs: Any) -> Any:
-    described = _describe(args)
+def _cache_key(func: Any, args: Any, kwargs: Any, values: bool = True) -> Any:
+    described = _describe(args, values, False)
     if described is None:
         return None
     if kwargs:
         items = []
         for name, value in kwargs.items():
-            description = _describe(value)
+            description = _describe(value, values, False)
             if description is None:
                 return None
             items.append((name, description))
@@ -442,10 +541,33 @@ def _remake(described: Any) -> list[Any]:
             for is_tensor, value in described]
 
 
-def _run_meta(func: Any, args: Any, kwargs: Any) -> Any:
-    if not _op_is_functional(func):
+def _run_in_place(func: Any, args: Any, kwargs: Any) -> Any:
+    key = _cache_key(func, args, kwargs, values=False)
+    if key is None:
         return func(*args, **kwargs)
-    key = _cache_key(func, args, kwargs)
+    cached = _in_place_cache.get(key)
+    if cached is None:
+        if len(_in_place_cache) >= _MAX_CACHED:
+            _in_place_cache.clear()
+        out = func(*args, **kwargs)
+        returns_first = out is args[0]
+        unchanged = _cache_key(func, args, kwargs, values=False) == key
+        _in_place_cache[key] = returns_first if unchanged and (returns_first or out is None) else _UNCACHEABLE
+        return out
+    if cached is _UNCACHEABLE:
+        return func(*args, **kwargs)
+    return args[0] if cached else None
+
+
+def _run_meta(func: Any, args: Any, kwargs: Any) -> Any:
+    kind = _op_kinds.get(func)
+    if kind is None:
+        kind = _op_kind(func)
+    if kind == _IN_PLACE:
+        return _run_in_place(func, args, kwargs)
+    if kind == _OTHER:
+        return func(*args, **kwargs)
+    key = _cache_key(func, args, kwargs, values=kind != _POINTWISE)
     if key is None:
         return func(*args, **kwargs)
     cached = _meta_cache.get(key)
@@ -472,6 +594,26 @@ def _run_meta(func: Any, args: Any, kwargs: Any) -> Any:
 @functools.lru_cache(maxsize=1)
 def _flop_registry() -> dict[Any, Any]:
     return FlopCounterMode().flop_registry
+
+
+_flop_cache: dict[Any, int] = {}
+
+
+def _flops(func: Any, args: Any, kwargs: Any, out: Any) -> int:
+    """torch's FLOP formula for the op (0 where it has none), memoized by the arguments' description (a
+    formula reads shapes, and flags such as a convolution's `transposed`)."""
+    counter = _flop_registry().get(func._overloadpacket)
+    if counter is None:
+        return 0
+    key = _cache_key(func, args, kwargs)
+    flops = _flop_cache.get(key) if key is not None else None
+    if flops is None:
+        flops = counter(*args, **kwargs, out_val=out)
+        if key is not None:
+            if len(_flop_cache) >= _MAX_CACHED:
+                _flop_cache.clear()
+            _flop_cache[key] = flops
+    return flops
 
 
 class CastCache(dict):

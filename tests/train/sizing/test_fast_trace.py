@@ -90,7 +90,8 @@ def test_the_fast_path_gives_the_full_traces_figures(shrunk_specs, name, setting
 
 
 def test_memoized_meta_kernels_allocate_what_the_kernels_do():
-    """Functional ops are remade from their memoized description; views and in-place ops never are."""
+    """Functional ops are remade from their memoized description, in-place ones (`relu_`) skipped once known to
+    change no metadata; views always run."""
     def trace(memoize: bool) -> list[tuple[int, int]]:
         with torch.device(DEVICE):
             layer = torch.nn.Linear(64, 256, dtype=torch.bfloat16)
@@ -199,15 +200,22 @@ def test_the_allocator_model_decides_as_the_reference(seed):
             reference.allocated, reference.reserved, reference.peak_allocated, reference.peak_reserved)
 
 
-def test_the_decoders_repeated_tiles_are_replayed(shrunk_specs, monkeypatch):
-    """The validation decode's calls on tiles of a shape already decoded replay the first call's allocations
-    (`trace.ReplayedCalls`); that the figures and parts are then the full trace's is the test above (the
-    same run)."""
+def test_the_decoders_repeated_tiles_and_the_identical_blocks_are_replayed(shrunk_specs, monkeypatch):
+    """The validation decode's calls on tiles of a shape already decoded, its resnet blocks' calls alike
+    within a decoder call being recorded, and the denoising step's calls of transformer blocks after the first
+    alike, replay the first call's allocations (`trace.ReplayedCalls`); that the figures and parts are then
+    the full trace's is the test above (the same run)."""
     from cogtune.train.sizing import trace
 
     replays = []
     real = trace.ReplayedCalls._replay
-    monkeypatch.setattr(trace.ReplayedCalls, "_replay", lambda self, *args: replays.append(1) or real(self, *args))
+
+    def replay(self, *args):
+        replays.append(type(self.function.__self__).__name__)
+        return real(self, *args)
+
+    monkeypatch.setattr(trace.ReplayedCalls, "_replay", replay)
     shape = (17, 128, 128)
     estimate_run(_config("tiny-4", {}), [shape], shape)
-    assert replays
+    assert replays.count("CogVideoXBlock") >= 2  # of the 4 blocks, those after the recorded ones
+    assert {"CogVideoXDecoder3D", "AutoencoderKLCogVideoX", "CogVideoXResnetBlock3D"} <= set(replays)
