@@ -111,19 +111,21 @@ def _interrupted_line(stderr: str, written: list[Path], cache: Path) -> str:
     return line.split("resume with: ")[1].removesuffix(")")
 
 
-def _resume(command: str, cache: Path, kept: list[Path], reference: Path) -> None:
-    """The printed command finishes the cache, encoding only what was missing."""
+def _resume(cli, command: str, cache: Path, kept: list[Path], reference: Path) -> None:
+    """The printed command finishes the cache, encoding only what was missing (run through the entry point in
+    this process: `cli`)."""
     before = {path.name: path.stat().st_ino for path in kept}
     assert shlex.split(command)[0] == "cogtune"
-    resumed = subprocess.run(_cogtune(shlex.split(command)[1:]), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = cli(*shlex.split(command)[1:])
+    assert resumed.exit_code == 0, resumed.stderr[-3000:]
     assert re.search(r"clips to encode\W+(\d+)", resumed.stderr)[1] == str(COUNT - len(kept))
     assert {name: (cache / "latents" / name).stat().st_ino for name in before} == before  # not rewritten
     assert_same_cache(reference, cache)
     assert [p for p in cache.rglob("*") if p.name.startswith(".tmp-")] == []
 
 
-def test_ctrl_c_stops_after_the_item_in_flight_and_the_printed_command_finishes_the_cache(tmp_path, data, reference):
+def test_ctrl_c_stops_after_the_item_in_flight_and_the_printed_command_finishes_the_cache(cli, tmp_path, data,
+                                                                                          reference):
     cache = tmp_path / "cache"
     args = _args(data, cache)
     process = _signal_after_first_item(_cogtune(args), cache, tmp_path / "stderr.txt", signal.SIGINT)
@@ -136,10 +138,11 @@ def test_ctrl_c_stops_after_the_item_in_flight_and_the_printed_command_finishes_
            "press Ctrl-C again to stop at once" in stderr
     command = _interrupted_line(stderr, written, cache)
     assert command == shlex.join(["cogtune", *args])
-    _resume(command, cache, written, reference)
+    _resume(cli, command, cache, written, reference)
 
 
-def test_sigterm_to_the_group_stops_the_same_way_and_the_command_does_not_start_over(tmp_path, data, reference):
+def test_sigterm_to_the_group_stops_the_same_way_and_the_command_does_not_start_over(cli, tmp_path, data,
+                                                                                    reference):
     # A scheduler (or a spot instance going away) sends SIGTERM; --overwrite must not reach the resume command.
     cache = tmp_path / "cache"
     process = _signal_after_first_item(_cogtune(_args(data, cache, "--overwrite")), cache, tmp_path / "stderr.txt",
@@ -151,7 +154,7 @@ def test_sigterm_to_the_group_stops_the_same_way_and_the_command_does_not_start_
     assert "SIGTERM received: stopping after the clips being encoded" in stderr
     command = _interrupted_line(stderr, written, cache)
     assert command == shlex.join(["cogtune", *_args(data, cache), "--no-overwrite"])
-    _resume(command, cache, written, reference)
+    _resume(cli, command, cache, written, reference)
 
 
 def test_a_second_ctrl_c_stops_at_once_mid_write_and_leaves_a_valid_cache(cli, tmp_path, data, reference,
@@ -185,11 +188,11 @@ def test_a_second_ctrl_c_stops_at_once_mid_write_and_leaves_a_valid_cache(cli, t
     assert len(written) == 1
 
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
-    _resume(shlex.join(["cogtune", *args]), cache, written, reference)
+    _resume(cli, shlex.join(["cogtune", *args]), cache, written, reference)
 
 
 @pytest.mark.slow
-def test_under_torchrun_every_process_stops_and_the_command_finishes_the_cache(tmp_path, data, reference):
+def test_under_torchrun_every_process_stops_and_the_command_finishes_the_cache(cli, tmp_path, data, reference):
     # A terminal's Ctrl-C reaches torchrun, which forwards it to each process (and its decoding workers).
     cache = tmp_path / "cache"
     args = _args(data, cache)
@@ -206,7 +209,7 @@ def test_under_torchrun_every_process_stops_and_the_command_finishes_the_cache(t
     assert len([line for line in stderr.splitlines() if "press Ctrl-C again to stop at once" in line]) == 1
     command = _interrupted_line(lines[0], written, cache)
     assert command == shlex.join(["cogtune", *args])
-    _resume(command, cache, written, reference)
+    _resume(cli, command, cache, written, reference)
 
 
 def test_the_resume_command_is_the_invocation_quoted_for_a_shell():
