@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -134,6 +135,22 @@ def cogtune_home(run_once):
     os.environ["COGTUNE_HOME"] = str(home)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return home
+
+
+@pytest.fixture(scope="session")
+def demo_run(run_once, cogtune_home):
+    """`cogtune demo --output-dir DIR --steps 20` as a user runs it (a process of its own), once per test run:
+    tests/test_demo.py checks it, tests/cli/test_help_examples.py runs the examples on copies of its folder.
+    (DIR, exit code, stdout, stderr); read only."""
+
+    def build(folder: Path) -> None:
+        folder.mkdir()
+        result = run_subprocess("demo", "--output-dir", folder / "demo", "--steps", "20")
+        (folder / "result.json").write_text(json.dumps([result.returncode, result.stdout, result.stderr]))
+
+    root = run_once("demo", build)
+    code, stdout, stderr = json.loads((root / "result.json").read_text())
+    return root / "demo", code, stdout, stderr
 
 
 @pytest.fixture(scope="session")

@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 
 from cogtune.data.video import probe_video
-from tests.conftest import run_subprocess
 
 
-def test_demo_end_to_end(tmp_path, caplog):
+def test_demo_end_to_end(demo_run, caplog):
+    """`cogtune demo --output-dir DIR --steps 20`, run once for the suite (tests/conftest.py's `demo_run`)."""
     from diffusers import CogVideoXPipeline
 
-    out = tmp_path / "demo"
-    result = run_subprocess("demo", "--output-dir", out, "--steps", "20")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert "look like noise" in " ".join((result.stdout + result.stderr).split())  # so nobody thinks it failed
+    out, code, stdout, stderr = demo_run
+    assert code == 0, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "look like noise" in " ".join((stdout + stderr).split())  # so nobody thinks it failed
     for relative in ("model/model_index.json", "data/prompts.txt", "data/videos.txt", "cache/manifest.json",
                      "run/pytorch_lora_weights.safetensors", "run/config.toml", "run/memory.json", "sample.mp4",
                      "run/heldout_items.json", "run/evaluation.json", "run/validation/final/base-vs-lora/00.mp4"):

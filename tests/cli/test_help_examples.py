@@ -17,7 +17,6 @@ import typer
 from cogtune.cli.app import app as cogtune_app
 from cogtune.cli.common import examples
 from cogtune.models.registry import ALL_PRESETS, TINY_PRESETS
-from tests.conftest import run_subprocess
 
 _PROMPT = "  $ "
 
@@ -76,12 +75,12 @@ def test_examples_are_collected_from_the_command_tree():
 
 
 @pytest.fixture(scope="module")
-def demo_outputs(tmp_path_factory, cogtune_home):
-    """What `cogtune demo --output-dir demo` leaves (with 5 training steps), run as a user runs it."""
-    root = tmp_path_factory.mktemp("help-examples")
-    result = run_subprocess("demo", "--output-dir", root / "demo", "--steps", "5")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root / "demo"
+def demo_outputs(demo_run):
+    """What `cogtune demo --output-dir demo` leaves (with 20 training steps), run as a user runs it, once for the
+    suite (tests/conftest.py); each test copies it."""
+    folder, code, _, stderr = demo_run
+    assert code == 0, stderr[-2000:]
+    return folder
 
 
 @pytest.mark.parametrize("path", sorted(OFFLINE))
