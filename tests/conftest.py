@@ -58,28 +58,34 @@ def pytest_collection_finish(session):
     gc.enable()
 
 
-# The test files that take longest (seconds on 2 busy cores, measured with the suite), first: pytest-xdist's
-# `loadfile` hands out files in collection order (with `--no-loadscope-reorder`, as `make test` runs it), so
-# the last files a worker gets are short ones and neither waits long for the other at the end. test_reshard.py resumes
-# test_training.py's runs: third, so that the worker that trains them queues it (the other would wait).
+# The test files that take longest, first (seconds of wall time on 2 idle cores, measured in the suite on a fresh
+# clone with an empty compile cache): pytest-xdist's `loadfile` hands out files in collection order (with
+# `--no-loadscope-reorder`, as `make test` runs it), so the last files a worker gets are short ones and neither
+# waits long for the other at the end. test_reshard.py resumes test_training.py's runs: third, so that it
+# starts once they are under way (a worker that asks for a run another is making waits for it).
 HEAVIEST_FIRST = (
-    "tests/distributed/test_training.py",  # 155
-    "tests/distributed/test_deepspeed.py",  # 85
-    "tests/distributed/test_reshard.py",  # 87
-    "tests/train/sizing/test_fast_trace.py",  # 62
-    "tests/train/test_memory_options.py",  # 51 (more with torch.compile's cache empty)
-    "tests/train/test_quantized_base.py",  # 47 (more with torch.compile's cache empty)
-    "tests/encode/test_interrupt.py",  # 40
-    "tests/bench/test_acceptance.py",  # 37
-    "tests/test_progress.py",  # 28
-    "tests/distributed/test_multinode.py",  # 27
-    "tests/cli/test_settings.py",  # 22
-    "tests/train/test_launch_interrupt.py",  # 22
-    "tests/train/sizing/test_estimate.py",  # 19
-    "tests/train/sizing/test_fsdp_oracle.py",  # 10-20
-    "tests/train/test_validation_prompts.py",  # 15
-    "tests/cli/test_help_examples.py",  # 15
-    "tests/encode/test_resume.py",  # 14
+    "tests/distributed/test_training.py",  # 71
+    "tests/distributed/test_deepspeed.py",  # 47
+    "tests/distributed/test_reshard.py",  # 27
+    "tests/train/sizing/test_fast_trace.py",  # 71
+    "tests/train/test_quantized_base.py",  # 57 (torch.compile; less with its cache warm)
+    "tests/bench/test_acceptance.py",  # 51
+    "tests/train/test_memory_options.py",  # 49 (torch.compile; less with its cache warm)
+    "tests/encode/test_interrupt.py",  # 42
+    "tests/test_progress.py",  # 37
+    "tests/distributed/test_multinode.py",  # 31
+    "tests/train/test_launch_interrupt.py",  # 29
+    "tests/train/sizing/test_estimate.py",  # 17
+    "tests/train/sizing/test_fsdp_oracle.py",  # 16
+    "tests/train/test_training.py",  # 13
+    "tests/train/test_validation_prompts.py",  # 13
+    "tests/cli/test_help_examples.py",  # 12
+    "tests/train/test_checkpoint_integrity.py",  # 11
+    "tests/encode/test_worker_lifetime.py",  # 11
+    "tests/data/test_download.py",  # 10
+    "tests/train/sizing/test_breakdown.py",  # 9
+    "tests/test_sample.py",  # 9
+    "tests/test_demo.py",  # 8 (the demo run it shares with test_help_examples.py)
 )
 
 
