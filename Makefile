@@ -25,12 +25,12 @@ demo: $(VENV)/.installed
 	$(BIN)/cogtune demo --output-dir demo
 
 # Two worker processes (pytest-xdist), one test file each at a time, the heaviest files first (tests/conftest.py;
-# --no-loadscope-reorder keeps that order); tiny models, caches and the multi-process runs several files resume
-# are built once per run and shared by the workers (tests/conftest.py). A test that runs 300 s fails (pyproject).
-# Measured on an idle 2-core machine, fresh clone, `CI=true bash .ci/run`, 1,281 tests: 466 to 479 s of pytest
-# (8 min 27 s to 8 min 44 s with the install: 54 s, then 41-44 s with compileall); a fresh clone with an empty
-# HOME and compile cache, `-n 3 --dist worksteal`: 452 s (8 min 15 s). Earlier, 1,270 tests in 442 to 481 s.
-# Before cogtune.startup: 600 s for 1,252 tests.
+# --no-loadscope-reorder keeps that order); tiny models, caches, the demo and the multi-process runs several
+# files resume are built once per run and shared by the workers (tests/conftest.py); most multi-process runs
+# fork their processes from one that imported the libraries (tests/distributed/forked.py). A test that runs
+# 300 s fails (pyproject). Measured on an idle 2-core machine, fresh clone, empty HOME and compile cache,
+# `CI=true bash .ci/run`, 1,282 tests: 365 s of pytest, 6 min 38 s with the install (earlier in this round:
+# 466 to 506 s, 8 min 27 s to 9 min 15 s; before cogtune.startup, 600 s for 1,252 tests).
 # `--dist worksteal` took longer (728 s when loadfile took 621 s).
 TEST_WORKERS ?= 2
 
