@@ -22,7 +22,6 @@ strategy (tests/distributed/test_training.py, test_deepspeed.py).
 
 from __future__ import annotations
 
-import gc
 import io
 import multiprocessing
 import multiprocessing.connection
@@ -41,22 +40,8 @@ def _forkserver():
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload([__name__])
+        _context.set_forkserver_preload(["tests.distributed.rank_preload"])
     return _context
-
-
-def _preload() -> None:
-    """In the forkserver (this module's import there): import what `cogtune` imports, as a command does
-    (collection off, then frozen: cogtune.startup), and run nothing."""
-    if multiprocessing.current_process().name != "MainProcess" or "pytest" in sys.modules:
-        return
-    from cogtune import startup
-
-    gc.disable()
-    for name in (*startup.LIBRARIES, "cogtune.cli.app"):  # not the engine: the hooks patch it (sitecustomize)
-        __import__(name)
-    gc.freeze()
-    gc.enable()
 
 
 def launch_environment(config_file: Path, args: list[str], machine_rank: int | None) -> dict[str, str]:
@@ -151,5 +136,3 @@ def forked_launch(config_file: Path, *args, log: Path, machine_rank: int | None 
     module's doc), started; `.finish()` waits for them. Their output goes to `log`."""
     return ForkedLaunch(config_file, [str(a) for a in args], log, machine_rank, record_latents)
 
-
-_preload()
