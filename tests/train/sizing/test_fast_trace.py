@@ -69,8 +69,9 @@ def _config(name: str, settings: dict) -> TrainConfig:
     base = ALL_PRESETS[_BASE[name]]
     task = "i2v" if base.is_i2v else "t2v"
     config = TrainConfig(task=task, model=name, data="<bench>", output_dir="<bench>", random_weights=True)
-    # small tiles, so that the decode is tiled (several tiles of the same shape, and edge tiles)
-    return replace_settings(config, {"memory.validation_vae_tile": "48x40", **settings})
+    # small tiles, so that the decode is tiled: at 128x128 (16x16 latents) 4 rows of tiles (6, 6, 6 and 1 latents
+    # high) by 2 columns (10 and 8 wide), per batch of latent frames: tiles of the same shape, and edge tiles
+    return replace_settings(config, {"memory.validation_vae_tile": "48x80", **settings})
 
 
 @pytest.mark.parametrize(("name", "settings"), CASES)
