@@ -402,6 +402,7 @@ class _TracedSteps:
         self.optimizer = None
         self.after_backward: Callable[[], None] | None = None  # called when the backward ends (FSDP's reduction)
         self.host_activations = 0  # bytes save_on_cpu copies to the host in a traced step (all alive until backward)
+        self.cast_cache: Any = None  # the step's emulated autocast cache (`gpu_semantics`)
         for block in transformer.transformer_blocks:  # a block's forward inside backward is a checkpoint's recompute
             block.register_forward_pre_hook(self._recompute_starts)
             block.register_forward_hook(self._recompute_ends, always_call=True)  # also when stopped early
@@ -413,6 +414,11 @@ class _TracedSteps:
     def _recompute_ends(self, *_: Any) -> None:
         if self.tracker.kind == "recomputed_activations":
             self.tracker.kind = "backward_transients"
+            # torch.utils.checkpoint recomputes a block inside an autocast region of its own; backward runs
+            # outside the forward's, so that region is the outermost, and leaving it drops autocast's cache:
+            # the block's weight copies live on only as long as its backward keeps them.
+            if self.cast_cache is not None:
+                self.cast_cache.clear()
 
     def start_optimizer(self) -> None:
         """torch's optimizers step on meta tensors: their state is traced (others' is arithmetic)."""
@@ -426,6 +432,7 @@ class _TracedSteps:
         from cogtune.train.step import training_step
 
         tracker = self.tracker
+        self.cast_cache = cast_cache
         generators = [torch.Generator().manual_seed(i) for i in range(self.config.batch_size)]
         host_bytes = [0] if traced else None
         offloading = activations_offloaded_on_meta(host_bytes) if self.offload_activations else contextlib.nullcontext()

@@ -6,7 +6,8 @@ it when the storage dies. Three things differ between a meta run and a GPU run, 
 
 - autocast: it does not engage on meta tensors, so `gpu_semantics` casts the inputs of the ops
   autocast runs in low precision (linear, conv) and upcasts those it runs in float32 (layer and
-  group norms), keeping the cast copies of float32 weights for the forward as autocast's cache does;
+  group norms), keeping the cast copies of float32 weights for the forward as autocast's cache does
+  (and, in backward, for one checkpointed block's recompute: its own autocast region, the outermost);
 - attention: `F.scaled_dot_product_attention` becomes the flash-attention kernel the GPU picks for
   bf16/fp16 (no sequence x sequence matrix), whose backward also takes a float32 `dq` accumulator;
 - the cuBLAS workspace, taken once through the allocator at the first matmul.
