@@ -428,6 +428,10 @@ class _TracedSteps:
             self.optimizer = cls(self.trainable, lr=1e-4, foreach=True)  # CUDA's default implementation
 
     def __call__(self, cast_cache: Any, traced: bool = True) -> None:
+        self.forward_backward(cast_cache, traced)
+        self.optimizer_step()
+
+    def forward_backward(self, cast_cache: Any, traced: bool = True) -> None:
         from cogtune.train.sizing.trace import DEVICE, activations_offloaded_on_meta
         from cogtune.train.step import training_step
 
@@ -448,6 +452,9 @@ class _TracedSteps:
         del loss
         if self.after_backward is not None:
             self.after_backward()
+
+    def optimizer_step(self) -> None:
+        tracker = self.tracker
         tracker.kind = "optimizer_state"  # the state, and the step's own temporaries
         if self.optimizer is not None:
             self.optimizer.step()
@@ -457,6 +464,65 @@ class _TracedSteps:
                 parameter.grad = None
         gc.collect()
         tracker.kind = "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class _RecordedStep:
+    """A training step's forward and backward as the tracker logged them, to replay in the next step."""
+
+    events: list[tuple[int, int, int, str]]  # self-contained, without what the first step makes for the run
+    gradients: list[tuple[Any, int, tuple[int, ...], tuple[int, ...], Any]]  # parameter, logged key, its grad's
+    flops: int  # shape, stride and dtype
+
+
+def _record_forward_backward(steps: _TracedSteps, cast_cache: Any) -> _RecordedStep | None:
+    """The first step's forward and backward, traced and logged. The next step's make the same allocations in
+    the same order (the same code on the same shapes; each starts with no gradient and no autocast copy), but
+    for what the first one makes for the whole run: what it leaves allocated besides the gradients (cuBLAS's
+    workspace; the scheduler's `alphas_cumprod`, which diffusers' `add_noise` moves to the device and keeps).
+    None where the log is not self-contained (something allocated before is freed or re-tagged) or a
+    parameter that trains has no gradient of its own."""
+    tracker = steps.tracker
+    tracker.log, tracker.flops = [], 0
+    try:
+        steps.forward_backward(cast_cache)
+        events, flops = tracker.log, tracker.flops
+    finally:
+        tracker.log, tracker.flops = None, None
+    left: dict[int, str] = {}
+    for op, key, _, kind in events:
+        if op == 0:
+            left[key] = kind
+        elif key not in left:
+            return None
+        elif op == 1:
+            del left[key]
+        else:
+            left[key] = kind
+    gradients = []
+    for parameter in steps.trainable:
+        grad = parameter.grad
+        key = id(grad.untyped_storage()) if grad is not None else None
+        if left.pop(key, None) != "gradients":
+            return None
+        gradients.append((parameter, key, tuple(grad.shape), grad.stride(), grad.dtype))
+    once = set(left)  # made for the run: kept, not made again
+    return _RecordedStep([event for event in events if event[1] not in once], gradients, flops)
+
+
+def _replay_forward_backward(steps: _TracedSteps, recorded: _RecordedStep) -> None:
+    """The next step's forward and backward: the recorded allocations replayed into the allocator's model, and
+    each parameter given a gradient (meta, untracked) that holds its replayed block."""
+    from cogtune.train.sizing.trace import DEVICE
+
+    tracker = steps.tracker
+    keys = tracker.replay_log(recorded.events)
+    for parameter, key, shape, stride, dtype in recorded.gradients:
+        with torch._C._DisableTorchDispatch():
+            grad = torch.empty_strided(shape, stride, dtype=dtype, device=DEVICE)
+        tracker.hold(grad, keys[key])
+        parameter.grad = grad
+    tracker.flops = recorded.flops if tracker.flops is None else tracker.flops + recorded.flops
 
 
 def _peak_of(tracker: Any, current: bool = False) -> _Peak:
@@ -494,10 +560,20 @@ def _trace(config: TrainConfig, model: ResolvedModel, transformer: Any, vae: Any
         cast_cache.tag = lambda copy: tracker.retag(copy, "autocast_weight_copies")
         with observe(transformer, tracker) if observe is not None else contextlib.nullcontext():
             train_step.start_optimizer()
+            # The fast path traces the first step's forward and backward and replays them in later steps (an
+            # observer watches every op; a sharded GPU's model is fed as blocks compute: both trace each step).
+            recorded = None
             for index in range(steps):
-                if not exact and index == steps - 1:
+                last = index == steps - 1
+                if not exact and last:
                     tracker.flops = 0  # the last step, with the optimizer state in place, is counted
-                train_step(cast_cache)
+                if recorded is not None:
+                    _replay_forward_backward(train_step, recorded)
+                elif not exact and index == 0 and steps > 1 and observe is None and share is None:
+                    recorded = _record_forward_backward(train_step, cast_cache)
+                else:
+                    train_step.forward_backward(cast_cache)
+                train_step.optimizer_step()
         flop_count = tracker.flops
         tracker.flops = None
         training = with_validation = _peak_of(tracker)

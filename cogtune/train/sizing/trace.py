@@ -79,6 +79,8 @@ class AllocationTracker(TorchDispatchMode):
         self._peak_allocated = 0  # their sum,
         self._reserved_at_peak = 0  # and the reserved bytes then
         self.share: Any = None  # an `FsdpShare` (one GPU of a sharded run), fed every allocation and free
+        # while a list: every allocation, free and re-tag, as (0 | 1 | 2, key, bytes, kind) (`replay_log`)
+        self.log: list[tuple[int, int, int, str]] | None = None
 
     def adopt(self, tensors: Any, kind: str | None = None) -> None:
         """Count tensors that exist already (weights loaded before tracing); by default of kind
@@ -109,6 +111,8 @@ class AllocationTracker(TorchDispatchMode):
         requested[kind] = requested.get(kind, 0) + nbytes
         if self._recording is not None:
             self._recording.malloc(key, nbytes, kind)
+        if self.log is not None:
+            self.log.append((0, key, nbytes, kind))
         if allocator.allocated > self._peak_allocated:
             self._snapshot()
         if self.share is not None:
@@ -155,6 +159,26 @@ class AllocationTracker(TorchDispatchMode):
             keys[index] = key
         return keys
 
+    def replay_log(self, events: list[tuple[int, int, int, str]]) -> dict[int, int]:
+        """Allocate, free and re-tag as a `log` says, under new keys, as `_malloc`, `_free` and `retag` do; the
+        events must be self-contained (each free and re-tag of a block allocated among them). Returns the
+        logged key -> new key of the blocks left allocated."""
+        keys: dict[int, int] = {}
+        for op, key, nbytes, kind in events:
+            if op == 0:
+                keys[key] = self._next_key
+                self._next_key += 1
+                self._malloc(keys[key], nbytes, kind)
+            elif op == 1:
+                self._free(keys.pop(key))
+            else:
+                self._retag_key(keys[key], kind)
+        return keys
+
+    def hold(self, tensor: torch.Tensor, key: int) -> None:
+        """`tensor` (made with dispatch off: not allocated in the model) is the replayed block `key`'s."""
+        self._hold(tensor.untyped_storage(), key)
+
     def _snapshot(self) -> None:
         self._peak_parts = dict(self.parts)
         self._peak_requested = dict(self.requested)
@@ -182,6 +206,8 @@ class AllocationTracker(TorchDispatchMode):
     def _free(self, key: int) -> None:
         if self._recording is not None:
             self._recording.free(key)
+        if self.log is not None:
+            self.log.append((1, key, 0, ""))
         self.allocator.free(key)
         if self.share is not None:
             self.share.free(key)
@@ -195,12 +221,16 @@ class AllocationTracker(TorchDispatchMode):
         """Say what a tracked tensor's storage is (a parameter's `.grad`, autocast's weight copy)."""
         if not isinstance(tensor, torch.Tensor) or tensor.device != DEVICE:
             return
-        key = id(tensor.untyped_storage())
+        self._retag_key(id(tensor.untyped_storage()), kind)
+
+    def _retag_key(self, key: int, kind: str) -> None:
         old = self._kinds.get(key)
         if old is None or old == kind:
             return
         if self._recording is not None:
             self._recording.retag()
+        if self.log is not None:
+            self.log.append((2, key, 0, kind))
         size, nbytes = self._sizes[key]
         self.parts[old] -= size
         self.parts[kind] = self.parts.get(kind, 0) + size

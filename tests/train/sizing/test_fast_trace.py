@@ -1,7 +1,8 @@
 """The estimator's fast path gives exactly the full trace's figures.
 
 `estimate_run` memoizes the meta kernels (identical blocks and tiles call the same ops on tensors of
-the same metadata), counts FLOPs in its last traced step instead of a step of its own under torch's
+the same metadata), replays the first training step's forward and backward in the second (their
+allocations, logged), counts FLOPs in its last step instead of a step of its own under torch's
 `FlopCounterMode`, builds the LoRA layers on the meta device and keeps the garbage collector to the
 trace's own objects. `estimate_run(..., exact=True)` is the full trace without any of that; the two
 must agree to the byte (allocated and reserved) and to the FLOP, on small real architectures (the
@@ -75,13 +76,18 @@ def _config(name: str, settings: dict) -> TrainConfig:
 
 
 @pytest.mark.parametrize(("name", "settings"), CASES)
-def test_the_fast_path_gives_the_full_traces_figures(shrunk_specs, name, settings):
+def test_the_fast_path_gives_the_full_traces_figures(shrunk_specs, name, settings, monkeypatch):
     config = _config(name, settings)
     shape = (17, 128, 128)
+    recorded = []  # the fast path replays the first step's forward and backward in the second: it did here
+    record = estimate_module._record_forward_backward
+    monkeypatch.setattr(estimate_module, "_record_forward_backward", lambda *args: recorded.append(record(*args))
+                        or recorded[-1])
     clear_meta_cache()
     cold = estimate_run(config, [shape], shape)
     warm = estimate_run(config, [shape], shape)  # every meta kernel memoized by now
     full = estimate_run(config, [shape], shape, exact=True)
+    assert len(recorded) == 2 and all(recording is not None for recording in recorded)  # cold and warm, not exact
     for fast in (cold, warm):
         assert fast.memory == full.memory  # to the byte: the same allocations, replayed in the same order
         assert fast.breakdown == full.breakdown
