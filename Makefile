@@ -29,8 +29,8 @@ demo: $(VENV)/.installed
 # files resume are built once per run and shared by the workers (tests/conftest.py); most multi-process runs
 # fork their processes from one that imported the libraries (tests/distributed/forked.py). A test that runs
 # 300 s fails (pyproject). Measured on an idle 2-core machine, fresh clone, empty HOME and compile cache,
-# `CI=true bash .ci/run`, 1,283 tests: 336-365 s of pytest, 6 min 5 s to 6 min 37 s with the install (three
-# runs, 655-715 s of CPU; the machine's speed varies by about a fifth: the code before, 50 s of CPU more, took
+# `CI=true bash .ci/run`, 1,283 tests: 322-365 s of pytest, 5 min 50 s to 6 min 37 s with the install (four
+# runs, 628-715 s of CPU; the machine's speed varies by about a fifth: the code before, 50 s of CPU more, took
 # 365-463 s, 6 min 38 s to 8 min 27 s) (earlier in this round: 466 to 506 s, 8 min 27 s to 9 min 15 s; before
 # cogtune.startup, 600 s for 1,252 tests).
 # `--dist worksteal` took longer (728 s when loadfile took 621 s).
