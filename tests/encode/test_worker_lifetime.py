@@ -39,15 +39,22 @@ def test_dataloader_workers_ask_to_be_killed_with_their_parent():
     assert torch.utils.data.get_worker_info() is None  # the probe ran in the workers, not here
 
 
-def _children(pid: int) -> list[int]:
+def _forked_children(pid: int) -> list[int]:
+    """`pid`'s children that it forked without running another program (its DataLoader workers have its command
+    line; encode also runs ffmpeg while it plans, whose processes are not workers)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                forked = (entry / "cmdline").read_bytes() == command
             except OSError:
                 continue
-            if int(fields[1]) == pid:
+            if int(fields[1]) == pid and forked:
                 found.append(int(entry.name))
     return found
 
@@ -83,7 +90,7 @@ def test_kill_9_of_encodes_main_process_alone_leaves_no_worker_and_no_lock(tmp_p
     workers: list[int] = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(workers) < 2 and process.poll() is None:
-        workers = _children(process.pid)
+        workers = _forked_children(process.pid)
         time.sleep(0.05)
     assert len(workers) >= 2, "encode finished or failed before its workers could be seen"
     os.kill(process.pid, signal.SIGKILL)  # the main process only, as `kill -9 PID` does
