@@ -489,25 +489,25 @@ def _record_forward_backward(steps: _TracedSteps, cast_cache: Any) -> _RecordedS
         events, flops = tracker.log, tracker.flops
     finally:
         tracker.log, tracker.flops = None, None
-    left: dict[int, str] = {}
-    for op, key, _, kind in events:
+    left: dict[int, tuple[str, list[int]]] = {}  # key -> kind, and the positions of its events, of what is alive
+    for position, (op, key, _, kind) in enumerate(events):
         if op == 0:
-            left[key] = kind
+            left[key] = (kind, [position])  # (a storage's key is its id: a later one may reuse it)
         elif key not in left:
             return None
         elif op == 1:
             del left[key]
         else:
-            left[key] = kind
+            left[key] = (kind, [*left[key][1], position])
     gradients = []
     for parameter in steps.trainable:
         grad = parameter.grad
         key = id(grad.untyped_storage()) if grad is not None else None
-        if left.pop(key, None) != "gradients":
+        if left.pop(key, ("", []))[0] != "gradients":
             return None
         gradients.append((parameter, key, tuple(grad.shape), grad.stride(), grad.dtype))
-    once = set(left)  # made for the run: kept, not made again
-    return _RecordedStep([event for event in events if event[1] not in once], gradients, flops)
+    once = {position for _, positions in left.values() for position in positions}  # made for the run: kept
+    return _RecordedStep([event for position, event in enumerate(events) if position not in once], gradients, flops)
 
 
 def _replay_forward_backward(steps: _TracedSteps, recorded: _RecordedStep) -> None:
@@ -564,8 +564,7 @@ def _trace(config: TrainConfig, model: ResolvedModel, transformer: Any, vae: Any
             # observer watches every op; a sharded GPU's model is fed as blocks compute: both trace each step).
             recorded = None
             for index in range(steps):
-                last = index == steps - 1
-                if not exact and last:
+                if not exact and index == steps - 1:
                     tracker.flops = 0  # the last step, with the optimizer state in place, is counted
                 if recorded is not None:
                     _replay_forward_backward(train_step, recorded)

@@ -81,8 +81,12 @@ def test_the_fast_path_gives_the_full_traces_figures(shrunk_specs, name, setting
     shape = (17, 128, 128)
     recorded = []  # the fast path replays the first step's forward and backward in the second: it did here
     record = estimate_module._record_forward_backward
-    monkeypatch.setattr(estimate_module, "_record_forward_backward", lambda *args: recorded.append(record(*args))
-                        or recorded[-1])
+
+    def recording(*args):
+        recorded.append(record(*args))
+        return recorded[-1]
+
+    monkeypatch.setattr(estimate_module, "_record_forward_backward", recording)
     clear_meta_cache()
     cold = estimate_run(config, [shape], shape)
     warm = estimate_run(config, [shape], shape)  # every meta kernel memoized by now
